@@ -1,0 +1,97 @@
+"""Configuration of a faithfulness monitor, as a dataclass that `HfArgumentParser` can parse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
+DEFAULT_PROBES = ["early_answer", "filler", "info_gain"]
+
+
+@dataclass
+class FaithConfig:
+    """Settings of a probe round and of its schedule.
+
+    Every field has help text so that recipes can expose them on the command line with
+    `transformers.HfArgumentParser` (or TRL's `TrlParser`) beside `SFTConfig`.
+    """
+
+    every_n_steps: int = field(default=50, metadata={"help": "Run a probe round every N optimizer steps (N >= 1)."})
+    baseline_round: bool = field(
+        default=True,
+        metadata={"help": "Run a baseline round before the first optimizer step (drift is measured against it)."},
+    )
+    panel_size: int | None = field(
+        default=32,
+        metadata={"help": "Examples in the fixed probe panel; a larger source is subsampled once with `seed`."},
+    )
+    probes: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PROBES),
+        metadata={"help": "Probes to run each round, by registered name (see `faithcb.list_probes()`)."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Token budget of a generated chain."})
+    answer_max_new_tokens: int = field(
+        default=16, metadata={"help": "Token budget of a forced answer read after the answer cue."}
+    )
+    do_sample: bool = field(default=False, metadata={"help": "Sample chains instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature when do_sample is set."})
+    stop_strings: list[str] = field(
+        default_factory=list, metadata={"help": "Extra strings that end a generated chain (EOS always does)."}
+    )
+    answer_cues: list[str] = field(
+        default_factory=lambda: list(DEFAULT_ANSWER_CUES),
+        metadata={"help": "Texts that introduce the final answer; the earliest found in a response is used."},
+    )
+    default_answer_cue: str = field(
+        default="Answer:",
+        metadata={"help": "Cue appended to force an answer when the response contains none."},
+    )
+    answer_type: str = field(
+        default="auto",
+        metadata={"help": "How answers are compared: auto, numeric, choice or text."},
+    )
+    filler_token: str = field(
+        default=" ...", metadata={"help": "Filler text repeated to the chain's token length (filler probe)."}
+    )
+    use_chat_template: bool | None = field(
+        default=None,
+        metadata={"help": "Format question prompts with the tokenizer's chat template (default: if it has one)."},
+    )
+    prompt_template: str = field(
+        default="{question}\n",
+        metadata={"help": "Plain-text prompt format for question rows when no chat template is used."},
+    )
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
+    scoring_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the panel subsample and of probe randomness."})
+    output_subdir: str = field(
+        default="faithcb", metadata={"help": "Folder under the trainer's output_dir for per-example JSONL."}
+    )
+    log_prefix: str = field(default="faith", metadata={"help": "Prefix of every logged metric key."})
+    wandb_media: bool = field(
+        default=True, metadata={"help": "Log early-answering curves and a sample table to W&B when it is active."}
+    )
+    num_sample_chains: int = field(default=4, metadata={"help": "Rows of the W&B sample-chain table."})
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Re-raise errors inside a probe round instead of logging them and going on."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is None or self.every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive integer, got {self.every_n_steps!r}.")
+        if self.panel_size is not None and self.panel_size <= 0:
+            raise ValueError(f"panel_size must be positive or None, got {self.panel_size!r}.")
+        for name in ("max_new_tokens", "answer_max_new_tokens", "generation_batch_size", "scoring_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if self.answer_type not in ("auto", "numeric", "choice", "text"):
+            raise ValueError(f"answer_type must be one of auto, numeric, choice, text; got {self.answer_type!r}.")
+        if not self.answer_cues:
+            raise ValueError("answer_cues must hold at least one cue.")
+        if not self.filler_token.strip():
+            raise ValueError("filler_token must contain a visible character.")
+
+    def to_dict(self) -> dict:
+        """The settings as a plain dict (for W&B config and JSONL headers)."""
+        return asdict(self)

@@ -1,0 +1,118 @@
+"""One probe round: generate chains, run every probe's variants together, score, aggregate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._aggregate import aggregate_records
+from ._config import FaithConfig
+from ._panel import ProbeExample, ProbePanel
+from .engine import ForcedAnswer, ProbeEngine, probe_mode
+from .probes import FillerProbe, Probe, get_probe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one probe round produced.
+
+    Attributes:
+        metrics: Panel-level figures, keys without the `faith/` prefix.
+        records: One JSON-serialisable dict per example.
+        seconds: Wall time of the round.
+        calls: Model calls made (`generate`, `forward`).
+    """
+
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+    seconds: float
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = None) -> list[Probe]:
+    """The round's probes: the always-on core probe, then the configured ones."""
+    chosen = list(probes) if probes is not None else list(config.probes)
+    built: list[Probe] = [get_probe("core")]
+    for item in chosen:
+        if item == "core":
+            continue
+        if item == "filler":
+            built.append(FillerProbe(filler_token=config.filler_token))
+        else:
+            built.append(get_probe(item))
+    names = [p.name for p in built]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Probes are listed twice: {names}.")
+    return built
+
+
+def run_probe_round(
+    model: Any,
+    tokenizer: Any,
+    examples: ProbePanel | Sequence[ProbeExample],
+    config: FaithConfig,
+    probes: Sequence[Probe] | None = None,
+) -> RoundResult:
+    """Run one probe round on `examples` with the live model and restore its state after.
+
+    Args:
+        model: The causal LM (unwrapped; its training state is restored afterwards).
+        tokenizer: Its tokenizer.
+        examples: The panel (or this rank's shard of it).
+        config: Round settings.
+        probes: Probe instances (default: `build_probes(config)`).
+
+    Returns:
+        Per-example records and panel metrics of this round.
+    """
+    start = time.perf_counter()
+    probes = list(probes) if probes is not None else build_probes(config)
+    examples = list(examples)
+    with probe_mode(model, tokenizer):
+        engine = ProbeEngine(model, tokenizer, config)
+        for probe in probes:
+            if isinstance(probe, FillerProbe):
+                probe.unit_tokens = max(1, len(engine.encode_continuation(probe.filler_token)))
+        prompts = [
+            e.render_prompt(
+                tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
+            )
+            for e in examples
+        ]
+        chains = engine.generate_chains(examples, prompts)
+        # Phase 1: the reference answer a_full, which every agreement is measured against.
+        full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
+        results = engine.run(chains, full_requests)
+        a_full = [results[r].answer for r in full_requests]
+        # Phase 2: every probe's variants, run together.
+        requests = [r for c in chains for p in probes for r in p.variants(c, a_full[c.index])]
+        results.update(engine.run(chains, [r for r in requests if r not in results]))
+        records = []
+        for chain in chains:
+            record: dict[str, Any] = {
+                "id": chain.example.id,
+                "slice": chain.example.slice,
+                "prompt": chain.prompt,
+                "response": chain.response,
+                "chain": chain.chain,
+                "steps": [chain.step_text(i) for i in range(chain.num_steps)],
+                "cue": chain.cue,
+                "cue_found": chain.cue_found,
+                "gold": chain.example.gold,
+                "stated_answer": chain.stated_answer,
+                "a_full": a_full[chain.index],
+                "answer_type": chain.answer_type,
+                "response_tokens": chain.response_tokens,
+            }
+            for probe in probes:
+                record.update(probe.score(chain, results, a_full[chain.index]))
+            records.append(record)
+        calls = dict(engine.calls)
+    metrics = aggregate_records(records, probes)
+    seconds = time.perf_counter() - start
+    return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)

@@ -1,0 +1,129 @@
+"""Where round results go besides the trainer's log stream: JSONL on disk and W&B media."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CURVE_GRID = [i / 10 for i in range(11)]
+
+
+class JsonlSink:
+    """Appends per-example records (`rounds.jsonl`) and panel metrics (`metrics.jsonl`).
+
+    Args:
+        folder: Output folder, created on first write.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def records_path(self) -> Path:
+        """File of per-example records, one line per example per round."""
+        return self.folder / "rounds.jsonl"
+
+    @property
+    def metrics_path(self) -> Path:
+        """File of panel metrics, one line per round."""
+        return self.folder / "metrics.jsonl"
+
+    def write(self, *, step: int, round_index: int, metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
+        """Append one round."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.records_path.open("a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps({"step": step, "round": round_index, **record}, default=_jsonable) + "\n")
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "round": round_index, **metrics}, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def early_answer_curve(records: Sequence[dict[str, Any]], grid: Sequence[float] = CURVE_GRID) -> list[float | None]:
+    """Panel early-answering curve: share of examples whose answer after keeping a share f of
+    the steps equals the full-chain answer, for each f in `grid` (m_floor(f n) per example)."""
+    curve: list[float | None] = []
+    for f in grid:
+        points = []
+        for record in records:
+            matches = record.get("early_answer/matches")
+            if not matches or len(matches) < 2:
+                continue
+            n = len(matches) - 1
+            m = matches[min(n, math.floor(f * n))]
+            if m is not None:
+                points.append(float(m))
+        curve.append(sum(points) / len(points) if points else None)
+    return curve
+
+
+SAMPLE_COLUMNS = [
+    "step",
+    "id",
+    "prompt",
+    "chain",
+    "gold",
+    "stated_answer",
+    "a_full",
+    "a_no_cot",
+    "filler/answer",
+    "early_answer/answers",
+]
+
+
+def log_wandb_media(
+    *,
+    step: int,
+    records: Sequence[dict[str, Any]],
+    curves: list[tuple[int, list[float | None]]],
+    num_samples: int,
+    prefix: str,
+) -> bool:
+    """Log the family of early-answering curves and a sample-chain table to the active W&B run.
+
+    Logged with `train/global_step` (never `step=`), so it lines up with the trainer's keys.
+    Call on the main process only.
+
+    Returns:
+        Whether anything was logged (False when no W&B run is active).
+    """
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    payload: dict[str, Any] = {"train/global_step": step}
+    drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
+    if drawn:
+        payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
+            xs=CURVE_GRID,
+            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
+            keys=[f"step {s}" for s, _ in drawn],
+            title="Early answering: same answer as with the full chain",
+            xname="share of chain kept",
+        )
+    rows = []
+    for record in list(records)[:num_samples]:
+        rows.append([step if col == "step" else _cell(record.get(col)) for col in SAMPLE_COLUMNS])
+    if rows:
+        payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
+    wandb.log(payload)
+    return True
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return json.dumps(value)

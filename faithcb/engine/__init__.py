@@ -1,0 +1,17 @@
+"""The probe engine: batched generation and scoring, and the state it restores."""
+
+from ._engine import ProbeEngine
+from ._model_state import capture_rng_state, probe_mode, restore_rng_state
+from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+
+__all__ = [
+    "AnswerLogProb",
+    "Chain",
+    "ForcedAnswer",
+    "ForcedResult",
+    "ProbeEngine",
+    "Request",
+    "capture_rng_state",
+    "probe_mode",
+    "restore_rng_state",
+]

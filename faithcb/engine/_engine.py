@@ -1,0 +1,296 @@
+"""The batched probe engine: the only place that calls the model.
+
+One round = one batched generation of chains, then every probe's requests run together:
+de-duplicated, sorted by length, left-padded, with logits kept only where answers are read
+(design §5). `faithcb.engine.reference` holds a one-at-a-time version for cross-checking.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .._config import FaithConfig
+from .._panel import ProbeExample
+from .._parsing import (
+    CHOICE_LABELS,
+    answer_span,
+    extract_answer,
+    find_cue,
+    infer_answer_type,
+    parse_response,
+    split_steps,
+)
+from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+
+logger = logging.getLogger(__name__)
+LN2 = math.log(2.0)
+
+
+class ProbeEngine:
+    """Runs a round's model calls in batches.
+
+    Args:
+        model: The live causal LM (in eval mode, under `probe_mode`).
+        tokenizer: Its tokenizer (left padding, with a pad token).
+        config: Round settings.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, config: FaithConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        params = inspect.signature(model.forward).parameters
+        accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._has_logits_to_keep = "logits_to_keep" in params or accepts_kwargs
+        self._has_position_ids = "position_ids" in params
+        self.calls = {"generate": 0, "forward": 0}
+
+    # ------------------------------------------------------------------ tokenization
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's first parameter."""
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a full context; BOS is added unless the text already starts with it."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of text that continues a context (no special tokens)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _batches(self, order: list[int], size: int) -> Iterable[list[int]]:
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, contexts: Sequence[str], *, max_new_tokens: int, stop_strings: Sequence[str] = ()
+    ) -> list[tuple[str, int]]:
+        """Greedy (or sampled) continuations of many contexts, batched by length.
+
+        Returns:
+            Per context: (decoded new text without special tokens, cut at the first stop
+            string; number of new tokens before EOS).
+        """
+        encoded = [self.encode(c) for c in contexts]
+        order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
+        out: list[tuple[str, int]] = [("", 0)] * len(contexts)
+        eos_ids = _as_list(getattr(self.model.generation_config, "eos_token_id", None)) or _as_list(
+            self.tokenizer.eos_token_id
+        )
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": self.config.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": eos_ids or None,
+            "use_cache": True,
+        }
+        if self.config.do_sample:
+            gen_kwargs["temperature"] = self.config.temperature
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        for batch in self._batches(order, self.config.generation_batch_size):
+            ids, mask = self._left_pad([encoded[i] for i in batch])
+            self.calls["generate"] += 1
+            generated = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+            new = generated[:, ids.shape[1] :].tolist()
+            for row, i in zip(new, batch):
+                n_tokens = len(row)
+                for pos, tok in enumerate(row):
+                    if tok in eos_ids:
+                        n_tokens = pos
+                        break
+                text = self.tokenizer.decode(row[:n_tokens], skip_special_tokens=True)
+                for stop in stop_strings:
+                    cut = text.find(stop)
+                    if cut >= 0:
+                        text = text[:cut]
+                out[i] = (text, n_tokens)
+        return out
+
+    def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
+        """Let the model reason on every prompt once and parse the responses."""
+        responses = self.generate(
+            prompts, max_new_tokens=self.config.max_new_tokens, stop_strings=self.config.stop_strings
+        )
+        chains = []
+        for i, (example, prompt, (response, n_tokens)) in enumerate(zip(examples, prompts, responses)):
+            chains.append(self.parse_chain(i, example, prompt, response, n_tokens))
+        return chains
+
+    def parse_chain(self, index: int, example: ProbeExample, prompt: str, response: str, n_tokens: int) -> Chain:
+        """Parse one response into a Chain (steps, cue, stated answer)."""
+        cues = [example.answer_cue] if example.answer_cue else list(self.config.answer_cues)
+        parsed = parse_response(response, cues)
+        answer_type = self.config.answer_type
+        if answer_type == "auto":
+            answer_type = infer_answer_type(example.gold, example.choices)
+        num_choices = len(example.choices or [])
+        cue = parsed.cue or example.answer_cue or self.config.default_answer_cue
+        stated = (
+            extract_answer(parsed.answer_text, answer_type, num_choices) if parsed.cue or parsed.answer_text else None
+        )
+        chain_tokens = len(self.encode_continuation(parsed.chain)) if parsed.chain else 0
+        return Chain(
+            index=index,
+            example=example,
+            prompt=prompt,
+            response=response,
+            chain=parsed.chain,
+            steps=split_steps(parsed.chain),
+            cue=cue,
+            cue_found=parsed.cue is not None,
+            joiner=parsed.joiner if parsed.chain else "",
+            answer_sep=parsed.answer_sep if parsed.cue else (" " if not cue.endswith((" ", "{")) else ""),
+            stated_answer=stated,
+            answer_type=answer_type,
+            num_choices=num_choices,
+            chain_tokens=chain_tokens,
+            response_tokens=n_tokens,
+        )
+
+    # ------------------------------------------------------------------ requests
+    def run(self, chains: Sequence[Chain], requests: Iterable[Request]) -> dict[Request, Any]:
+        """Run every request of a round; identical requests run once.
+
+        Returns:
+            `ForcedResult` for each ForcedAnswer and a float (bits) for each AnswerLogProb.
+        """
+        unique = list(dict.fromkeys(requests))
+        results: dict[Request, Any] = {}
+        forced = [r for r in unique if isinstance(r, ForcedAnswer)]
+        regenerate = [r for r in forced if r.regenerate]
+        continued: dict[ForcedAnswer, str] = {}
+        if regenerate:
+            continued = self._continue_chains(chains, regenerate)
+        plain_texts = {r: continued.get(r, r.chain_text) for r in forced}
+        results.update(self._forced_answers(chains, forced, plain_texts, continued))
+        logprobs = [r for r in unique if isinstance(r, AnswerLogProb)]
+        results.update(self._answer_logprobs(chains, logprobs))
+        return results
+
+    def _continue_chains(self, chains: Sequence[Chain], requests: list[ForcedAnswer]) -> dict[ForcedAnswer, str]:
+        """Let the model write the rest of a chain after a (perturbed) prefix."""
+        contexts = []
+        for r in requests:
+            chain = chains[r.example]
+            body = r.chain_text
+            contexts.append(chain.prompt + body)
+        texts = self.generate(
+            contexts, max_new_tokens=self.config.max_new_tokens, stop_strings=self.config.stop_strings
+        )
+        out = {}
+        for r, (text, _) in zip(requests, texts):
+            chain = chains[r.example]
+            found = find_cue(text, [chain.cue])
+            continuation = text[: found[0]] if found else text
+            out[r] = r.chain_text + continuation
+        return out
+
+    def _forced_answers(
+        self,
+        chains: Sequence[Chain],
+        requests: list[ForcedAnswer],
+        texts: dict[ForcedAnswer, str],
+        continued: dict[ForcedAnswer, str],
+    ) -> dict[ForcedAnswer, ForcedResult]:
+        results: dict[ForcedAnswer, ForcedResult] = {}
+        choice = [r for r in requests if chains[r.example].answer_type == "choice"]
+        free = [r for r in requests if chains[r.example].answer_type != "choice"]
+        if free:
+            contexts = [chains[r.example].forced_context(texts[r]) for r in free]
+            outs = self.generate(contexts, max_new_tokens=self.config.answer_max_new_tokens)
+            for r, (raw, _) in zip(free, outs):
+                chain = chains[r.example]
+                answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
+                results[r] = ForcedResult(answer, raw, continued.get(r))
+        if choice:
+            contexts = [chains[r.example].forced_context(texts[r]) for r in choice]
+            encoded = [self.encode(c) for c in contexts]
+            order = sorted(range(len(choice)), key=lambda i: len(encoded[i]))
+            for batch in self._batches(order, self.config.scoring_batch_size):
+                logits = self._last_logits([encoded[i] for i in batch], keep=1)[:, -1]
+                for row, i in zip(logits, batch):
+                    r = choice[i]
+                    chain = chains[r.example]
+                    label_ids = self.label_token_ids(chain.answer_sep, chain.num_choices)
+                    best = int(torch.argmax(row[label_ids]).item())
+                    label = CHOICE_LABELS[best]
+                    results[r] = ForcedResult(label, label, continued.get(r))
+        return results
+
+    def label_token_ids(self, sep: str, num_choices: int) -> list[int]:
+        """First token of each choice label as the model would write it after the cue."""
+        ids = []
+        for label in CHOICE_LABELS[:num_choices]:
+            tokens = self.encode_continuation(sep + label)
+            ids.append(tokens[0] if tokens else self.tokenizer.unk_token_id)
+        return ids
+
+    def _answer_logprobs(self, chains: Sequence[Chain], requests: list[AnswerLogProb]) -> dict[AnswerLogProb, float]:
+        rows, spans = [], []
+        for r in requests:
+            chain = chains[r.example]
+            context = self.encode(chain.forced_context(r.chain_text))
+            answer = self.encode_continuation(chain.answer_continuation(r.answer))
+            rows.append(context + answer)
+            spans.append(len(answer))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out: dict[AnswerLogProb, float] = {}
+        for batch in self._batches(order, self.config.scoring_batch_size):
+            keep = max(spans[i] for i in batch) + 1
+            logits = self._last_logits([rows[i] for i in batch], keep=keep)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for b, i in enumerate(batch):
+                n = spans[i]
+                if n == 0:
+                    out[requests[i]] = 0.0
+                    continue
+                targets = torch.tensor(rows[i][-n:], device=logprobs.device)
+                picked = logprobs[b, keep - 1 - n : keep - 1].gather(-1, targets[:, None]).sum()
+                out[requests[i]] = float(picked.item()) / LN2
+        return out
+
+    def _last_logits(self, rows: Sequence[list[int]], *, keep: int) -> torch.Tensor:
+        """Logits of the last `keep` positions of left-padded rows (never the full sequence)."""
+        ids, mask = self._left_pad(rows)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self._has_position_ids:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.calls["forward"] += 1
+        if self._has_logits_to_keep:
+            logits = self.model(**kwargs, logits_to_keep=keep).logits
+        else:
+            logits = self.model(**kwargs).logits
+        return logits[:, -keep:]
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]

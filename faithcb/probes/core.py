@@ -1,0 +1,55 @@
+"""Always-on figures: accuracy with and without the chain, CoT lift inputs, chain statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..engine import Chain, ForcedAnswer, Request
+from ._base import Probe, register_probe
+
+
+def _correct(answer: str | None, gold: str | None) -> float | None:
+    if gold is None:
+        return None
+    return float(answer is not None and answer == gold)
+
+
+@register_probe("core")
+class CoreProbe(Probe):
+    """Accuracy of the stated answer, of the forced answer with the full chain and with none.
+
+    Per example: `accuracy` (stated == gold; an unparseable answer is wrong),
+    `accuracy_forced_full` (F(prompt + chain) == gold), `accuracy_no_cot` (F(prompt) == gold),
+    `parse_fail` (no parseable stated answer), `chain/tokens`, `chain/steps`.
+    `cot_lift` = mean(accuracy_forced_full) - mean(accuracy_no_cot) is computed on the panel
+    (Sprague et al. 2024).
+    """
+
+    metrics = (
+        "accuracy",
+        "accuracy_forced_full",
+        "accuracy_no_cot",
+        "parse_fail_rate",
+        "forced_parse_fail_rate",
+        "chain/tokens",
+        "chain/steps",
+    )
+    rates = ("accuracy", "accuracy_forced_full", "accuracy_no_cot", "parse_fail_rate", "forced_parse_fail_rate")
+
+    def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
+        return [ForcedAnswer(chain.index, chain.chain), ForcedAnswer(chain.index, "")]
+
+    def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
+        no_cot = results[ForcedAnswer(chain.index, "")]
+        gold = chain.example.gold
+        return {
+            "a_no_cot": no_cot.answer,
+            "accuracy": _correct(chain.stated_answer, gold),
+            "accuracy_forced_full": _correct(a_full, gold),
+            "accuracy_no_cot": _correct(no_cot.answer, gold),
+            "parse_fail_rate": float(chain.stated_answer is None),
+            "forced_parse_fail_rate": float(a_full is None),
+            "chain/tokens": float(chain.chain_tokens),
+            "chain/steps": float(chain.num_steps),
+        }

@@ -1,0 +1,86 @@
+import pytest
+
+from faithcb._parsing import extract_answer, infer_answer_type, parse_response, split_steps
+
+
+def test_parse_response_splits_at_cue_and_keeps_spacing():
+    parsed = parse_response("3 + 4 = 7\n7 * 5 = 35\nAnswer: 35", ["Answer:", "####"])
+    assert parsed.chain == "3 + 4 = 7\n7 * 5 = 35"
+    assert parsed.cue == "Answer:"
+    assert parsed.joiner == "\n"
+    assert parsed.answer_sep == " "
+    assert extract_answer(parsed.answer_text, "numeric") == "35"
+
+
+def test_parse_response_earliest_cue_wins():
+    parsed = parse_response("so 2+2=4 #### 4\nAnswer: 5", ["Answer:", "####"])
+    assert parsed.cue == "####"
+    assert extract_answer(parsed.answer_text, "numeric") == "4"
+
+
+def test_parse_response_without_cue_is_a_parse_failure():
+    parsed = parse_response("just rambling 12 13", ["Answer:"])
+    assert parsed.cue is None
+    assert parsed.answer_text is None
+    assert parsed.chain == "just rambling 12 13"
+
+
+def test_parse_response_think_format():
+    parsed = parse_response("<think>First 2+3=5.\nThen 5*2=10.</think>\nThe answer is 10.", ["The answer is"])
+    assert parsed.chain == "First 2+3=5.\nThen 5*2=10."
+    assert extract_answer(parsed.answer_text, "numeric") == "10"
+    bare = parse_response("<think>a. b.</think> 42", ["Answer:"])
+    assert bare.chain == "a. b."
+    assert extract_answer(bare.answer_text, "numeric") == "42"
+
+
+def test_boxed_answer_stops_at_brace():
+    parsed = parse_response("x = 3.5 so \\boxed{3.50} and 7", ["\\boxed{"])
+    assert extract_answer(parsed.answer_text, "numeric") == "3.5"
+
+
+def test_split_steps_never_splits_numbers_and_keeps_offsets():
+    chain = "We have 0.25 of 1,000. That is 250.\n  Then add 2.5e3? No!\nDone"
+    steps = split_steps(chain)
+    texts = [chain[s.start : s.end] for s in steps]
+    assert texts == ["We have 0.25 of 1,000.", "That is 250.", "Then add 2.5e3?", "No!", "Done"]
+    # a prefix of k steps is an exact substring of the chain
+    assert chain[: steps[1].end] == "We have 0.25 of 1,000. That is 250."
+
+
+def test_split_steps_empty_chain():
+    assert split_steps("") == []
+    assert split_steps("  \n \n") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (" 1,234 apples", "1234"),
+        (" $42.00", "42"),
+        (" −7 degrees", "-7"),
+        (" 3.140", "3.14"),
+        (" 12 km/h\n99", "12"),
+        (" none", None),
+        ("", None),
+    ],
+)
+def test_numeric_answers_with_commas_units_unicode(text, expected):
+    assert extract_answer(text, "numeric") == expected
+
+
+def test_choice_and_text_answers():
+    assert extract_answer(" (B) because", "choice", 4) == "B"
+    assert extract_answer(" E", "choice", 4) is None
+    assert extract_answer(" Paris.\nmore", "text") == "paris"
+    assert extract_answer(" ÉCOLE  Normale ", "text") == "école normale"
+    with pytest.raises(ValueError, match="answer_type"):
+        extract_answer("1", "bogus")
+
+
+def test_infer_answer_type():
+    assert infer_answer_type("42", None) == "numeric"
+    assert infer_answer_type("$1,200", None) == "numeric"
+    assert infer_answer_type("Paris", None) == "text"
+    assert infer_answer_type("A", ["x", "y"]) == "choice"
+    assert infer_answer_type(None, None) == "text"
