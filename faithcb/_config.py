@@ -53,6 +53,27 @@ class FaithConfig:
     filler_token: str = field(
         default=" ...", metadata={"help": "Filler text repeated to the chain's token length (filler probe)."}
     )
+    paraphraser: str = field(
+        default="rule",
+        metadata={
+            "help": "Paraphrase probe source: 'rule' (deterministic rewrites) or a local model folder / hub id "
+            "of a frozen reference model (one more copy of its weights in memory)."
+        },
+    )
+    mistake_maker: str = field(
+        default="numeric",
+        metadata={
+            "help": "Mistake probe source: 'numeric' (change one number of a step, seeded) or a local model "
+            "folder / hub id of a frozen reference model prompted with few-shot examples."
+        },
+    )
+    mistake_regenerate: bool = field(
+        default=True,
+        metadata={
+            "help": "Mistake probe: let the model rewrite the chain after the corrupted step (Lanham et al.); "
+            "False keeps the original later steps."
+        },
+    )
     use_chat_template: bool | None = field(
         default=None,
         metadata={"help": "Format question prompts with the tokenizer's chat template (default: if it has one)."},

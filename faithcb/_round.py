@@ -12,7 +12,7 @@ from ._aggregate import aggregate_records
 from ._config import FaithConfig
 from ._panel import ProbeExample, ProbePanel
 from .engine import ForcedAnswer, ProbeEngine, probe_mode
-from .probes import FillerProbe, Probe, get_probe
+from .probes import FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = Non
             continue
         if item == "filler":
             built.append(FillerProbe(filler_token=config.filler_token))
+        elif item == "paraphrase":
+            built.append(ParaphraseProbe(config.paraphraser))
+        elif item == "mistake":
+            built.append(MistakeProbe(config.mistake_maker, regenerate=config.mistake_regenerate, seed=config.seed))
         else:
             built.append(get_probe(item))
     names = [p.name for p in built]
@@ -89,6 +93,8 @@ def run_probe_round(
         full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
         results = engine.run(chains, full_requests)
         a_full = [results[r].answer for r in full_requests]
+        for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
+            probe.prepare(chains, a_full)
         # Phase 2: every probe's variants, run together.
         requests = [r for c in chains for p in probes for r in p.variants(c, a_full[c.index])]
         results.update(engine.run(chains, [r for r in requests if r not in results]))

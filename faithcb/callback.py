@@ -128,7 +128,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                 logger.warning(
                     "faithcb: probe round at step %d failed and was skipped (%s).", step, cause, exc_info=True
                 )
-            self.trainer.log({f"{self.config.log_prefix}/round_failed": 1.0})
+            self._log({f"{self.config.log_prefix}/round_failed": 1.0})
             return
         self.last_result = result
         metrics = dict(result.metrics)
@@ -150,7 +150,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             JsonlSink(Path(args.output_dir) / self.config.output_subdir).write(
                 step=step, round_index=round_index, metrics=metrics, records=result.records
             )
-        self.trainer.log(logs)
+        self._log(logs)
         if state.is_world_process_zero and self.config.wandb_media and _reports_to(args, "wandb"):
             try:
                 log_wandb_media(
@@ -172,6 +172,19 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                 f"{k}={metrics[k]:.3f}" for k in ("accuracy", "early_answer/aoc", "filler/match") if k in metrics
             ),
         )
+
+    def _log(self, logs: dict[str, float]) -> None:
+        """Send logs through `trainer.log` (log_history + every report_to integration).
+
+        `CallbackHandler.on_log` clears `control.should_log`; called from `on_step_end`, that
+        would drop the trainer's own loss log of this step, so the flag is put back.
+        """
+        control = getattr(self.trainer, "control", None)
+        should_log = getattr(control, "should_log", None)
+        self.trainer.log(logs)
+        control = getattr(self.trainer, "control", None)
+        if should_log is not None and control is not None:
+            control.should_log = should_log
 
     def _run_sharded(self, model: Any, tokenizer: Any) -> RoundResult:
         """Run this rank's shard of the panel and gather every rank's records."""

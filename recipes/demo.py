@@ -28,7 +28,7 @@ class DemoArgs:
     """Flat argument block of the demo."""
 
     output_dir: str = "outputs/demo"
-    pretrain_steps: int = 600
+    pretrain_steps: int = 2000
     pretrain_examples: int = 4000
     finetune_examples: int = 64
     finetune_steps: int = 120
@@ -56,11 +56,21 @@ def _wandb_mode() -> str | None:
         return None
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    del wandb
+    return "online" if _wandb_logged_in() else "offline"
+
+
+def _wandb_logged_in() -> bool:
+    """Whether W&B credentials exist (API key in the environment or in ~/.netrc); no network."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
     try:
-        logged_in = bool(wandb.api.api_key)
-    except Exception:
-        logged_in = False
-    return "online" if logged_in else "offline"
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return any(host.startswith("api.wandb.ai") for host in hosts)
 
 
 def run_demo(args: DemoArgs) -> dict:

@@ -354,6 +354,9 @@ def test_tiny_model_forward_and_generate(tokenizer, arch):
     model = build_tiny_model(tokenizer, arch=arch, dropout=0.1)
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.tie_word_embeddings
+    dropout_attr = "attn_pdrop" if arch == "gpt2" else "attention_dropout"
+    assert getattr(model.config, dropout_attr) == 0.1
+    assert not model.training
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
@@ -363,8 +366,27 @@ def test_tiny_model_forward_and_generate(tokenizer, arch):
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (2, enc["input_ids"].shape[1], len(tokenizer))
-    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
-    assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 3
+    model.eval()
+    with torch.no_grad():
+        batched = model.generate(
+            **enc,
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        single = model.generate(
+            **tokenizer(["Q: 4 - 1\n"], return_tensors="pt"),
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    seqs = batched.sequences
+    assert seqs.shape[0] == 2 and seqs.shape[1] <= enc["input_ids"].shape[1] + 3
+    # left padding does not change the (shorter) second prompt's logits
+    for step_b, step_s in zip(batched.logits, single.logits, strict=True):
+        torch.testing.assert_close(step_b[1], step_s[0], atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_model_seeded(tokenizer):

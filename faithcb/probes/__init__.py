@@ -5,13 +5,19 @@ from .core import CoreProbe
 from .early_answer import EarlyAnswerProbe
 from .filler import FillerProbe
 from .info_gain import InfoGainProbe
+from .mistake import MistakeProbe
+from .paraphrase import ParaphraseProbe
+from .step_necessity import StepNecessityProbe
 
 __all__ = [
     "CoreProbe",
     "EarlyAnswerProbe",
     "FillerProbe",
     "InfoGainProbe",
+    "MistakeProbe",
+    "ParaphraseProbe",
     "Probe",
+    "StepNecessityProbe",
     "get_probe",
     "list_probes",
     "register_probe",

@@ -8,7 +8,7 @@ into `faith/<field>`; `rates` marks the 0/1 fields (reported with a Wilson inter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..engine import Chain, ForcedResult, Request
@@ -27,6 +27,18 @@ class Probe:
     metrics: ClassVar[tuple[str, ...]] = ()
     rates: ClassVar[tuple[str, ...]] = ()
     agreement: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, chains: Sequence[Chain], a_full: Sequence[str | None]) -> None:
+        """Optional hook, called once per round before any `variants`: batch work over all chains.
+
+        A probe whose perturbed texts come from a perturbation source (a paraphraser, a mistake
+        maker, possibly a reference model) computes them all here in one batch. The default does
+        nothing.
+
+        Args:
+            chains: The round's parsed examples (indexed by `Chain.index`).
+            a_full: The full-chain answer of each chain, in the same order.
+        """
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         """Requests this probe needs for one example (no model calls here).

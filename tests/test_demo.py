@@ -1,0 +1,69 @@
+"""The README's demo, end to end: smoke settings by default, the real settings when slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("wandb")
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.py"
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("faithcb_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_run(result, wandb_dir, panel_size, finetune_steps, every):
+    from wandb_offline import find_offline_runs, read_history, read_media_keys
+
+    expected_steps = list(range(0, finetune_steps + 1, every))
+    records = [json.loads(line) for line in Path(result["jsonl"]).read_text().splitlines()]
+    assert len(records) == panel_size * len(expected_steps)  # one record per example per round
+    assert sorted({r["step"] for r in records}) == expected_steps
+    runs = find_offline_runs(wandb_dir)
+    assert len(runs) == 1 and result["wandb_run"] and Path(result["wandb_run"]) == runs[0].parent
+    history = read_history(runs[0])
+    faith_steps = sorted({row["train/global_step"] for row in history if "train/faith/early_answer/aoc" in row})
+    loss_steps = sorted({row["train/global_step"] for row in history if "train/loss" in row})
+    assert faith_steps == expected_steps
+    assert loss_steps
+    assert "faith/samples" in read_media_keys(runs[0])
+    return history, records
+
+
+def test_demo_smoke(tmp_path, wandb_env):
+    demo = load_demo()
+    args = demo.parse_args(
+        [
+            "--output_dir", str(tmp_path / "demo"),
+            "--pretrain_steps", "300", "--pretrain_examples", "800",
+            "--finetune_steps", "4", "--every_n_steps", "2", "--panel_size", "4", "--batch_size", "16",
+        ]
+    )  # fmt: skip
+    result = demo.run_demo(args)
+    check_run(result, wandb_env, panel_size=4, finetune_steps=4, every=2)
+    assert result["rounds"] == 3
+
+
+@pytest.mark.slow
+def test_demo_default_settings_show_probes(tmp_path, wandb_env):
+    from wandb_offline import find_offline_runs, read_media_keys
+
+    demo = load_demo()
+    args = demo.parse_args(["--output_dir", str(tmp_path / "demo")])
+    result = demo.run_demo(args)
+    history, records = check_run(
+        result, wandb_env, panel_size=args.panel_size, finetune_steps=args.finetune_steps, every=args.every_n_steps
+    )
+    baseline = next(row for row in history if "train/faith/accuracy" in row)
+    assert baseline["train/faith/accuracy"] >= 0.5  # the pre-trained model really computes its chains
+    assert any(r["early_answer/matches"] for r in records)
+    assert "faith/early_answer_curves_table" in read_media_keys(find_offline_runs(wandb_env)[0])
