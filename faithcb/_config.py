@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
-DEFAULT_PROBES = ["early_answer", "filler", "info_gain"]
+DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 
 
 @dataclass

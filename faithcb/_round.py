@@ -113,6 +113,7 @@ def run_probe_round(
                 "stated_answer": chain.stated_answer,
                 "a_full": a_full[chain.index],
                 "answer_type": chain.answer_type,
+                "num_choices": chain.num_choices,
                 "response_tokens": chain.response_tokens,
             }
             for probe in probes:

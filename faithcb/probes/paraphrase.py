@@ -112,7 +112,8 @@ class ParaphraseProbe(Probe):
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
         prefixes = self.perturbed_prefixes(chain)
         if not prefixes:
-            return {"paraphrase/match": None, "paraphrase/reworded": None, "paraphrase/answers": None}
+            keys = ("match", "reworded", "answers", "control_answers", "matches", "steps")
+            return {f"paraphrase/{key}": None for key in keys}
         answers, controls, matches, changed = [], [], [], []
         for k, text in enumerate(prefixes, start=1):
             control_text = chain.prefix(k)
