@@ -231,7 +231,7 @@ def test_probes_are_registered_and_built_from_config():
     mistake = next(p for p in built if isinstance(p, MistakeProbe))
     assert mistake.regenerate is False and mistake.seed == 5 and mistake.maker.seed == 5
     assert isinstance(next(p for p in built if isinstance(p, ParaphraseProbe)).paraphraser, RuleParaphraser)
-    assert [p.name for p in build_probes(FaithConfig())] == ["core", *PROBES]  # every probe runs by default
+    assert [p.name for p in build_probes(FaithConfig())] == ["core", "early_answer", "filler", "info_gain", *PROBES]
 
 
 def test_mistake_step_choice_is_seeded_by_example_id():
