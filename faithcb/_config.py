@@ -84,6 +84,13 @@ class FaithConfig:
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
     scoring_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward pass."})
+    packed_scoring: bool = field(
+        default=True,
+        metadata={
+            "help": "Score the short variants of a chain (prefix answers, log-probs) in one packed pass with a "
+            "4-D attention mask; falls back to separate passes where the model does not support it."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the panel subsample and of probe randomness."})
     output_subdir: str = field(
         default="faithcb", metadata={"help": "Folder under the trainer's output_dir for per-example JSONL."}

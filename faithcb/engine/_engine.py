@@ -26,6 +26,7 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
+from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 
 logger = logging.getLogger(__name__)
@@ -187,10 +188,103 @@ class ProbeEngine:
         if regenerate:
             continued = self._continue_chains(chains, regenerate)
         plain_texts = {r: continued.get(r, r.chain_text) for r in forced}
-        results.update(self._forced_answers(chains, forced, plain_texts, continued))
         logprobs = [r for r in unique if isinstance(r, AnswerLogProb)]
+        packed, forced, logprobs = self._packed(chains, forced, plain_texts, continued, logprobs)
+        results.update(packed)
+        results.update(self._forced_answers(chains, forced, plain_texts, continued))
         results.update(self._answer_logprobs(chains, logprobs))
         return results
+
+    # ------------------------------------------------------------------ packed prefix scoring
+    def _packed(
+        self,
+        chains: Sequence[Chain],
+        forced: list[ForcedAnswer],
+        texts: dict[ForcedAnswer, str],
+        continued: dict[ForcedAnswer, str],
+        logprobs: list[AnswerLogProb],
+    ) -> tuple[dict[Request, Any], list[ForcedAnswer], list[AnswerLogProb]]:
+        """Score every short variant of an example inside one packed row (see `_packed`).
+
+        Returns the packed results and the requests left for the plain batched path (long
+        variants, and everything when the model does not support custom 4-D masks).
+        """
+        if not self.config.packed_scoring or not (forced or logprobs):
+            return {}, forced, logprobs
+        if not self._has_position_ids or not packing_supported(self.model, self.tokenizer.pad_token_id):
+            return {}, forced, logprobs
+        rows: dict[int, PackedRow] = {}
+        choice_ids: dict[int, list[int]] = {}
+        left_forced, left_logprobs = [], []
+        results: dict[Request, Any] = {}
+        for r in [*forced, *logprobs]:
+            chain = chains[r.example]
+            if r.example not in rows:
+                rows[r.example] = PackedRow(base=self.encode(chain.prompt + chain.chain))
+            row = rows[r.example]
+            text = texts[r] if isinstance(r, ForcedAnswer) else r.chain_text
+            context = self.encode(chain.forced_context(text))
+            shared = common_prefix(context, row.base)
+            own = context[shared:]
+            n_answer = 0
+            if isinstance(r, AnswerLogProb):
+                answer = self.encode_continuation(chain.answer_continuation(r.answer))
+                if not answer:
+                    results[r] = 0.0
+                    continue
+                own, n_answer = own + answer, len(answer)
+            if shared == 0 or not own or len(own) - n_answer > max(32, shared // 4):
+                (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
+                continue
+            branch = Branch(key=r, shared=shared, own=own, n_answer=n_answer)
+            if isinstance(r, ForcedAnswer) and chain.answer_type == "choice":
+                choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
+            row.branches.append(branch)
+        eos_ids = self._eos_ids()
+
+        def is_finished(key: ForcedAnswer, tokens: list[int]) -> bool:
+            chain = chains[key.example]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if chain.cue.endswith("{"):
+                return "}" in text
+            return "\n" in text.lstrip()
+
+        packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
+        size = max(1, self.config.generation_batch_size)
+        for start in range(0, len(packed_rows), size):
+            batch = packed_rows[start : start + size]
+            self.calls["forward"] += 1
+            out = score_packed(
+                self.model,
+                batch,
+                pad_id=self.tokenizer.pad_token_id,
+                max_new_tokens=self.config.answer_max_new_tokens,
+                is_finished=is_finished,
+                eos_ids=eos_ids,
+                choice_ids=choice_ids,
+            )
+            for key, value in out.items():
+                chain = chains[key.example]
+                if isinstance(key, AnswerLogProb):
+                    results[key] = value
+                elif isinstance(value, int):
+                    label = CHOICE_LABELS[value]
+                    results[key] = ForcedResult(label, label, continued.get(key))
+                else:
+                    tokens = value
+                    for pos, tok in enumerate(tokens):
+                        if tok in eos_ids:
+                            tokens = tokens[:pos]
+                            break
+                    raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
+                    results[key] = ForcedResult(answer, raw, continued.get(key))
+        return results, left_forced, left_logprobs
+
+    def _eos_ids(self) -> list[int]:
+        return _as_list(getattr(self.model.generation_config, "eos_token_id", None)) or _as_list(
+            self.tokenizer.eos_token_id
+        )
 
     def _continue_chains(self, chains: Sequence[Chain], requests: list[ForcedAnswer]) -> dict[ForcedAnswer, str]:
         """Let the model write the rest of a chain after a (perturbed) prefix."""

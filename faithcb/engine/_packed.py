@@ -1,0 +1,264 @@
+"""Packed prefix scoring: many short variants of one chain in ONE sequence.
+
+Early answering and information gain ask for the answer after every prefix of the chain.
+Scoring each prefix separately costs n + 1 copies of the chain. Here one row holds the
+example's base text (prompt + full chain) followed by every variant's *own* tokens (the cue,
+the answer, a re-tokenised tail); a 4-D attention mask lets variant k see only the base up to
+its cut plus its own tokens, and position ids continue from the cut. The cost is about one
+chain per example instead of n + 1 (design §5).
+
+A variant's tokens are exactly those of its separately encoded context: the shared part is
+the longest common token prefix of the context and the base, the rest is the variant's own.
+Forced answers are decoded greedily inside the same layout (a tiny tree decode over the KV
+cache), stopping as soon as every answer's first line is fixed.
+
+Works with models whose attention takes a custom 4-D float mask and explicit position ids
+(transformers' eager and SDPA attention); `packing_supported` checks that once per model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Branch:
+    """One variant inside a packed row.
+
+    Attributes:
+        key: The request it answers.
+        shared: Number of base tokens it attends to.
+        own: Its own tokens after the shared base prefix (context remainder, then answer).
+        n_answer: Teacher-forced answer tokens at the end of `own` (0 for forced answers).
+        generated: Greedy tokens decoded so far (forced answers).
+        done: Whether decoding of this branch has finished.
+    """
+
+    key: Any
+    shared: int
+    own: list[int]
+    n_answer: int = 0
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class PackedRow:
+    """The base tokens of one example and the branches packed after them."""
+
+    base: list[int]
+    branches: list[Branch] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the row."""
+        return len(self.base) + sum(len(b.own) for b in self.branches)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _layout(rows: list[PackedRow], device: torch.device, dtype: torch.dtype, pad_id: int):
+    """Input ids, position ids, additive 4-D mask and per-branch spans of a padded batch."""
+    width = max(r.length for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    visible = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    spans: list[list[tuple[int, int]]] = []
+    for r, row in enumerate(rows):
+        n = len(row.base)
+        ids[r, :n] = torch.tensor(row.base)
+        pos[r, :n] = torch.arange(n)
+        visible[r, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start = n
+        row_spans = []
+        for branch in row.branches:
+            m = len(branch.own)
+            end = start + m
+            ids[r, start:end] = torch.tensor(branch.own)
+            pos[r, start:end] = torch.arange(branch.shared, branch.shared + m)
+            visible[r, start:end, : branch.shared] = True
+            visible[r, start:end, start:end] = torch.ones(m, m, dtype=torch.bool).tril()
+            row_spans.append((start, end))
+            start = end
+        for p in range(start, width):  # padding sees itself only (never an empty softmax row)
+            visible[r, p, p] = True
+        spans.append(row_spans)
+    return ids.to(device), pos.to(device), _additive(visible, dtype).to(device), spans, visible
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _cache_name(model: Any) -> str:
+    """transformers >= 5.2x names the KV cache argument `cache`; earlier ones `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model: Any, ids, pos, mask, keep: torch.Tensor, cache=None):
+    """Forward pass returning logits only where `keep` is True (flattened), and the cache."""
+    name = _cache_name(model)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep, **{name: cache}
+    )
+    return out.logits, out.get(name)
+
+
+def score_packed(
+    model: Any,
+    rows: list[PackedRow],
+    *,
+    pad_id: int,
+    max_new_tokens: int,
+    is_finished: Any,
+    eos_ids: list[int],
+    choice_ids: dict[int, list[int]] | None = None,
+) -> dict[Any, Any]:
+    """Run every branch of every row: log-probs (bits) and greedy forced answers.
+
+    Args:
+        model: The causal LM (eval mode, no grad).
+        rows: Packed rows, one per example.
+        pad_id: Padding token id.
+        max_new_tokens: Budget of a forced answer.
+        is_finished: `f(key, token_ids) -> bool`: whether a forced answer is complete.
+        eos_ids: End-of-sequence ids.
+        choice_ids: For multiple-choice branches (by `id(branch)`): label token ids; the answer
+            is the arg-max label index (no decoding).
+
+    Returns:
+        Per branch key: log2-probability of its answer (float) for teacher-forced branches,
+        generated token ids (list) for forced branches, or the label index (int) for choice
+        branches.
+    """
+    choice_ids = choice_ids or {}
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
+    ids, pos, mask, spans, visible = _layout(rows, device, dtype, pad_id)
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    reads: list[tuple[int, Branch, list[int]]] = []  # (row, branch, positions whose logits it reads)
+    for r, row in enumerate(rows):
+        for branch, (_, end) in zip(row.branches, spans[r]):
+            positions = list(range(end - branch.n_answer - 1, end - 1)) if branch.n_answer else [end - 1]
+            keep[r, positions] = True
+            reads.append((r, branch, positions))
+    logits, cache = _forward(model, ids, pos, mask, keep.to(device))
+    # logits are flattened in row-major order of `keep`
+    flat_index = torch.full(keep.shape, -1, dtype=torch.long)
+    flat_index[keep] = torch.arange(int(keep.sum()))
+    results: dict[Any, Any] = {}
+    decoding: list[tuple[int, int, Branch]] = []  # (row, slot, branch)
+    slots = [0] * len(rows)
+    for r, branch, positions in reads:
+        rows_logits = logits[flat_index[r, positions].to(logits.device)].float()
+        if branch.n_answer:
+            logprobs = torch.log_softmax(rows_logits, dim=-1)
+            targets = torch.tensor(branch.own[-branch.n_answer :], device=logprobs.device)
+            results[branch.key] = float(logprobs.gather(-1, targets[:, None]).sum()) / math.log(2.0)
+        elif id(branch) in choice_ids:
+            label_ids = choice_ids[id(branch)]
+            results[branch.key] = int(torch.argmax(rows_logits[-1, label_ids]).item())
+        else:
+            token = int(torch.argmax(rows_logits[-1]).item())
+            branch.generated.append(token)
+            branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
+            decoding.append((r, slots[r], branch))
+            slots[r] += 1
+    if decoding:
+        _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id)
+        for _, _, branch in decoding:
+            results[branch.key] = [t for t in branch.generated]
+    return results
+
+
+def _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id):
+    """Greedy decode of every forced branch, one token per branch per step, over a shared cache."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    q = max(slots)
+    batch, width = len(rows), visible.shape[1]
+    # kv visibility of each decoding slot: its base prefix + own tokens
+    slot_vis = torch.zeros((batch, q, width), dtype=torch.bool)
+    slot_pos = torch.zeros((batch, q), dtype=torch.long)
+    by_slot: dict[tuple[int, int], Branch] = {}
+    for r, s, branch in decoding:
+        start, end = next(sp for b, sp in zip(rows[r].branches, spans[r]) if b is branch)
+        slot_vis[r, s, : branch.shared] = True
+        slot_vis[r, s, start:end] = True
+        slot_pos[r, s] = branch.shared + len(branch.own)
+        by_slot[(r, s)] = branch
+    for step in range(1, max_new_tokens):
+        if all(b.done for b in by_slot.values()):
+            break
+        tokens = torch.full((batch, q), pad_id, dtype=torch.long)
+        for (r, s), branch in by_slot.items():
+            tokens[r, s] = branch.generated[-1]
+        # the new tokens sit at the end of the cache: slot s sees its own earlier tokens and itself
+        new_cols = torch.zeros((batch, q, q), dtype=torch.bool)
+        new_cols[:, torch.arange(q), torch.arange(q)] = True
+        slot_vis = torch.cat([slot_vis, new_cols], dim=2)
+        positions = slot_pos + (step - 1)
+        mask = _additive(slot_vis, dtype)
+        keep = torch.ones((batch, q), dtype=torch.bool)
+        logits, cache = _forward(
+            model, tokens.to(device), positions.to(device), mask.to(device), keep.to(device), cache=cache
+        )
+        logits = logits.view(batch, q, -1)
+        # from now on each slot also sees the token it just fed (already in new_cols' diagonal)
+        for (r, s), branch in by_slot.items():
+            if branch.done:
+                continue
+            token = int(torch.argmax(logits[r, s]).item())
+            branch.generated.append(token)
+            branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
+
+
+def packing_supported(model: Any, pad_id: int) -> bool:
+    """Whether packed scoring reproduces separate passes for this model (checked once).
+
+    Compares the logits of a packed two-branch row with those of separate forward passes on a
+    small input; any error or mismatch disables packing for the model.
+    """
+    cached = _SUPPORT.get(model)
+    if cached is not None:
+        return cached
+    ok = False
+    try:
+        with torch.no_grad():
+            vocab = model.get_input_embeddings().num_embeddings
+            base = [(7 * i + 3) % vocab for i in range(6)]
+            branch = [(5 * i + 1) % vocab for i in range(3)]
+            row = PackedRow(base=base, branches=[Branch(key="a", shared=4, own=branch, n_answer=2)])
+            device = next(model.parameters()).device
+            dtype = next(model.parameters()).dtype
+            ids, pos, mask, _, _ = _layout([row], device, dtype, pad_id)
+            keep = torch.ones(ids.shape, dtype=torch.bool, device=device)
+            packed, _ = _forward(model, ids, pos, mask, keep)
+            plain = model(input_ids=torch.tensor([base[:4] + branch], device=device), use_cache=False).logits[0]
+            got = packed[len(base) :].float()
+            # low-precision weights round differently in the two layouts; a model that ignores
+            # the 4-D mask is off by far more than that
+            tol = 1e-3 if dtype == torch.float32 else 3e-2
+            scale = max(1.0, float(plain.abs().max()))
+            ok = bool(torch.allclose(got, plain[4:].float(), atol=tol * scale, rtol=tol))
+    except Exception:
+        ok = False
+    _SUPPORT[model] = ok
+    return ok

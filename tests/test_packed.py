@@ -1,0 +1,73 @@
+"""Packed prefix scoring (one sequence + 4-D mask per example) equals separate passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.engine._packed import Branch, PackedRow, packing_supported, score_packed
+from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def trained(request, tokenizer):
+    model = build_tiny_model(tokenizer, arch=request.param, seed=3)
+    pretrain_tiny_model(model, tokenizer, make_arithmetic_examples(600, seed=1), steps=100, batch_size=32)
+    return model.eval()
+
+
+def comparable(record):
+    out = {}
+    for key, value in record.items():
+        if key.startswith("info_gain/") and isinstance(value, list):
+            out[key] = [round(v, 3) for v in value]
+        elif isinstance(value, float) and key.startswith("info_gain/"):
+            out[key] = round(value, 3)
+        else:
+            out[key] = value
+    return out
+
+
+def test_packed_round_equals_separate_passes(trained, tokenizer):
+    assert packing_supported(trained, tokenizer.pad_token_id)
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(8, seed=7)))
+    results = {}
+    for packed in (False, True):
+        config = FaithConfig(max_new_tokens=40, packed_scoring=packed, generation_batch_size=4)
+        results[packed] = run_probe_round(trained, tokenizer, panel, config)
+    assert any(r["steps"] for r in results[True].records)  # the chains have steps to cut
+    for a, b in zip(results[False].records, results[True].records):
+        assert comparable(a) == comparable(b)
+    for key, value in results[False].metrics.items():
+        assert results[True].metrics[key] == pytest.approx(value, abs=1e-3), key
+    # the packed path replaces per-prefix answer decodes by a few packed passes
+    assert results[True].calls["generate"] < results[False].calls["generate"]
+
+
+def test_score_packed_log_probs_match_plain_forward(tokenizer):
+    model = build_tiny_model(tokenizer, seed=5).eval()
+    base = tokenizer("Q: 3 + 4\n3 + 4 = 7", add_special_tokens=False)["input_ids"]
+    own = tokenizer("\nAnswer: 7", add_special_tokens=False)["input_ids"]
+    rows = [PackedRow(base=base, branches=[Branch(key=k, shared=k, own=own, n_answer=2) for k in (4, 9, len(base))])]
+    with torch.no_grad():
+        got = score_packed(model, rows, pad_id=tokenizer.pad_token_id, max_new_tokens=1, is_finished=None, eos_ids=[])
+        for k in (4, 9, len(base)):
+            ids = torch.tensor([base[:k] + own])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            expected = sum(float(logprobs[len(ids[0]) - 3 + t, own[-2 + t]]) for t in range(2)) / math.log(2)
+            assert got[k] == pytest.approx(expected, abs=1e-4)
+
+
+def test_models_without_4d_mask_support_fall_back(tokenizer):
+    from rule_models import gold_response, make_prompt, make_rule_model
+
+    model, tok = make_rule_model("reads_chain")
+    assert not packing_supported(model, tok.pad_token_id)
+    prompt = make_prompt("3 + 4 * 5")
+    result = run_probe_round(
+        model, tok, load_panel([{"prompt": prompt, "completion": gold_response(prompt)}]), FaithConfig()
+    )
+    assert result.metrics["early_answer/aoc"] == 1.0
