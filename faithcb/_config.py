@@ -83,13 +83,25 @@ class FaithConfig:
         metadata={"help": "Plain-text prompt format for question rows when no chat template is used."},
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    scoring_batch_size: int = field(default=64, metadata={"help": "Sequences per scoring forward pass."})
+    scoring_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per scoring pass and per forced-answer decode batch."}
+    )
     packed_scoring: bool = field(
         default=True,
         metadata={
             "help": "Score the short variants of a chain (prefix answers, log-probs) in one packed pass with a "
             "4-D attention mask; falls back to separate passes where the model does not support it."
         },
+    )
+    compile_generation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Generate chains with a static KV cache and fixed padded shapes so the decode compiles once "
+            "(default: on CUDA only)."
+        },
+    )
+    prompt_bucket: int = field(
+        default=64, metadata={"help": "Prompt widths are padded to a multiple of this with compiled generation."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the panel subsample and of probe randomness."})
     output_subdir: str = field(

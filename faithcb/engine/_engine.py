@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .._config import FaithConfig
 from .._panel import ProbeExample
@@ -71,8 +72,14 @@ class ProbeEngine:
         """Token ids of text that continues a context (no special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _left_pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
+    def _static_shapes(self) -> bool:
+        """Compiled static-cache chain generation: on by default on CUDA, off elsewhere."""
+        if self.config.compile_generation is not None:
+            return self.config.compile_generation
+        return self.device.type == "cuda"
+
+    def _left_pad(self, rows: Sequence[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(width or 0, max(len(r) for r in rows))
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -88,9 +95,25 @@ class ProbeEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self, contexts: Sequence[str], *, max_new_tokens: int, stop_strings: Sequence[str] = ()
+        self,
+        contexts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        stop_strings: Sequence[str] = (),
+        finished: Callable[[int, str], bool] | None = None,
+        batch_size: int | None = None,
+        static_shapes: bool = False,
     ) -> list[tuple[str, int]]:
         """Greedy (or sampled) continuations of many contexts, batched by length.
+
+        Args:
+            contexts: Texts to continue.
+            max_new_tokens: Token budget.
+            stop_strings: A row stops once its text contains one (the text is cut there).
+            finished: `f(context_index, text_so_far) -> bool`: a row stops once it is True.
+            batch_size: Rows per generate call (default `generation_batch_size`).
+            static_shapes: Pad every batch to a fixed (batch, width) bucket and use a static
+                KV cache, so a compiled decode (CUDA) is built once and reused across rounds.
 
         Returns:
             Per context: (decoded new text without special tokens, cut at the first stop
@@ -99,9 +122,7 @@ class ProbeEngine:
         encoded = [self.encode(c) for c in contexts]
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
         out: list[tuple[str, int]] = [("", 0)] * len(contexts)
-        eos_ids = _as_list(getattr(self.model.generation_config, "eos_token_id", None)) or _as_list(
-            self.tokenizer.eos_token_id
-        )
+        eos_ids = self._eos_ids()
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "do_sample": self.config.do_sample,
@@ -113,11 +134,24 @@ class ProbeEngine:
             gen_kwargs["temperature"] = self.config.temperature
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        for batch in self._batches(order, self.config.generation_batch_size):
-            ids, mask = self._left_pad([encoded[i] for i in batch])
+        if static_shapes:
+            gen_kwargs["cache_implementation"] = "static"
+        size = batch_size or self.config.generation_batch_size
+        for batch in self._batches(order, size):
+            rows = [encoded[i] for i in batch]
+            if static_shapes:
+                rows = rows + [rows[0]] * (size - len(rows))  # fixed batch size: one compiled graph
+            width = max(len(r) for r in rows)
+            if static_shapes:
+                bucket = self.config.prompt_bucket
+                width = -(-width // bucket) * bucket
+            ids, mask = self._left_pad(rows, width=width)
+            criteria = self._stopping(batch, ids.shape[1], stop_strings, finished)
             self.calls["generate"] += 1
-            generated = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
-            new = generated[:, ids.shape[1] :].tolist()
+            generated = self.model.generate(
+                input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **gen_kwargs
+            )
+            new = generated[: len(batch), ids.shape[1] :].tolist()
             for row, i in zip(new, batch):
                 n_tokens = len(row)
                 for pos, tok in enumerate(row):
@@ -132,10 +166,39 @@ class ProbeEngine:
                 out[i] = (text, n_tokens)
         return out
 
+    def _stopping(
+        self,
+        batch: list[int],
+        prompt_width: int,
+        stop_strings: Sequence[str],
+        finished: Callable[[int, str], bool] | None,
+    ) -> StoppingCriteriaList | None:
+        """Per-row stopping on decoded text (stop strings, a complete answer)."""
+        if not stop_strings and finished is None:
+            return None
+        tokenizer = self.tokenizer
+
+        class _TextDone(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                for row in range(input_ids.shape[0]):
+                    if row >= len(batch):
+                        done[row] = True  # padding rows of a fixed-shape batch
+                        continue
+                    text = tokenizer.decode(input_ids[row, prompt_width:], skip_special_tokens=True)
+                    if any(stop in text for stop in stop_strings) or (finished and finished(batch[row], text)):
+                        done[row] = True
+                return done
+
+        return StoppingCriteriaList([_TextDone()])
+
     def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
         """Let the model reason on every prompt once and parse the responses."""
         responses = self.generate(
-            prompts, max_new_tokens=self.config.max_new_tokens, stop_strings=self.config.stop_strings
+            prompts,
+            max_new_tokens=self.config.max_new_tokens,
+            stop_strings=self.config.stop_strings,
+            static_shapes=self._static_shapes(),
         )
         chains = []
         for i, (example, prompt, (response, n_tokens)) in enumerate(zip(examples, prompts, responses)):
@@ -243,11 +306,7 @@ class ProbeEngine:
         eos_ids = self._eos_ids()
 
         def is_finished(key: ForcedAnswer, tokens: list[int]) -> bool:
-            chain = chains[key.example]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if chain.cue.endswith("{"):
-                return "}" in text
-            return "\n" in text.lstrip()
+            return answer_complete(self.tokenizer.decode(tokens, skip_special_tokens=True), chains[key.example].cue)
 
         packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
         size = max(1, self.config.generation_batch_size)
@@ -287,21 +346,21 @@ class ProbeEngine:
         )
 
     def _continue_chains(self, chains: Sequence[Chain], requests: list[ForcedAnswer]) -> dict[ForcedAnswer, str]:
-        """Let the model write the rest of a chain after a (perturbed) prefix."""
-        contexts = []
-        for r in requests:
-            chain = chains[r.example]
-            body = r.chain_text
-            contexts.append(chain.prompt + body)
+        """Let the model write the rest of a chain after a (perturbed) prefix, up to any cue.
+
+        Returns the full continued chain text (the given prefix + what the model wrote).
+        """
+        cues = [list(dict.fromkeys([chains[r.example].cue, *self.config.answer_cues])) for r in requests]
         texts = self.generate(
-            contexts, max_new_tokens=self.config.max_new_tokens, stop_strings=self.config.stop_strings
+            [chains[r.example].prompt + r.chain_text for r in requests],
+            max_new_tokens=self.config.max_new_tokens,
+            stop_strings=self.config.stop_strings,
+            finished=lambda i, text: find_cue(text, cues[i]) is not None,
         )
         out = {}
-        for r, (text, _) in zip(requests, texts):
-            chain = chains[r.example]
-            found = find_cue(text, [chain.cue])
-            continuation = text[: found[0]] if found else text
-            out[r] = r.chain_text + continuation
+        for r, cue_list, (text, _) in zip(requests, cues, texts):
+            found = find_cue(text, cue_list)
+            out[r] = r.chain_text + (text[: found[0]] if found else text)
         return out
 
     def _forced_answers(
@@ -316,7 +375,12 @@ class ProbeEngine:
         free = [r for r in requests if chains[r.example].answer_type != "choice"]
         if free:
             contexts = [chains[r.example].forced_context(texts[r]) for r in free]
-            outs = self.generate(contexts, max_new_tokens=self.config.answer_max_new_tokens)
+            outs = self.generate(
+                contexts,
+                max_new_tokens=self.config.answer_max_new_tokens,
+                finished=lambda i, text: answer_complete(text, chains[free[i].example].cue),
+                batch_size=self.config.scoring_batch_size,
+            )
             for r, (raw, _) in zip(free, outs):
                 chain = chains[r.example]
                 answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
@@ -380,6 +444,17 @@ class ProbeEngine:
         else:
             logits = self.model(**kwargs).logits
         return logits[:, -keep:]
+
+
+def answer_complete(text: str, cue: str) -> bool:
+    """Whether more tokens can no longer change the answer read from `text` (after `cue`).
+
+    Answers are read from the first non-empty line (or up to the closing brace of a brace
+    cue), so a forced decode can stop once that line has ended.
+    """
+    if cue.endswith("{"):
+        return "}" in text
+    return "\n" in text.lstrip()
 
 
 def _as_list(value: Any) -> list[int]:

@@ -111,7 +111,8 @@ class ForcedResult:
     Attributes:
         answer: Normalised answer, or None when unparseable (a parse failure, never a change).
         raw: The raw text read after the cue (or the chosen label).
-        continuation: For regenerate requests, the chain text the model wrote.
+        continuation: For regenerate requests, the whole chain the answer was read after: the
+            given (perturbed) prefix followed by what the model wrote.
     """
 
     answer: str | None
