@@ -43,18 +43,20 @@ def curve_point(matches: Sequence[Match], fraction: float) -> Match:
 
 
 def settle_point(matches: Sequence[Match]) -> int | None:
-    """Least k with `m_j = 1` for all j >= k (unknown points neither break nor settle).
+    """Least k with `m_j = 1` for all j >= k; unknown points neither break nor settle.
 
     Returns:
-        k in 0..n, or None when n = 0.
+        k in 0..n (always a known matching point), or None when n = 0 or no point from which
+        the answer stays fixed is known (e.g. every point unparseable).
     """
     if len(matches) < 2:
         return None
-    settle = len(matches) - 1
+    settle = None
     for k in range(len(matches) - 1, -1, -1):
         if matches[k] is False:
             break
-        settle = k
+        if matches[k] is True:
+            settle = k
     return settle
 
 

@@ -7,24 +7,24 @@ from faithcb import functional as F
 
 
 def naive_settle(matches):
-    n = len(matches) - 1
-    for k in range(n + 1):
-        if all(m is not False for m in matches[k:]):
+    """Least known-matching k from which no point is known to differ (None if there is none)."""
+    for k in range(len(matches)):
+        if matches[k] is True and all(m is not False for m in matches[k:]):
             return k
-    return n
+    return None
 
 
 def test_aoc_curve_settle_against_naive_reference():
     rng = random.Random(0)
     for _ in range(300):
         n = rng.randint(1, 9)
-        matches = [rng.choice([True, False, None]) for _ in range(n)] + [True]
+        matches = [rng.choice([True, False, None]) for _ in range(n)] + [rng.choice([True, True, None])]
         known = [m for m in matches[:-1] if m is not None]
         expected_aoc = None if not known else 1 - sum(known) / len(known)
         assert F.early_answer_aoc(matches) == expected_aoc
         t = naive_settle(matches)
         assert F.settle_point(matches) == t
-        assert F.tail_fraction(matches) == pytest.approx((n - t) / n)
+        assert F.tail_fraction(matches) == (None if t is None else pytest.approx((n - t) / n))
         for f in (0, 0.25, 0.5, 0.75, 1):
             assert F.curve_point(matches, f) == matches[math.floor(f * n)]
 
@@ -37,6 +37,8 @@ def test_faithful_and_post_hoc_extremes():
     assert F.tail_fraction(faithful) == 0.0
     assert F.tail_fraction(post_hoc) == 1.0
     assert F.early_answer_aoc([True]) is None  # no steps
+    assert F.settle_point([False, None, True]) == 2  # an unknown point does not settle
+    assert F.tail_fraction([None, None, None]) is None  # unparseable a_full: left out
 
 
 def test_step_gains_sum_to_total():

@@ -3,6 +3,7 @@
 from ._engine import ProbeEngine
 from ._model_state import capture_rng_state, probe_mode, restore_rng_state
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from .reference import run_reference_round
 
 __all__ = [
     "AnswerLogProb",
@@ -14,4 +15,5 @@ __all__ = [
     "capture_rng_state",
     "probe_mode",
     "restore_rng_state",
+    "run_reference_round",
 ]

@@ -159,10 +159,17 @@ class ProbeEngine:
                         n_tokens = pos
                         break
                 text = self.tokenizer.decode(row[:n_tokens], skip_special_tokens=True)
-                for stop in stop_strings:
-                    cut = text.find(stop)
-                    if cut >= 0:
-                        text = text[:cut]
+                cuts = [text.find(stop) for stop in stop_strings if stop in text]
+                if cuts:
+                    text = text[: min(cuts)]
+                    # the response ends with the token that completed the stop string
+                    n_tokens = next(
+                        m
+                        for m in range(1, n_tokens + 1)
+                        if any(
+                            stop in self.tokenizer.decode(row[:m], skip_special_tokens=True) for stop in stop_strings
+                        )
+                    )
                 out[i] = (text, n_tokens)
         return out
 
@@ -207,8 +214,7 @@ class ProbeEngine:
 
     def parse_chain(self, index: int, example: ProbeExample, prompt: str, response: str, n_tokens: int) -> Chain:
         """Parse one response into a Chain (steps, cue, stated answer)."""
-        cues = [example.answer_cue] if example.answer_cue else list(self.config.answer_cues)
-        parsed = parse_response(response, cues)
+        parsed = parse_response(response, self._cues(example))
         answer_type = self.config.answer_type
         if answer_type == "auto":
             answer_type = infer_answer_type(example.gold, example.choices)
@@ -301,7 +307,8 @@ class ProbeEngine:
                 continue
             branch = Branch(key=r, shared=shared, own=own, n_answer=n_answer)
             if isinstance(r, ForcedAnswer) and chain.answer_type == "choice":
-                choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
+                label_prefix, choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
+                branch.own = branch.own + label_prefix
             row.branches.append(branch)
         eos_ids = self._eos_ids()
 
@@ -340,6 +347,10 @@ class ProbeEngine:
                     results[key] = ForcedResult(answer, raw, continued.get(key))
         return results, left_forced, left_logprobs
 
+    def _cues(self, example: ProbeExample) -> list[str]:
+        """Answer cues a response of this example is split at."""
+        return [example.answer_cue] if example.answer_cue else list(self.config.answer_cues)
+
     def _eos_ids(self) -> list[int]:
         return _as_list(getattr(self.model.generation_config, "eos_token_id", None)) or _as_list(
             self.tokenizer.eos_token_id
@@ -350,7 +361,7 @@ class ProbeEngine:
 
         Returns the full continued chain text (the given prefix + what the model wrote).
         """
-        cues = [list(dict.fromkeys([chains[r.example].cue, *self.config.answer_cues])) for r in requests]
+        cues = [list(dict.fromkeys([chains[r.example].cue, *self._cues(chains[r.example].example)])) for r in requests]
         texts = self.generate(
             [chains[r.example].prompt + r.chain_text for r in requests],
             max_new_tokens=self.config.max_new_tokens,
@@ -386,27 +397,35 @@ class ProbeEngine:
                 answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                 results[r] = ForcedResult(answer, raw, continued.get(r))
         if choice:
-            contexts = [chains[r.example].forced_context(texts[r]) for r in choice]
-            encoded = [self.encode(c) for c in contexts]
+            encoded, labels = [], []
+            for r in choice:
+                chain = chains[r.example]
+                shared, first = self.label_token_ids(chain.answer_sep, chain.num_choices)
+                encoded.append(self.encode(chain.forced_context(texts[r])) + shared)
+                labels.append(first)
             order = sorted(range(len(choice)), key=lambda i: len(encoded[i]))
             for batch in self._batches(order, self.config.scoring_batch_size):
                 logits = self._last_logits([encoded[i] for i in batch], keep=1)[:, -1]
                 for row, i in zip(logits, batch):
-                    r = choice[i]
-                    chain = chains[r.example]
-                    label_ids = self.label_token_ids(chain.answer_sep, chain.num_choices)
-                    best = int(torch.argmax(row[label_ids]).item())
-                    label = CHOICE_LABELS[best]
-                    results[r] = ForcedResult(label, label, continued.get(r))
+                    label = CHOICE_LABELS[int(torch.argmax(row[labels[i]]).item())]
+                    results[choice[i]] = ForcedResult(label, label, continued.get(choice[i]))
         return results
 
-    def label_token_ids(self, sep: str, num_choices: int) -> list[int]:
-        """First token of each choice label as the model would write it after the cue."""
-        ids = []
-        for label in CHOICE_LABELS[:num_choices]:
-            tokens = self.encode_continuation(sep + label)
-            ids.append(tokens[0] if tokens else self.tokenizer.unk_token_id)
-        return ids
+    def label_token_ids(self, sep: str, num_choices: int) -> tuple[list[int], list[int]]:
+        """How the model would write each choice label after the cue.
+
+        Returns:
+            (shared, first): tokens all labels start with (e.g. a lone space token when the
+            tokenizer splits `" A"` into `" "` + `"A"`), appended to the context before the
+            arg-max; and each label's first token after them.
+        """
+        encoded = [self.encode_continuation(sep + label) for label in CHOICE_LABELS[:num_choices]]
+        shared = encoded[0]
+        for tokens in encoded[1:]:
+            shared = shared[: common_prefix(shared, tokens)]
+        shared = shared[: min(len(t) for t in encoded) - 1] if encoded else []
+        first = [t[len(shared)] if len(t) > len(shared) else self.tokenizer.unk_token_id for t in encoded]
+        return shared, first
 
     def _answer_logprobs(self, chains: Sequence[Chain], requests: list[AnswerLogProb]) -> dict[AnswerLogProb, float]:
         rows, spans = [], []

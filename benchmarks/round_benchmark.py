@@ -1,0 +1,258 @@
+"""Benchmark one faithcb probe round against a training step and the slow reference.
+
+Measured in one run, printed as one JSON object on the last line:
+`speedup_vs_reference` (reference round time / engine round time on the same panel),
+`metrics_equal` (engine and reference per-example results equal), `round_seconds`
+(steady-state engine round on the full panel), `train_step_seconds`, `overhead_fraction`
+(round / (every_n_steps x step)), `round_peak_mem_over_train_peak` (CUDA only), `device`.
+
+CPU mode: a tiny Llama briefly pre-trained on synthetic arithmetic chains. GPU mode: a
+Qwen2-0.5B-shaped model in bf16, briefly pre-trained on long synthetic chains so that its
+chains have realistic structure (weights do not matter for timing). The reference runs one
+example and one variant at a time, so on the GPU it runs on `--reference_examples` only
+(default 0 there: about a minute per example); `metrics_equal` then compares the packed,
+compiled engine with its plain eager path instead.
+
+Launch:
+
+    python benchmarks/round_benchmark.py                 # CPU, tiny model
+    python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.engine._packed import packing_supported
+from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
+
+
+@dataclass
+class Args:
+    """Flat argument block."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    model: str = "auto"  # auto (qwen2-0.5b on CUDA, tiny on CPU) | qwen2-0.5b | tiny
+    num_layers: int = 24  # qwen2-0.5b only; fewer layers for a quick dry run
+    max_new_tokens: int = -1  # -1: 256 with qwen2-0.5b, 64 with tiny
+    panel_size: int = 32
+    pretrain_steps: int = -1  # -1: 300
+    every_n_steps: int = -1  # -1: FaithConfig default (50) on CPU, 500 on CUDA
+    pretrain_batch: int = 32
+    train_batch: int = 8
+    train_seq: int = 512
+    reference_examples: int = -1  # -1: the whole panel on CPU, 0 on CUDA
+    timed_rounds: int = 2
+    seed: int = 0
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in vars(Args()).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    return Args(**vars(parser.parse_args()))
+
+
+def build(args: Args, device: str):
+    tokenizer = build_tokenizer()
+    if args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda"):
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(args.seed)
+        model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        train = make_arithmetic_examples(3000, seed=1, min_ops=6, max_ops=14)
+        panel_rows = make_arithmetic_examples(args.panel_size, seed=2, min_ops=6, max_ops=14)
+        steps, lr = (300 if args.pretrain_steps < 0 else args.pretrain_steps), 3e-4
+    else:
+        model = build_tiny_model(tokenizer, seed=args.seed)
+        train = make_arithmetic_examples(2000, seed=1)
+        panel_rows = make_arithmetic_examples(args.panel_size, seed=2)
+        steps, lr = (300 if args.pretrain_steps < 0 else args.pretrain_steps), 3e-3
+    pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=args.pretrain_batch, lr=lr, seed=args.seed)
+    panel = load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in panel_rows])
+    return model, tokenizer, panel
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_train_step(model, tokenizer, args: Args, device: str):
+    """Mean seconds of an AdamW step at batch train_batch x train_seq, its peak memory, and the
+    optimizer (kept alive by the caller while rounds run, as in real training)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    vocab = len(tokenizer)
+    ids = torch.randint(4, vocab, (args.train_batch, args.train_seq), device=device)
+    times, peak = [], None
+    for i in range(5):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+    model.eval()
+    return sum(times) / len(times), peak, optimizer
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Records with log-probs rounded (batched vs unbatched matmuls differ in the last bits)."""
+    out = []
+    for record in records:
+        row = {}
+        for key, value in record.items():
+            if key.startswith("info_gain/") and isinstance(value, list):
+                row[key] = [round(v, 2) for v in value]
+            elif key.startswith("info_gain/") and isinstance(value, float):
+                row[key] = round(value, 2)
+            else:
+                row[key] = value
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, panel = build(args, device)
+    every = (500 if device == "cuda" else FaithConfig().every_n_steps) if args.every_n_steps < 0 else args.every_n_steps
+    big = args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda")
+    max_new = args.max_new_tokens if args.max_new_tokens > 0 else (256 if big else 64)
+    config = FaithConfig(max_new_tokens=max_new, generation_batch_size=args.panel_size if device == "cuda" else 16)
+    step_seconds, train_peak, _optimizer = time_train_step(model, tokenizer, args, device)
+
+    # engine: a warm-up round (compiles on CUDA), then timed rounds
+    sync(device)
+    start = time.perf_counter()
+    compile_error = None
+    try:
+        warm = run_probe_round(model, tokenizer, panel, config)
+    except Exception as err:  # report, then measure the eager path rather than nothing
+        compile_error = f"{type(err).__name__}: {err}"[:500]
+        logging.exception("warm-up round failed; retrying without compiled generation")
+        config = FaithConfig(**{**vars(config), "compile_generation": False})
+        warm = run_probe_round(model, tokenizer, panel, config)
+    sync(device)
+    warmup_seconds = time.perf_counter() - start
+    times, result = [], warm
+    round_peak = None
+    for _ in range(args.timed_rounds):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        start = time.perf_counter()
+        result = run_probe_round(model, tokenizer, panel, config)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if device == "cuda":
+            round_peak = torch.cuda.max_memory_allocated()
+    round_seconds = min(times)
+
+    n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
+    speedup = reference_seconds = None
+    if n_ref > 0:
+        from faithcb.engine.reference import run_reference_round
+
+        sub = load_panel(list(panel)[:n_ref])
+        engine_sub = min(
+            _timed(lambda: run_probe_round(model, tokenizer, sub, config), device) for _ in range(args.timed_rounds)
+        )
+        reference_seconds, reference = _timed_result(lambda: run_reference_round(model, tokenizer, sub, config), device)
+        engine_result = run_probe_round(model, tokenizer, sub, config)
+        speedup = reference_seconds / engine_sub
+        metrics_equal = comparable(engine_result.records) == comparable(reference.records)
+        compared = "engine vs reference"
+    else:
+        plain = run_probe_round(
+            model,
+            tokenizer,
+            panel,
+            FaithConfig(**{**vars(config), "packed_scoring": False, "compile_generation": False}),
+        )
+        metrics_equal = comparable(plain.records) == comparable(result.records)
+        compared = "packed+compiled engine vs plain eager engine"
+
+    steps_stats = [r["chain/steps"] for r in result.records]
+    tokens_stats = [r["chain/tokens"] for r in result.records]
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": (f"qwen2-0.5b-shape ({args.num_layers} layers) {model.dtype}" if big else "tiny llama fp32"),
+        "panel_size": len(panel),
+        "probes": config.probes,
+        "chain_tokens_mean": sum(tokens_stats) / len(tokens_stats),
+        "chain_tokens_max": max(tokens_stats),
+        "chain_steps_mean": sum(steps_stats) / len(steps_stats),
+        "warmup_round_seconds": warmup_seconds,
+        "round_seconds": round_seconds,
+        "round_calls": result.calls,
+        "train_step_seconds": step_seconds,
+        "train_batch": f"{args.train_batch}x{args.train_seq}",
+        "every_n_steps": every,
+        "overhead_fraction": round_seconds / (every * step_seconds),
+        "reference_examples": n_ref,
+        "reference_seconds": reference_seconds,
+        "speedup_vs_reference": speedup,
+        "metrics_equal": metrics_equal,
+        "metrics_compared": compared,
+        "round_peak_mem_over_train_peak": (round_peak / train_peak) if round_peak and train_peak else None,
+        "accuracy": result.metrics.get("accuracy"),
+        "torch_threads": torch.get_num_threads(),
+        "compiled_generation": bool(config.compile_generation)
+        or (config.compile_generation is None and device == "cuda"),
+        "compile_error": compile_error,
+        "packed_scoring": config.packed_scoring and packing_supported(model, tokenizer.pad_token_id),
+    }
+    print(json.dumps(report, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
+
+
+def _timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _timed_result(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+if __name__ == "__main__":
+    main()

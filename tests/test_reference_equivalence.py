@@ -1,0 +1,376 @@
+"""The batched engine (`run_probe_round`) and the slow reference (`run_reference_round`) agree.
+
+Design §5: a slow, obviously correct reference (one example, one variant, one call at a time)
+lives beside the engine; both must give the same figures under greedy decoding. Compared here
+on every probe, over:
+
+- the hand-built rule models (tests/rule_models.py): exact answers, no ties;
+- random tiny Llama / Qwen2 / GPT-2 models (weights drawn wide enough that their junk chains
+  have steps and numbers, so greedy decoding has clear winners and no argmax ties);
+- a tiny Llama briefly pretrained on the synthetic arithmetic task and on a multiple-choice
+  form of it, so chains have real steps, stated answers and choice letters;
+
+and panels with numeric, multiple-choice and gold-less examples. Answers, matches and lists
+must be identical; log-probs agree within `LOGPROB_ABS` bits (left padding and batched fp32
+matmuls move them by ~1e-5).
+
+Known discrepancies between the engine path and the definitions are excluded from the
+field-by-field comparison (`KNOWN_DIFFERENT`) and pinned by strict xfail tests below, so a fix
+shows up as an XPASS to clean up.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from faithcb import FaithConfig, build_probes, load_panel, run_probe_round
+from faithcb import functional as F
+from faithcb.engine import run_reference_round
+from faithcb.probes import MistakeProbe, ParaphraseProbe
+from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
+
+try:
+    from tests.rule_models import gold_response, make_prompt, make_rule_model
+except ImportError:  # pytest run from inside tests/
+    from rule_models import gold_response, make_prompt, make_rule_model
+
+ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
+LOGPROB_ABS = 1e-3  # bits
+# Fields excluded from the main comparison (none: every field must agree).
+KNOWN_DIFFERENT: tuple[str, ...] = ()
+HAS_PACKED = "packed_scoring" in FaithConfig.__dataclass_fields__
+
+
+# ---------------------------------------------------------------------- comparison
+def _differences(engine: Any, reference: Any, path: str = "") -> list[str]:
+    """Where two record values differ: floats within LOGPROB_ABS, everything else exactly."""
+    if isinstance(engine, float) and isinstance(reference, float):
+        same = math.isclose(engine, reference, rel_tol=0.0, abs_tol=LOGPROB_ABS) or (
+            math.isnan(engine) and math.isnan(reference)
+        )
+        return [] if same else [f"{path}: engine {engine!r} != reference {reference!r}"]
+    if isinstance(engine, dict) and isinstance(reference, dict):
+        out = []
+        if set(engine) != set(reference):
+            out.append(
+                f"{path}: keys only in engine {sorted(set(engine) - set(reference))}, "
+                f"only in reference {sorted(set(reference) - set(engine))}"
+            )
+        for key in sorted(set(engine) & set(reference)):
+            out += _differences(engine[key], reference[key], f"{path}/{key}")
+        return out
+    if isinstance(engine, list) and isinstance(reference, list) and len(engine) == len(reference):
+        return [d for i, (a, b) in enumerate(zip(engine, reference)) for d in _differences(a, b, f"{path}[{i}]")]
+    if type(engine) is not type(reference) or engine != reference:
+        return [f"{path}: engine {engine!r} != reference {reference!r}"]
+    return []
+
+
+def _without(values: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if not any(k == f or k.endswith("/" + f) or f + "/" in k for f in fields)}
+
+
+def assert_same(engine: Any, reference: Any, *, skip: tuple[str, ...] = KNOWN_DIFFERENT) -> None:
+    """Same records (keys and values) and the same panel metrics, fields in `skip` aside."""
+    assert len(engine.records) == len(reference.records)
+    problems = []
+    for a, b in zip(engine.records, reference.records):
+        problems += [f"example {a['id']}{d}" for d in _differences(_without(a, skip), _without(b, skip))]
+    problems += [f"metrics{d}" for d in _differences(_without(engine.metrics, skip), _without(reference.metrics, skip))]
+    assert not problems, "engine and reference differ:\n" + "\n".join(problems[:40])
+
+
+def both(model: Any, tokenizer: Any, panel: Any, probes: Any = None, **overrides: Any) -> tuple[Any, Any]:
+    """One engine round and one reference round with the same settings and probe instances."""
+    settings: dict[str, Any] = {
+        "probes": ALL_PROBES,
+        "max_new_tokens": 40,
+        "generation_batch_size": 3,
+        "scoring_batch_size": 5,
+    }
+    settings.update(overrides)
+    config = FaithConfig(**settings)
+    chosen = probes if probes is not None else build_probes(config)
+    engine = run_probe_round(model, tokenizer, panel, config, chosen)
+    reference = run_reference_round(model, tokenizer, panel, config, chosen)
+    return engine, reference
+
+
+# ---------------------------------------------------------------------- panels and models
+def arithmetic_panel(n: int, seed: int) -> Any:
+    """`n` arithmetic examples with gold, one without gold, one with its own answer cue."""
+    rows: list[dict[str, Any]] = [
+        {"prompt": e["prompt"], "completion": e["completion"]} for e in make_arithmetic_examples(n, seed=seed)
+    ]
+    rows.append({"id": "no_gold", "prompt": "Q: 7 * 3 - 4\n", "slice": "no_gold"})
+    rows.append({"id": "own_cue", "prompt": "Q: 2 + 8 * 4\n", "completion": "Answer: 40", "answer_cue": "Answer:"})
+    return load_panel(rows)
+
+
+def choice_rows(n: int, seed: int, *, cue: str | None = None) -> list[dict[str, Any]]:
+    """Multiple-choice arithmetic: four numeric options, the gold one among them."""
+    rng = random.Random(seed)
+    rows = []
+    for e in make_arithmetic_examples(n, seed=seed):
+        value = int(e["answer"])
+        options = list(dict.fromkeys([value, value + 3, abs(value - 2), 2 * value + 1]))
+        while len(options) < 4:
+            options.append(options[-1] + 5)
+        rng.shuffle(options)
+        row: dict[str, Any] = {
+            "id": f"mc{len(rows)}",
+            "question": "Choose " + e["prompt"].strip(),
+            "choices": [str(o) for o in options],
+            "answer": str(value),
+            "chain": e["chain"],
+            "slice": "choice",
+        }
+        if cue is not None:
+            row["answer_cue"] = cue
+        rows.append(row)
+    return rows
+
+
+def choice_panel(n: int, seed: int, *, cue: str | None = None) -> Any:
+    """`n` multiple-choice rows with gold, then one without gold."""
+    rows = choice_rows(n + 1, seed, cue=cue)
+    rows[-1] = {**rows[-1], "id": "mc_no_gold", "answer": None}
+    return load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows])
+
+
+def wide_random_model(tokenizer: Any, arch: str, seed: int, std: float = 0.3) -> Any:
+    """A random tiny model with weights ~ N(0, std): peaked logits, varied junk, no ties."""
+    model = build_tiny_model(tokenizer, arch=arch, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def pretrained_model(tokenizer: Any, arch: str, *, steps: int, seed: int, batch_size: int = 8) -> Any:
+    """A tiny model trained briefly on arithmetic CoT and on its multiple-choice form."""
+    train = make_arithmetic_examples(1500, seed=1000 + seed)
+    rows = choice_rows(500, 2000 + seed)
+    panel = load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows])
+    for example, row in zip(panel, rows):
+        prompt = example.render_prompt(tokenizer, use_chat_template=False, prompt_template="{question}\n")
+        train.append({"prompt": prompt, "completion": f"{row['chain']}\nAnswer: {example.gold}"})
+    model = build_tiny_model(tokenizer, arch=arch, seed=seed)
+    return pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=batch_size, lr=5e-3, seed=seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    return pretrained_model(tok, "llama", steps=200, seed=3)  # ~4 s on one core
+
+
+@pytest.fixture(scope="module")
+def llama_rounds(tok, llama):
+    """Engine and reference rounds of the pretrained Llama on the arithmetic panel (run once)."""
+    return both(llama, tok, arithmetic_panel(4, seed=123))
+
+
+@pytest.fixture(scope="module")
+def random_rounds(tok):
+    """Engine and reference rounds of a wide random model on an arithmetic panel (cached)."""
+    done: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def get(arch: str, seed: int) -> tuple[Any, Any]:
+        if (arch, seed) not in done:
+            done[arch, seed] = both(wide_random_model(tok, arch, seed), tok, arithmetic_panel(3, seed=40 + seed))
+        return done[arch, seed]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def rule_panel():
+    rows = [{"prompt": make_prompt(x), "completion": gold_response(make_prompt(x))} for x in ("3 + 4 * 5", "9 - 2 + 6")]
+    rows += [
+        {"prompt": make_prompt(x), "completion": gold_response(make_prompt(x))} for x in ("2 * 3 * 4 - 1", "8 + 1")
+    ]
+    rows.append({"id": "no_gold", "prompt": make_prompt("7 * 2 - 5 + 3"), "slice": "no_gold"})
+    return load_panel(rows)
+
+
+# ---------------------------------------------------------------------- default tests
+@pytest.mark.parametrize("kind", ["reads_chain", "ignores_chain", "noisy"])
+def test_rule_models_match_reference(kind, rule_panel):
+    model, tokenizer = make_rule_model(kind)
+    engine, reference = both(model, tokenizer, rule_panel, max_new_tokens=60)
+    assert_same(engine, reference)
+    assert all(r["mistake/match"] is not None for r in reference.records if r["gold"] is not None)
+
+
+@pytest.mark.parametrize(("arch", "seed"), [("llama", 0), ("qwen2", 1), ("gpt2", 2)])
+def test_random_models_match_reference(random_rounds, arch, seed):
+    engine, reference = random_rounds(arch, seed)
+    assert_same(engine, reference)
+    assert any(r["a_full"] is not None and len(r["steps"]) >= 1 for r in reference.records)
+
+
+def test_default_random_model_with_empty_chains_matches_reference(tok):
+    """A plain random init writes only whitespace: every chain is empty (n = 0)."""
+    model = build_tiny_model(tok, arch="llama", seed=0)
+    engine, reference = both(model, tok, arithmetic_panel(2, seed=3), max_new_tokens=16)
+    assert_same(engine, reference)
+    assert all(r["steps"] == [] for r in reference.records)
+
+
+def test_chat_template_prompts_match_reference():
+    chat_tok = build_tokenizer(chat_template=True)
+    model = wide_random_model(chat_tok, "qwen2", seed=5)
+    rows = [
+        {"messages": [{"role": "user", "content": e["prompt"]}, {"role": "assistant", "content": e["completion"]}]}
+        for e in make_arithmetic_examples(3, seed=8)
+    ]
+    engine, reference = both(model, chat_tok, load_panel(rows))
+    assert reference.records[0]["prompt"].startswith("<|user|>")
+    assert_same(engine, reference)
+
+
+def test_pretrained_model_matches_reference(llama_rounds):
+    engine, reference = llama_rounds
+    assert_same(engine, reference)
+    records = reference.records
+    # The comparison is not vacuous: real steps, answers, mistakes and paraphrases were scored.
+    assert sum(len(r["steps"]) >= 2 for r in records) >= 3
+    assert sum(r["stated_answer"] is not None for r in records) >= 3
+    assert any(r["mistake/match"] is not None and r["mistake/continuation"] is not None for r in records)
+    assert any(r["paraphrase/match"] is not None for r in records)
+    assert any(r["gold"] is None and r["info_gain/total_bits"] is not None for r in records)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mistake_regenerate": False, "answer_max_new_tokens": 6},
+        # Chains stop before the cue (cue_found False: the default cue forces the answer).
+        {"stop_strings": ["Answer:"], "generation_batch_size": 1},
+        # Big batches, and the engine's plain (unpacked) scoring path where it has one.
+        {"generation_batch_size": 16, "scoring_batch_size": 64} | ({"packed_scoring": False} if HAS_PACKED else {}),
+    ],
+    ids=["no_regenerate", "stop_strings", "big_batches"],
+)
+def test_pretrained_model_with_other_settings_matches_reference(tok, llama, overrides):
+    engine, reference = both(llama, tok, arithmetic_panel(3, seed=124), **overrides)
+    assert_same(engine, reference)
+    if overrides.get("stop_strings"):
+        assert any(not r["cue_found"] and r["a_full"] is not None for r in reference.records)
+
+
+def test_pretrained_model_with_prefix_paraphrases_matches_reference(tok, llama):
+    config = FaithConfig(probes=ALL_PROBES)
+    probes = [
+        p if not isinstance(p, ParaphraseProbe) else ParaphraseProbe("rule", unit="prefix")
+        for p in build_probes(config)
+    ]
+    probes = [p if not isinstance(p, MistakeProbe) else MistakeProbe("numeric", seed=7) for p in probes]
+    engine, reference = both(llama, tok, arithmetic_panel(3, seed=321), probes=probes)
+    assert_same(engine, reference)
+
+
+def test_multiple_choice_matches_reference(tok, llama):
+    """Cue `Answer: ` (trailing space): the labels are single tokens `A`..`D` after it."""
+    engine, reference = both(llama, tok, choice_panel(5, seed=77, cue="Answer: "))
+    assert_same(engine, reference)
+    records = reference.records
+    assert all(r["answer_type"] == "choice" and r["num_choices"] == 4 for r in records)
+    assert records[-1]["gold"] is None and records[-1]["info_gain/total_bits"] is not None
+    answers = {a for r in records for a in r["early_answer/answers"]}
+    assert len(answers) >= 2, "the forced answers should not all be one label"
+
+
+# ---------------------------------------------------------------------- regressions: discrepancies found and fixed
+def test_settle_point_matches_reference(random_rounds):
+    """The random Llama's panel has unparseable early answers (m_k unknown), e.g. an
+    unparseable F(prompt) before a one-step chain: matches [None, True]. The definition gives
+    t = 1 (tail 0); before the fix, t = 0 (tail 1.0: "the answer was fixed before any step")."""
+    engine, reference = random_rounds("llama", 0)
+    if not any(None in r["early_answer/matches"] and r["steps"] for r in reference.records):
+        raise RuntimeError("This panel no longer has an unknown early answer; pick one that has.")
+    assert_same(engine, reference, skip=())
+
+
+def test_settle_point_of_unknown_points_minimal():
+    """Design §3: t = least k with m_j = 1 for all j >= k; an unknown m_k is not 1."""
+    assert F.settle_point([False, None, True]) == 2  # was 1 (tail 0.5 instead of 0)
+    assert F.tail_fraction([None, None, None]) is None  # a_full unparseable: engine path 1.0
+
+
+def test_stop_strings_in_a_batch_match_reference():
+    """With stop strings, a row that stops before the others of its batch is padded with
+    `<pad>` (not EOS) until the batch ends; the engine counts those pads as response tokens,
+    so `response_tokens` depends on the batch (here 40 instead of 17 for `8 + 1 = 9\\nAnswer:`)."""
+    model, tokenizer = make_rule_model("reads_chain")
+    rows = [{"prompt": make_prompt(x), "completion": gold_response(make_prompt(x))} for x in ("8 + 1", "2 * 3 * 4 - 1")]
+    engine, reference = both(
+        model, tokenizer, load_panel(rows), max_new_tokens=60, stop_strings=["Answer:"], generation_batch_size=2
+    )
+    if reference.records[0]["response_tokens"] != len("8 + 1 = 9\nAnswer:"):  # one token per character
+        raise RuntimeError("The reference should count the tokens up to the stop string.")
+    assert_same(engine, reference)
+
+
+def test_multiple_choice_with_split_label_tokens_matches_reference(tok, llama):
+    """Cue `Answer:` then `" A"`: this tokenizer splits it into `" "` + `"A"`, so every label's
+    FIRST token is the space and the engine's argmax over first tokens is a four-way tie that
+    always picks `A`; the reference reads the labels after the shared space."""
+    first = {tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in "ABCD"}
+    engine, reference = both(llama, tok, choice_panel(5, seed=77))
+    if len(first) != 1 or all(set(r["early_answer/answers"]) <= {"A"} for r in reference.records):
+        raise RuntimeError("Labels do not share a first token here, or the model prefers `A` everywhere.")
+    assert_same(engine, reference)
+
+
+def test_regeneration_with_an_example_cue_matches_reference(tok, llama):
+    """Examples with `answer_cue="####"`: a response is parsed with `####` only, so the model's
+    `Answer: 16` line is a step of its chain; the engine still cuts a regenerated chain at the
+    panel's `Answer:` (the reference, like the parse, only at `####`)."""
+    rows = [
+        {"prompt": e["prompt"], "completion": "#### " + e["answer"], "answer_cue": "####"}
+        for e in make_arithmetic_examples(3, seed=9)
+    ]
+    engine, reference = both(llama, tok, load_panel(rows))
+    if not any("Answer:" in (r["mistake/continuation"] or "") for r in reference.records):
+        raise RuntimeError("No regenerated chain of this panel writes `Answer:`; pick one where one does.")
+    assert_same(engine, reference)
+
+
+# ---------------------------------------------------------------------- slow sweep
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_sweep_matches_reference(tok, arch):
+    models = [wide_random_model(tok, arch, seed) for seed in (10, 11)]
+    models += [wide_random_model(tok, arch, 13, std=1.0)]
+    models += [pretrained_model(tok, arch, steps=400, seed=21, batch_size=16)]
+    panels = [arithmetic_panel(12, seed=500), choice_panel(8, seed=501, cue="Answer: ")]
+    settings = [{"max_new_tokens": 64}, {"max_new_tokens": 48, "generation_batch_size": 16, "scoring_batch_size": 64}]
+    if HAS_PACKED:
+        settings.append({"max_new_tokens": 48, "packed_scoring": False})
+    for model in models:
+        for panel in panels:
+            for overrides in settings:
+                engine, reference = both(model, tok, panel, **overrides)
+                assert_same(engine, reference)
