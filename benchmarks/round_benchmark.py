@@ -202,8 +202,12 @@ def main() -> None:
             panel,
             FaithConfig(**{**vars(config), "packed_scoring": False, "compile_generation": False}),
         )
-        metrics_equal = comparable(plain.records) == comparable(result.records)
+        a, b = comparable(plain.records), comparable(result.records)
+        metrics_equal = a == b
         compared = "packed+compiled engine vs plain eager engine"
+        diff_keys = sorted({k for x, y in zip(a, b) for k in x if x.get(k) != y.get(k)})
+        differing = sum(x != y for x, y in zip(a, b))
+        compared += f" ({differing}/{len(a)} records differ; fields: {diff_keys[:8]})"
 
     steps_stats = [r["chain/steps"] for r in result.records]
     tokens_stats = [r["chain/tokens"] for r in result.records]

@@ -72,6 +72,13 @@ class ProbeEngine:
         """Token ids of text that continues a context (no special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @property
+    def scoring_batch_size(self) -> int:
+        """Sequences per scoring pass / forced-answer decode (default: 256 on CUDA, 64 elsewhere)."""
+        if self.config.scoring_batch_size is not None:
+            return self.config.scoring_batch_size
+        return 256 if self.device.type == "cuda" else 64
+
     def _static_shapes(self) -> bool:
         """Compiled static-cache chain generation: on by default on CUDA, off elsewhere."""
         if self.config.compile_generation is not None:
@@ -103,6 +110,7 @@ class ProbeEngine:
         finished: Callable[[int, str], bool] | None = None,
         batch_size: int | None = None,
         static_shapes: bool = False,
+        min_width: int = 0,
     ) -> list[tuple[str, int]]:
         """Greedy (or sampled) continuations of many contexts, batched by length.
 
@@ -114,6 +122,8 @@ class ProbeEngine:
             batch_size: Rows per generate call (default `generation_batch_size`).
             static_shapes: Pad every batch to a fixed (batch, width) bucket and use a static
                 KV cache, so a compiled decode (CUDA) is built once and reused across rounds.
+            min_width: Pad prompts to at least this many tokens (a fixed width keeps one
+                compiled shape when prompt lengths vary from round to round).
 
         Returns:
             Per context: (decoded new text without special tokens, cut at the first stop
@@ -141,7 +151,7 @@ class ProbeEngine:
             rows = [encoded[i] for i in batch]
             if static_shapes:
                 rows = rows + [rows[0]] * (size - len(rows))  # fixed batch size: one compiled graph
-            width = max(len(r) for r in rows)
+            width = max(min_width, max(len(r) for r in rows))
             if static_shapes:
                 bucket = self.config.prompt_bucket
                 width = -(-width // bucket) * bucket
@@ -362,11 +372,16 @@ class ProbeEngine:
         Returns the full continued chain text (the given prefix + what the model wrote).
         """
         cues = [list(dict.fromkeys([chains[r.example].cue, *self._cues(chains[r.example].example)])) for r in requests]
+        static = self._static_shapes()
+        # one compiled shape per run: wide enough for any prompt plus a full chain
+        width = max(len(self.encode(c.prompt)) for c in chains) + self.config.max_new_tokens if static else 0
         texts = self.generate(
             [chains[r.example].prompt + r.chain_text for r in requests],
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=self.config.stop_strings,
             finished=lambda i, text: find_cue(text, cues[i]) is not None,
+            static_shapes=static,
+            min_width=width,
         )
         out = {}
         for r, cue_list, (text, _) in zip(requests, cues, texts):
@@ -390,7 +405,7 @@ class ProbeEngine:
                 contexts,
                 max_new_tokens=self.config.answer_max_new_tokens,
                 finished=lambda i, text: answer_complete(text, chains[free[i].example].cue),
-                batch_size=self.config.scoring_batch_size,
+                batch_size=self.scoring_batch_size,
             )
             for r, (raw, _) in zip(free, outs):
                 chain = chains[r.example]
@@ -404,7 +419,7 @@ class ProbeEngine:
                 encoded.append(self.encode(chain.forced_context(texts[r])) + shared)
                 labels.append(first)
             order = sorted(range(len(choice)), key=lambda i: len(encoded[i]))
-            for batch in self._batches(order, self.config.scoring_batch_size):
+            for batch in self._batches(order, self.scoring_batch_size):
                 logits = self._last_logits([encoded[i] for i in batch], keep=1)[:, -1]
                 for row, i in zip(logits, batch):
                     label = CHOICE_LABELS[int(torch.argmax(row[labels[i]]).item())]
@@ -437,7 +452,7 @@ class ProbeEngine:
             spans.append(len(answer))
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out: dict[AnswerLogProb, float] = {}
-        for batch in self._batches(order, self.config.scoring_batch_size):
+        for batch in self._batches(order, self.scoring_batch_size):
             keep = max(spans[i] for i in batch) + 1
             logits = self._last_logits([rows[i] for i in batch], keep=keep)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
