@@ -10,8 +10,8 @@ CPU mode: a tiny Llama briefly pre-trained on synthetic arithmetic chains. GPU m
 Qwen2-0.5B-shaped model in bf16, briefly pre-trained on long synthetic chains so that its
 chains have realistic structure (weights do not matter for timing). The reference runs one
 example and one variant at a time, so on the GPU it runs on `--reference_examples` only
-(default 0 there: about a minute per example); `metrics_equal` then compares the packed,
-compiled engine with its plain eager path instead.
+(default 0 there: about a minute per example); `metrics_equal` then compares packed scoring
+with the plain batched path on the same generated chains.
 
 Launch:
 
@@ -204,7 +204,7 @@ def main() -> None:
         )
         a, b = comparable(plain.records), comparable(result.records)
         metrics_equal = a == b
-        compared = "packed+compiled engine vs plain eager engine"
+        compared = "packed scoring vs plain batched scoring"
         diff_keys = sorted({k for x, y in zip(a, b) for k in x if x.get(k) != y.get(k)})
         differing = sum(x != y for x, y in zip(a, b))
         compared += f" ({differing}/{len(a)} records differ; fields: {diff_keys[:8]})"
