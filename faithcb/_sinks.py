@@ -39,15 +39,24 @@ class JsonlSink:
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.records_path.open("a", encoding="utf-8") as handle:
             for record in records:
-                handle.write(json.dumps({"step": step, "round": round_index, **record}, default=_jsonable) + "\n")
+                handle.write(_dumps({"step": step, "round": round_index, **record}) + "\n")
         with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, "round": round_index, **metrics}, default=_jsonable) + "\n")
+            handle.write(_dumps({"step": step, "round": round_index, **metrics}) + "\n")
 
 
-def _jsonable(value: Any) -> Any:
+def _finite(value: Any) -> Any:
+    """NaN/inf become null (strict JSON readers reject them); containers are cleaned deeply."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_finite(value), default=str, allow_nan=False)
 
 
 def early_answer_curve(records: Sequence[dict[str, Any]], grid: Sequence[float] = CURVE_GRID) -> list[float | None]:
