@@ -129,7 +129,8 @@ def load_panel(
     """Load a fixed probe panel.
 
     Args:
-        source: Path to a JSONL file, a `datasets.Dataset`, a list of dicts, or a ProbePanel.
+        source: Path to a JSONL file, a `datasets.Dataset`, a list of dicts (or of
+            `ProbeExample`s), or a ProbePanel.
         size: Keep this many examples, chosen once by a seeded subsample (order preserved)
             when the source is larger; None keeps all.
         seed: Seed of that subsample.
@@ -153,7 +154,10 @@ def load_panel(
             raise PanelError(
                 f"Cannot read a probe panel from a {name}: give a JSONL path, a list or a Dataset."
             ) from err
-        examples = [_example_from_row(row, index=i, where=f"{name} row {i}") for i, row in enumerate(rows)]
+        examples = [
+            row if isinstance(row, ProbeExample) else _example_from_row(row, index=i, where=f"{name} row {i}")
+            for i, row in enumerate(rows)
+        ]
     if not examples:
         raise PanelError(f"The probe panel from {name} is empty: give at least one example.")
     if size is not None:

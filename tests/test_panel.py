@@ -119,3 +119,9 @@ def test_datasets_dataset_source():
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "#### 4"}])
     assert [e.gold for e in load_panel(ds)] == ["3", "4"]
+
+
+def test_panel_from_examples_and_panels():
+    panel = load_panel([{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}])
+    assert [e.id for e in load_panel(list(panel)[:2])] == ["0", "1"]
+    assert [e.gold for e in load_panel(panel, size=3)] == ["1", "2", None]
