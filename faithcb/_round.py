@@ -10,6 +10,7 @@ from typing import Any
 
 from ._aggregate import aggregate_records
 from ._config import FaithConfig
+from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel
 from .engine import ForcedAnswer, ProbeEngine, probe_mode
 from .probes import FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
@@ -64,6 +65,11 @@ def run_probe_round(
 ) -> RoundResult:
     """Run one probe round on `examples` with the live model and restore its state after.
 
+    With `config.round_time_budget_s`, the panel is processed in chunks of
+    `generation_batch_size` examples and the round ends at the first chunk boundary past the
+    budget (the decision is shared by all ranks of a distributed run), raising
+    `RoundBudgetExceeded` with the records of the finished examples.
+
     Args:
         model: The causal LM (unwrapped; its training state is restored afterwards).
         tokenizer: Its tokenizer.
@@ -73,53 +79,93 @@ def run_probe_round(
 
     Returns:
         Per-example records and panel metrics of this round.
+
+    Raises:
+        RoundBudgetExceeded: The round ran past its time budget (records attached).
     """
     start = time.perf_counter()
     probes = list(probes) if probes is not None else build_probes(config)
     examples = list(examples)
+    budget = config.round_time_budget_s
+    chunk = config.generation_batch_size if budget else max(1, len(examples))
+    records: list[dict[str, Any]] = []
     with probe_mode(model, tokenizer):
         engine = ProbeEngine(model, tokenizer, config)
         for probe in probes:
             if isinstance(probe, FillerProbe):
                 probe.unit_tokens = max(1, len(engine.encode_continuation(probe.filler_token)))
-        prompts = [
-            e.render_prompt(
-                tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
-            )
-            for e in examples
-        ]
-        chains = engine.generate_chains(examples, prompts)
-        # Phase 1: the reference answer a_full, which every agreement is measured against.
-        full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
-        results = engine.run(chains, full_requests)
-        a_full = [results[r].answer for r in full_requests]
-        for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
-            probe.prepare(chains, a_full)
-        # Phase 2: every probe's variants, run together.
-        requests = [r for c in chains for p in probes for r in p.variants(c, a_full[c.index])]
-        results.update(engine.run(chains, [r for r in requests if r not in results]))
-        records = []
-        for chain in chains:
-            record: dict[str, Any] = {
-                "id": chain.example.id,
-                "slice": chain.example.slice,
-                "prompt": chain.prompt,
-                "response": chain.response,
-                "chain": chain.chain,
-                "steps": [chain.step_text(i) for i in range(chain.num_steps)],
-                "cue": chain.cue,
-                "cue_found": chain.cue_found,
-                "gold": chain.example.gold,
-                "stated_answer": chain.stated_answer,
-                "a_full": a_full[chain.index],
-                "answer_type": chain.answer_type,
-                "num_choices": chain.num_choices,
-                "response_tokens": chain.response_tokens,
-            }
-            for probe in probes:
-                record.update(probe.score(chain, results, a_full[chain.index]))
-            records.append(record)
+        for offset in range(0, len(examples), chunk):
+            records.extend(_probe_examples(engine, tokenizer, examples[offset : offset + chunk], config, probes))
+            more = offset + chunk < len(examples)
+            if budget and more and _past_deadline(time.perf_counter() - start > budget):
+                raise RoundBudgetExceeded(
+                    f"the probe round ran past round_time_budget_s={budget}s after {len(records)} of "
+                    f"{len(examples)} examples",
+                    records=records,
+                    seconds=time.perf_counter() - start,
+                )
         calls = dict(engine.calls)
     metrics = aggregate_records(records, probes)
     seconds = time.perf_counter() - start
     return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)
+
+
+def _past_deadline(local: bool) -> bool:
+    """Whether any rank is past the deadline (every rank must stop at the same chunk)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    import torch
+
+    flag = torch.tensor([1.0 if local else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _probe_examples(
+    engine: ProbeEngine,
+    tokenizer: Any,
+    examples: Sequence[ProbeExample],
+    config: FaithConfig,
+    probes: Sequence[Probe],
+) -> list[dict[str, Any]]:
+    """Generate, perturb and score a group of examples; one record per example."""
+    prompts = [
+        e.render_prompt(tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template)
+        for e in examples
+    ]
+    chains = engine.generate_chains(examples, prompts)
+    # Phase 1: the reference answer a_full, which every agreement is measured against.
+    full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
+    results = engine.run(chains, full_requests)
+    a_full = [results[r].answer for r in full_requests]
+    for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
+        probe.prepare(chains, a_full)
+    # Phase 2: every probe's variants, run together.
+    requests = [r for c in chains for p in probes for r in p.variants(c, a_full[c.index])]
+    results.update(engine.run(chains, [r for r in requests if r not in results]))
+    records = []
+    for chain in chains:
+        record: dict[str, Any] = {
+            "id": chain.example.id,
+            "slice": chain.example.slice,
+            "prompt": chain.prompt,
+            "response": chain.response,
+            "chain": chain.chain,
+            "steps": [chain.step_text(i) for i in range(chain.num_steps)],
+            "cue": chain.cue,
+            "cue_found": chain.cue_found,
+            "gold": chain.example.gold,
+            "stated_answer": chain.stated_answer,
+            "a_full": a_full[chain.index],
+            "answer_type": chain.answer_type,
+            "num_choices": chain.num_choices,
+            "response_tokens": chain.response_tokens,
+        }
+        for probe in probes:
+            record.update(probe.score(chain, results, a_full[chain.index]))
+        records.append(record)
+    return records
