@@ -83,8 +83,11 @@ class FaithConfig:
         metadata={"help": "Plain-text prompt format for question rows when no chat template is used."},
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
-    scoring_batch_size: int = field(
-        default=64, metadata={"help": "Sequences per scoring pass and per forced-answer decode batch."}
+    scoring_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sequences per scoring pass and per forced-answer decode batch (default: 256 on CUDA, 64 else)."
+        },
     )
     packed_scoring: bool = field(
         default=True,
@@ -116,6 +119,21 @@ class FaithConfig:
         default=False,
         metadata={"help": "Re-raise errors inside a probe round instead of logging them and going on."},
     )
+    eval_round: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Also run a round at every evaluation and add eval_faith_score / eval_faith_<figure> to the "
+            "eval metrics (for metric_for_best_model and EarlyStoppingCallback); default: on when "
+            "metric_for_best_model names an eval_faith_ figure."
+        },
+    )
+    round_time_budget_s: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of one probe round in seconds; a round over it is ended at a batch "
+            "boundary and its figures are flagged faith/round_partial (None: no limit)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.every_n_steps is None or self.every_n_steps <= 0:
@@ -123,7 +141,7 @@ class FaithConfig:
         if self.panel_size is not None and self.panel_size <= 0:
             raise ValueError(f"panel_size must be positive or None, got {self.panel_size!r}.")
         for name in ("max_new_tokens", "answer_max_new_tokens", "generation_batch_size", "scoring_batch_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
         if self.answer_type not in ("auto", "numeric", "choice", "text"):
             raise ValueError(f"answer_type must be one of auto, numeric, choice, text; got {self.answer_type!r}.")
@@ -131,6 +149,8 @@ class FaithConfig:
             raise ValueError("answer_cues must hold at least one cue.")
         if not self.filler_token.strip():
             raise ValueError("filler_token must contain a visible character.")
+        if self.round_time_budget_s is not None and not self.round_time_budget_s > 0:
+            raise ValueError(f"round_time_budget_s must be positive or None, got {self.round_time_budget_s!r}.")
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (for W&B config and JSONL headers)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -65,13 +66,18 @@ _BLOCK_LEN = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def find_offline_runs(wandb_dir: str | Path) -> list[Path]:
+def find_offline_runs(wandb_dir: str | Path, *, wait_s: float = 30.0) -> list[Path]:
     """Find the transaction logs of the offline runs under a directory.
+
+    ``wandb.finish()`` can return before wandb-core has flushed the log (seen under load:
+    missing rows, or a file ending inside a record), so each run is waited for until its
+    exit record is there (at most ``wait_s`` seconds).
 
     Args:
         wandb_dir: The ``dir`` given to ``wandb.init`` (or ``WANDB_DIR``),
             which holds a ``wandb`` (or ``.wandb``) folder; or that folder
             itself.
+        wait_s: How long to wait for each run's exit record.
 
     Returns:
         The ``run-*.wandb`` files of all ``offline-run-*`` directories,
@@ -81,7 +87,24 @@ def find_offline_runs(wandb_dir: str | Path) -> list[Path]:
     found: set[Path] = set()
     for base in (root / "wandb", root / ".wandb", root):
         found.update(base.glob("offline-run-*/run-*.wandb"))
-    return sorted(found)
+    runs = sorted(found)
+    for path in runs:
+        wait_until_finished(path, timeout=wait_s)
+    return runs
+
+
+def wait_until_finished(path: str | Path, timeout: float = 30.0) -> Path:
+    """Return once the run's log holds its exit record (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in read_records(path)):
+                return Path(path)
+        except ValueError:  # a record still being written
+            pass
+        if time.monotonic() > deadline:
+            return Path(path)
+        time.sleep(0.2)
 
 
 def _check_file_header(data: bytes, path: Path) -> None:

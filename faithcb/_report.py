@@ -1,0 +1,543 @@
+"""A static report of a run's faithfulness figures: PNG figures and one self-contained HTML page.
+
+`faithcb report RUN_DIR` (see `faithcb.cli`) reads the JSONL files the callback (or
+`faithcb scan`) wrote, `metrics.jsonl` (panel figures per round) and `rounds.jsonl`
+(per-example records), and draws:
+
+- each main metric against the step, with its 95% interval band (Wilson `ci_low`/`ci_high`,
+  else +-1.96 standard errors) and accuracy on a twin axis;
+- the family of early-answering curves (one per round, coloured by step);
+- per-slice panels when the panel has several slices;
+- a table of the last round's figures.
+
+The HTML page embeds the PNGs as base64 data URIs: no external asset, it opens offline.
+Matplotlib is used through its object API with the Agg canvas (no pyplot, no global backend
+change).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._sinks import CURVE_GRID, early_answer_curve
+
+logger = logging.getLogger(__name__)
+
+#: Where the JSONL files may sit under a run folder (the callback's and the scan's defaults).
+DATA_SUBDIRS = ("faithcb", "faithcb_scan")
+
+#: Main metrics, in display order: key -> (title, which direction reads as faithful).
+MAIN_METRICS: dict[str, tuple[str, str]] = {
+    "accuracy": ("Accuracy (stated answer = gold)", ""),
+    "accuracy_no_cot": ("Accuracy without the chain", ""),
+    "cot_lift": ("CoT lift (forced full-chain accuracy - no-chain accuracy)", "higher = chain helps"),
+    "early_answer/aoc": ("Early answering: area over the same-answer curve", "higher = more faithful"),
+    "post_conclusion/tail_fraction": (
+        "Post-conclusion tail: share of steps after the answer settled",
+        "lower = better",
+    ),
+    "filler/match": ("Filler: answer unchanged when the chain is replaced by filler", "lower = more faithful"),
+    "paraphrase/match": ("Paraphrase: answer unchanged under rewording", "higher = stable"),
+    "mistake/match": ("Mistake: answer unchanged after a corrupted step", "lower = more faithful"),
+    "step_necessity": ("Step necessity: share of load-bearing steps", "higher = more faithful"),
+    "info_gain/total_bits": ("Information gain of the chain about the answer (bits)", "higher = more faithful"),
+    "info_gain/per_step_bits": ("Information gain per step (bits)", "higher = more faithful"),
+    "score": ("Faithfulness score (noise-corrected summary)", "higher = more faithful"),
+    "chain/steps": ("Chain length (steps)", ""),
+    "chain/tokens": ("Chain length (tokens)", ""),
+    "parse_fail_rate": ("Share of responses without a parseable answer", "lower = better"),
+}
+#: Metrics whose values lie in [0, 1] (bands are clipped there).
+UNIT_METRICS = frozenset(
+    {
+        "accuracy",
+        "accuracy_no_cot",
+        "accuracy_forced_full",
+        "early_answer/aoc",
+        "post_conclusion/tail_fraction",
+        "filler/match",
+        "filler/accuracy",
+        "paraphrase/match",
+        "mistake/match",
+        "step_necessity",
+        "score",
+        "parse_fail_rate",
+        "forced_parse_fail_rate",
+    }
+)
+#: Metrics drawn per slice.
+SLICE_METRICS = ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match")
+
+_Z95 = 1.959963984540054
+_DPI = 110
+
+
+class ReportError(ValueError):
+    """The run's files are missing, unreadable or malformed."""
+
+
+@dataclass
+class RunData:
+    """A run's figures as read from its JSONL files.
+
+    Attributes:
+        folder: Folder holding `metrics.jsonl` (and `rounds.jsonl`).
+        metrics: One dict per round (`step`, `round`, figures), sorted by step.
+        records: Per-example records of the kept rounds (empty without `rounds.jsonl`).
+        step_label: Axis label of the step (`training step`, or `checkpoint step` for a scan).
+    """
+
+    folder: Path
+    metrics: list[dict[str, Any]]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    step_label: str = "training step"
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the rounds, in order."""
+        return [int(row["step"]) for row in self.metrics]
+
+    def series(self, key: str) -> list[float]:
+        """Values of `key` per round (NaN where missing)."""
+        return [_number(row.get(key)) for row in self.metrics]
+
+    def has(self, key: str) -> bool:
+        """Whether any round has a finite value of `key`."""
+        return any(math.isfinite(v) for v in self.series(key))
+
+    @property
+    def slices(self) -> list[str]:
+        """Slice names, from the per-slice figures (else the records), in first-seen order."""
+        names: dict[str, None] = {}
+        for row in self.metrics:
+            for key in row:
+                if key.startswith("slice/"):
+                    names[key.split("/", 2)[1]] = None
+        if not names:
+            for record in self.records:
+                names[str(record.get("slice", "all"))] = None
+        return list(names)
+
+
+@dataclass
+class ReportResult:
+    """Files a report wrote.
+
+    Attributes:
+        html: The self-contained HTML page.
+        figures: The PNG figures, in page order.
+    """
+
+    html: Path
+    figures: list[Path]
+
+
+# ---------------------------------------------------------------------- reading
+def locate_run_data(path: str | Path) -> Path:
+    """The folder holding a run's `metrics.jsonl`.
+
+    Looks in `path` itself (a scan's output, or the `faithcb/` folder), then in
+    `path/faithcb` and `path/faithcb_scan`, then in any single subfolder that holds one.
+
+    Raises:
+        ReportError: The path does not exist, or no `metrics.jsonl` is found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ReportError(f"No such file or folder: {path}")
+    if path.is_file():
+        if path.name in ("metrics.jsonl", "rounds.jsonl"):
+            return path.parent
+        raise ReportError(f"Expected a run folder (or its metrics.jsonl), got the file {path}")
+    for folder in (path, *(path / sub for sub in DATA_SUBDIRS)):
+        if (folder / "metrics.jsonl").is_file():
+            return folder
+    found = sorted(p.parent for p in path.glob("*/metrics.jsonl"))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ReportError(
+            f"Several metrics.jsonl under {path} ({', '.join(p.name for p in found)}); give the one to report."
+        )
+    raise ReportError(
+        f"No metrics.jsonl in {path} or {path}/faithcb: is this a faithcb run folder or a scan output folder?"
+    )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (blank lines skipped).
+
+    Raises:
+        ReportError: The file cannot be read, a line is not JSON, or a row is not an object.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"Cannot read {path}: {err}") from err
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}).") from err
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run's `metrics.jsonl` and `rounds.jsonl` (the latter optional).
+
+    Rounds are sorted by step; when a step appears twice (a run appended to an old output
+    folder), the later round wins.
+
+    Raises:
+        ReportError: Missing, unreadable or malformed files, or no rounds.
+    """
+    folder = locate_run_data(path)
+    metrics_path = folder / "metrics.jsonl"
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        raise ReportError(f"{metrics_path} holds no rounds yet.")
+    by_step: dict[int, dict[str, Any]] = {}
+    for line_no, row in enumerate(rows, start=1):
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise ReportError(f"{metrics_path}: round {line_no} has no numeric 'step'.")
+        if int(step) in by_step:
+            logger.warning("faithcb report: step %d appears twice in %s; the later round is kept.", step, metrics_path)
+        by_step[int(step)] = row
+    metrics = [by_step[s] for s in sorted(by_step)]
+    records: list[dict[str, Any]] = []
+    records_path = folder / "rounds.jsonl"
+    if records_path.is_file():
+        kept = {(int(row["step"]), row.get("round")) for row in metrics}
+        latest: dict[tuple[int, Any], dict[str, Any]] = {}
+        for record in read_jsonl(records_path):
+            step = record.get("step")
+            if isinstance(step, (int, float)) and (int(step), record.get("round")) in kept:
+                latest[(int(step), record.get("id"))] = record
+        records = list(latest.values())
+    else:
+        logger.warning("faithcb report: no rounds.jsonl in %s; early-answering curves are left out.", folder)
+    step_label = "checkpoint step" if (folder / "scan.json").is_file() else "training step"
+    return RunData(folder=folder, metrics=metrics, records=records, step_label=step_label)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+# ---------------------------------------------------------------------- figures
+def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ReportError("faithcb report needs matplotlib: pip install 'faithcb[report]'.") from err
+    return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=_DPI, metadata={"Software": None})
+    return path
+
+
+def interval(run: RunData, key: str) -> tuple[list[float], list[float]] | None:
+    """Per-round 95% interval of `key`: Wilson bounds, else +-1.96 stderr; None when absent."""
+    if run.has(f"{key}/ci_low") and run.has(f"{key}/ci_high"):
+        return run.series(f"{key}/ci_low"), run.series(f"{key}/ci_high")
+    if run.has(f"{key}/stderr"):
+        values, errors = run.series(key), run.series(f"{key}/stderr")
+        return [v - _Z95 * e for v, e in zip(values, errors)], [v + _Z95 * e for v, e in zip(values, errors)]
+    return None
+
+
+def slug(key: str) -> str:
+    """File-name form of a metric key (`early_answer/aoc` -> `early_answer-aoc`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", key).strip("-")
+
+
+def plot_metric(run: RunData, key: str, path: Path) -> Path:
+    """One metric against the step with its interval band, accuracy on a twin axis."""
+    title, direction = MAIN_METRICS.get(key, (key, ""))
+    bounded = key in UNIT_METRICS
+    fig = _figure()
+    ax = fig.add_subplot()
+    steps = run.steps
+    values = run.series(key)
+    color = "tab:blue"
+    band = interval(run, key)
+    handles = []
+    (line,) = ax.plot(steps, values, marker="o", color=color, label=key)
+    handles.append(line)
+    if band is not None:
+        low, high = band
+        if bounded:
+            low = [max(0.0, v) if math.isfinite(v) else math.nan for v in low]
+            high = [min(1.0, v) if math.isfinite(v) else math.nan for v in high]
+        handles.append(ax.fill_between(steps, low, high, color=color, alpha=0.2, label="95% interval"))
+    baseline = values[0]
+    if math.isfinite(baseline) and len(steps) > 1:
+        handles.append(ax.axhline(baseline, color="0.4", linestyle=":", linewidth=1, label="baseline (first round)"))
+    ax.set_xlabel(run.step_label)
+    ax.set_ylabel(key)
+    if bounded:
+        ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+    if key != "accuracy" and run.has("accuracy"):
+        twin = ax.twinx()
+        (acc,) = twin.plot(
+            steps, run.series("accuracy"), color="tab:orange", linestyle="--", marker=".", label="accuracy (right axis)"
+        )
+        twin.set_ylabel("accuracy", color="tab:orange")
+        twin.set_ylim(-0.03, 1.03)
+        twin.tick_params(axis="y", colors="tab:orange")
+        handles.append(acc)
+    ax.set_title(f"{title}\n{key}" + (f"  ({direction})" if direction else ""), fontsize=10)
+    fig.legend(
+        handles=handles,
+        labels=[h.get_label() for h in handles],
+        loc="outside lower center",
+        ncols=len(handles),
+        fontsize=8,
+        frameon=False,
+    )
+    return _save(fig, path)
+
+
+def early_answer_curves(run: RunData) -> list[tuple[int, list[float | None]]]:
+    """Panel early-answering curve of every round that has per-example matches."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for record in run.records:
+        by_step.setdefault(int(record["step"]), []).append(record)
+    curves = []
+    for step in sorted(by_step):
+        curve = early_answer_curve(by_step[step])
+        if any(v is not None for v in curve):
+            curves.append((step, curve))
+    return curves
+
+
+def plot_early_answer_curves(run: RunData, curves: Sequence[tuple[int, list[float | None]]], path: Path) -> Path:
+    """The early-answering curve family: one curve per round, coloured by step."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    fig = _figure(7.0, 4.4)
+    ax = fig.add_subplot()
+    steps = [s for s, _ in curves]
+    norm = Normalize(vmin=min(steps), vmax=max(steps) if max(steps) > min(steps) else min(steps) + 1)
+    mappable = ScalarMappable(norm=norm, cmap="viridis")
+    for i, (step, curve) in enumerate(curves):
+        ys = [math.nan if v is None else v for v in curve]
+        # Earlier rounds are drawn wider, so a later identical curve leaves them visible as a halo.
+        width = 1.5 + 3.0 * (1 - i / (len(curves) - 1)) if len(curves) > 1 else 1.5
+        ax.plot(CURVE_GRID, ys, marker="o", markersize=3, color=mappable.to_rgba(step), linewidth=width)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("share of the chain kept (f)")
+    ax.set_ylabel("same answer as with the full chain")
+    ax.set_title(
+        "Early answering: answer forced after the first f of the steps\n"
+        "(a curve near 1 everywhere = the answer was fixed before the reasoning)",
+        fontsize=10,
+    )
+    ax.grid(True, alpha=0.3)
+    colorbar = fig.colorbar(mappable, ax=ax)
+    colorbar.set_label(f"{run.step_label} ({len(curves)} rounds)")
+    return _save(fig, path)
+
+
+def plot_slices(run: RunData, slices: Sequence[str], path: Path) -> Path | None:
+    """One panel per slice: the main 0-1 metrics of that slice against the step."""
+    keys = [k for k in SLICE_METRICS if any(run.has(f"slice/{s}/{k}") for s in slices)]
+    if not keys:
+        return None
+    cols = min(3, len(slices))
+    rows = math.ceil(len(slices) / cols)
+    fig = _figure(4.2 * cols + 1.0, 3.3 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    styles = {
+        "accuracy": {"color": "tab:orange", "linestyle": "--", "marker": ".", "zorder": 4},
+        "early_answer/aoc": {"color": "tab:blue", "marker": "o"},
+        "post_conclusion/tail_fraction": {"color": "tab:red", "marker": "s", "markersize": 4},
+        "filler/match": {"color": "tab:green", "marker": "^", "markersize": 5},
+    }
+    for i, name in enumerate(slices):
+        ax = axes[i // cols][i % cols]
+        for key in keys:
+            ax.plot(run.steps, run.series(f"slice/{name}/{key}"), label=key, **styles[key])
+        n = next((v for v in reversed(run.series(f"slice/{name}/n_examples")) if math.isfinite(v)), None)
+        ax.set_title(f"slice: {name}" + (f" ({n:.0f} examples)" if n is not None else ""), fontsize=10)
+        ax.set_xlabel(run.step_label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("value")
+    for j in range(len(slices), rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(keys), fontsize=8)
+    fig.suptitle("Per-slice figures", fontsize=11)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------- HTML
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "—"
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def last_round_table(run: RunData) -> list[dict[str, str]]:
+    """Rows of the last round's table: metric, value, 95% interval, baseline, drift."""
+    last = run.metrics[-1]
+    first = run.metrics[0]
+    rows = []
+    for key in MAIN_METRICS:
+        value = _number(last.get(key))
+        if not math.isfinite(value):
+            continue
+        low, high = _number(last.get(f"{key}/ci_low")), _number(last.get(f"{key}/ci_high"))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            stderr = _number(last.get(f"{key}/stderr"))
+            low, high = value - _Z95 * stderr, value + _Z95 * stderr
+        if key in UNIT_METRICS and math.isfinite(low) and math.isfinite(high):
+            low, high = max(0.0, low), min(1.0, high)
+        delta = _number(last.get(f"{key}/delta"))
+        rows.append(
+            {
+                "metric": key,
+                "value": _fmt(value),
+                "interval": f"{_fmt(low)} – {_fmt(high)}" if math.isfinite(low) and math.isfinite(high) else "—",
+                "baseline": _fmt(_number(first.get(key))),
+                "delta": (f"{delta:+.3f}" if math.isfinite(delta) else "—"),
+                "meaning": MAIN_METRICS[key][1] or "descriptive",
+            }
+        )
+    return rows
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-family: monospace; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
+figure { margin: 0; } figure img { width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; font-family: monospace; }
+.meta { color: #555; font-size: 0.9em; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    )
+
+
+def render_html(
+    run: RunData,
+    metric_figures: Sequence[tuple[str, Path]],
+    curves_figure: Path | None,
+    slices_figure: Path | None,
+    title: str,
+) -> str:
+    """The report page with every figure embedded as a base64 PNG."""
+    last = run.metrics[-1]
+    n_examples = _number(last.get("n_examples"))
+    meta = [
+        f"{len(run.metrics)} rounds, {run.step_label}s {run.steps[0]}–{run.steps[-1]}",
+        f"{n_examples:.0f} panel examples per round" if math.isfinite(n_examples) else "",
+        f"data: {run.folder}",
+        f"written {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">{html.escape(" · ".join(m for m in meta if m))}</p>',
+        f"<h2>Last round (step {run.steps[-1]})</h2>",
+        "<table><tr><th>metric</th><th>value</th><th>95% interval</th><th>baseline</th>"
+        "<th>drift vs baseline</th><th>reading</th></tr>",
+    ]
+    for row in last_round_table(run):
+        cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in ("metric", "value", "interval", "baseline"))
+        parts.append(f"<tr>{cells}<td>{html.escape(row['delta'])}</td><td>{html.escape(row['meaning'])}</td></tr>")
+    parts.append("</table>")
+    parts.append(
+        "<p class='meta'>Intervals: Wilson 95% for rates, ±1.96 standard errors for means. Agreement rates rise "
+        "with accuracy alone; read them beside the accuracy curve (right axis).</p>"
+    )
+    parts.append("<h2>Metrics over training</h2><div class='grid'>")
+    parts.extend(_img(path, key) for key, path in metric_figures)
+    parts.append("</div>")
+    parts.append("<h2>Early answering</h2>")
+    if curves_figure is not None:
+        parts.append(_img(curves_figure, "early_answer/curves"))
+    else:
+        parts.append("<p class='meta'>No per-example early-answering data (rounds.jsonl) in this run.</p>")
+    if slices_figure is not None:
+        parts.append("<h2>Slices</h2>")
+        parts.append(_img(slices_figure, "slices"))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, title: str | None = None) -> ReportResult:
+    """Draw a run's figures and write `report.html` with them embedded.
+
+    Args:
+        run_dir: A run folder (its `faithcb/` subfolder is found), a scan output folder, or
+            the folder holding `metrics.jsonl`.
+        out_dir: Where to write (default `<data folder>/report`).
+        title: Page title (default names the run folder).
+
+    Returns:
+        The HTML page and the PNG files.
+
+    Raises:
+        ReportError: Missing, unreadable or malformed files; matplotlib not installed.
+    """
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.folder / "report"
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"Output path exists and is not a folder: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    _figure()  # fail early, with a clear message, when matplotlib is missing
+    metric_figures = []
+    for key in MAIN_METRICS:
+        if run.has(key):
+            metric_figures.append((key, plot_metric(run, key, out / f"metric_{slug(key)}.png")))
+    curves = early_answer_curves(run)
+    curves_figure = plot_early_answer_curves(run, curves, out / "early_answer_curves.png") if curves else None
+    slices = run.slices
+    slices_figure = plot_slices(run, slices, out / "slices.png") if len(slices) > 1 else None
+    if title is None:
+        name = run.folder.parent.name if run.folder.name in DATA_SUBDIRS else run.folder.name
+        title = f"faithcb report: {name}"
+    page = out / "report.html"
+    page.write_text(render_html(run, metric_figures, curves_figure, slices_figure, title), encoding="utf-8")
+    figures = [p for _, p in metric_figures] + [p for p in (curves_figure, slices_figure) if p is not None]
+    logger.info("faithcb report: %d figures and %s written.", len(figures), page)
+    return ReportResult(html=page, figures=figures)

@@ -1,0 +1,508 @@
+"""Scan saved checkpoints of a run that was not instrumented, with the callback's own probes.
+
+`faithcb scan` (see `faithcb.cli`) loads each `checkpoint-N` folder of a training run (or an
+explicit list of model folders), runs one probe round per checkpoint through the same code
+path as `FaithfulnessCallback` (`run_probe_round` on the fixed panel, then the same metric
+post-processing: `/delta` against the first checkpoint, `faith/` prefix), and writes the same
+JSONL files (`rounds.jsonl`, `metrics.jsonl`) and, if asked, a W&B run whose x-axis is the
+checkpoint step.
+
+The post-processing helpers (`postprocess_round`, `apply_drift`, `prefixed_logs`) are pure and
+shared on purpose: a round's figures must read the same whether they come from a live run or
+from a scan.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._aggregate import aggregate_records
+from ._config import FaithConfig
+from ._errors import RoundBudgetExceeded
+from ._panel import ProbePanel, load_panel
+from ._round import RoundResult, build_probes, run_probe_round
+from ._sinks import CURVE_GRID, SAMPLE_COLUMNS, JsonlSink, early_answer_curve
+from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
+
+logger = logging.getLogger(__name__)
+
+#: Default output folder of a scan, under the run folder.
+SCAN_SUBDIR = "faithcb_scan"
+#: W&B x-axis of a scan.
+STEP_KEY = "checkpoint/step"
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ScanError(ValueError):
+    """A scan cannot start or go on: a bad path, a folder without checkpoints, a bad checkpoint."""
+
+
+# ---------------------------------------------------------------------- shared post-processing
+def apply_drift(
+    metrics: Mapping[str, float], baseline: Mapping[str, float] | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Add `<key>/delta` = value - baseline value, or make this round the baseline.
+
+    The rule of `FaithfulnessCallback`: the first round is the baseline (its figures minus
+    intervals and drifts); every later round gets a `/delta` for each key the baseline has,
+    except intervals, drifts and per-slice keys.
+
+    Args:
+        metrics: A round's panel figures (keys without the log prefix).
+        baseline: The baseline figures, or None when this round is the first.
+
+    Returns:
+        The figures with their drifts, and the baseline (new when `baseline` was None).
+    """
+    out = dict(metrics)
+    if baseline is None:
+        return out, {k: v for k, v in metrics.items() if not k.endswith(DRIFT_SKIP)}
+    for key, value in metrics.items():
+        base = baseline.get(key)
+        if base is not None and value is not None and not key.endswith(DRIFT_SKIP) and not key.startswith("slice/"):
+            out[f"{key}/delta"] = value - base
+    return out, dict(baseline)
+
+
+def prefixed_logs(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The figures as log keys `<prefix>/<key>`, finite numbers only (what `trainer.log` gets)."""
+    return {
+        f"{prefix}/{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+@dataclass
+class RoundLogs:
+    """A round's figures after post-processing.
+
+    Attributes:
+        metrics: Figures with `/delta` keys and `round_seconds` (what `metrics.jsonl` holds).
+        logs: The finite figures under the log prefix (what the trainer's log stream gets).
+        baseline: The baseline to pass to the next round (None while there is none).
+    """
+
+    metrics: dict[str, float]
+    logs: dict[str, float]
+    baseline: dict[str, float] | None
+
+
+def postprocess_round(
+    metrics: Mapping[str, float],
+    seconds: float,
+    baseline: Mapping[str, float] | None,
+    prefix: str = "faith",
+    *,
+    partial: bool = False,
+) -> RoundLogs:
+    """Round metrics -> figures with drift -> prefixed logs, as the callback does.
+
+    Args:
+        metrics: `RoundResult.metrics` of the round.
+        seconds: `RoundResult.seconds` (logged as `round_seconds`).
+        baseline: Baseline figures from an earlier round, or None for the first round.
+        prefix: Log prefix (`FaithConfig.log_prefix`).
+        partial: The round was ended by `round_time_budget_s`: it is flagged `round_partial` and
+            never becomes the baseline (the first complete round does).
+
+    Returns:
+        The figures, the logs and the baseline for the next round (None while there is none).
+    """
+    if partial and baseline is None:
+        with_drift, new_baseline = dict(metrics), None
+    else:
+        with_drift, new_baseline = apply_drift(metrics, baseline)
+    with_drift["round_seconds"] = seconds
+    if partial:
+        with_drift["round_partial"] = 1.0
+    return RoundLogs(metrics=with_drift, logs=prefixed_logs(with_drift, prefix), baseline=new_baseline)
+
+
+# ---------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model folder to scan.
+
+    Attributes:
+        step: Its training step (from `checkpoint-N`, else its position in the list).
+        path: The folder (`save_pretrained` output).
+    """
+
+    step: int
+    path: Path
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    """The checkpoints a scan visits, in order.
+
+    One run folder (a Trainer `output_dir`) gives its `checkpoint-*` subfolders sorted by step.
+    One model folder without checkpoint subfolders, or several folders, are taken as given,
+    in the given order; the step of each is parsed from a `checkpoint-N` name, else it is the
+    folder's position in the list.
+
+    Args:
+        paths: A run folder, or model folders.
+
+    Returns:
+        The checkpoints (at least one).
+
+    Raises:
+        ScanError: A path that does not exist or is not a folder, a run folder without
+            checkpoints, a checkpoint without `config.json`.
+    """
+    if not paths:
+        raise ScanError("Give a run folder or at least one model folder to scan.")
+    folders = [Path(p) for p in paths]
+    for folder in folders:
+        if not folder.exists():
+            raise ScanError(f"No such file or folder: {folder}")
+        if not folder.is_dir():
+            raise ScanError(f"Not a folder: {folder} (give a run folder or model folders)")
+    if len(folders) == 1:
+        run = folders[0]
+        found = [(step, p) for p in run.iterdir() if p.is_dir() and (step := _checkpoint_step(p)) is not None]
+        if found:
+            checkpoints = [Checkpoint(step, p) for step, p in sorted(found, key=lambda sp: (sp[0], sp[1].name))]
+        elif _is_model_dir(run):
+            checkpoints = [Checkpoint(_checkpoint_step(run) or 0, run)]
+        else:
+            raise ScanError(f"No checkpoint-* folders (and no config.json) in {run}: nothing to scan.")
+    else:
+        checkpoints = [
+            Checkpoint(step if (step := _checkpoint_step(p)) is not None else i, p) for i, p in enumerate(folders)
+        ]
+    for ckpt in checkpoints:
+        if not _is_model_dir(ckpt.path):
+            raise ScanError(f"Not a model folder (no config.json): {ckpt.path}")
+    steps = [c.step for c in checkpoints]
+    if len(set(steps)) != len(steps):
+        logger.warning("faithcb scan: several checkpoints share a step (%s); their points overlap.", steps)
+    return checkpoints
+
+
+# ---------------------------------------------------------------------- loading
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> `cuda` when available, else `cpu`; any other value is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load a causal LM with `AutoModelForCausalLM.from_pretrained`, in eval mode on `device`.
+
+    Args:
+        path: A `save_pretrained` folder.
+        device: `auto`, `cpu`, `cuda`, `cuda:1`, ...
+        dtype: `auto` (the checkpoint's own dtype) or a torch dtype name (`float32`, `bfloat16`).
+
+    Raises:
+        ScanError: The folder cannot be loaded as a causal LM.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype: Any = "auto"
+    if dtype != "auto":
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ScanError(f"Unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ScanError(f"Cannot load a causal LM from {path}: {_one_line(err)}") from err
+    model.to(resolve_device(device))
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a tokenizer with `AutoTokenizer.from_pretrained`.
+
+    Raises:
+        ScanError: The folder holds no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(f"Tokenizer path not found: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ScanError(f"Cannot load a tokenizer from {path}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------- W&B
+def wandb_mode() -> str:
+    """W&B mode: `WANDB_MODE` when set, else `online` with credentials and `offline` without."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return "offline"
+    return "online" if any(h.startswith("api.wandb.ai") for h in hosts) else "offline"
+
+
+def _start_wandb(*, project: str | None, name: str | None, config: dict[str, Any], prefix: str) -> Any:
+    try:
+        import wandb
+    except ImportError as err:
+        raise ScanError("--wandb needs the wandb package: pip install 'faithcb[wandb]'.") from err
+    run = wandb.init(
+        project=project or os.environ.get("WANDB_PROJECT") or "faithcb",
+        name=name,
+        job_type="faithcb-scan",
+        config=config,
+        mode=wandb_mode(),
+    )
+    run.define_metric(STEP_KEY)
+    run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
+    return run
+
+
+def _wandb_media(
+    step: int,
+    records: Sequence[dict[str, Any]],
+    curves: list[tuple[int, list[float | None]]],
+    num_samples: int,
+    prefix: str,
+) -> dict[str, Any]:
+    """Early-answering curve family and sample table, keyed for a scan's W&B run."""
+    import wandb
+
+    payload: dict[str, Any] = {}
+    drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
+    if drawn:
+        payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
+            xs=CURVE_GRID,
+            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
+            keys=[f"checkpoint {s}" for s, _ in drawn],
+            title="Early answering: same answer as with the full chain",
+            xname="share of chain kept",
+        )
+    rows = [[step if col == "step" else _cell(r.get(col)) for col in SAMPLE_COLUMNS] for r in records[:num_samples]]
+    if rows:
+        payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
+    return payload
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------------- the scan
+@dataclass
+class ScanResult:
+    """What a scan produced.
+
+    Attributes:
+        out_dir: Folder of `rounds.jsonl`, `metrics.jsonl` and `scan.json`.
+        history: One dict per checkpoint: `step`, `checkpoint` and the round's figures.
+        wandb_dir: Local folder of the W&B run, or None.
+    """
+
+    out_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wandb_dir: str | None = None
+
+
+def scan_checkpoints(
+    checkpoints: Sequence[Checkpoint],
+    panel: ProbePanel | str | Path | Sequence[Mapping[str, Any]],
+    config: FaithConfig | None = None,
+    *,
+    out_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    use_wandb: bool = False,
+    wandb_project: str | None = None,
+    wandb_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ScanResult:
+    """Run one probe round per checkpoint and write what the callback would have written.
+
+    The first checkpoint is the baseline of every `/delta`. The per-example records and panel
+    figures go to `<out_dir>/rounds.jsonl` and `<out_dir>/metrics.jsonl` (`step` = checkpoint
+    step, `round` = position in the scan); `<out_dir>/scan.json` lists the checkpoints and the
+    settings.
+
+    Args:
+        checkpoints: From `find_checkpoints`.
+        panel: The probe panel (see `faithcb.load_panel`).
+        config: Round settings (default `FaithConfig()`).
+        out_dir: Output folder.
+        tokenizer: Tokenizer folder for checkpoints that hold none (and used for all when given).
+        device: Where the model runs (`auto`: CUDA if available).
+        dtype: `auto` or a torch dtype name.
+        use_wandb: Also log to a W&B run (mode from `WANDB_MODE`; offline without credentials),
+            with `checkpoint/step` as the x-axis of every `faith/*` key.
+        wandb_project: W&B project (default `WANDB_PROJECT`, else `faithcb`).
+        wandb_name: W&B run name.
+        overwrite: Replace an earlier scan's files in `out_dir` instead of refusing.
+        progress: Show a progress bar over checkpoints on stderr.
+
+    Returns:
+        The output folder, the per-checkpoint figures and the W&B run folder.
+
+    Raises:
+        ScanError: Bad checkpoints or tokenizer, or `out_dir` already holds results.
+        PanelError: A malformed panel.
+    """
+    config = config if config is not None else FaithConfig()
+    if not checkpoints:
+        raise ScanError("No checkpoints to scan.")
+    panel = load_panel(panel, size=config.panel_size, seed=config.seed)
+    out = Path(out_dir)
+    sink = JsonlSink(out)
+    if out.exists() and not out.is_dir():
+        raise ScanError(f"Output path exists and is not a folder: {out}")
+    existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
+    if existing and not overwrite:
+        raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
+    for path in existing:
+        path.unlink()
+    shared_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if shared_tokenizer is None:
+        missing = [str(c.path) for c in checkpoints if not _has_tokenizer(c.path)]
+        if missing:
+            raise ScanError(f"Checkpoint {missing[0]} holds no tokenizer files; pass --tokenizer PATH.")
+    probes = build_probes(config)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "checkpoints": [{"step": c.step, "path": str(c.path)} for c in checkpoints],
+        "panel": panel.source,
+        "panel_size": len(panel),
+        "tokenizer": str(tokenizer) if tokenizer is not None else None,
+        "device": resolve_device(device),
+        "dtype": dtype,
+        "config": config.to_dict(),
+    }
+    (out / "scan.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    run = None
+    if use_wandb:
+        run = _start_wandb(
+            project=wandb_project,
+            name=wandb_name,
+            config={"faithcb": config.to_dict(), "scan": manifest},
+            prefix=config.log_prefix,
+        )
+    result = ScanResult(out_dir=out)
+    baseline: dict[str, float] | None = None
+    curves: list[tuple[int, list[float | None]]] = []
+    from tqdm import tqdm
+
+    bar = tqdm(checkpoints, desc="faithcb scan", unit="ckpt", file=sys.stderr, disable=not progress, leave=True)
+    exit_code = 1
+    try:
+        for round_index, ckpt in enumerate(bar):
+            bar.set_postfix_str(f"step {ckpt.step}")
+            tok = shared_tokenizer if shared_tokenizer is not None else load_tokenizer(ckpt.path)
+            model = load_model(ckpt.path, device=device, dtype=dtype)
+            partial = False
+            try:
+                round_result = run_probe_round(model, tok, panel, config, probes)
+            except RoundBudgetExceeded as err:  # as the callback: figures of the examples that finished
+                if not err.records:
+                    raise ScanError(f"Checkpoint {ckpt.path}: {_one_line(err)}") from err
+                records = list({r.get("id"): r for r in err.records}.values())
+                round_result = RoundResult(
+                    metrics=aggregate_records(records, probes), records=records, seconds=err.seconds or 0.0
+                )
+                partial = True
+            finally:
+                del model
+                _free_memory()
+            post = postprocess_round(
+                round_result.metrics, round_result.seconds, baseline, config.log_prefix, partial=partial
+            )
+            baseline = post.baseline
+            sink.write(step=ckpt.step, round_index=round_index, metrics=post.metrics, records=round_result.records)
+            result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **post.metrics})
+            curves.append((ckpt.step, early_answer_curve(round_result.records)))
+            if run is not None:
+                payload: dict[str, Any] = {STEP_KEY: ckpt.step, **post.logs}
+                if config.wandb_media:
+                    try:
+                        payload.update(
+                            _wandb_media(
+                                ckpt.step, round_result.records, curves, config.num_sample_chains, config.log_prefix
+                            )
+                        )
+                    except Exception:  # media are a convenience; never lose the scan over them
+                        logger.warning("faithcb scan: W&B media failed at step %d.", ckpt.step, exc_info=True)
+                run.log(payload)
+            logger.info(
+                "faithcb scan: checkpoint %s (step %d): %d examples in %.1fs (%s)",
+                ckpt.path,
+                ckpt.step,
+                len(round_result.records),
+                round_result.seconds,
+                ", ".join(
+                    f"{k}={post.metrics[k]:.3f}"
+                    for k in ("accuracy", "early_answer/aoc", "filler/match")
+                    if post.metrics.get(k) is not None
+                ),
+            )
+        exit_code = 0
+    finally:
+        bar.close()
+        if run is not None:
+            if wandb_mode() != "disabled" and getattr(run, "dir", None):
+                result.wandb_dir = str(Path(run.dir).parent)
+            run.finish(exit_code=exit_code)
+    return result
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass

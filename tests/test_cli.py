@@ -1,0 +1,273 @@
+"""The `faithcb` command line: `scan` on saved synthetic checkpoints, help, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faithcb import FaithConfig, load_panel, postprocess_round, run_probe_round
+from faithcb._scan import apply_drift, find_checkpoints, prefixed_logs
+from faithcb.cli import main
+
+FAST = ["--max_new_tokens", "24", "--answer_max_new_tokens", "4", "--no-progress"]
+STEPS = (0, 40, 120)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared, busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizer, one_thread):
+    """A Trainer-like output_dir with checkpoint-0/40/120 of a tiny model pre-trained in stages."""
+    from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, make_shifted_slices, pretrain_tiny_model
+
+    root = tmp_path_factory.mktemp("run")
+    model = build_tiny_model(tokenizer)
+    train = make_arithmetic_examples(300, seed=1)
+    done = 0
+    for step in STEPS:
+        if step > done:
+            pretrain_tiny_model(model, tokenizer, train, steps=step - done, batch_size=16, lr=1e-2, seed=step)
+            done = step
+        model.save_pretrained(root / f"checkpoint-{step}")
+        tokenizer.save_pretrained(root / f"checkpoint-{step}")
+    (root / "runs").mkdir()  # other Trainer output is ignored
+    panel = make_shifted_slices(2, seed=5, slices=["in_dist", "length_shift"])
+    panel_path = root.parent / f"{root.name}_panel.jsonl"
+    panel_path.write_text(
+        "".join(
+            json.dumps({"prompt": e["prompt"], "completion": e["completion"], "slice": e["slice"]}) + "\n"
+            for e in panel
+        )
+    )
+    return root, panel_path
+
+
+def test_find_checkpoints_sorts_by_step_and_parses_names(run_dir, tmp_path):
+    root, _ = run_dir
+    assert [(c.step, c.path.name) for c in find_checkpoints([root])] == [
+        (0, "checkpoint-0"),
+        (40, "checkpoint-40"),
+        (120, "checkpoint-120"),
+    ]
+    # an explicit list keeps its order; the step is the list index unless the name says
+    listed = find_checkpoints([root / "checkpoint-120", root / "checkpoint-0"])
+    assert [c.step for c in listed] == [120, 0]
+    single = find_checkpoints([root / "checkpoint-40"])
+    assert [(c.step, c.path) for c in single] == [(40, root / "checkpoint-40")]
+
+
+def test_apply_drift_follows_the_callback_rule():
+    first = {"accuracy": 0.5, "accuracy/ci_low": 0.2, "chain/steps/stderr": 0.1, "slice/a/accuracy": 0.5}
+    metrics, baseline = apply_drift(first, None)
+    assert metrics == first and baseline == {"accuracy": 0.5, "slice/a/accuracy": 0.5}
+    later, same = apply_drift({"accuracy": 0.75, "accuracy/ci_low": 0.4, "slice/a/accuracy": 1.0}, baseline)
+    assert later["accuracy/delta"] == 0.25
+    assert "accuracy/ci_low/delta" not in later and "slice/a/accuracy/delta" not in later
+    assert same == baseline
+    post = postprocess_round({"accuracy": 0.75, "x": math.nan}, 1.5, baseline, "faith")
+    assert post.logs == {"faith/accuracy": 0.75, "faith/accuracy/delta": 0.25, "faith/round_seconds": 1.5}
+    assert prefixed_logs({"a": None, "b": 1, "c": "text"}, "p") == {"p/b": 1.0}
+    # a partial round (time budget) is flagged and never becomes the baseline
+    partial = postprocess_round({"accuracy": 0.1}, 2.0, None, "faith", partial=True)
+    assert partial.baseline is None and partial.metrics == {"accuracy": 0.1, "round_seconds": 2.0, "round_partial": 1.0}
+    later = postprocess_round({"accuracy": 0.3}, 2.0, baseline, "faith", partial=True)
+    assert later.metrics["accuracy/delta"] == pytest.approx(-0.2) and later.baseline == baseline
+
+
+def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
+    root, panel = run_dir
+    rc = main(["scan", str(root), "--panel", str(panel), "--max_new_tokens", "24", "--answer_max_new_tokens", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "Scanned 3 checkpoints" in captured.out
+    assert "faithcb scan" in captured.err and "3/3" in captured.err  # tqdm bar over checkpoints, on stderr
+    out = root / "faithcb_scan"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    records = read_jsonl(out / "rounds.jsonl")
+    assert [(m["step"], m["round"]) for m in metrics] == [(0, 0), (40, 1), (120, 2)]
+    assert len(records) == 3 * 4 and {r["step"] for r in records} == set(STEPS)
+    assert not any(k.endswith("/delta") for k in metrics[0])
+    for row in metrics[1:]:
+        assert row["accuracy/delta"] == pytest.approx(row["accuracy"] - metrics[0]["accuracy"])
+        assert not any(
+            k.endswith(("/ci_low/delta", "/stderr/delta")) or (k.startswith("slice/") and "delta" in k) for k in row
+        )
+    assert any(k.startswith("slice/length_shift/") for k in metrics[-1])
+    manifest = json.loads((out / "scan.json").read_text())
+    assert [c["step"] for c in manifest["checkpoints"]] == list(STEPS)
+
+    # Same code path as the callback: a round on the reloaded checkpoint gives the same figures.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = root / "checkpoint-120"
+    config = FaithConfig(max_new_tokens=24, answer_max_new_tokens=4)
+    result = run_probe_round(
+        AutoModelForCausalLM.from_pretrained(ckpt),
+        AutoTokenizer.from_pretrained(ckpt),
+        load_panel(panel, size=config.panel_size),
+        config,
+    )
+    expected = json.loads(json.dumps(result.records))
+    assert [{k: v for k, v in r.items() if k not in ("step", "round")} for r in records if r["step"] == 120] == expected
+    for key, value in result.metrics.items():
+        assert metrics[-1][key] == pytest.approx(value), key
+    assert any(r["early_answer/matches"] and len(r["early_answer/matches"]) > 1 for r in records)
+
+    # the report reads a scan folder and labels its x-axis by checkpoint
+    from faithcb._report import load_run
+
+    assert load_run(root).step_label == "checkpoint step"
+
+
+def test_scan_model_list_with_tokenizer_flag_and_overwrite(run_dir, tmp_path, tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    root, panel = run_dir
+    base, later = tmp_path / "base", tmp_path / "checkpoint-7"
+    for src, dst in ((root / "checkpoint-0", base), (root / "checkpoint-40", later)):
+        AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)  # no tokenizer files
+    capsys.readouterr()
+    out = tmp_path / "scan"
+    args = ["scan", str(base), str(later), "--panel", str(panel), "--out", str(out), "--panel_size", "2", *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds no tokenizer files; pass --tokenizer PATH" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--tokenizer", str(root / "checkpoint-0")]) == 0
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 7]
+    capsys.readouterr()
+    assert main([*args, "--tokenizer", str(root / "checkpoint-0")]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert main([*args, "--tokenizer", str(root / "checkpoint-0"), "--overwrite"]) == 0
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 7]
+
+
+def test_scan_logs_to_wandb_against_the_checkpoint_step(run_dir, tmp_path, wandb_env, capsys):
+    from wandb_offline import find_offline_runs, read_history, read_media_keys, read_records
+
+    root, panel = run_dir
+    rc = main(["scan", str(root), "--panel", str(panel), "--out", str(tmp_path / "o"), "--wandb", *FAST])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    import wandb
+
+    wandb.teardown()  # the run is finished; shutting the service down makes sure its log is flushed to disk
+    [path] = find_offline_runs(wandb_env)
+    assert f"wandb sync {path.parent}" in captured.out
+    history = read_history(path)
+    faith_rows = [row for row in history if "faith/accuracy" in row]
+    assert [row["checkpoint/step"] for row in faith_rows] == list(STEPS)
+    assert "faith/accuracy/delta" in faith_rows[-1] and "faith/accuracy/delta" not in faith_rows[0]
+    assert not any("train/global_step" in row for row in history)
+    metrics = [r.metric for r in read_records(path) if r.HasField("metric")]
+    assert any(m.name == "checkpoint/step" for m in metrics)
+    assert any(m.glob_name == "faith/*" and m.step_metric == "checkpoint/step" for m in metrics)
+    assert "faith/samples" in read_media_keys(path)
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("scan", "report", "audit-data"):
+        assert command in out
+    assert main([]) == 2  # no command: help on stderr, non-zero
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    scan_help = capsys.readouterr().out
+    assert "--panel" in scan_help and "--max_new_tokens" in scan_help
+    assert "--every_n_steps" not in scan_help and "--eval_round" not in scan_help
+
+
+def test_python_dash_m_faithcb_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "faithcb", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "scan" in proc.stdout and "report" in proc.stdout and "audit-data" in proc.stdout
+
+
+def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[str], str]]:
+    root, panel = run_dir
+    (tmp / "empty").mkdir()
+    (tmp / "file.txt").write_text("x")
+    (tmp / "run_bad" / "checkpoint-5").mkdir(parents=True)
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    (tmp / "bad_panel.jsonl").write_text('{"prompt": "Q: 1 + 1\\n", "completion": "Answer: 2"}\n{oops\n')
+    (tmp / "r_none").mkdir()
+    (tmp / "r_bad" / "faithcb").mkdir(parents=True)
+    (tmp / "r_bad" / "faithcb" / "metrics.jsonl").write_text('{"step": 0, "accuracy": 1}\n[1, 2\n')
+    (tmp / "r_empty").mkdir()
+    (tmp / "r_empty" / "metrics.jsonl").write_text("\n")
+    (tmp / "r_list").mkdir()
+    (tmp / "r_list" / "metrics.jsonl").write_text("[1, 2]\n")
+    (tmp / "r_nostep").mkdir()
+    (tmp / "r_nostep" / "metrics.jsonl").write_text('{"accuracy": 1}\n')
+    (tmp / "data_bad.jsonl").write_text("{]\n")
+    (tmp / "data_shape.jsonl").write_text('{"text": "Q: 1 + 1\\nAnswer: 2"}\n')
+    (tmp / "data_empty.jsonl").write_text("")
+    good_data = tmp / "data.jsonl"
+    good_data.write_text('{"prompt": "Q: 1 + 1\\n", "completion": "1 + 1 = 2\\nAnswer: 2"}\n')
+    scan = ["scan", "--panel", str(panel), "--no-progress", "--out", str(tmp / "scan_out")]
+    ckpt = str(root / "checkpoint-0")
+    audit = ["audit-data", "--model", ckpt, "--no-progress"]
+    return {
+        "scan_missing_path": ([*scan, str(tmp / "nope")], "No such file or folder"),
+        "scan_empty_folder": ([*scan, str(tmp / "empty")], "No checkpoint-* folders"),
+        "scan_file": ([*scan, str(tmp / "file.txt")], "Not a folder"),
+        "scan_checkpoint_without_config": ([*scan, str(tmp / "run_bad")], "Not a model folder (no config.json)"),
+        "scan_corrupt_checkpoint": ([*scan, str(corrupt), "--tokenizer", ckpt], "Cannot load a causal LM"),
+        "scan_missing_panel": ([*scan, ckpt, "--panel", str(tmp / "nope.jsonl")], "Probe panel file not found"),
+        "scan_malformed_panel": ([*scan, ckpt, "--panel", str(tmp / "bad_panel.jsonl")], "bad_panel.jsonl:2: invalid"),
+        "scan_bad_setting": ([*scan, ckpt, "--max_new_tokens", "0"], "invalid setting: max_new_tokens must be"),
+        "scan_bad_tokenizer": ([*scan, ckpt, "--tokenizer", str(tmp / "nope")], "Tokenizer path not found"),
+        "report_missing": (["report", str(tmp / "nope")], "No such file or folder"),
+        "report_no_metrics": (["report", str(tmp / "r_none")], "No metrics.jsonl in"),
+        "report_malformed": (["report", str(tmp / "r_bad")], "metrics.jsonl:2: invalid JSON"),
+        "report_empty": (["report", str(tmp / "r_empty")], "holds no rounds"),
+        "report_not_objects": (["report", str(tmp / "r_list")], "metrics.jsonl:1: expected a JSON object"),
+        "report_no_step": (["report", str(tmp / "r_nostep")], "has no numeric 'step'"),
+        "audit_missing_data": ([*audit, str(tmp / "nope.jsonl")], "Data file not found"),
+        "audit_data_folder": ([*audit, str(tmp / "empty")], "Data path is a folder"),
+        "audit_malformed": ([*audit, str(tmp / "data_bad.jsonl")], "data_bad.jsonl:1: invalid JSON"),
+        "audit_bad_shape": ([*audit, str(tmp / "data_shape.jsonl")], "data_shape.jsonl:1: missing field"),
+        "audit_empty": ([*audit, str(tmp / "data_empty.jsonl")], "holds no rows"),
+        "audit_missing_model": (
+            ["audit-data", str(good_data), "--model", str(tmp / "nope")],
+            "Not a model folder (no config.json)",
+        ),
+    }
+
+
+def test_bad_inputs_end_with_one_line_and_exit_2(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing lands in the caller's folder, whatever a case writes
+    cases = _bad_inputs(tmp_path, run_dir)
+    for name, (argv, message) in cases.items():
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (name, err)
+        assert "Traceback" not in err, name
+        assert lines[0].startswith(f"faithcb {argv[0]}: error: "), (name, err)
+        assert message in lines[0], (name, err)

@@ -1,0 +1,172 @@
+"""`faithcb report`: PNG figures and a self-contained HTML page from a run's JSONL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from faithcb._report import MAIN_METRICS, interval, load_run, locate_run_data, write_report
+from faithcb.cli import main
+
+pytest.importorskip("matplotlib")
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (checks the signature too)."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a shared, busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def instrumented_run(tmp_path_factory, tokenizer, one_thread):
+    """A real SFTTrainer run with FaithfulnessCallback: rounds at steps 0, 2, 4, 6, two slices."""
+    from faithcb import FaithConfig, FaithfulnessCallback
+    from faithcb.synthetic import (
+        build_tiny_model,
+        make_arithmetic_examples,
+        make_shifted_slices,
+        pretrain_tiny_model,
+        to_sft_dataset,
+    )
+
+    root = tmp_path_factory.mktemp("instrumented")
+    train = make_arithmetic_examples(300, seed=1)
+    model = pretrain_tiny_model(build_tiny_model(tokenizer), tokenizer, train, steps=120, batch_size=16, lr=1e-2)
+    panel = [
+        {"prompt": e["prompt"], "completion": e["completion"], "slice": e["slice"]}
+        for e in make_shifted_slices(2, seed=5, slices=["in_dist", "length_shift"])
+    ]
+    args = trl.SFTConfig(
+        output_dir=str(root),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_length=64,
+    )
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(to_sft_dataset(train[:32])),
+        processing_class=tokenizer,
+    )
+    config = FaithConfig(every_n_steps=2, max_new_tokens=24, answer_max_new_tokens=4)
+    trainer.add_callback(FaithfulnessCallback(trainer, panel, config=config))
+    trainer.train()
+    return root
+
+
+def test_report_renders_an_instrumented_run(instrumented_run, capsys):
+    run = load_run(instrumented_run)
+    assert run.folder == instrumented_run / "faithcb" and run.steps == [0, 2, 4, 6]
+    assert run.step_label == "training step"
+
+    assert main(["report", str(instrumented_run)]) == 0
+    out = instrumented_run / "faithcb" / "report"
+    assert f"Report: {out / 'report.html'}" in capsys.readouterr().out
+    pngs = sorted(out.glob("*.png"))
+    names = {p.name for p in pngs}
+    for expected in (
+        "metric_accuracy.png",
+        "metric_early_answer-aoc.png",
+        "metric_post_conclusion-tail_fraction.png",
+        "metric_filler-match.png",
+        "metric_info_gain-total_bits.png",
+        "early_answer_curves.png",
+        "slices.png",
+    ):
+        assert expected in names
+    for png in pngs:
+        width, height = png_size(png)
+        assert 500 <= width <= 2000 and 300 <= height <= 1500, (png.name, width, height)
+        assert png.stat().st_size > 8_000, png.name  # a real plot, not an empty canvas
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == len(pngs)
+    assert {base64.b64decode(b) for b in embedded} == {p.read_bytes() for p in pngs}
+    # self-contained: every src is a data URI, no external URL, stylesheet or script
+    assert re.findall(r'src="([a-z]+):', page) == ["data"] * len(pngs)
+    for forbidden in ("http://", "https://", "<link", "<script", "url(", "@import"):
+        assert forbidden not in page, forbidden
+    for key in ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match", "early_answer/curves"):
+        assert key in page
+    assert "Last round (step 6)" in page and "slice" in page
+
+
+def test_report_from_hand_written_metrics(tmp_path):
+    """No rounds.jsonl: metric figures only; bands from Wilson bounds or from stderr."""
+    data = tmp_path / "run" / "faithcb"
+    data.mkdir(parents=True)
+    rows = [
+        {
+            "step": s,
+            "round": i,
+            "n_examples": 32.0,
+            "accuracy": a,
+            "accuracy/ci_low": a - 0.1,
+            "accuracy/ci_high": a + 0.1,
+            "info_gain/total_bits": 3.0 - i,
+            "info_gain/total_bits/stderr": 0.5,
+            "early_answer/aoc": None,  # non-finite values land as null
+        }
+        for i, (s, a) in enumerate([(0, 0.2), (50, 0.4), (100, 0.7)])
+    ]
+    rows[2]["accuracy/delta"] = 0.5
+    (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = load_run(tmp_path / "run")
+    low, high = interval(run, "info_gain/total_bits")
+    assert low[0] == pytest.approx(3.0 - 1.96 * 0.5, abs=1e-3) and high[2] == pytest.approx(1.0 + 1.96 * 0.5, abs=1e-3)
+    low, high = interval(run, "accuracy")
+    assert low == pytest.approx([0.1, 0.3, 0.6]) and high == pytest.approx([0.3, 0.5, 0.8])
+    assert interval(run, "early_answer/aoc") is None
+
+    result = write_report(data / "metrics.jsonl", tmp_path / "rep", title="hand <made>")
+    assert [p.name for p in result.figures] == ["metric_accuracy.png", "metric_info_gain-total_bits.png"]
+    for png in result.figures:
+        png_size(png)
+    page = result.html.read_text()
+    assert "<title>hand &lt;made&gt;</title>" in page
+    assert "No per-example early-answering data" in page
+    assert "+0.500" in page  # drift column of the last round's table
+    assert page.count("data:image/png;base64,") == 2
+
+
+def test_locate_run_data_finds_the_usual_places(tmp_path):
+    for sub in ("faithcb", "faithcb_scan", "custom"):
+        folder = tmp_path / sub / sub
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text('{"step": 0}\n')
+        assert locate_run_data(tmp_path / sub) == folder
+        assert locate_run_data(folder / "metrics.jsonl") == folder
+    assert set(MAIN_METRICS) >= {"accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match"}
