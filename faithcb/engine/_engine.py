@@ -50,7 +50,9 @@ class ProbeEngine:
         params = inspect.signature(model.forward).parameters
         accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._has_logits_to_keep = "logits_to_keep" in params or accepts_kwargs
-        self._has_position_ids = "position_ids" in params
+        # wrappers (PEFT, DDP) forward **kwargs: read what the wrapped model itself accepts
+        base_params = inspect.signature(_unwrap(model).forward).parameters
+        self._has_position_ids = "position_ids" in base_params
         self.calls = {"generate": 0, "forward": 0}
 
     # ------------------------------------------------------------------ tokenization
@@ -489,6 +491,19 @@ def answer_complete(text: str, cue: str) -> bool:
     if cue.endswith("{"):
         return "}" in text
     return "\n" in text.lstrip()
+
+
+def _unwrap(model: Any) -> Any:
+    """The model under PEFT / DDP-style wrappers."""
+    base = model
+    for _ in range(8):
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        elif isinstance(getattr(base, "module", None), torch.nn.Module):
+            base = base.module
+        else:
+            break
+    return base
 
 
 def _as_list(value: Any) -> list[int]:

@@ -1,0 +1,515 @@
+"""One rank of a multi-process faithcb run, for tests/test_distributed.py.
+
+Launched by the tests as
+`torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py --mode trainer ...` (gloo on
+CPU), or called in-process through `run(...)` for the single-process reference. Each rank
+writes what it saw to `<out_dir>/rank<r>.json`: the per-round model calls and panel ids of its
+shard, the gathered ids, the round metrics, the callback state, its faith log entries and
+whether it wrote JSONL.
+
+Modes:
+    trainer: `transformers.Trainer` (DDP on CPU under torchrun) with the callback.
+    sft: TRL `SFTTrainer` with the callback.
+    fsdp2: no trainer; the model is sharded with `torch.distributed.fsdp.fully_shard` on a
+        CPU device mesh and the callback's sharded round runs a few times on it.
+
+`--gather` installs `gathered_fsdp2_rounds()`, the simpler fix: the FSDP2 modules are
+unsharded (full weights gathered) for the whole round, so the round makes no collective
+call. `--sync` installs `synced_engine()`, a prototype (monkeypatch) of the engine change
+FSDP / ZeRO-3 need: every rank enters every model-call phase and makes the same number of
+generate / forward calls in it (dummy calls pad the short ranks), and `generate` runs with
+`synced_gpus=True`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+FAST_ROUND = {"max_new_tokens": 40, "answer_max_new_tokens": 6, "panel_size": None}
+
+
+# ---------------------------------------------------------------------------- assets
+def build_assets(folder: str | Path, *, pretrain_steps: int = 300, seed: int = 0) -> dict[str, str]:
+    """Save a briefly pre-trained tiny Llama + tokenizer, a 5-example panel and a train set.
+
+    The panel puts three 2-operation questions first and two 4-operation ones last, so that
+    with two ranks (shards [0, 1, 2] and [3, 4, 4-padding]) the ranks get chains of different
+    lengths, hence different numbers of probe variants.
+    """
+    import torch
+
+    from faithcb.synthetic import (
+        build_tiny_model,
+        build_tokenizer,
+        make_arithmetic_examples,
+        pretrain_tiny_model,
+        to_sft_dataset,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: two spinning OMP threads slow this down many-fold
+    try:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, seed=seed)
+        pretrain = make_arithmetic_examples(600, seed=seed + 1) + make_arithmetic_examples(
+            300, seed=seed + 2, min_ops=3, max_ops=4
+        )
+        pretrain_tiny_model(model, tokenizer, pretrain, steps=pretrain_steps, batch_size=16, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    seen = {e["prompt"] for e in pretrain}
+    panel = make_arithmetic_examples(3, seed=seed + 3, exclude=seen) + make_arithmetic_examples(
+        2, seed=seed + 4, min_ops=4, max_ops=4, exclude=seen
+    )
+    train = make_arithmetic_examples(32, seed=seed + 5, exclude=seen)
+    model_dir = folder / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    panel_path = folder / "panel.jsonl"
+    panel_path.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prompt": e["prompt"], "completion": e["completion"]}) + "\n"
+            for i, e in enumerate(panel)
+        )
+    )
+    train_path = folder / "train.jsonl"
+    train_path.write_text("".join(json.dumps(row) + "\n" for row in to_sft_dataset(train)))
+    return {"model_dir": str(model_dir), "panel": str(panel_path), "train": str(train_path)}
+
+
+# ---------------------------------------------------------------------------- prototype fix
+@contextlib.contextmanager
+def synced_engine() -> Iterator[None]:
+    """Prototype of the engine change for FSDP / ZeRO-3 (monkeypatch; see docs/distributed.md).
+
+    * Every model-call phase is entered on every rank, even with nothing to do locally: the
+      regeneration phase of `run`, the free-form and the multiple-choice branches of
+      `_forced_answers` (the engine guards them with `if requests:`).
+    * `ProbeEngine._batches` agrees on the number of batches of its phase with every rank
+      (one `all_reduce(MAX)` before the first batch) and, after its own batches, makes dummy
+      model calls (one BOS token; `generate` with `max_new_tokens=1` or a forward) until it
+      has made as many calls as the busiest rank.
+    * `ProbeEngine.generate` passes `synced_gpus=True`, so ranks whose sequences finish early
+      keep stepping (transformers auto-enables it only for ZeRO-3 and FSDP-managed models).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from faithcb.engine import _engine
+
+    engine_cls = _engine.ProbeEngine
+    originals = {name: getattr(engine_cls, name) for name in ("_batches", "generate", "run", "_forced_answers")}
+
+    def synced() -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def dummy_call(self: Any) -> None:
+        token = self.tokenizer.bos_token_id
+        token = self.tokenizer.pad_token_id if token is None else token
+        ids = torch.tensor([[token]], device=self.device)
+        mask = torch.ones_like(ids)
+        if getattr(self, "_faithcb_phase", "forward") == "generate":
+            self.calls["generate"] += 1
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=1,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                synced_gpus=True,
+            )
+        else:
+            self.calls["forward"] += 1
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def _batches(self: Any, order: list[int], size: int):
+        local = list(originals["_batches"](self, order, size))
+        if not synced():
+            yield from local
+            return
+        count = torch.tensor([len(local)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        yield from local
+        for _ in range(int(count.item()) - len(local)):
+            dummy_call(self)
+
+    def generate(self: Any, contexts, **kwargs):
+        if not synced():
+            return originals["generate"](self, contexts, **kwargs)
+        self._faithcb_phase = "generate"
+        self.model.generate = functools.partial(type(self.model).generate, self.model, synced_gpus=True)
+        try:
+            return originals["generate"](self, contexts, **kwargs)
+        finally:
+            del self.model.generate
+            self._faithcb_phase = "forward"
+
+    def run(self: Any, chains, requests):
+        requests = list(requests)
+        if synced() and not any(isinstance(r, _engine.ForcedAnswer) and r.regenerate for r in requests):
+            self.generate([], max_new_tokens=1)  # the regeneration phase, empty on this rank
+        return originals["run"](self, chains, requests)
+
+    def _forced_answers(self: Any, chains, requests, texts, continued):
+        choice = [r for r in requests if chains[r.example].answer_type == "choice"]
+        if synced() and len(choice) == len(requests):
+            self.generate([], max_new_tokens=1)  # the free-form phase, empty on this rank
+        out = originals["_forced_answers"](self, chains, requests, texts, continued)
+        if synced() and not choice:
+            for _ in _batches(self, [], self.config.scoring_batch_size):  # the choice phase, empty here
+                pass
+        return out
+
+    engine_cls._batches = _batches
+    engine_cls.generate = generate
+    engine_cls.run = run
+    engine_cls._forced_answers = _forced_answers
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(engine_cls, name, value)
+
+
+@contextlib.contextmanager
+def gathered_fsdp2_rounds() -> Iterator[None]:
+    """Prototype of the simpler fix for FSDP2: gather the full weights once around each round.
+
+    Before the callback's sharded round, every `FSDPModule` is unsharded (one all-gather per
+    module, collectively, while all ranks are at the same step) and told not to reshard
+    after forward, and `generate` runs with `synced_gpus=False` (transformers turns it on by
+    itself for FSDP-managed models: an all-reduce per decode step). Inside the round every
+    generate / forward is then purely local, whatever the engine does and however many calls
+    each rank makes. After the round the modules are
+    resharded and their reshard-after-forward setting put back. Cost: one full copy of the
+    weights per rank during the round.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from faithcb import callback as callback_module
+
+    original = callback_module.FaithfulnessCallback._run_sharded
+
+    def _run_sharded(self, model, tokenizer):
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        saved = []  # FSDP2 keeps reshard-after-forward per parameter group (private in torch 2.13)
+        for module in modules:
+            state = module._get_fsdp_state()
+            groups = [(g, g.post_forward_mesh_info) for g in getattr(state, "_fsdp_param_groups", [])]
+            saved.append((state, getattr(state, "_auto_reshard_after_forward", None), groups))
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        # transformers turns synced_gpus on by itself for FSDP-managed models (an all-reduce per
+        # decode step); with the weights gathered, every rank decodes on its own.
+        model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
+        try:
+            return original(self, model, tokenizer)
+        finally:
+            del model.generate
+            for module in modules:
+                module.reshard()
+            for state, auto, groups in saved:
+                if auto is not None:
+                    state._auto_reshard_after_forward = auto
+                for group, info in groups:
+                    group.post_forward_mesh_info = info
+
+    callback_module.FaithfulnessCallback._run_sharded = _run_sharded
+    try:
+        yield
+    finally:
+        callback_module.FaithfulnessCallback._run_sharded = original
+
+
+# ---------------------------------------------------------------------------- run
+class _Recorder:
+    """Wraps the callback's sharded round to record what each rank did in each round."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, Any]] = []
+        self.jsonl_writes = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Patch the callback module for the duration (restored after: safe in-process)."""
+        from faithcb import callback as callback_module
+
+        recorder = self
+        original_round = callback_module.run_probe_round
+        original_sharded = callback_module.FaithfulnessCallback._run_sharded
+        original_write = callback_module.JsonlSink.write
+
+        def run_probe_round(model, tokenizer, examples, config, probes=None):
+            examples = list(examples)
+            result = original_round(model, tokenizer, examples, config, probes)
+            recorder.rounds.append({"local_ids": [e.id for e in examples], "local_calls": dict(result.calls)})
+            return result
+
+        def _run_sharded(self, model, tokenizer):
+            out = original_sharded(self, model, tokenizer)
+            result = out[0] if isinstance(out, tuple) else out  # (RoundResult, partial) in newer callbacks
+            entry = recorder.rounds[-1]
+            entry["gathered_ids"] = [r["id"] for r in result.records]
+            entry["metrics"] = dict(result.metrics)
+            return out
+
+        def write(self, **kwargs):
+            recorder.jsonl_writes += 1
+            return original_write(self, **kwargs)
+
+        callback_module.run_probe_round = run_probe_round
+        callback_module.FaithfulnessCallback._run_sharded = _run_sharded
+        callback_module.JsonlSink.write = write
+        try:
+            yield
+        finally:
+            callback_module.run_probe_round = original_round
+            callback_module.FaithfulnessCallback._run_sharded = original_sharded
+            callback_module.JsonlSink.write = original_write
+
+
+def failing_probe(rank: int) -> Any:
+    """A probe (unregistered instance) whose scoring raises on `rank` only."""
+    from faithcb import Probe
+
+    class FailsOnRank(Probe):
+        name = "fails_on_rank"
+        metrics = ("fails_on_rank/x",)
+
+        def variants(self, chain, a_full):
+            return []
+
+        def score(self, chain, results, a_full):
+            if int(os.environ.get("RANK", "0")) == rank:
+                raise RuntimeError(f"probe fails on rank {rank}")
+            return {}
+
+    return FailsOnRank()
+
+
+def _strip_seconds(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k != "round_seconds"} for h in history]
+
+
+def _faith_logs(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for entry in log_history:
+        faith = {k: v for k, v in entry.items() if k.startswith("faith/") and not k.endswith("round_seconds")}
+        if faith:
+            out.append({"step": entry["step"], **faith})
+    return out
+
+
+def run(
+    mode: str,
+    model_dir: str,
+    panel: str,
+    train: str,
+    out_dir: str,
+    output_dir: str,
+    *,
+    batch_size: int = 1,
+    max_steps: int = 3,
+    sync: bool = False,
+    gather: bool = False,
+    plain_scoring: bool = False,
+    fail_rank: int | None = None,
+) -> dict[str, Any]:
+    """Run one rank; returns (and writes to `<out_dir>/rank<r>.json`) what it saw."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from faithcb import FaithConfig
+
+    recorder = _Recorder()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchrun's default (OMP_NUM_THREADS=1): same kernels in every run
+    try:
+        with (
+            recorder.installed(),
+            synced_engine() if sync else contextlib.nullcontext(),
+            gathered_fsdp2_rounds() if gather else contextlib.nullcontext(),
+        ):
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            config = FaithConfig(
+                every_n_steps=1,
+                generation_batch_size=batch_size,
+                scoring_batch_size=batch_size,
+                strict=fail_rank is None,
+                **FAST_ROUND,
+                **({"packed_scoring": False} if plain_scoring else {}),
+            )
+            if mode == "fsdp2":
+                summary = _run_fsdp2(model, tokenizer, panel, config, max_steps)
+            else:
+                summary = _run_trainer(
+                    mode, model, tokenizer, panel, train, config, output_dir, max_steps, fail_rank=fail_rank
+                )
+    finally:
+        torch.set_num_threads(threads)
+    summary.update(mode=mode, rounds=recorder.rounds, jsonl_writes=recorder.jsonl_writes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{summary['rank']}.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def _run_trainer(
+    mode, model, tokenizer, panel, train, config, output_dir, max_steps, *, fail_rank=None
+) -> dict[str, Any]:
+    from datasets import load_dataset
+
+    from faithcb import FaithfulnessCallback, StopRule
+
+    common = {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.0,  # rounds at every step see the step-0 weights: exactly comparable
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+    dataset = load_dataset("json", data_files=train, split="train")
+    if mode == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**common, bf16=False, gradient_checkpointing=False, max_length=64)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    elif mode == "trainer":
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        def encode(batch):
+            texts = [p + c + tokenizer.eos_token for p, c in zip(batch["prompt"], batch["completion"])]
+            return tokenizer(texts)
+
+        dataset = dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        )
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    # Violated from step 1 on (accuracy <= 1 < 1.01); the baseline round never counts: every
+    # rank must stop after the round at step 1.
+    stop = StopRule("accuracy", below=1.01, min_steps=1)
+    probes = None if fail_rank is None else [*config.probes, failing_probe(fail_rank)]
+    callback = FaithfulnessCallback(trainer, panel, config=config, probes=probes, stop_rules=[stop])
+    trainer.add_callback(callback)
+    trainer.train()
+    state = callback.state()["attributes"]
+    state["history"] = _strip_seconds(state["history"])
+    return {
+        "rank": trainer.args.process_index,
+        "world_size": trainer.args.world_size,
+        "is_world_process_zero": trainer.state.is_world_process_zero,
+        "global_step": trainer.state.global_step,
+        "stop_events": callback.stop_events,
+        "should_training_stop": bool(trainer.control.should_training_stop),
+        "callback_state": state,
+        "faith_logs": _faith_logs(trainer.state.log_history),
+        "failed_steps": [e["step"] for e in trainer.state.log_history if "faith/round_failed" in e],
+        "model_training": model.training,
+        "wrapped": type(trainer.model_wrapped).__name__,
+    }
+
+
+class _FakeTrainer:
+    """Just enough of a Trainer for `FaithfulnessCallback` outside a training loop."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.processing_class = tokenizer
+        self.logged: list[dict[str, float]] = []
+
+    def log(self, logs: dict[str, float]) -> None:
+        self.logged.append(dict(logs))
+
+    state = None
+
+
+def _run_fsdp2(model, tokenizer, panel, config, rounds) -> dict[str, Any]:
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from faithcb import FaithfulnessCallback
+
+    PartialState(cpu=True)  # what TrainingArguments(use_cpu=True) does: gloo group from torchrun's env
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    callback = FaithfulnessCallback(_FakeTrainer(model, tokenizer), panel, config=config)
+    model.train()
+    history = []
+    for _ in range(rounds):
+        out = callback._run_sharded(model, tokenizer)
+        result = out[0] if isinstance(out, tuple) else out
+        history.append(dict(result.metrics))
+    return {
+        "rank": rank,
+        "world_size": world,
+        "is_world_process_zero": rank == 0,
+        "fsdp": world > 1,
+        "history": history,
+        "model_training": model.training,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of one rank."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=["trainer", "sft", "fsdp2"], required=True)
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--panel", required=True)
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--max_steps", type=int, default=3)
+    parser.add_argument("--sync", action="store_true")
+    parser.add_argument("--gather", action="store_true")
+    parser.add_argument("--plain_scoring", action="store_true", help="FaithConfig(packed_scoring=False)")
+    parser.add_argument("--fail_rank", type=int, default=None, help="a probe raises on this rank only")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(
+        args.mode,
+        args.model_dir,
+        args.panel,
+        args.train,
+        args.out_dir,
+        args.output_dir,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        sync=args.sync,
+        gather=args.gather,
+        plain_scoring=args.plain_scoring,
+        fail_rank=args.fail_rank,
+    )
+
+
+if __name__ == "__main__":
+    main()
