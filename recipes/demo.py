@@ -128,7 +128,7 @@ def run_demo(args: DemoArgs) -> dict:
         per_device_train_batch_size=min(args.batch_size, len(finetune)),
         learning_rate=1e-3,
         lr_scheduler_type="constant",
-        logging_steps=10,
+        logging_steps=min(10, args.every_n_steps),  # loss at least as often as the probes
         save_strategy="no",
         report_to=report_to,
         run_name=f"faithcb-demo-seed{args.seed}",
