@@ -106,6 +106,13 @@ class FaithConfig:
     prompt_bucket: int = field(
         default=64, metadata={"help": "Prompt widths are padded to a multiple of this with compiled generation."}
     )
+    gather_sharded_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Under FSDP2, gather the full weights once for a probe round (one full copy per rank while it "
+            "runs) so ranks may make different numbers of model calls."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the panel subsample and of probe randomness."})
     output_subdir: str = field(
         default="faithcb", metadata={"help": "Folder under the trainer's output_dir for per-example JSONL."}

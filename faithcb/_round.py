@@ -12,7 +12,7 @@ from ._aggregate import aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel
-from .engine import ForcedAnswer, ProbeEngine, probe_mode
+from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
 from .probes import FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def run_probe_round(
     budget = config.round_time_budget_s
     chunk = config.generation_batch_size if budget else max(1, len(examples))
     records: list[dict[str, Any]] = []
-    with probe_mode(model, tokenizer):
-        engine = ProbeEngine(model, tokenizer, config)
+    with probe_mode(model, tokenizer), full_weights(model, config.gather_sharded_weights) as gathered:
+        engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered)
         for probe in probes:
             if isinstance(probe, FillerProbe):
                 probe.unit_tokens = max(1, len(engine.encode_continuation(probe.filler_token)))

@@ -348,6 +348,8 @@ def run(
                 strict=fail_rank is None,
                 **FAST_ROUND,
                 **({"packed_scoring": False} if plain_scoring else {}),
+                # the prototypes below replace the library's own weight gathering
+                **({"gather_sharded_weights": False} if (sync or gather) else {}),
             )
             if mode == "fsdp2":
                 summary = _run_fsdp2(model, tokenizer, panel, config, max_steps)

@@ -1,7 +1,7 @@
 """The probe engine: batched generation and scoring, and the state it restores."""
 
 from ._engine import ProbeEngine
-from ._model_state import capture_rng_state, probe_mode, restore_rng_state
+from ._model_state import capture_rng_state, full_weights, probe_mode, restore_rng_state
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from .reference import run_reference_round
 
@@ -13,6 +13,7 @@ __all__ = [
     "ProbeEngine",
     "Request",
     "capture_rng_state",
+    "full_weights",
     "probe_mode",
     "restore_rng_state",
     "run_reference_round",

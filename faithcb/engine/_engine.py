@@ -41,10 +41,13 @@ class ProbeEngine:
         model: The live causal LM (in eval mode, under `probe_mode`).
         tokenizer: Its tokenizer (left padding, with a pad token).
         config: Round settings.
+        weights_gathered: The round holds the full weights of a sharded (FSDP2) model, so
+            generation runs without `synced_gpus`.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: FaithConfig) -> None:
+    def __init__(self, model: Any, tokenizer: Any, config: FaithConfig, *, weights_gathered: bool = False) -> None:
         self.model = model
+        self.weights_gathered = weights_gathered
         self.tokenizer = tokenizer
         self.config = config
         params = inspect.signature(model.forward).parameters
@@ -148,6 +151,8 @@ class ProbeEngine:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         if static_shapes:
             gen_kwargs["cache_implementation"] = "static"
+        if self.weights_gathered:  # full weights on every rank: decode locally, no per-step sync
+            gen_kwargs["synced_gpus"] = False
         size = batch_size or self.config.generation_batch_size
         for batch in self._batches(order, size):
             rows = [encoded[i] for i in batch]

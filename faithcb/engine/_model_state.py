@@ -45,6 +45,46 @@ def _checkpointing(model: torch.nn.Module) -> bool | None:
 
 
 @contextlib.contextmanager
+def full_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """FSDP2: gather every sharded module's full weights for the round, reshard after.
+
+    Under FSDP2 every forward all-gathers parameters collectively, so all ranks would have to
+    make the same number of model calls; a probe round's calls follow its chains' lengths.
+    With the weights gathered once (all ranks are at the same step when a round starts),
+    every generate / forward of the round is local, whatever each rank does. Cost: one full
+    copy of the weights per rank while the round runs (`FaithConfig.gather_sharded_weights`).
+
+    Yields:
+        Whether weights were gathered (the engine then decodes with `synced_gpus=False`).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - very old torch
+        FSDPModule = ()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled and FSDPModule else []
+    if not modules:
+        yield False
+        return
+    saved = []  # FSDP2 keeps reshard-after-forward per parameter group (private in torch 2.13)
+    for module in modules:
+        state = module._get_fsdp_state()
+        groups = [(g, g.post_forward_mesh_info) for g in getattr(state, "_fsdp_param_groups", [])]
+        saved.append((state, getattr(state, "_auto_reshard_after_forward", None), groups))
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield True
+    finally:
+        for module in modules:
+            module.reshard()
+        for state, auto, groups in saved:
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+
+
+@contextlib.contextmanager
 def probe_mode(model: torch.nn.Module, tokenizer: Any) -> Iterator[None]:
     """Run probes in eval mode without gradients, then restore the training state exactly.
 
