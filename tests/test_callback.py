@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from trainer_helpers import tiny_sft_config
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from faithcb import FaithConfig, FaithfulnessCallback, PanelError, Probe, register_probe
@@ -19,23 +20,7 @@ FAST = {"max_new_tokens": 12, "answer_max_new_tokens": 4}
 
 
 def sft_config(tmp_path, **kwargs):
-    defaults = {
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "bf16": False,
-        "use_cpu": True,
-        "gradient_checkpointing": False,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "max_length": 64,
-    }
-    defaults.update(kwargs)
-    return trl.SFTConfig(**defaults)
+    return tiny_sft_config(tmp_path, **kwargs)
 
 
 def faith_keys(log_history, key="faith/accuracy"):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
+from trainer_helpers import tiny_sft_config
 from transformers import TrainerCallback
 
 from faithcb import FaithConfig, FaithfulnessCallback, load_panel, run_probe_round
@@ -41,26 +41,7 @@ def lora(model, *, dropout=0.0, nonzero=True, arch="llama"):
 
 
 def sft_config(tmp_path, **kwargs):
-    defaults = {
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 3,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "bf16": False,
-        "use_cpu": True,
-        "gradient_checkpointing": False,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "max_length": 64,
-        "seed": 0,
-    }
-    defaults.update(kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing -> activation_checkpointing
-        return trl.SFTConfig(**defaults)
+    return tiny_sft_config(tmp_path, **{"max_steps": 3, "learning_rate": 1e-2, "seed": 0, **kwargs})
 
 
 def discrete(records):

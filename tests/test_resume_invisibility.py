@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from trainer_helpers import tiny_sft_config
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule
@@ -19,26 +20,9 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
 
 
 def sft_trainer(tmp_path, tokenizer, arithmetic, *, dropout=0.0, **kwargs):
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "bf16": False,
-        "use_cpu": True,
-        "gradient_checkpointing": False,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "max_length": 64,
-        "seed": 3,
-    }
-    settings.update(kwargs)
     return trl.SFTTrainer(
         model=build_tiny_model(tokenizer, dropout=dropout),
-        args=trl.SFTConfig(**settings),
+        args=tiny_sft_config(tmp_path, **{"seed": 3, **kwargs}),
         train_dataset=datasets.Dataset.from_list(to_sft_dataset(arithmetic[8:40])),
         processing_class=tokenizer,
     )

@@ -1,0 +1,32 @@
+"""Shared trainer settings for tests: a tiny, CPU-only, quiet SFT run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+TINY_SFT = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "bf16": False,
+    "use_cpu": True,
+    "gradient_checkpointing": False,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "max_length": 64,
+}
+
+
+def tiny_sft_config(tmp_path: Path, **overrides: Any):
+    """`trl.SFTConfig` of a few-step CPU run writing to `tmp_path/out` (overrides win)."""
+    import trl
+
+    settings = {"output_dir": str(tmp_path / "out"), **TINY_SFT, **overrides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing -> activation_checkpointing
+        return trl.SFTConfig(**settings)
