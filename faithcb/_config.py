@@ -109,8 +109,9 @@ class FaithConfig:
     gather_sharded_weights: bool = field(
         default=True,
         metadata={
-            "help": "Under FSDP2, gather the full weights once for a probe round (one full copy per rank while it "
-            "runs) so ranks may make different numbers of model calls."
+            "help": "Under FSDP (1 or 2) or DeepSpeed ZeRO-3, gather the full weights once for a probe round (one "
+            "full copy per rank while it runs) so ranks may make different numbers of model calls. Required with "
+            "several ranks: without it a sharded round would hang, so it is refused."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the panel subsample and of probe randomness."})

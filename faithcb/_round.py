@@ -62,6 +62,8 @@ def run_probe_round(
     examples: ProbePanel | Sequence[ProbeExample],
     config: FaithConfig,
     probes: Sequence[Probe] | None = None,
+    *,
+    wrapped_model: Any = None,
 ) -> RoundResult:
     """Run one probe round on `examples` with the live model and restore its state after.
 
@@ -76,6 +78,8 @@ def run_probe_round(
         examples: The panel (or this rank's shard of it).
         config: Round settings.
         probes: Probe instances (default: `build_probes(config)`).
+        wrapped_model: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine),
+            needed to gather a sharded model's weights for the round.
 
     Returns:
         Per-example records and panel metrics of this round.
@@ -89,7 +93,10 @@ def run_probe_round(
     budget = config.round_time_budget_s
     chunk = config.generation_batch_size if budget else max(1, len(examples))
     records: list[dict[str, Any]] = []
-    with probe_mode(model, tokenizer), full_weights(model, config.gather_sharded_weights) as gathered:
+    with (
+        probe_mode(model, tokenizer),
+        full_weights(model, config.gather_sharded_weights, wrapped=wrapped_model) as gathered,
+    ):
         engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered)
         for probe in probes:
             if isinstance(probe, FillerProbe):

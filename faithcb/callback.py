@@ -661,15 +661,18 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         start = time.perf_counter()
         examples = list(self.panel)
         state = PartialState()
+        wrapped = getattr(self.trainer, "model_wrapped", None)  # FSDP1 root / DeepSpeed engine
         if state.num_processes <= 1:
             try:
-                return run_probe_round(model, tokenizer, examples, self.config, self.probes), False
+                return run_probe_round(
+                    model, tokenizer, examples, self.config, self.probes, wrapped_model=wrapped
+                ), False
             except RoundBudgetExceeded as err:
                 return self._partial_result(err.records, err.seconds or time.perf_counter() - start), True
         local, partial, error = None, False, None
         with state.split_between_processes(examples, apply_padding=True) as shard:
             try:
-                local = run_probe_round(model, tokenizer, shard, self.config, self.probes)
+                local = run_probe_round(model, tokenizer, shard, self.config, self.probes, wrapped_model=wrapped)
             except RoundBudgetExceeded as err:
                 local = RoundResult(metrics={}, records=list(err.records), seconds=err.seconds or 0.0)
                 partial = True

@@ -20,7 +20,11 @@ file with the same keys works too (`--config recipe.yaml`). Launch:
     python recipes/sft.py ... --use_peft --lora_r 16 --lora_target_modules all-linear \\
         --stop_rules "early_answer/aoc:max_drop=0.2,patience=2"
 
-FSDP and DeepSpeed: see docs/distributed.md (what the probe engine needs there).
+    # DeepSpeed ZeRO-3 or FSDP: the trainer's own flags; each probe round gathers the weights
+    torchrun --nproc_per_node 4 recipes/sft.py ... --deepspeed zero3.json
+    torchrun --nproc_per_node 4 recipes/sft.py ... --fsdp --fsdp_config fsdp.json
+
+What was verified for each backend, and how: docs/distributed.md.
 
 `--dataset_name` is a JSONL / JSON / Parquet / CSV file, a folder of such files, a folder
 written by `datasets.Dataset.save_to_disk`, or a Hub dataset name; rows in any shape

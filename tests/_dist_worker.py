@@ -10,15 +10,16 @@ whether it wrote JSONL.
 Modes:
     trainer: `transformers.Trainer` (DDP on CPU under torchrun) with the callback.
     sft: TRL `SFTTrainer` with the callback.
-    fsdp2: no trainer; the model is sharded with `torch.distributed.fsdp.fully_shard` on a
-        CPU device mesh and the callback's sharded round runs a few times on it.
+    zero3: `transformers.Trainer` under DeepSpeed ZeRO-3 (CPU accelerator, gloo), every
+        parameter partitioned (`stage3_param_persistence_threshold: 0`).
+    fsdp2 / fsdp1: no trainer (accelerate does not enable FSDP on CPU); the model is sharded
+        with `fully_shard` on a CPU device mesh (fsdp2) or wrapped in `FullyShardedDataParallel`
+        per decoder layer (fsdp1), and the callback's sharded round runs a few times on it.
 
-`--gather` installs `gathered_fsdp2_rounds()`, the simpler fix: the FSDP2 modules are
-unsharded (full weights gathered) for the whole round, so the round makes no collective
-call. `--sync` installs `synced_engine()`, a prototype (monkeypatch) of the engine change
-FSDP / ZeRO-3 need: every rank enters every model-call phase and makes the same number of
-generate / forward calls in it (dummy calls pad the short ranks), and `generate` runs with
-`synced_gpus=True`.
+`--sync` installs `synced_engine()`, a prototype (monkeypatch) of the engine change a model
+too large to gather would need: every rank enters every model-call phase and makes the same
+number of generate / forward calls in it (dummy calls pad the short ranks), and `generate`
+runs with `synced_gpus=True`. It replaces the library's weight gathering.
 """
 
 from __future__ import annotations
@@ -104,9 +105,15 @@ def synced_engine() -> Iterator[None]:
     import torch
     import torch.distributed as dist
 
+    from faithcb import _round
     from faithcb.engine import _engine
 
+    @contextlib.contextmanager
+    def no_gathering(model, enabled=True, *, wrapped=None):
+        yield False
+
     engine_cls = _engine.ProbeEngine
+    original_full_weights = _round.full_weights
     originals = {name: getattr(engine_cls, name) for name in ("_batches", "generate", "run", "_forced_answers")}
 
     def synced() -> bool:
@@ -173,61 +180,13 @@ def synced_engine() -> Iterator[None]:
     engine_cls.generate = generate
     engine_cls.run = run
     engine_cls._forced_answers = _forced_answers
+    _round.full_weights = no_gathering
     try:
         yield
     finally:
         for name, value in originals.items():
             setattr(engine_cls, name, value)
-
-
-@contextlib.contextmanager
-def gathered_fsdp2_rounds() -> Iterator[None]:
-    """Prototype of the simpler fix for FSDP2: gather the full weights once around each round.
-
-    Before the callback's sharded round, every `FSDPModule` is unsharded (one all-gather per
-    module, collectively, while all ranks are at the same step) and told not to reshard
-    after forward, and `generate` runs with `synced_gpus=False` (transformers turns it on by
-    itself for FSDP-managed models: an all-reduce per decode step). Inside the round every
-    generate / forward is then purely local, whatever the engine does and however many calls
-    each rank makes. After the round the modules are
-    resharded and their reshard-after-forward setting put back. Cost: one full copy of the
-    weights per rank during the round.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    from faithcb import callback as callback_module
-
-    original = callback_module.FaithfulnessCallback._run_sharded
-
-    def _run_sharded(self, model, tokenizer):
-        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        saved = []  # FSDP2 keeps reshard-after-forward per parameter group (private in torch 2.13)
-        for module in modules:
-            state = module._get_fsdp_state()
-            groups = [(g, g.post_forward_mesh_info) for g in getattr(state, "_fsdp_param_groups", [])]
-            saved.append((state, getattr(state, "_auto_reshard_after_forward", None), groups))
-            module.unshard()
-            module.set_reshard_after_forward(False, recurse=False)
-        # transformers turns synced_gpus on by itself for FSDP-managed models (an all-reduce per
-        # decode step); with the weights gathered, every rank decodes on its own.
-        model.generate = functools.partial(type(model).generate, model, synced_gpus=False)
-        try:
-            return original(self, model, tokenizer)
-        finally:
-            del model.generate
-            for module in modules:
-                module.reshard()
-            for state, auto, groups in saved:
-                if auto is not None:
-                    state._auto_reshard_after_forward = auto
-                for group, info in groups:
-                    group.post_forward_mesh_info = info
-
-    callback_module.FaithfulnessCallback._run_sharded = _run_sharded
-    try:
-        yield
-    finally:
-        callback_module.FaithfulnessCallback._run_sharded = original
+        _round.full_weights = original_full_weights
 
 
 # ---------------------------------------------------------------------------- run
@@ -248,9 +207,9 @@ class _Recorder:
         original_sharded = callback_module.FaithfulnessCallback._run_sharded
         original_write = callback_module.JsonlSink.write
 
-        def run_probe_round(model, tokenizer, examples, config, probes=None):
+        def run_probe_round(model, tokenizer, examples, config, probes=None, **kwargs):
             examples = list(examples)
-            result = original_round(model, tokenizer, examples, config, probes)
+            result = original_round(model, tokenizer, examples, config, probes, **kwargs)
             recorder.rounds.append({"local_ids": [e.id for e in examples], "local_calls": dict(result.calls)})
             return result
 
@@ -320,7 +279,6 @@ def run(
     batch_size: int = 1,
     max_steps: int = 3,
     sync: bool = False,
-    gather: bool = False,
     plain_scoring: bool = False,
     fail_rank: int | None = None,
 ) -> dict[str, Any]:
@@ -337,7 +295,6 @@ def run(
         with (
             recorder.installed(),
             synced_engine() if sync else contextlib.nullcontext(),
-            gathered_fsdp2_rounds() if gather else contextlib.nullcontext(),
         ):
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -348,11 +305,9 @@ def run(
                 strict=fail_rank is None,
                 **FAST_ROUND,
                 **({"packed_scoring": False} if plain_scoring else {}),
-                # the prototypes below replace the library's own weight gathering
-                **({"gather_sharded_weights": False} if (sync or gather) else {}),
             )
-            if mode == "fsdp2":
-                summary = _run_fsdp2(model, tokenizer, panel, config, max_steps)
+            if mode in ("fsdp1", "fsdp2"):
+                summary = _run_fsdp(mode, model, tokenizer, panel, config, max_steps)
             else:
                 summary = _run_trainer(
                     mode, model, tokenizer, panel, train, config, output_dir, max_steps, fail_rank=fail_rank
@@ -392,8 +347,16 @@ def _run_trainer(
 
         args = SFTConfig(**common, bf16=False, gradient_checkpointing=False, max_length=64)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    elif mode == "trainer":
+    elif mode in ("trainer", "zero3"):
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        if mode == "zero3":
+            common["deepspeed"] = {
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "train_micro_batch_size_per_gpu": "auto",
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": "auto",
+            }
 
         def encode(batch):
             texts = [p + c + tokenizer.eos_token for p, c in zip(batch["prompt"], batch["completion"])]
@@ -430,7 +393,14 @@ def _run_trainer(
         "failed_steps": [e["step"] for e in trainer.state.log_history if "faith/round_failed" in e],
         "model_training": model.training,
         "wrapped": type(trainer.model_wrapped).__name__,
+        "partitioned": _partitioned(trainer.model),
     }
+
+
+def _partitioned(model) -> bool:
+    """Whether every weight of `model` is a ZeRO-3 partition (empty outside a gather)."""
+    params = list(model.parameters())
+    return all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
 
 
 class _FakeTrainer:
@@ -447,23 +417,35 @@ class _FakeTrainer:
     state = None
 
 
-def _run_fsdp2(model, tokenizer, panel, config, rounds) -> dict[str, Any]:
+def _run_fsdp(mode, model, tokenizer, panel, config, rounds) -> dict[str, Any]:
+    import torch
     import torch.distributed as dist
     from accelerate import PartialState
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     from faithcb import FaithfulnessCallback
 
     PartialState(cpu=True)  # what TrainingArguments(use_cpu=True) does: gloo group from torchrun's env
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world > 1:
+    trainer = _FakeTrainer(model, tokenizer)
+    if world > 1 and mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    callback = FaithfulnessCallback(_FakeTrainer(model, tokenizer), panel, config=config)
+    elif world > 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer_type = type(model.model.layers[0])
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({layer_type}), device_id=torch.device("cpu")
+        )
+        trainer.model = trainer.model_wrapped = model  # as Trainer holds an FSDP1 model
+    callback = FaithfulnessCallback(trainer, panel, config=config)
     model.train()
     history = []
     for _ in range(rounds):
@@ -475,6 +457,7 @@ def _run_fsdp2(model, tokenizer, panel, config, rounds) -> dict[str, Any]:
         "world_size": world,
         "is_world_process_zero": rank == 0,
         "fsdp": world > 1,
+        "wrapped": type(trainer.model).__name__,
         "history": history,
         "model_training": model.training,
     }
@@ -483,7 +466,7 @@ def _run_fsdp2(model, tokenizer, panel, config, rounds) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Command line of one rank."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=["trainer", "sft", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["trainer", "sft", "zero3", "fsdp1", "fsdp2"], required=True)
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--panel", required=True)
     parser.add_argument("--train", required=True)
@@ -492,7 +475,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--sync", action="store_true")
-    parser.add_argument("--gather", action="store_true")
     parser.add_argument("--plain_scoring", action="store_true", help="FaithConfig(packed_scoring=False)")
     parser.add_argument("--fail_rank", type=int, default=None, help="a probe raises on this rank only")
     args = parser.parse_args(argv)
@@ -507,7 +489,6 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         sync=args.sync,
-        gather=args.gather,
         plain_scoring=args.plain_scoring,
         fail_rank=args.fail_rank,
     )

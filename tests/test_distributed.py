@@ -152,27 +152,51 @@ def test_torchrun_round_failing_on_one_rank_is_skipped_by_every_rank(assets, tmp
     assert not (Path(output_dir) / "faithcb" / "rounds.jsonl").exists()
 
 
-# ---------------------------------------------------------------------------- FSDP2 (CPU)
-# `fully_shard` on a CPU device mesh (gloo): every forward of a sharded block all-gathers its
-# parameters, so the ranks must make matching model calls -- or none at all inside a round.
+# ---------------------------------------------------------------------------- sharded weights (CPU)
+# Under FSDP and ZeRO-3 every forward all-gathers parameters, so the ranks must make matching
+# model calls -- or none at all inside a round. The library gathers the full weights once per
+# round (`FaithConfig.gather_sharded_weights`, on by default), so ranks may make different
+# numbers of model calls (they do here: rank 1's chains are longer).
 @pytest.mark.slow
-def test_fsdp2_rounds_with_gathered_weights_match_one_process(assets, references, tmp_path):
-    """Fix 1 (prototype `_dist_worker.gathered_fsdp2_rounds`): unshard every FSDP module for
-    the round; the round then makes no collective call, whatever the engine does."""
-    ranks, _ = torchrun(assets, tmp_path, "fsdp2", "--gather")
+def test_deepspeed_zero3_trainer_two_ranks_match_one_process(assets, references, tmp_path):
+    pytest.importorskip("deepspeed")
+    ranks, output_dir = torchrun(assets, tmp_path, "zero3", timeout=300)
+    ref = references("trainer")
+    r0, r1 = ranks
+    assert r0["wrapped"] == r1["wrapped"] == "DeepSpeedEngine"
+    assert r0["partitioned"] and r1["partitioned"]  # every weight partitioned, also after the rounds
+    for q0, q1 in zip(r0["rounds"], r1["rounds"], strict=True):
+        assert q0["gathered_ids"] == q1["gathered_ids"] == PANEL_IDS
+    assert [q["metrics"] for q in r0["rounds"]] == [q["metrics"] for q in ref["summary"]["rounds"]]
+    assert [q["metrics"] for q in r1["rounds"]] == [q["metrics"] for q in ref["summary"]["rounds"]]
+    ref_jsonl = ref["output_dir"] / "faithcb" / "rounds.jsonl"
+    assert read_jsonl(Path(output_dir) / "faithcb" / "rounds.jsonl") == read_jsonl(ref_jsonl)
+    for key in ("global_step", "should_training_stop", "stop_events", "callback_state", "faith_logs"):
+        assert r0[key] == r1[key] == ref["summary"][key], key
+    assert r0["model_training"] is r1["model_training"] is True
+    print(f"[zero3] calls per round: {calls_report(ranks)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])
+def test_fsdp_sharded_rounds_match_one_process(assets, references, tmp_path, mode):
+    ranks, _ = torchrun(assets, tmp_path, mode, timeout=150)
     ref = references("trainer")["summary"]["rounds"][0]["metrics"]  # lr=0: the step-0 weights
     assert all(r["fsdp"] for r in ranks) and all(r["model_training"] for r in ranks)
+    if mode == "fsdp1":
+        assert ranks[0]["wrapped"] == "FullyShardedDataParallel"
     for q0, q1 in zip(ranks[0]["rounds"], ranks[1]["rounds"], strict=True):
         assert q0["gathered_ids"] == q1["gathered_ids"] == PANEL_IDS
         assert q0["metrics"] == q1["metrics"] == ref
-    print(f"[fsdp2 gathered] calls per round: {calls_report(ranks)}")
+    print(f"[{mode}] calls per round: {calls_report(ranks)}")
 
 
 @pytest.mark.slow
 def test_fsdp2_sharded_rounds_with_synced_engine_match_one_process(assets, references, tmp_path):
-    """Fix 2 (prototype `_dist_worker.synced_engine`): every rank makes the same calls (dummy
-    calls pad the short ranks; `synced_gpus=True`). It covers the plain batched paths, not yet
-    the packed-scoring decode loop, hence `packed_scoring=False` here."""
+    """Fix 2 for models too large to gather (prototype `_dist_worker.synced_engine`, not in
+    the library): every rank makes the same calls (dummy calls pad the short ranks;
+    `synced_gpus=True`). It covers the plain batched paths, not the packed-scoring decode
+    loop, hence `packed_scoring=False` here."""
     ranks, _ = torchrun(assets, tmp_path, "fsdp2", "--sync", "--plain_scoring")
     ref = references("fsdp2", plain_scoring=True)["summary"]["rounds"][0]["metrics"]
     assert all(r["fsdp"] for r in ranks)
@@ -181,19 +205,6 @@ def test_fsdp2_sharded_rounds_with_synced_engine_match_one_process(assets, refer
         assert q0["gathered_ids"] == q1["gathered_ids"] == PANEL_IDS
         assert q0["metrics"] == q1["metrics"] == ref
     assert all(r["model_training"] for r in ranks)
-
-
-@pytest.mark.slow
-def test_fsdp2_sharded_rounds_match_one_process(assets, references, tmp_path):
-    """The library's own fix (`FaithConfig.gather_sharded_weights`, on by default): the round
-    gathers the FSDP2 weights once, so ranks may make different numbers of model calls."""
-    ranks, _ = torchrun(assets, tmp_path, "fsdp2", timeout=150)
-    ref = references("trainer")["summary"]["rounds"][0]["metrics"]
-    assert all(r["fsdp"] for r in ranks) and all(r["model_training"] for r in ranks)
-    for q0, q1 in zip(ranks[0]["rounds"], ranks[1]["rounds"], strict=True):
-        assert q0["gathered_ids"] == q1["gathered_ids"] == PANEL_IDS
-        assert q0["metrics"] == q1["metrics"] == ref
-    print(f"[fsdp2 library gather] calls per round: {calls_report(ranks)}")
 
 
 # ---------------------------------------------------------------------------- gather (no processes)
@@ -223,7 +234,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
         def split_between_processes(self, items, apply_padding=False):
             return split(self, items, apply_padding=apply_padding)
 
-    def fake_round(model, tokenizer, shard, config, probes=None):
+    def fake_round(model, tokenizer, shard, config, probes=None, **kwargs):
         return _round.RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=0.0)
 
     def fake_gather(obj):

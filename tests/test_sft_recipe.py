@@ -130,3 +130,28 @@ def test_recipe_under_torchrun_with_lora(inputs, tmp_path):
     run_recipe(launcher, inputs, out, "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
     check_outputs(out, [0, 1, 2])  # rank 0 alone wrote JSONL, the padded shard cut off
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_under_torchrun_with_deepspeed_zero3(inputs, tmp_path):
+    """SFTTrainer under ZeRO-3 with every weight partitioned: the round gathers them itself.
+
+    No `train_batch_size` in the config: on CPU, accelerate does not initialise DeepSpeed's
+    communication before the model loads under `zero.Init`, whose config check then counts
+    one rank (on GPUs it does, and `"auto"` works as usual)."""
+    pytest.importorskip("deepspeed")
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+            }
+        )
+    )
+    out = tmp_path / "out"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run_recipe(launcher, inputs, out, "--deepspeed", str(zero3), "--strict", "true")
+    records = check_outputs(out, [0, 1, 2])
+    assert all(r["response"] for r in records)  # the chains were generated from gathered weights

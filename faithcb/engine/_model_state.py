@@ -44,27 +44,48 @@ def _checkpointing(model: torch.nn.Module) -> bool | None:
     return None
 
 
-@contextlib.contextmanager
-def full_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """FSDP2: gather every sharded module's full weights for the round, reshard after.
+def _world_size() -> int:
+    import torch.distributed as dist
 
-    Under FSDP2 every forward all-gathers parameters collectively, so all ranks would have to
-    make the same number of model calls; a probe round's calls follow its chains' lengths.
-    With the weights gathered once (all ranks are at the same step when a round starts),
-    every generate / forward of the round is local, whatever each rank does. Cost: one full
-    copy of the weights per rank while the round runs (`FaithConfig.gather_sharded_weights`).
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    Yields:
-        Whether weights were gathered (the engine then decodes with `synced_gpus=False`).
-    """
+
+def _fsdp1_root(model: torch.nn.Module, wrapped: Any) -> torch.nn.Module | None:
+    """The FSDP1 root wrapper of `model` (itself or the trainer's `model_wrapped`), if any."""
     try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - very old torch
-        FSDPModule = ()
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled and FSDPModule else []
-    if not modules:
-        yield False
-        return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    for candidate in (model, wrapped):
+        if isinstance(candidate, FSDP):
+            return candidate
+    if any(isinstance(m, FSDP) for m in model.modules()):
+        raise ValueError(
+            "The model holds FSDP1 (FullyShardedDataParallel) units but not its root wrapper; pass the root "
+            "(the trainer's `model_wrapped`) so that its own parameters can be gathered for the probe round."
+        )
+    return None
+
+
+def _is_zero3(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are partitioned by DeepSpeed ZeRO-3."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _zero3_offload(wrapped: Any) -> Any:
+    """The DeepSpeed ZeRO-3 object that owns the parameter hooks of the engine `wrapped`."""
+    optimizer = getattr(wrapped, "optimizer", None)
+    for owner in (getattr(optimizer, "parameter_offload", None), optimizer):
+        if owner is not None and hasattr(owner, "forward_hooks") and hasattr(owner, "_register_deepspeed_module"):
+            return owner
+    raise ValueError(
+        "The model's parameters are partitioned by DeepSpeed ZeRO-3, but no DeepSpeed engine with ZeRO-3 hooks "
+        f"was given (got {type(wrapped).__name__}); pass the trainer's `model_wrapped` (the DeepSpeedEngine)."
+    )
+
+
+@contextlib.contextmanager
+def _gathered_fsdp2(modules: list[Any]) -> Iterator[None]:
     saved = []  # FSDP2 keeps reshard-after-forward per parameter group (private in torch 2.13)
     for module in modules:
         state = module._get_fsdp_state()
@@ -73,7 +94,7 @@ def full_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]
         module.unshard()
         module.set_reshard_after_forward(False, recurse=False)
     try:
-        yield True
+        yield
     finally:
         for module in modules:
             module.reshard()
@@ -82,6 +103,102 @@ def full_weights(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]
                 state._auto_reshard_after_forward = auto
             for group, info in groups:
                 group.post_forward_mesh_info = info
+
+
+@contextlib.contextmanager
+def _gathered_fsdp1(root: torch.nn.Module) -> Iterator[None]:
+    """FSDP1: `summon_full_params` on every unit, and forwards that skip the FSDP wrappers.
+
+    An FSDP1 unit refuses a forward while its parameters are summoned, and its own forward
+    would all-gather again; with every unit's full parameters in place, calling the wrapped
+    module's forward directly is the plain, local forward.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(root, recurse=True, writeback=False):
+        units = FSDP.fsdp_modules(root)
+        for unit in units:
+            unit.forward = unit._fsdp_wrapped_module.forward
+        try:
+            yield
+        finally:
+            for unit in units:
+                del unit.forward
+
+
+@contextlib.contextmanager
+def _gathered_zero3(model: torch.nn.Module, offload: Any) -> Iterator[None]:
+    """ZeRO-3: gather every parameter and take the ZeRO hooks off for the round (as TRL's
+    `unwrap_model_for_generation(gather_deepspeed3_params=True)` does); put them back after."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        for param in offload.module.parameters():
+            active = getattr(param, "ds_active_sub_modules", None)
+            if active is not None:
+                active.clear()
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module, enabled: bool = True, *, wrapped: Any = None) -> Iterator[bool]:
+    """Gather a sharded model's full weights on every rank for the round; reshard after.
+
+    Under FSDP (1 and 2) and DeepSpeed ZeRO-3 every forward all-gathers parameters
+    collectively, so all ranks would have to make the same number of model calls; a probe
+    round's calls follow its chains' lengths. With the weights gathered once (all ranks are at
+    the same step when a round starts), every generate / forward of the round is local,
+    whatever each rank does. Cost: one full copy of the weights per rank while the round runs
+    (`FaithConfig.gather_sharded_weights`).
+
+    Handles FSDP2 (`fully_shard` modules inside `model`), FSDP1 (`model` or `wrapped` is the
+    `FullyShardedDataParallel` root) and ZeRO-3 (`wrapped` is the `DeepSpeedEngine`, whose hooks
+    are taken off for the round). Other models pass through untouched.
+
+    Args:
+        model: The model the round calls.
+        enabled: Whether to gather. Without gathering, a sharded model on several ranks would
+            deadlock or abort at the first unequal model call, so that raises instead.
+        wrapped: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine).
+
+    Yields:
+        Whether weights were gathered (the engine then decodes with `synced_gpus=False`).
+
+    Raises:
+        ValueError: A sharded model without gathering on several ranks, or a model whose
+            sharding wrapper is missing.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - very old torch
+        FSDPModule = ()
+    fsdp2 = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    fsdp1 = _fsdp1_root(model, wrapped)
+    zero3 = _is_zero3(model)
+    kind = "FSDP2" if fsdp2 else "FSDP1" if fsdp1 is not None else "DeepSpeed ZeRO-3" if zero3 else None
+    if kind is None or not enabled:
+        if kind is not None and _world_size() > 1:
+            raise ValueError(
+                f"The model is sharded ({kind}) over {_world_size()} ranks and gather_sharded_weights is off: the "
+                "ranks' probe rounds make different numbers of model calls, which would hang the run. Set "
+                "FaithConfig(gather_sharded_weights=True)."
+            )
+        yield False
+        return
+    if fsdp2:
+        context = _gathered_fsdp2(fsdp2)
+    elif fsdp1 is not None:
+        context = _gathered_fsdp1(fsdp1)
+    else:
+        context = _gathered_zero3(model, _zero3_offload(wrapped))
+    with context:
+        yield True
 
 
 @contextlib.contextmanager
