@@ -201,18 +201,23 @@ class ProbeEngine:
         if not stop_strings and finished is None:
             return None
         tokenizer = self.tokenizer
+        done_rows: set[int] = set()
 
         class _TextDone(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-                for row in range(input_ids.shape[0]):
-                    if row >= len(batch):
-                        done[row] = True  # padding rows of a fixed-shape batch
-                        continue
-                    text = tokenizer.decode(input_ids[row, prompt_width:], skip_special_tokens=True)
-                    if any(stop in text for stop in stop_strings) or (finished and finished(batch[row], text)):
-                        done[row] = True
-                return done
+                # one device-to-host copy per step (not one per row); a row once done stays done
+                # (generate never revives it), so it is not decoded again
+                new_tokens = input_ids[:, prompt_width:].tolist()
+                flags = []
+                for row, tokens in enumerate(new_tokens):
+                    if row >= len(batch):  # padding rows of a fixed-shape batch
+                        done_rows.add(row)
+                    elif row not in done_rows:
+                        text = tokenizer.decode(tokens, skip_special_tokens=True)
+                        if any(stop in text for stop in stop_strings) or (finished and finished(batch[row], text)):
+                            done_rows.add(row)
+                    flags.append(row in done_rows)
+                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
         return StoppingCriteriaList([_TextDone()])
 
@@ -428,8 +433,9 @@ class ProbeEngine:
             order = sorted(range(len(choice)), key=lambda i: len(encoded[i]))
             for batch in self._batches(order, self.scoring_batch_size):
                 logits = self._last_logits([encoded[i] for i in batch], keep=1)[:, -1]
-                for row, i in zip(logits, batch):
-                    label = CHOICE_LABELS[int(torch.argmax(row[labels[i]]).item())]
+                picks = torch.stack([torch.argmax(row[labels[i]]) for row, i in zip(logits, batch)]).tolist()
+                for pick, i in zip(picks, batch):
+                    label = CHOICE_LABELS[pick]
                     results[choice[i]] = ForcedResult(label, label, continued.get(choice[i]))
         return results
 
@@ -463,14 +469,22 @@ class ProbeEngine:
             keep = max(spans[i] for i in batch) + 1
             logits = self._last_logits([rows[i] for i in batch], keep=keep)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for b, i in enumerate(batch):
-                n = spans[i]
-                if n == 0:
+            scored = [(b, i) for b, i in enumerate(batch) if spans[i] > 0]
+            for i in batch:
+                if spans[i] == 0:
                     out[requests[i]] = 0.0
-                    continue
-                targets = torch.tensor(rows[i][-n:], device=logprobs.device)
-                picked = logprobs[b, keep - 1 - n : keep - 1].gather(-1, targets[:, None]).sum()
-                out[requests[i]] = float(picked.item()) / LN2
+            if not scored:
+                continue
+            # every row's answer tokens in one host-to-device copy, the sums in one copy back
+            targets = torch.tensor([t for _, i in scored for t in rows[i][-spans[i] :]], device=logprobs.device)
+            sums, offset = [], 0
+            for b, i in scored:
+                n = spans[i]
+                picked = logprobs[b, keep - 1 - n : keep - 1].gather(-1, targets[offset : offset + n, None])
+                sums.append(picked.sum())
+                offset += n
+            for (_, i), value in zip(scored, torch.stack(sums).tolist()):
+                out[requests[i]] = value / LN2
         return out
 
     def _last_logits(self, rows: Sequence[list[int]], *, keep: int) -> torch.Tensor:

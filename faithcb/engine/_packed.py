@@ -166,19 +166,40 @@ def score_packed(
     results: dict[Any, Any] = {}
     decoding: list[tuple[int, int, Branch]] = []  # (row, slot, branch)
     slots = [0] * len(rows)
-    for r, branch, positions in reads:
-        rows_logits = logits[flat_index[r, positions].to(logits.device)].float()
+    # Host-device traffic is batched: one copy of every read position and answer token to the
+    # device, one copy of every branch's figure back (per-branch `.item()` calls would each
+    # wait for the device).
+    read_index = torch.tensor([i for r, _, positions in reads for i in flat_index[r, positions].tolist()])
+    read_logits = logits[read_index.to(logits.device)]
+    targets = torch.tensor(
+        [t for _, branch, _ in reads if branch.n_answer for t in branch.own[-branch.n_answer :]], dtype=torch.long
+    ).to(logits.device)
+    sums, picks = [], []  # (branch, 0-d tensor) pairs, read back together below
+    offset, target_offset = 0, 0
+    for _, branch, positions in reads:
+        rows_logits = read_logits[offset : offset + len(positions)].float()
+        offset += len(positions)
         if branch.n_answer:
             logprobs = torch.log_softmax(rows_logits, dim=-1)
-            targets = torch.tensor(branch.own[-branch.n_answer :], device=logprobs.device)
-            results[branch.key] = float(logprobs.gather(-1, targets[:, None]).sum()) / math.log(2.0)
+            answer = targets[target_offset : target_offset + branch.n_answer]
+            target_offset += branch.n_answer
+            sums.append((branch, logprobs.gather(-1, answer[:, None]).sum()))
         elif id(branch) in choice_ids:
-            label_ids = choice_ids[id(branch)]
-            results[branch.key] = int(torch.argmax(rows_logits[-1, label_ids]).item())
+            picks.append((branch, torch.argmax(rows_logits[-1, choice_ids[id(branch)]])))
         else:
-            token = int(torch.argmax(rows_logits[-1]).item())
+            picks.append((branch, torch.argmax(rows_logits[-1])))
+    if sums:
+        for (branch, _), value in zip(sums, torch.stack([v for _, v in sums]).tolist()):
+            results[branch.key] = value / math.log(2.0)
+    if picks:
+        for (branch, _), token in zip(picks, torch.stack([v for _, v in picks]).tolist()):
+            if id(branch) in choice_ids:
+                results[branch.key] = token
+                continue
             branch.generated.append(token)
             branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
+    for r, branch, _ in reads:
+        if not branch.n_answer and id(branch) not in choice_ids:
             decoding.append((r, slots[r], branch))
             slots[r] += 1
     if decoding:
@@ -220,12 +241,12 @@ def _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_to
         logits, cache = _forward(
             model, tokens.to(device), positions.to(device), mask.to(device), keep.to(device), cache=cache
         )
-        logits = logits.view(batch, q, -1)
+        greedy = logits.view(batch, q, -1).argmax(-1).tolist()  # one copy back per step
         # from now on each slot also sees the token it just fed (already in new_cols' diagonal)
         for (r, s), branch in by_slot.items():
             if branch.done:
                 continue
-            token = int(torch.argmax(logits[r, s]).item())
+            token = greedy[r][s]
             branch.generated.append(token)
             branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
 
