@@ -51,6 +51,7 @@ class Args:
     train_seq: int = 512
     reference_examples: int = -1  # -1: the whole panel on CPU, 0 on CUDA
     timed_rounds: int = 2
+    compiled_forced_answers: int = -1  # also time rounds with FaithConfig(compile_forced_answers=True): -1 CUDA only
     seed: int = 0
 
 
@@ -181,6 +182,25 @@ def main() -> None:
             round_peak = torch.cuda.max_memory_allocated()
     round_seconds = min(times)
 
+    # the experimental compiled forced answers, timed in the same run (its own warm-up compiles)
+    forced_report = {}
+    if args.compiled_forced_answers > 0 or (args.compiled_forced_answers < 0 and device == "cuda"):
+        forced_config = FaithConfig(**{**vars(config), "compile_forced_answers": True})
+        forced_warmup, forced_result = _timed_result(
+            lambda: run_probe_round(model, tokenizer, panel, forced_config), device
+        )
+        forced_seconds = min(
+            _timed(lambda: run_probe_round(model, tokenizer, panel, forced_config), device)
+            for _ in range(args.timed_rounds)
+        )
+        a, b = comparable(result.records), comparable(forced_result.records)
+        forced_report = {
+            "compiled_forced_answers_warmup_seconds": forced_warmup,
+            "compiled_forced_answers_round_seconds": forced_seconds,
+            "compiled_forced_answers_overhead_fraction": forced_seconds / (every * step_seconds),
+            "compiled_forced_answers_records_differing": sum(x != y for x, y in zip(a, b)),
+        }
+
     n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
     speedup = reference_seconds = None
     if n_ref > 0:
@@ -238,6 +258,7 @@ def main() -> None:
         or (config.compile_generation is None and device == "cuda"),
         "compile_error": compile_error,
         "packed_scoring": config.packed_scoring and packing_supported(model, tokenizer.pad_token_id),
+        **forced_report,
     }
     print(json.dumps(report, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
 

@@ -103,6 +103,14 @@ class FaithConfig:
             "(default: on CUDA only)."
         },
     )
+    compile_forced_answers: bool = field(
+        default=False,
+        metadata={
+            "help": "Also decode the forced answers of long variants (filler, paraphrase, step removal, mistakes) "
+            "with the static-shape path of compile_generation: one more compiled shape per run (scoring_batch_size "
+            "rows). Experimental: not yet measured on a GPU."
+        },
+    )
     prompt_bucket: int = field(
         default=64, metadata={"help": "Prompt widths are padded to a multiple of this with compiled generation."}
     )

@@ -71,3 +71,35 @@ def test_models_without_4d_mask_support_fall_back(tokenizer):
         model, tok, load_panel([{"prompt": prompt, "completion": gold_response(prompt)}]), FaithConfig()
     )
     assert result.metrics["early_answer/aoc"] == 1.0
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, forced, monkeypatch):
+    """The static-shape path of `compile_generation` (static KV cache, batches padded to a fixed
+    size and width; compiled on CUDA only) on CPU: same chains, answers and figures as eager
+    decoding, with or without the forced answers going through it too."""
+    from faithcb.engine import _engine
+
+    seen = []  # (max_new_tokens, static_shapes) of every generate call
+    original = _engine.ProbeEngine.generate
+
+    def generate(self, contexts, **kwargs):
+        seen.append((kwargs["max_new_tokens"], kwargs.get("static_shapes", False)))
+        return original(self, contexts, **kwargs)
+
+    monkeypatch.setattr(_engine.ProbeEngine, "generate", generate)
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=8)))
+    common = {"max_new_tokens": 40, "generation_batch_size": 4, "scoring_batch_size": 8, "prompt_bucket": 16}
+    common["packed_scoring"] = False  # every forced answer is decoded by generate
+    eager = run_probe_round(trained, tokenizer, panel, FaithConfig(**common, compile_generation=False))
+    static_config = FaithConfig(**common, compile_generation=True, compile_forced_answers=forced)
+    seen.clear()
+    static = run_probe_round(trained, tokenizer, panel, static_config)
+    answer_calls = {is_static for budget, is_static in seen if budget == static_config.answer_max_new_tokens}
+    assert answer_calls == {forced}  # forced answers took the static path exactly when asked
+    assert {is_static for budget, is_static in seen if budget == static_config.max_new_tokens} == {True}
+    assert any(r["steps"] for r in eager.records)
+    for a, b in zip(eager.records, static.records, strict=True):
+        assert comparable(a) == comparable(b)
+    for key, value in eager.metrics.items():
+        assert static.metrics[key] == pytest.approx(value, abs=1e-3), key

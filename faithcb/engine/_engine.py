@@ -413,11 +413,17 @@ class ProbeEngine:
         free = [r for r in requests if chains[r.example].answer_type != "choice"]
         if free:
             contexts = [chains[r.example].forced_context(texts[r]) for r in free]
+            static = self.config.compile_forced_answers and self._static_shapes()
+            # one compiled shape per run: any prompt, a chain of max_new_tokens tokens and a cue
+            # (a longer context gets a wider bucket, hence one more compiled shape)
+            width = max(len(self.encode(c.prompt)) for c in chains) + self.config.max_new_tokens + 16 if static else 0
             outs = self.generate(
                 contexts,
                 max_new_tokens=self.config.answer_max_new_tokens,
                 finished=lambda i, text: answer_complete(text, chains[free[i].example].cue),
                 batch_size=self.scoring_batch_size,
+                static_shapes=static,
+                min_width=width,
             )
             for r, (raw, _) in zip(free, outs):
                 chain = chains[r.example]

@@ -1,0 +1,37 @@
+"""benchmarks/round_benchmark.py: a smoke run with tiny settings prints the promised JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "round_benchmark.py"
+KEYS = (
+    "speedup_vs_reference",
+    "metrics_equal",
+    "round_seconds",
+    "train_step_seconds",
+    "overhead_fraction",
+    "round_peak_mem_over_train_peak",
+    "device",
+)
+
+
+def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
+    args = ["--device", "cpu", "--panel_size", "4", "--pretrain_steps", "20", "--timed_rounds", "1"]
+    args += ["--train_batch", "2", "--train_seq", "32", "--max_new_tokens", "24", "--compiled_forced_answers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(key in report for key in KEYS)
+    assert report["device"] == "cpu" and report["panel_size"] == 4
+    assert report["metrics_equal"] is True  # engine and reference agree on the same panel
+    assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
+    assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
+    assert report["compiled_forced_answers_records_differing"] == 0
