@@ -43,6 +43,40 @@ class JsonlSink:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(_dumps({"step": step, "round": round_index, **metrics}) + "\n")
 
+    def drop_after(self, step: int) -> int:
+        """Remove the lines of rounds after `step`, which a run resumed at `step` runs again.
+
+        A torn last line (the previous run died while writing it) is removed too, so the next
+        round starts on a line of its own. Files are replaced atomically.
+
+        Returns:
+            The number of rounds removed (lines of `metrics.jsonl`).
+        """
+        removed = 0
+        for path in (self.records_path, self.metrics_path):
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if line.endswith("\n") and not _after(line, step)]
+            if len(kept) == len(lines):
+                continue
+            if path == self.metrics_path:
+                removed = sum(1 for line in lines if _after(line, step))
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text("".join(kept), encoding="utf-8")
+            partial.replace(path)
+        return removed
+
+
+def _after(line: str, step: int) -> bool:
+    """Whether a JSONL line belongs to a round after `step` (unreadable lines are kept)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    line_step = value.get("step") if isinstance(value, dict) else None
+    return isinstance(line_step, int) and line_step > step
+
 
 def _finite(value: Any) -> Any:
     """NaN/inf become null (strict JSON readers reject them); containers are cleaned deeply."""

@@ -246,10 +246,22 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                     "figures measure drift from there, not from step 0.",
                     state.global_step,
                 )
+            if state.is_world_process_zero:
+                self._drop_rounds_after(args, state.global_step)
             return control
         if self.config.baseline_round and self.baseline is None:
             self._round(args, state, model, processing_class, control=control)
         return control
+
+    def _drop_rounds_after(self, args: Any, step: int) -> None:
+        """JSONL lines of rounds after the resume step came from the abandoned run: they run again."""
+        try:
+            removed = JsonlSink(Path(args.output_dir) / self.config.output_subdir).drop_after(step)
+        except Exception:  # an unreadable file must not end the training run
+            self._warn_once("jsonl", "faithcb: could not clean the JSONL files on resume.", exc_info=True)
+            return
+        if removed:
+            logger.info("faithcb: removed %d JSONL round(s) after step %d; they run again on resume.", removed, step)
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         step = state.global_step

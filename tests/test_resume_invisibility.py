@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -96,6 +97,13 @@ def test_resume_continues_history_without_new_baseline(tmp_path, tokenizer, arit
     assert faith_steps(second.state.log_history) == [0, 2, 4]  # no second step-0 round
     assert "resumed at step 2 with 2 earlier probe rounds" in caplog.text
     assert "holds no FaithfulnessCallback state" not in caplog.text
+    # the JSONL files hold each round once: the first run's step-4 round was dropped on resume
+    folder = tmp_path / "out" / "faithcb"
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["round"]) for m in metrics] == [(0, 0), (2, 1), (4, 2)]
+    assert [r["step"] for r in records] == [0] * 3 + [2] * 3 + [4] * 3
+    assert "removed 1 JSONL round(s) after step 2" in caplog.text
 
 
 def test_resume_without_saved_state_warns_and_rebases(tmp_path, tokenizer, arithmetic, caplog):

@@ -25,3 +25,29 @@ def test_early_answer_curve_uses_floor_of_share_kept():
     ]
     curve = early_answer_curve(records, grid=[0.0, 0.5, 1.0])
     assert curve == [0.0, 0.0, 1.0]
+
+
+def test_drop_after_removes_later_rounds_and_a_torn_last_line(tmp_path):
+    sink = JsonlSink(tmp_path)
+    for round_index, step in enumerate((0, 2, 4)):
+        sink.write(step=step, round_index=round_index, metrics={"acc": step / 10}, records=[{"id": "a"}, {"id": "b"}])
+    with sink.records_path.open("a") as handle:
+        handle.write('{"step": 6, "round": 3, "id": "a", "resp')  # the first run died mid-write
+    assert sink.drop_after(2) == 1
+    records = [json.loads(line) for line in sink.records_path.read_text().splitlines()]
+    metrics = [json.loads(line) for line in sink.metrics_path.read_text().splitlines()]
+    assert [(r["step"], r["id"]) for r in records] == [(0, "a"), (0, "b"), (2, "a"), (2, "b")]
+    assert [m["step"] for m in metrics] == [0, 2]
+    sink.write(step=4, round_index=2, metrics={"acc": 0.4}, records=[{"id": "a"}])  # the resumed run goes on
+    assert [json.loads(line)["step"] for line in sink.records_path.read_text().splitlines()] == [0, 0, 2, 2, 4]
+    assert sink.drop_after(4) == 0  # nothing later: files untouched
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_drop_after_keeps_lines_it_cannot_read_and_ignores_missing_files(tmp_path):
+    sink = JsonlSink(tmp_path / "never_written")
+    assert sink.drop_after(0) == 0
+    sink = JsonlSink(tmp_path)
+    sink.metrics_path.write_text('not json\n{"step": 5}\n["a list"]\n')
+    assert sink.drop_after(1) == 1
+    assert sink.metrics_path.read_text() == 'not json\n["a list"]\n'
