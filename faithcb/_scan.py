@@ -31,7 +31,7 @@ from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbePanel, load_panel
 from ._round import RoundResult, build_probes, run_probe_round
-from ._sinks import CURVE_GRID, SAMPLE_COLUMNS, JsonlSink, early_answer_curve
+from ._sinks import JsonlSink, early_answer_curve, wandb_media
 from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
 
 logger = logging.getLogger(__name__)
@@ -299,38 +299,6 @@ def _start_wandb(*, project: str | None, name: str | None, config: dict[str, Any
     return run
 
 
-def _wandb_media(
-    step: int,
-    records: Sequence[dict[str, Any]],
-    curves: list[tuple[int, list[float | None]]],
-    num_samples: int,
-    prefix: str,
-) -> dict[str, Any]:
-    """Early-answering curve family and sample table, keyed for a scan's W&B run."""
-    import wandb
-
-    payload: dict[str, Any] = {}
-    drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
-    if drawn:
-        payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
-            xs=CURVE_GRID,
-            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
-            keys=[f"checkpoint {s}" for s, _ in drawn],
-            title="Early answering: same answer as with the full chain",
-            xname="share of chain kept",
-        )
-    rows = [[step if col == "step" else _cell(r.get(col)) for col in SAMPLE_COLUMNS] for r in records[:num_samples]]
-    if rows:
-        payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
-    return payload
-
-
-def _cell(value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return json.dumps(value)
-
-
 # ---------------------------------------------------------------------- the scan
 @dataclass
 class ScanResult:
@@ -468,8 +436,13 @@ def scan_checkpoints(
                 if config.wandb_media:
                     try:
                         payload.update(
-                            _wandb_media(
-                                ckpt.step, round_result.records, curves, config.num_sample_chains, config.log_prefix
+                            wandb_media(
+                                step=ckpt.step,
+                                records=round_result.records,
+                                curves=curves,
+                                num_samples=config.num_sample_chains,
+                                prefix=config.log_prefix,
+                                curve_label="checkpoint",
                             )
                         )
                     except Exception:  # media are a convenience; never lose the scan over them

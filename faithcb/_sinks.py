@@ -125,6 +125,47 @@ SAMPLE_COLUMNS = [
 ]
 
 
+def wandb_media(
+    *,
+    step: int,
+    records: Sequence[dict[str, Any]],
+    curves: list[tuple[int, list[float | None]]],
+    num_samples: int,
+    prefix: str,
+    curve_label: str = "step",
+) -> dict[str, Any]:
+    """W&B objects of a round: the family of early-answering curves and a sample-chain table.
+
+    Args:
+        step: The round's step (the table's `step` column).
+        records: The round's per-example records (the first `num_samples` become table rows).
+        curves: `(step, curve)` of every round so far, one line each.
+        num_samples: Table rows.
+        prefix: Key prefix (`faith`).
+        curve_label: Legend word before each curve's step (`step`; `checkpoint` in scans).
+
+    Returns:
+        Keys to add to a `wandb.log` payload (needs `wandb` installed).
+    """
+    import wandb
+
+    payload: dict[str, Any] = {}
+    drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
+    if drawn:
+        payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
+            xs=CURVE_GRID,
+            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
+            keys=[f"{curve_label} {s}" for s, _ in drawn],
+            title="Early answering: same answer as with the full chain",
+            xname="share of chain kept",
+        )
+    shown = list(records)[:num_samples]
+    rows = [[step if col == "step" else _cell(r.get(col)) for col in SAMPLE_COLUMNS] for r in shown]
+    if rows:
+        payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
+    return payload
+
+
 def log_wandb_media(
     *,
     step: int,
@@ -133,7 +174,7 @@ def log_wandb_media(
     num_samples: int,
     prefix: str,
 ) -> bool:
-    """Log the family of early-answering curves and a sample-chain table to the active W&B run.
+    """Log `wandb_media` of a training round to the active W&B run.
 
     Logged with `train/global_step` (never `step=`), so it lines up with the trainer's keys.
     Call on the main process only.
@@ -147,22 +188,8 @@ def log_wandb_media(
         return False
     if wandb.run is None:
         return False
-    payload: dict[str, Any] = {"train/global_step": step}
-    drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
-    if drawn:
-        payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
-            xs=CURVE_GRID,
-            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
-            keys=[f"step {s}" for s, _ in drawn],
-            title="Early answering: same answer as with the full chain",
-            xname="share of chain kept",
-        )
-    rows = []
-    for record in list(records)[:num_samples]:
-        rows.append([step if col == "step" else _cell(record.get(col)) for col in SAMPLE_COLUMNS])
-    if rows:
-        payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
-    wandb.log(payload)
+    media = wandb_media(step=step, records=records, curves=curves, num_samples=num_samples, prefix=prefix)
+    wandb.log({"train/global_step": step, **media})
     return True
 
 
