@@ -44,6 +44,7 @@ class Args:
     num_layers: int = 24  # qwen2-0.5b only; fewer layers for a quick dry run
     max_new_tokens: int = -1  # -1: 256 with qwen2-0.5b, 64 with tiny
     panel_size: int = 32
+    max_ops: int = -1  # operations per synthetic question (chain steps): -1: 2 with tiny, 6-14 with qwen2-0.5b
     pretrain_steps: int = -1  # -1: 300
     every_n_steps: int = -1  # -1: FaithConfig default (50) on CPU, 500 on CUDA
     pretrain_batch: int = 32
@@ -84,13 +85,16 @@ def build(args: Args, device: str):
         model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        train = make_arithmetic_examples(3000, seed=1, min_ops=6, max_ops=14)
-        panel_rows = make_arithmetic_examples(args.panel_size, seed=2, min_ops=6, max_ops=14)
+        ops = {"min_ops": max(2, args.max_ops // 2), "max_ops": args.max_ops} if args.max_ops > 0 else {}
+        ops = ops or {"min_ops": 6, "max_ops": 14}
+        train = make_arithmetic_examples(3000, seed=1, **ops)
+        panel_rows = make_arithmetic_examples(args.panel_size, seed=2, **ops)
         steps, lr = (300 if args.pretrain_steps < 0 else args.pretrain_steps), 3e-4
     else:
         model = build_tiny_model(tokenizer, seed=args.seed)
-        train = make_arithmetic_examples(2000, seed=1)
-        panel_rows = make_arithmetic_examples(args.panel_size, seed=2)
+        ops = {"min_ops": max(2, args.max_ops // 2), "max_ops": args.max_ops} if args.max_ops > 0 else {}
+        train = make_arithmetic_examples(2000, seed=1, **ops)
+        panel_rows = make_arithmetic_examples(args.panel_size, seed=2, **ops)
         steps, lr = (300 if args.pretrain_steps < 0 else args.pretrain_steps), 3e-3
     pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=args.pretrain_batch, lr=lr, seed=args.seed)
     panel = load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in panel_rows])

@@ -492,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
         plain_scoring=args.plain_scoring,
         fail_rank=args.fail_rank,
     )
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a clean shutdown: DeepSpeed's CPU backend may abort at exit otherwise
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
