@@ -96,6 +96,15 @@ class FaithConfig:
             "4-D attention mask; falls back to separate passes where the model does not support it."
         },
     )
+    packed_row_max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "0: pack only short variants (own tokens at most max(32, a quarter of the shared prefix)). "
+            "Above 0: pack long variants too (step removal, paraphrase, filler, mistakes) while the row (prompt + "
+            "chain + every packed variant's own tokens + answer decode) stays within this many tokens. "
+            "Experimental: 2.9x slower on CPU (eager attention is quadratic in the row); not yet measured on a GPU."
+        },
+    )
     compile_generation: bool | None = field(
         default=None,
         metadata={

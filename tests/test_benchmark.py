@@ -22,7 +22,7 @@ KEYS = (
 
 def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     args = ["--device", "cpu", "--panel_size", "4", "--pretrain_steps", "20", "--timed_rounds", "1"]
-    args += ["--train_batch", "2", "--train_seq", "32", "--max_new_tokens", "24", "--compiled_forced_answers", "1"]
+    args += ["--train_batch", "2", "--train_seq", "32", "--max_new_tokens", "24", "--candidates", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -34,4 +34,5 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["metrics_equal"] is True  # engine and reference agree on the same panel
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
-    assert report["compiled_forced_answers_records_differing"] == 0
+    assert set(report["candidates"]) == {"compiled_forced_answers", "packed_long_variants"}
+    assert report["candidates"]["packed_long_variants"]["records_differing"] == 0  # same figures, other packing

@@ -103,3 +103,48 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
         assert comparable(a) == comparable(b)
     for key, value in eager.metrics.items():
         assert static.metrics[key] == pytest.approx(value, abs=1e-3), key
+
+
+@pytest.fixture(scope="module")
+def long_chain_model(tokenizer):
+    """A tiny Llama that writes 3-4 step chains (long enough for variants the default packing skips)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_tiny_model(tokenizer, seed=4)
+        data = make_arithmetic_examples(400, seed=1) + make_arithmetic_examples(400, seed=2, min_ops=3, max_ops=4)
+        pretrain_tiny_model(model, tokenizer, data, steps=300, batch_size=16)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def test_packing_long_variants_within_a_row_budget_gives_the_same_records(long_chain_model, tokenizer, monkeypatch):
+    """`packed_row_max_tokens > 0` also packs step removals, paraphrases, filler and mistakes;
+    a budget too small for any variant leaves them all to separate passes."""
+    from faithcb.engine import _engine
+
+    unpacked = []  # forced answers that went to the plain (generate) path, per round
+    original = _engine.ProbeEngine._forced_answers
+
+    def forced_answers(self, chains, requests, texts, continued):
+        unpacked[-1] += len(requests)
+        return original(self, chains, requests, texts, continued)
+
+    monkeypatch.setattr(_engine.ProbeEngine, "_forced_answers", forced_answers)
+
+    def run(**overrides):
+        unpacked.append(0)
+        config = FaithConfig(max_new_tokens=64, generation_batch_size=4, filler_token=" ....", **overrides)
+        return run_probe_round(long_chain_model, tokenizer, panel, config), unpacked[-1]
+
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
+    plain, _ = run(packed_scoring=False)
+    (short, short_unpacked), (long, long_unpacked) = run(), run(packed_row_max_tokens=2048)
+    tight, tight_unpacked = run(packed_row_max_tokens=1)
+    assert min(r["chain/tokens"] for r in plain.records) > 20
+    for result in (short, long, tight):
+        for a, b in zip(plain.records, result.records, strict=True):
+            assert comparable(a) == comparable(b)
+    assert short_unpacked > 0 and long_unpacked == 0  # the long variants joined the packed rows
+    assert tight.calls == plain.calls  # no room in any row: nothing packed

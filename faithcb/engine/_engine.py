@@ -324,13 +324,13 @@ class ProbeEngine:
                     results[r] = 0.0
                     continue
                 own, n_answer = own + answer, len(answer)
-            if shared == 0 or not own or len(own) - n_answer > max(32, shared // 4):
-                (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
-                continue
             branch = Branch(key=r, shared=shared, own=own, n_answer=n_answer)
             if isinstance(r, ForcedAnswer) and chain.answer_type == "choice":
                 label_prefix, choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
                 branch.own = branch.own + label_prefix
+            if shared == 0 or not own or not self._fits(row, branch):
+                (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
+                continue
             row.branches.append(branch)
         eos_ids = self._eos_ids()
 
@@ -368,6 +368,15 @@ class ProbeEngine:
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                     results[key] = ForcedResult(answer, raw, continued.get(key))
         return results, left_forced, left_logprobs
+
+    def _fits(self, row: PackedRow, branch: Branch) -> bool:
+        """Whether `branch` joins `row`: within `packed_row_max_tokens`, answer decode included
+        (0: only short variants, as long as the shared prefix pays for them)."""
+        limit = self.config.packed_row_max_tokens
+        if limit <= 0:
+            return len(branch.own) - branch.n_answer <= max(32, branch.shared // 4)
+        decode = 0 if branch.n_answer else self.config.answer_max_new_tokens
+        return row.length + len(branch.own) + decode <= limit
 
     def _cues(self, example: ProbeExample) -> list[str]:
         """Answer cues a response of this example is split at."""
