@@ -35,6 +35,7 @@ from typing import Any
 
 from . import functional as F
 from ._config import FaithConfig
+from ._jsonl import iter_jsonl
 from ._panel import PanelError, ProbeExample, _example_from_row, _text_of
 from ._parsing import Step, extract_answer, parse_response
 from ._scan import ScanError, load_model, load_tokenizer
@@ -75,29 +76,13 @@ def read_traces(path: str | Path) -> list[Trace]:
     Raises:
         AuditError: Missing or unreadable file, invalid JSON, a malformed row (file:line), no rows.
     """
-    path = Path(path)
-    if not path.exists():
-        raise AuditError(f"Data file not found: {path}")
-    if path.is_dir():
-        raise AuditError(f"Data path is a folder, expected a JSONL file: {path}")
     traces: list[Trace] = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise AuditError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}).") from err
-                where = f"{path}:{line_no}"
-                try:
-                    example = _example_from_row(row, index=len(traces), where=where)
-                except PanelError as err:
-                    raise AuditError(str(err)) from err
-                traces.append(Trace(len(traces), line_no, row, example, trace_text(row)))
-    except (OSError, UnicodeDecodeError) as err:
-        raise AuditError(f"Cannot read {path}: {err}") from err
+    for line_no, row in iter_jsonl(path, AuditError, what="Data file"):
+        try:
+            example = _example_from_row(row, index=len(traces), where=f"{path}:{line_no}")
+        except PanelError as err:
+            raise AuditError(str(err)) from err
+        traces.append(Trace(len(traces), line_no, row, example, trace_text(row)))
     if not traces:
         raise AuditError(f"{path} holds no rows.")
     return traces

@@ -14,13 +14,13 @@ from the other fields), `answer_cue`.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._jsonl import iter_jsonl
 from ._parsing import CHOICE_LABELS, find_cue
 
 Messages = list[dict[str, Any]]
@@ -170,20 +170,9 @@ def load_panel(
 
 
 def _load_jsonl(path: Path) -> list[ProbeExample]:
-    if not path.exists():
-        raise PanelError(f"Probe panel file not found: {path}")
-    if path.is_dir():
-        raise PanelError(f"Probe panel path is a folder, expected a JSONL file: {path}")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PanelError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}).") from err
-            examples.append(_example_from_row(row, index=len(examples), where=f"{path}:{line_no}"))
+    for line_no, row in iter_jsonl(path, PanelError, what="Probe panel file"):
+        examples.append(_example_from_row(row, index=len(examples), where=f"{path}:{line_no}"))
     return examples
 
 

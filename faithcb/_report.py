@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
 import logging
 import math
 import re
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._jsonl import iter_jsonl
 from ._sinks import CURVE_GRID, early_answer_curve
 
 logger = logging.getLogger(__name__)
@@ -180,22 +180,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     Raises:
         ReportError: The file cannot be read, a line is not JSON, or a row is not an object.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"Cannot read {path}: {err}") from err
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}).") from err
-        if not isinstance(row, dict):
-            raise ReportError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}.")
-        rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path, ReportError, objects_only=True)]
 
 
 def load_run(path: str | Path) -> RunData:

@@ -81,6 +81,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         load_panel(path)
 
 
+def test_unreadable_panel_file_is_a_panel_error(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"question": "caf\u00e9", "answer": "1"}\n'.encode("latin-1"))  # not UTF-8
+    with pytest.raises(PanelError, match=r"Cannot read .*latin1\.jsonl"):
+        load_panel(path)
+    with pytest.raises(PanelError, match="Probe panel path is a folder"):
+        load_panel(tmp_path)
+
+
 def test_missing_field_names_line(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "1"}, {"text": "no fields"}])
     with pytest.raises(PanelError, match=r"p\.jsonl:2: missing field.*'text'"):
