@@ -139,7 +139,7 @@ def test_packing_long_variants_within_a_row_budget_gives_the_same_records(long_c
         return run_probe_round(long_chain_model, tokenizer, panel, config), unpacked[-1]
 
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
-    plain, _ = run(packed_scoring=False)
+    plain, plain_unpacked = run(packed_scoring=False)
     (short, short_unpacked), (long, long_unpacked) = run(), run(packed_row_max_tokens=2048)
     tight, tight_unpacked = run(packed_row_max_tokens=1)
     assert min(r["chain/tokens"] for r in plain.records) > 20
@@ -147,4 +147,4 @@ def test_packing_long_variants_within_a_row_budget_gives_the_same_records(long_c
         for a, b in zip(plain.records, result.records, strict=True):
             assert comparable(a) == comparable(b)
     assert short_unpacked > 0 and long_unpacked == 0  # the long variants joined the packed rows
-    assert tight.calls == plain.calls  # no room in any row: nothing packed
+    assert tight.calls == plain.calls and tight_unpacked == plain_unpacked  # no room in any row: nothing packed
