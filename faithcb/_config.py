@@ -96,6 +96,14 @@ class FaithConfig:
             "4-D attention mask; falls back to separate passes where the model does not support it."
         },
     )
+    draft_answers: bool = field(
+        default=True,
+        metadata={
+            "help": "With packed scoring, append the answer the model stated after its full chain to every forced "
+            "answer's context and check it in the same pass (speculative decoding): a variant whose greedy answer "
+            "equals it needs no decode step. The answers are those of plain greedy decoding either way."
+        },
+    )
     packed_row_max_tokens: int = field(
         default=0,
         metadata={
@@ -115,9 +123,9 @@ class FaithConfig:
     compile_forced_answers: bool = field(
         default=False,
         metadata={
-            "help": "Also decode the forced answers of long variants (filler, paraphrase, step removal, mistakes) "
-            "with the static-shape path of compile_generation: one more compiled shape per run (scoring_batch_size "
-            "rows). Experimental: not yet measured on a GPU."
+            "help": "Decode the forced answers of long variants (filler, paraphrase, step removal, mistakes) with "
+            "generate and the static-shape path of compile_generation instead of the packed tree decode: one more "
+            "compiled shape per run (scoring_batch_size rows). Experimental: not yet measured on a GPU."
         },
     )
     prompt_bucket: int = field(

@@ -152,6 +152,17 @@ def normalize_number(text: str) -> str | None:
         return None
 
 
+def number_complete(text: str) -> bool:
+    """Whether more text can no longer change `normalize_number(text)`: the first number is
+    followed by a character that cannot continue it (a comma or point may still lead to more
+    digits, and an incomplete multi-byte character may still become one)."""
+    match = _NUMBER.search(text.replace("−", "-"))
+    if match is None:
+        return False
+    rest = text[match.end() :]
+    return bool(rest) and not rest.endswith("\ufffd") and re.fullmatch(r"[\d,]*(?:\.\d*)?", rest) is None
+
+
 def normalize_text(text: str) -> str | None:
     """Canonical free-text answer: first line, NFKC, lower case, no surrounding punctuation."""
     line = unicodedata.normalize("NFKC", text).strip().split("\n", 1)[0]

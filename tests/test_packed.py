@@ -119,32 +119,128 @@ def long_chain_model(tokenizer):
     return model.eval()
 
 
-def test_packing_long_variants_within_a_row_budget_gives_the_same_records(long_chain_model, tokenizer, monkeypatch):
-    """`packed_row_max_tokens > 0` also packs step removals, paraphrases, filler and mistakes;
-    a budget too small for any variant leaves them all to separate passes."""
+def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_chain_model, tokenizer, monkeypatch):
+    """Long variants (step removals, paraphrases, filler, mistakes) get the packed tree decode in
+    single-variant rows by default; `packed_row_max_tokens > 0` packs them into the example's
+    row instead while it fits; `compile_forced_answers` (static shapes) keeps them on `generate`.
+    Every layout gives the records of separate passes."""
     from faithcb.engine import _engine
 
-    unpacked = []  # forced answers that went to the plain (generate) path, per round
-    original = _engine.ProbeEngine._forced_answers
+    unpacked, solo = [], []  # per round: forced answers left to `generate`, single-variant rows
+    original_forced, original_row = _engine.ProbeEngine._forced_answers, _engine.ProbeEngine._single_variant_row
 
     def forced_answers(self, chains, requests, texts, continued):
         unpacked[-1] += len(requests)
-        return original(self, chains, requests, texts, continued)
+        return original_forced(self, chains, requests, texts, continued)
+
+    def single_variant_row(request, context):
+        solo[-1] += 1
+        return original_row(request, context)
 
     monkeypatch.setattr(_engine.ProbeEngine, "_forced_answers", forced_answers)
+    monkeypatch.setattr(_engine.ProbeEngine, "_single_variant_row", staticmethod(single_variant_row))
 
     def run(**overrides):
         unpacked.append(0)
+        solo.append(0)
         config = FaithConfig(max_new_tokens=64, generation_batch_size=4, filler_token=" ....", **overrides)
-        return run_probe_round(long_chain_model, tokenizer, panel, config), unpacked[-1]
+        result = run_probe_round(long_chain_model, tokenizer, panel, config)
+        return result, unpacked[-1], solo[-1]
 
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
-    plain, plain_unpacked = run(packed_scoring=False)
-    (short, short_unpacked), (long, long_unpacked) = run(), run(packed_row_max_tokens=2048)
-    tight, tight_unpacked = run(packed_row_max_tokens=1)
+    plain, plain_unpacked, _ = run(packed_scoring=False)
+    short, short_unpacked, short_solo = run()
+    long, long_unpacked, long_solo = run(packed_row_max_tokens=2048)
+    tight, tight_unpacked, tight_solo = run(packed_row_max_tokens=1)
+    static, static_unpacked, static_solo = run(compile_generation=True, compile_forced_answers=True)
+    no_drafts, _, _ = run(draft_answers=False)
     assert min(r["chain/tokens"] for r in plain.records) > 20
-    for result in (short, long, tight):
+    for result in (short, long, tight, static, no_drafts):
         for a, b in zip(plain.records, result.records, strict=True):
             assert comparable(a) == comparable(b)
-    assert short_unpacked > 0 and long_unpacked == 0  # the long variants joined the packed rows
-    assert tight.calls == plain.calls and tight_unpacked == plain_unpacked  # no room in any row: nothing packed
+    assert plain_unpacked > short_solo > 0 and short_unpacked == 0  # long variants: rows of their own
+    assert long_solo == 0 and long_unpacked == 0  # they joined the example rows
+    assert tight_solo == plain_unpacked and tight_unpacked == 0  # no room in any row: every one alone
+    assert static_solo == 0 and static_unpacked == short_solo  # the compiled decode keeps them
+    assert short.calls["generate"] < static.calls["generate"]
+    # the answers the model stated after its full chain, checked as drafts, save decode steps
+    assert short.calls["decode_steps"] < no_drafts.calls["decode_steps"]
+
+
+@pytest.mark.parametrize("draft", ["none", "right", "wrong_second", "wrong_first", "too_long"])
+def test_draft_tokens_never_change_a_greedy_answer(tokenizer, monkeypatch, draft):
+    """A forced branch's draft is checked in the first pass: accepted tokens skip decode steps,
+    and the first departure resumes the plain greedy decode (speculative decoding)."""
+    from faithcb.engine import _packed
+
+    model = build_tiny_model(tokenizer, seed=6).eval()
+    context = tokenizer("Q: 3 + 4\n3 + 4 = 7\nAnswer:", add_special_tokens=False)["input_ids"]
+    calls = []
+    original = _packed._forward
+    monkeypatch.setattr(_packed, "_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def decode(draft_tokens):
+        calls.clear()
+        branch = Branch(key="k", shared=len(context) - 1, own=context[-1:] + draft_tokens, n_draft=len(draft_tokens))
+        with torch.no_grad():
+            out = score_packed(
+                model,
+                [PackedRow(base=context[:-1], branches=[branch])],
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=4,
+                is_finished=lambda key, tokens: False,
+                eos_ids=[],
+            )
+        return out["k"], len(calls)
+
+    greedy, plain_calls = decode([])
+    assert len(greedy) == 4 and plain_calls == 4  # one prefill + three decode steps
+    other = next(t for t in range(5, 50) if t not in greedy)
+    drafts = {
+        "none": ([], 4),
+        "right": (greedy[:3], 1),  # three accepted + the arg-max after them: done in the prefill
+        "wrong_second": ([greedy[0], other], 3),  # one accepted, the departure kept, two steps left
+        "wrong_first": ([other, greedy[1]], 4),
+        "too_long": ([*greedy, other, other], 1),  # never more than max_new_tokens
+    }
+    tokens, expected_calls = drafts[draft]
+    assert decode(tokens) == (greedy, expected_calls)
+
+
+def test_handed_off_stragglers_finish_with_the_tokens_of_one_batch(tokenizer):
+    """A batch that stops decoding once at most `hand_off` answers are left gives those
+    branches back unfinished; resumed in rows of their own they end with the same tokens."""
+    from faithcb.engine._packed import straggler_row
+
+    model = build_tiny_model(tokenizer, seed=7).eval()
+    texts = ["Q: 3 + 4\nAnswer:", "Q: 12 - 5\n12 - 5 = 7\nAnswer:", "Q: 2 * 9\nAnswer: 1", "Q: 1\nA"]
+    budgets = {i: 2 + 2 * i for i in range(len(texts))}  # answers of 2, 4, 6 and 8 tokens
+
+    def rows():
+        out = []
+        for i, text in enumerate(texts):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append(PackedRow(base=ids[:-1], branches=[Branch(key=i, shared=len(ids) - 1, own=ids[-1:])]))
+        return out
+
+    def run(batch, hand_off):
+        with torch.no_grad():
+            return score_packed(
+                model,
+                batch,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=8,
+                is_finished=lambda key, tokens: len(tokens) >= budgets[key],
+                eos_ids=[],
+                hand_off=hand_off,
+            )
+
+    whole = run(rows(), 0)
+    assert [len(whole[i]) for i in range(len(texts))] == [2, 4, 6, 8]
+    for hand_off in (1, 2, 4):
+        batch = rows()
+        first = run(batch, hand_off)
+        left = [(row, row.branches[0]) for row in batch if not row.branches[0].done]
+        assert len(left) == hand_off and not any(b.key in first for _, b in left)
+        second = run([straggler_row(row, branch) for row, branch in left], 0)
+        assert {**first, **second} == whole

@@ -1,6 +1,16 @@
+import itertools
+
 import pytest
 
-from faithcb._parsing import extract_answer, infer_answer_type, parse_response, split_steps
+from faithcb._parsing import (
+    extract_answer,
+    infer_answer_type,
+    normalize_number,
+    number_complete,
+    parse_response,
+    split_steps,
+)
+from faithcb.engine._engine import answer_complete
 
 
 def test_parse_response_splits_at_cue_and_keeps_spacing():
@@ -84,3 +94,53 @@ def test_infer_answer_type():
     assert infer_answer_type("Paris", None) == "text"
     assert infer_answer_type("A", ["x", "y"]) == "choice"
     assert infer_answer_type(None, None) == "text"
+
+
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [
+        (" 42", False),  # more digits may follow
+        (" 42 ", True),
+        (" 42,", False),  # 42,000
+        (" 42,000 ", True),
+        (" 42.", False),  # 42.5
+        (" 42.5x", True),
+        (" 42.x", True),
+        (" -5 ", True),
+        (" 4848 = 78", True),
+        (" 42\ufffd", False),  # half a multi-byte character: may still be a digit
+        (" about ", False),  # no number yet
+    ],
+)
+def test_number_complete_cases(text, complete):
+    assert number_complete(text) is complete
+
+
+def test_number_complete_against_every_continuation():
+    """Naive reference: whenever `number_complete(s)` holds, no continuation of `s` changes the
+    number read from it (every string over a small alphabet, every continuation up to 3 chars)."""
+    alphabet = "1,. -a"
+    continuations = ["".join(c) for n in range(1, 4) for c in itertools.product(alphabet, repeat=n)]
+    checked = 0
+    for n in range(1, 5):
+        for chars in itertools.product(alphabet, repeat=n):
+            text = "".join(chars)
+            if number_complete(text):
+                checked += 1
+                value = normalize_number(text)
+                assert value is not None
+                assert all(normalize_number(text + c) == value for c in continuations), text
+    assert checked > 100
+
+
+def test_answer_complete_stops_numeric_answers_once_fixed():
+    assert answer_complete(" 42 apples", "Answer:", "numeric")
+    assert not answer_complete(" 42 apples", "Answer:", "text")  # a text answer is the whole line
+    assert answer_complete(" 42 apples\n", "Answer:", "text")
+    assert not answer_complete(" 42", "Answer:", "numeric")
+    assert answer_complete("12 + 3", "\\boxed{", "numeric") and not answer_complete("12", "\\boxed{", "numeric")
+    assert answer_complete("x}", "\\boxed{", "text")
+    # what a stopped decode reads equals what the full line gives
+    for full in [" 42 apples\n", " 3.5 kg\n", " 1,200 people\n", " -7.\n"]:
+        cut = next(i for i in range(1, len(full) + 1) if answer_complete(full[:i], "Answer:", "numeric"))
+        assert extract_answer(full[:cut], "numeric") == extract_answer(full, "numeric")

@@ -20,18 +20,23 @@ from .._config import FaithConfig
 from .._panel import ProbeExample
 from .._parsing import (
     CHOICE_LABELS,
+    THINK_CLOSE,
     answer_span,
     extract_answer,
     find_cue,
     infer_answer_type,
+    number_complete,
     parse_response,
     split_steps,
 )
-from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed
+from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 
 logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
+_MASK_ELEMENTS = 1 << 26  # 4-D mask entries per batch of packed rows (128 MiB in bf16)
+_DRAFT_CHARS = 256  # how much of a stated answer a draft may cover
+_STRAGGLER_SHARE = 1 / 8  # forced answers a batch hands on unfinished to the batch of stragglers
 
 
 class ProbeEngine:
@@ -295,17 +300,24 @@ class ProbeEngine:
         continued: dict[ForcedAnswer, str],
         logprobs: list[AnswerLogProb],
     ) -> tuple[dict[Request, Any], list[ForcedAnswer], list[AnswerLogProb]]:
-        """Score every short variant of an example inside one packed row (see `_packed`).
+        """Score every short variant of an example inside one packed row (see `_packed`), and
+        decode the forced answers of long variants in rows of their own with the same tree
+        decode (no `generate` call, drafts checked in the prefill).
 
         Returns the packed results and the requests left for the plain batched path (long
-        variants, and everything when the model does not support custom 4-D masks).
+        log-prob and choice variants, and everything when the model does not support custom
+        4-D masks).
         """
         if not self.config.packed_scoring or not (forced or logprobs):
             return {}, forced, logprobs
         if not self._has_position_ids or not packing_supported(self.model, self.tokenizer.pad_token_id):
             return {}, forced, logprobs
         rows: dict[int, PackedRow] = {}
+        solo: list[PackedRow] = []  # one long forced variant each
+        # the compiled static-shape decode of `compile_forced_answers` keeps long variants on `generate`
+        solo_allowed = not (self.config.compile_forced_answers and self._static_shapes())
         choice_ids: dict[int, list[int]] = {}
+        drafts: dict[int, list[int]] = {}
         left_forced, left_logprobs = [], []
         results: dict[Request, Any] = {}
         for r in [*forced, *logprobs]:
@@ -325,22 +337,33 @@ class ProbeEngine:
                     continue
                 own, n_answer = own + answer, len(answer)
             branch = Branch(key=r, shared=shared, own=own, n_answer=n_answer)
+            free_forced = isinstance(r, ForcedAnswer) and chain.answer_type != "choice"
             if isinstance(r, ForcedAnswer) and chain.answer_type == "choice":
                 label_prefix, choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
                 branch.own = branch.own + label_prefix
             if shared == 0 or not own or not self._fits(row, branch):
-                (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
-                continue
-            row.branches.append(branch)
+                if free_forced and solo_allowed and len(context) > 1:
+                    solo.append(self._single_variant_row(r, context))
+                    branch = solo[-1].branches[0]
+                else:
+                    (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
+                    continue
+            else:
+                row.branches.append(branch)
+            if free_forced and self.config.draft_answers:
+                if r.example not in drafts:
+                    drafts[r.example] = self._answer_draft(chain)
+                branch.own = branch.own + drafts[r.example]
+                branch.n_draft = len(drafts[r.example])
         eos_ids = self._eos_ids()
 
         def is_finished(key: ForcedAnswer, tokens: list[int]) -> bool:
-            return answer_complete(self.tokenizer.decode(tokens, skip_special_tokens=True), chains[key.example].cue)
+            chain = chains[key.example]
+            return answer_complete(
+                self.tokenizer.decode(tokens, skip_special_tokens=True), chain.cue, chain.answer_type
+            )
 
-        packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
-        size = max(1, self.config.generation_batch_size)
-        for start in range(0, len(packed_rows), size):
-            batch = packed_rows[start : start + size]
+        def score(batch: list[PackedRow], hand_off: int) -> None:
             self.calls["forward"] += 1
             out = score_packed(
                 self.model,
@@ -350,6 +373,8 @@ class ProbeEngine:
                 is_finished=is_finished,
                 eos_ids=eos_ids,
                 choice_ids=choice_ids,
+                hand_off=hand_off,
+                calls=self.calls,
             )
             for key, value in out.items():
                 chain = chains[key.example]
@@ -367,7 +392,61 @@ class ProbeEngine:
                     raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                     results[key] = ForcedResult(answer, raw, continued.get(key))
+
+        packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
+        batches = self._row_batches(packed_rows, max(1, self.config.generation_batch_size))
+        batches += self._row_batches(sorted(solo, key=lambda row: row.length), self.scoring_batch_size)
+        # With several batches, each one stops decoding once a few long answers are left; those
+        # finish together in one batch of stragglers instead of keeping every batch stepping.
+        stragglers: list[PackedRow] = []
+        for batch in batches:
+            forced_branches = [(row, b) for row in batch for b in row.branches if not b.n_answer]
+            hand_off = int(len(forced_branches) * _STRAGGLER_SHARE) if len(batches) > 1 else 0
+            score(batch, hand_off)
+            stragglers += [straggler_row(row, b) for row, b in forced_branches if b.key not in results]
+        for batch in self._row_batches(sorted(stragglers, key=lambda row: row.length), self.scoring_batch_size):
+            score(batch, 0)
         return results, left_forced, left_logprobs
+
+    @staticmethod
+    def _single_variant_row(request: ForcedAnswer, context: list[int]) -> PackedRow:
+        """A packed row holding one long variant's forced answer: its context, the last token
+        as the branch (so the tree decode and the draft check apply as in a shared row)."""
+        return PackedRow(base=context[:-1], branches=[Branch(key=request, shared=len(context) - 1, own=context[-1:])])
+
+    def _row_batches(self, rows: list[PackedRow], size: int) -> list[list[PackedRow]]:
+        """Consecutive batches of packed rows: at most `size` rows, and a bounded 4-D mask (rows
+        x width^2 elements, answer decode included)."""
+        batches: list[list[PackedRow]] = []
+        for row in rows:
+            if batches:
+                batch = batches[-1]
+                width = max(r.length for r in [*batch, row]) + self.config.answer_max_new_tokens
+                if len(batch) < size and (len(batch) + 1) * width * width <= _MASK_ELEMENTS:
+                    batch.append(row)
+                    continue
+            batches.append([row])
+        return batches
+
+    def _answer_draft(self, chain: Chain) -> list[int]:
+        """Tokens of the answer the model stated after its full chain, up to where a forced
+        answer is complete: the likeliest greedy answer of every variant of this example."""
+        if not chain.cue_found:
+            return []
+        response = chain.response.partition(THINK_CLOSE)[2] or chain.response
+        found = find_cue(response, [chain.cue])
+        if found is None:
+            return []
+        after = response[found[0] + len(chain.cue) :][:_DRAFT_CHARS]
+        end = next(
+            (cut for cut in range(1, len(after) + 1) if answer_complete(after[:cut], chain.cue, chain.answer_type)),
+            len(after),
+        )
+        tokens = self.encode_continuation(after[:end]) if end else []
+        eos_ids = self._eos_ids()
+        if tokens and eos_ids and not answer_complete(after[:end], chain.cue, chain.answer_type):
+            tokens.append(eos_ids[0])  # the response ended inside the answer: most likely at EOS
+        return tokens[: self.config.answer_max_new_tokens]
 
     def _fits(self, row: PackedRow, branch: Branch) -> bool:
         """Whether `branch` joins `row`: within `packed_row_max_tokens`, answer decode included
@@ -429,7 +508,9 @@ class ProbeEngine:
             outs = self.generate(
                 contexts,
                 max_new_tokens=self.config.answer_max_new_tokens,
-                finished=lambda i, text: answer_complete(text, chains[free[i].example].cue),
+                finished=lambda i, text: answer_complete(
+                    text, chains[free[i].example].cue, chains[free[i].example].answer_type
+                ),
                 batch_size=self.scoring_batch_size,
                 static_shapes=static,
                 min_width=width,
@@ -516,15 +597,17 @@ class ProbeEngine:
         return logits[:, -keep:]
 
 
-def answer_complete(text: str, cue: str) -> bool:
+def answer_complete(text: str, cue: str, answer_type: str = "text") -> bool:
     """Whether more tokens can no longer change the answer read from `text` (after `cue`).
 
     Answers are read from the first non-empty line (or up to the closing brace of a brace
-    cue), so a forced decode can stop once that line has ended.
+    cue), so a forced decode can stop once that line has ended; a numeric answer (the first
+    number of that line) is fixed as soon as a character that cannot continue the number
+    follows it (`" 42 apples"`).
     """
-    if cue.endswith("{"):
-        return "}" in text
-    return "\n" in text.lstrip()
+    if ("}" in text) if cue.endswith("{") else ("\n" in text.lstrip()):
+        return True
+    return answer_type == "numeric" and number_complete(answer_span(text, cue).lstrip().split("\n", 1)[0])
 
 
 def _unwrap(model: Any) -> Any:

@@ -10,7 +10,10 @@ chain per example instead of n + 1 (design §5).
 A variant's tokens are exactly those of its separately encoded context: the shared part is
 the longest common token prefix of the context and the base, the rest is the variant's own.
 Forced answers are decoded greedily inside the same layout (a tiny tree decode over the KV
-cache), stopping as soon as every answer's first line is fixed.
+cache), stopping as soon as every answer's first line is fixed. A forced branch may end with
+*draft* tokens (the answer the model stated after its full chain): the pass checks them like
+speculative decoding, so a variant whose greedy answer equals the draft needs no decode step,
+and one that departs from it resumes decoding where it departs.
 
 Works with models whose attention takes a custom 4-D float mask and explicit position ids
 (transformers' eager and SDPA attention); `packing_supported` checks that once per model.
@@ -38,6 +41,9 @@ class Branch:
         shared: Number of base tokens it attends to.
         own: Its own tokens after the shared base prefix (context remainder, then answer).
         n_answer: Teacher-forced answer tokens at the end of `own` (0 for forced answers).
+        n_draft: Draft tokens at the end of `own` (forced answers): a guess of the greedy
+            answer, checked in the same pass; they never change the result.
+        accepted: Draft tokens the greedy decode confirmed (they stay in the KV cache).
         generated: Greedy tokens decoded so far (forced answers).
         done: Whether decoding of this branch has finished.
     """
@@ -46,6 +52,8 @@ class Branch:
     shared: int
     own: list[int]
     n_answer: int = 0
+    n_draft: int = 0
+    accepted: int = 0
     generated: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -130,6 +138,8 @@ def score_packed(
     is_finished: Any,
     eos_ids: list[int],
     choice_ids: dict[int, list[int]] | None = None,
+    hand_off: int = 0,
+    calls: dict[str, int] | None = None,
 ) -> dict[Any, Any]:
     """Run every branch of every row: log-probs (bits) and greedy forced answers.
 
@@ -142,11 +152,16 @@ def score_packed(
         eos_ids: End-of-sequence ids.
         choice_ids: For multiple-choice branches (by `id(branch)`): label token ids; the answer
             is the arg-max label index (no decoding).
+        hand_off: Stop decoding once at most this many forced branches are unfinished (a few
+            long answers would otherwise keep the whole batch stepping). Those branches are left
+            out of the result, with `done` False and their tokens so far in `generated`, for
+            the caller to finish in a batch of stragglers (`straggler_row`).
+        calls: Counters to add the number of decode steps to (key `decode_steps`).
 
     Returns:
         Per branch key: log2-probability of its answer (float) for teacher-forced branches,
-        generated token ids (list) for forced branches, or the label index (int) for choice
-        branches.
+        generated token ids (list) for finished forced branches, or the label index (int) for
+        choice branches.
     """
     choice_ids = choice_ids or {}
     device = next(model.parameters()).device
@@ -156,78 +171,120 @@ def score_packed(
     reads: list[tuple[int, Branch, list[int]]] = []  # (row, branch, positions whose logits it reads)
     for r, row in enumerate(rows):
         for branch, (_, end) in zip(row.branches, spans[r]):
-            positions = list(range(end - branch.n_answer - 1, end - 1)) if branch.n_answer else [end - 1]
+            if branch.n_answer:  # the logits that predict each answer token
+                positions = list(range(end - branch.n_answer - 1, end - 1))
+            else:  # the logits after the context and after each draft token
+                positions = list(range(end - branch.n_draft - 1, end))
             keep[r, positions] = True
             reads.append((r, branch, positions))
     logits, cache = _forward(model, ids, pos, mask, keep.to(device))
-    # logits are flattened in row-major order of `keep`
-    flat_index = torch.full(keep.shape, -1, dtype=torch.long)
-    flat_index[keep] = torch.arange(int(keep.sum()))
+    # logits are flattened in row-major order of `keep`, which is the order of `reads` (rows in
+    # order, branches in the order of their spans, positions ascending): row i is read i
+    if logits.shape[0] != sum(len(positions) for _, _, positions in reads):
+        raise RuntimeError(f"Packed scoring kept {logits.shape[0]} logits for {len(reads)} branches' reads.")
     results: dict[Any, Any] = {}
     decoding: list[tuple[int, int, Branch]] = []  # (row, slot, branch)
     slots = [0] * len(rows)
-    # Host-device traffic is batched: one copy of every read position and answer token to the
-    # device, one copy of every branch's figure back (per-branch `.item()` calls would each
-    # wait for the device).
-    read_index = torch.tensor([i for r, _, positions in reads for i in flat_index[r, positions].tolist()])
-    read_logits = logits[read_index.to(logits.device)]
-    targets = torch.tensor(
-        [t for _, branch, _ in reads if branch.n_answer for t in branch.own[-branch.n_answer :]], dtype=torch.long
-    ).to(logits.device)
-    sums, picks = [], []  # (branch, 0-d tensor) pairs, read back together below
-    offset, target_offset = 0, 0
-    for _, branch, positions in reads:
-        rows_logits = read_logits[offset : offset + len(positions)].float()
+    # Host-device traffic is batched and the figures are computed for all branches at once: one
+    # copy of every answer token to the device, one copy of every arg-max and log-prob sum back
+    # (per-branch `.item()` calls would each wait for the device).
+    read_logits = logits
+    greedy_all = read_logits.argmax(-1)
+    answer_rows, answer_tokens, answer_branch, choice_picks = [], [], [], []
+    offset = 0
+    for b, (_, branch, positions) in enumerate(reads):
+        if branch.n_answer:
+            answer_rows.extend(range(offset, offset + len(positions)))
+            answer_tokens.extend(branch.own[-branch.n_answer :])
+            answer_branch.extend([b] * branch.n_answer)
+        elif id(branch) in choice_ids:
+            label_ids = torch.tensor(choice_ids[id(branch)], device=logits.device)
+            choice_picks.append(read_logits[offset + len(positions) - 1, label_ids].argmax())
+        offset += len(positions)
+    sums = None
+    if answer_rows:
+        rows_index = torch.tensor(answer_rows, device=logits.device)
+        logprobs = torch.log_softmax(read_logits[rows_index].float(), dim=-1)
+        picked = logprobs.gather(-1, torch.tensor(answer_tokens, device=logits.device)[:, None])[:, 0]
+        sums = torch.zeros(len(reads), device=logits.device).index_add_(
+            0, torch.tensor(answer_branch, device=logits.device), picked
+        )
+    greedy_flat = greedy_all.tolist()
+    sums_list = sums.tolist() if sums is not None else []
+    choice_list = torch.stack(choice_picks).tolist() if choice_picks else []
+    offset = 0
+    for b, (_, branch, positions) in enumerate(reads):
+        greedy = greedy_flat[offset : offset + len(positions)]
         offset += len(positions)
         if branch.n_answer:
-            logprobs = torch.log_softmax(rows_logits, dim=-1)
-            answer = targets[target_offset : target_offset + branch.n_answer]
-            target_offset += branch.n_answer
-            sums.append((branch, logprobs.gather(-1, answer[:, None]).sum()))
+            results[branch.key] = sums_list[b] / math.log(2.0)
         elif id(branch) in choice_ids:
-            picks.append((branch, torch.argmax(rows_logits[-1, choice_ids[id(branch)]])))
+            results[branch.key] = choice_list.pop(0)
         else:
-            picks.append((branch, torch.argmax(rows_logits[-1])))
-    if sums:
-        for (branch, _), value in zip(sums, torch.stack([v for _, v in sums]).tolist()):
-            results[branch.key] = value / math.log(2.0)
-    if picks:
-        for (branch, _), token in zip(picks, torch.stack([v for _, v in picks]).tolist()):
-            if id(branch) in choice_ids:
-                results[branch.key] = token
-                continue
-            branch.generated.append(token)
-            branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
+            _accept_draft(branch, greedy, max_new_tokens, eos_ids, is_finished)
     for r, branch, _ in reads:
         if not branch.n_answer and id(branch) not in choice_ids:
             decoding.append((r, slots[r], branch))
             slots[r] += 1
-    if decoding:
-        _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id)
-        for _, _, branch in decoding:
-            results[branch.key] = [t for t in branch.generated]
+    if sum(not branch.done for _, _, branch in decoding) > hand_off:
+        steps = _tree_decode(
+            model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+        )
+        if calls is not None:
+            calls["decode_steps"] = calls.get("decode_steps", 0) + steps
+    for _, _, branch in decoding:
+        if branch.done:
+            results[branch.key] = list(branch.generated)
     return results
 
 
-def _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id):
-    """Greedy decode of every forced branch, one token per branch per step, over a shared cache."""
+def straggler_row(row: PackedRow, branch: Branch) -> PackedRow:
+    """A row of its own for an unfinished forced branch: its context and the tokens it has
+    decoded so far (the last one fed again), so decoding resumes where it stopped."""
+    context = row.base[: branch.shared] + branch.own[: len(branch.own) - branch.n_draft]
+    full = context + branch.generated
+    resumed = Branch(key=branch.key, shared=len(full) - 1, own=full[-1:], generated=list(branch.generated))
+    return PackedRow(base=full[:-1], branches=[resumed])
+
+
+def _accept_draft(branch: Branch, greedy: list[int], max_new_tokens: int, eos_ids: list[int], is_finished) -> None:
+    """Take the greedy tokens of a forced branch's first pass: `greedy[j]` is the arg-max after
+    the context and the first j draft tokens. Draft tokens are accepted while they equal the
+    greedy choice; the first greedy token that departs from the draft (or follows the whole
+    draft) is kept too, as the next token to feed."""
+    draft = branch.own[len(branch.own) - branch.n_draft :] if branch.n_draft else []
+    for j, token in enumerate(greedy):
+        branch.generated.append(token)
+        branch.done = token in eos_ids or len(branch.generated) >= max_new_tokens
+        branch.done = branch.done or is_finished(branch.key, branch.generated)
+        if branch.done or j >= len(draft) or token != draft[j]:
+            break
+        branch.accepted += 1
+
+
+def _tree_decode(
+    model, rows, spans, visible, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+):
+    """Greedy decode of every forced branch, one token per branch per step, over a shared cache,
+    until at most `hand_off` branches are unfinished. Returns the number of steps."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     q = max(slots)
     batch, width = len(rows), visible.shape[1]
-    # kv visibility of each decoding slot: its base prefix + own tokens
+    # kv visibility of each decoding slot: its base prefix + own tokens (context and accepted draft)
     slot_vis = torch.zeros((batch, q, width), dtype=torch.bool)
     slot_pos = torch.zeros((batch, q), dtype=torch.long)
     by_slot: dict[tuple[int, int], Branch] = {}
     for r, s, branch in decoding:
-        start, end = next(sp for b, sp in zip(rows[r].branches, spans[r]) if b is branch)
+        start, _ = next(sp for b, sp in zip(rows[r].branches, spans[r]) if b is branch)
         slot_vis[r, s, : branch.shared] = True
-        slot_vis[r, s, start:end] = True
-        slot_pos[r, s] = branch.shared + len(branch.own)
+        cached = len(branch.own) - branch.n_draft + branch.accepted
+        slot_vis[r, s, start : start + cached] = True
+        slot_pos[r, s] = branch.shared + cached
         by_slot[(r, s)] = branch
-    for step in range(1, max_new_tokens):
-        if all(b.done for b in by_slot.values()):
-            break
+    step = 0
+    while sum(not b.done for b in by_slot.values()) > hand_off:
+        step += 1
         tokens = torch.full((batch, q), pad_id, dtype=torch.long)
         for (r, s), branch in by_slot.items():
             tokens[r, s] = branch.generated[-1]
@@ -248,7 +305,9 @@ def _tree_decode(model, rows, spans, visible, cache, decoding, slots, max_new_to
                 continue
             token = greedy[r][s]
             branch.generated.append(token)
-            branch.done = token in eos_ids or is_finished(branch.key, branch.generated)
+            branch.done = token in eos_ids or len(branch.generated) >= max_new_tokens
+            branch.done = branch.done or is_finished(branch.key, branch.generated)
+    return step
 
 
 def packing_supported(model: Any, pad_id: int) -> bool:
