@@ -140,6 +140,7 @@ LOGPROB_TOLERANCE_BITS = 0.01
 CANDIDATES = {
     "compiled_forced_answers": {"compile_forced_answers": True},
     "packed_long_variants": {"packed_row_max_tokens": 2048},
+    "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
 }
 
 
@@ -202,6 +203,12 @@ def main() -> None:
         if device == "cuda":
             round_peak = torch.cuda.max_memory_allocated()
     round_seconds = min(times)
+    # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
+    # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
+    # (a hook on a compiled model could make it recompile).
+    forward_passes = None
+    if device == "cpu":
+        forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
 
     # experimental settings, timed in the same run (each with its own warm-up: it may compile)
     candidates = {}
@@ -262,6 +269,7 @@ def main() -> None:
         "warmup_round_seconds": warmup_seconds,
         "round_seconds": round_seconds,
         "round_calls": result.calls,
+        "round_forward_passes": forward_passes,
         "train_step_seconds": step_seconds,
         "train_batch": f"{args.train_batch}x{args.train_seq}",
         "every_n_steps": every,
@@ -281,6 +289,17 @@ def main() -> None:
         "candidates": candidates,
     }
     print(json.dumps(report, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
+
+
+def count_forward_passes(model, fn) -> int:
+    """How many times `model` runs a forward pass while `fn()` runs."""
+    count = [0]
+    handle = model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return count[0]
 
 
 def _timed(fn, device):

@@ -34,5 +34,9 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["metrics_equal"] is True  # engine and reference agree on the same panel
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
-    assert set(report["candidates"]) == {"compiled_forced_answers", "packed_long_variants"}
+    assert set(report["candidates"]) == {"compiled_forced_answers", "packed_long_variants", "without_drafts"}
     assert report["candidates"]["packed_long_variants"]["records_differing"] == 0  # same figures, other packing
+    assert report["candidates"]["without_drafts"]["records_differing"] == 0
+    # every generate decode step and packed pass is a forward pass
+    calls = report["round_calls"]
+    assert report["round_forward_passes"] >= calls["generate"] + calls["forward"] + calls.get("decode_steps", 0)
