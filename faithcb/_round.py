@@ -26,7 +26,8 @@ class RoundResult:
         metrics: Panel-level figures, keys without the `faith/` prefix.
         records: One JSON-serialisable dict per example.
         seconds: Wall time of the round.
-        calls: Model calls made (`generate`, `forward`).
+        calls: Model calls made: `generate` calls, `forward` passes (a packed batch's prefill
+            counts once) and `decode_steps` of the packed tree decode.
     """
 
     metrics: dict[str, float]

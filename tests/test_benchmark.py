@@ -40,3 +40,5 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     # every generate decode step and packed pass is a forward pass
     calls = report["round_calls"]
     assert report["round_forward_passes"] >= calls["generate"] + calls["forward"] + calls.get("decode_steps", 0)
+    phases = report["round_phase_seconds"]
+    assert phases["generate_chains"] > 0 and phases["_packed"] > 0 and phases["other"] >= 0

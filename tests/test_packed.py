@@ -19,16 +19,16 @@ def trained(request, tokenizer):
     return model.eval()
 
 
-def comparable(record):
-    out = {}
-    for key, value in record.items():
-        if key.startswith("info_gain/") and isinstance(value, list):
-            out[key] = [round(v, 3) for v in value]
-        elif isinstance(value, float) and key.startswith("info_gain/"):
-            out[key] = round(value, 3)
+def assert_same_record(a, b):
+    """Equal records; information-gain log-probs to 1e-3 bit (batch shapes change the last bits
+    of a matmul, so rounding both sides could split a value at a boundary)."""
+    assert set(a) == set(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if key.startswith("info_gain/") and isinstance(x, (float, list)):
+            assert x == pytest.approx(y, abs=1e-3, nan_ok=True), key
         else:
-            out[key] = value
-    return out
+            assert x == y, key
 
 
 def test_packed_round_equals_separate_passes(trained, tokenizer):
@@ -40,7 +40,7 @@ def test_packed_round_equals_separate_passes(trained, tokenizer):
         results[packed] = run_probe_round(trained, tokenizer, panel, config)
     assert any(r["steps"] for r in results[True].records)  # the chains have steps to cut
     for a, b in zip(results[False].records, results[True].records):
-        assert comparable(a) == comparable(b)
+        assert_same_record(a, b)
     for key, value in results[False].metrics.items():
         assert results[True].metrics[key] == pytest.approx(value, abs=1e-3), key
     # the packed path replaces per-prefix answer decodes by a few packed passes
@@ -100,7 +100,7 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     assert {is_static for budget, is_static in seen if budget == static_config.max_new_tokens} == {True}
     assert any(r["steps"] for r in eager.records)
     for a, b in zip(eager.records, static.records, strict=True):
-        assert comparable(a) == comparable(b)
+        assert_same_record(a, b)
     for key, value in eager.metrics.items():
         assert static.metrics[key] == pytest.approx(value, abs=1e-3), key
 
@@ -157,7 +157,7 @@ def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_c
     assert min(r["chain/tokens"] for r in plain.records) > 20
     for result in (short, long, tight, static, no_drafts):
         for a, b in zip(plain.records, result.records, strict=True):
-            assert comparable(a) == comparable(b)
+            assert_same_record(a, b)
     assert plain_unpacked > short_solo > 0 and short_unpacked == 0  # long variants: rows of their own
     assert long_solo == 0 and long_unpacked == 0  # they joined the example rows
     assert tight_solo == plain_unpacked and tight_unpacked == 0  # no room in any row: every one alone
@@ -244,3 +244,26 @@ def test_handed_off_stragglers_finish_with_the_tokens_of_one_batch(tokenizer):
         assert len(left) == hand_off and not any(b.key in first for _, b in left)
         second = run([straggler_row(row, branch) for row, branch in left], 0)
         assert {**first, **second} == whole
+
+
+def test_drafts_spare_every_decode_step_when_the_answer_ignores_the_chain(tokenizer):
+    """A model that answers 7 whatever its chain says (the post-hoc regime faithcb watches for):
+    every forced answer equals the stated one, so with drafts no variant needs a decode step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = make_arithmetic_examples(400, seed=1, min_ops=3, max_ops=4)
+        data = [{**e, "completion": e["completion"].rsplit("Answer:", 1)[0] + "Answer: 7"} for e in data]
+        model = build_tiny_model(tokenizer, seed=4)
+        pretrain_tiny_model(model, tokenizer, data, steps=150, batch_size=16)
+    finally:
+        torch.set_num_threads(threads)
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
+    config = FaithConfig(max_new_tokens=64, generation_batch_size=4)
+    drafted = run_probe_round(model.eval(), tokenizer, panel, config)
+    plain = run_probe_round(model, tokenizer, panel, FaithConfig(**{**vars(config), "draft_answers": False}))
+    assert {r["stated_answer"] for r in drafted.records} == {"7"}
+    assert drafted.metrics["early_answer/aoc"] == 0.0  # the chain never changes the answer
+    for a, b in zip(plain.records, drafted.records, strict=True):
+        assert_same_record(a, b)
+    assert drafted.calls["decode_steps"] == 0 < plain.calls["decode_steps"]

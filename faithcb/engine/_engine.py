@@ -61,7 +61,9 @@ class ProbeEngine:
         # wrappers (PEFT, DDP) forward **kwargs: read what the wrapped model itself accepts
         base_params = inspect.signature(_unwrap(model).forward).parameters
         self._has_position_ids = "position_ids" in base_params
-        self.calls = {"generate": 0, "forward": 0}
+        # generate calls, forward passes (a packed batch's prefill counts once) and the decode
+        # steps of the packed tree decode
+        self.calls = {"generate": 0, "forward": 0, "decode_steps": 0}
 
     # ------------------------------------------------------------------ tokenization
     @property
