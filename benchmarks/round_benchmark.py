@@ -209,6 +209,7 @@ def main() -> None:
     forward_passes = None
     if device == "cpu":
         forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
+    phase_seconds = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
 
     # experimental settings, timed in the same run (each with its own warm-up: it may compile)
     candidates = {}
@@ -270,6 +271,7 @@ def main() -> None:
         "round_seconds": round_seconds,
         "round_calls": result.calls,
         "round_forward_passes": forward_passes,
+        "round_phase_seconds": phase_seconds,
         "train_step_seconds": step_seconds,
         "train_batch": f"{args.train_batch}x{args.train_seq}",
         "every_n_steps": every,
@@ -289,6 +291,40 @@ def main() -> None:
         "candidates": candidates,
     }
     print(json.dumps(report, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
+
+
+# the engine's phases of a round, in the order a round runs them
+PHASES = ("generate_chains", "_continue_chains", "_packed", "_forced_answers", "_answer_logprobs")
+
+
+def time_phases(fn, device: str) -> dict[str, float]:
+    """Seconds of each engine phase while `fn()` runs one round (device synchronised at every
+    phase boundary); `other` is the rest of the round (probes, parsing, bookkeeping)."""
+    from faithcb.engine._engine import ProbeEngine
+
+    spent = dict.fromkeys(PHASES, 0.0)
+    originals = {name: getattr(ProbeEngine, name) for name in PHASES}
+
+    def timed(name, original):
+        def wrapper(self, *args, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                sync(device)
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(ProbeEngine, name, timed(name, original))
+    try:
+        total = _timed(fn, device)
+    finally:
+        for name, original in originals.items():
+            setattr(ProbeEngine, name, original)
+    return {**spent, "other": total - sum(spent.values())}
 
 
 def count_forward_passes(model, fn) -> int:
