@@ -417,13 +417,13 @@ class ProbeEngine:
         return PackedRow(base=context[:-1], branches=[Branch(key=request, shared=len(context) - 1, own=context[-1:])])
 
     def _row_batches(self, rows: list[PackedRow], size: int) -> list[list[PackedRow]]:
-        """Consecutive batches of packed rows: at most `size` rows, and a bounded 4-D mask (rows
-        x width^2 elements, answer decode included)."""
+        """Consecutive batches of packed rows sorted by length: at most `size` rows, and a bounded
+        4-D mask (rows x width^2 elements, answer decode included)."""
         batches: list[list[PackedRow]] = []
         for row in rows:
             if batches:
                 batch = batches[-1]
-                width = max(r.length for r in [*batch, row]) + self.config.answer_max_new_tokens
+                width = row.length + self.config.answer_max_new_tokens  # the longest row so far
                 if len(batch) < size and (len(batch) + 1) * width * width <= _MASK_ELEMENTS:
                     batch.append(row)
                     continue

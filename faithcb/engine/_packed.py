@@ -188,8 +188,7 @@ def score_packed(
     # Host-device traffic is batched and the figures are computed for all branches at once: one
     # copy of every answer token to the device, one copy of every arg-max and log-prob sum back
     # (per-branch `.item()` calls would each wait for the device).
-    read_logits = logits
-    greedy_all = read_logits.argmax(-1)
+    greedy_all = logits.argmax(-1)
     answer_rows, answer_tokens, answer_branch, choice_picks = [], [], [], []
     offset = 0
     for b, (_, branch, positions) in enumerate(reads):
@@ -199,19 +198,19 @@ def score_packed(
             answer_branch.extend([b] * branch.n_answer)
         elif id(branch) in choice_ids:
             label_ids = torch.tensor(choice_ids[id(branch)], device=logits.device)
-            choice_picks.append(read_logits[offset + len(positions) - 1, label_ids].argmax())
+            choice_picks.append(logits[offset + len(positions) - 1, label_ids].argmax())
         offset += len(positions)
     sums = None
     if answer_rows:
         rows_index = torch.tensor(answer_rows, device=logits.device)
-        logprobs = torch.log_softmax(read_logits[rows_index].float(), dim=-1)
+        logprobs = torch.log_softmax(logits[rows_index].float(), dim=-1)
         picked = logprobs.gather(-1, torch.tensor(answer_tokens, device=logits.device)[:, None])[:, 0]
         sums = torch.zeros(len(reads), device=logits.device).index_add_(
             0, torch.tensor(answer_branch, device=logits.device), picked
         )
     greedy_flat = greedy_all.tolist()
     sums_list = sums.tolist() if sums is not None else []
-    choice_list = torch.stack(choice_picks).tolist() if choice_picks else []
+    choice_list = iter(torch.stack(choice_picks).tolist() if choice_picks else [])
     offset = 0
     for b, (_, branch, positions) in enumerate(reads):
         greedy = greedy_flat[offset : offset + len(positions)]
@@ -219,7 +218,7 @@ def score_packed(
         if branch.n_answer:
             results[branch.key] = sums_list[b] / math.log(2.0)
         elif id(branch) in choice_ids:
-            results[branch.key] = choice_list.pop(0)
+            results[branch.key] = next(choice_list)
         else:
             _accept_draft(branch, greedy, max_new_tokens, eos_ids, is_finished)
     for r, branch, _ in reads:
@@ -254,12 +253,17 @@ def _accept_draft(branch: Branch, greedy: list[int], max_new_tokens: int, eos_id
     draft) is kept too, as the next token to feed."""
     draft = branch.own[len(branch.own) - branch.n_draft :] if branch.n_draft else []
     for j, token in enumerate(greedy):
-        branch.generated.append(token)
-        branch.done = token in eos_ids or len(branch.generated) >= max_new_tokens
-        branch.done = branch.done or is_finished(branch.key, branch.generated)
+        _take(branch, token, max_new_tokens, eos_ids, is_finished)
         if branch.done or j >= len(draft) or token != draft[j]:
             break
         branch.accepted += 1
+
+
+def _take(branch: Branch, token: int, max_new_tokens: int, eos_ids: list[int], is_finished) -> None:
+    """Append a decoded token; the branch is done at EOS, at the budget, or once its answer is."""
+    branch.generated.append(token)
+    branch.done = token in eos_ids or len(branch.generated) >= max_new_tokens
+    branch.done = branch.done or is_finished(branch.key, branch.generated)
 
 
 def _tree_decode(
@@ -303,10 +307,7 @@ def _tree_decode(
         for (r, s), branch in by_slot.items():
             if branch.done:
                 continue
-            token = greedy[r][s]
-            branch.generated.append(token)
-            branch.done = token in eos_ids or len(branch.generated) >= max_new_tokens
-            branch.done = branch.done or is_finished(branch.key, branch.generated)
+            _take(branch, greedy[r][s], max_new_tokens, eos_ids, is_finished)
     return step
 
 
