@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class Args:
     train_seq: int = 512
     reference_examples: int = -1  # -1: the whole panel on CPU, 0 on CUDA
     timed_rounds: int = 2
+    profile_out: str = ""  # write a torch.profiler table of one steady round here ("" = none)
     candidates: int = -1  # also time the experimental settings in CANDIDATES: -1 CUDA only, 0 never, 1 always
     seed: int = 0
 
@@ -101,6 +103,12 @@ def build(args: Args, device: str):
     pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=args.pretrain_batch, lr=lr, seed=args.seed)
     panel = load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in panel_rows])
     return model, tokenizer, panel
+
+
+def progress(stage: str, **values) -> None:
+    """One JSON line on stderr per finished stage, so a run stopped at a time limit still
+    reports what it measured (the final report stays the last line of stdout)."""
+    print(json.dumps({"stage": stage, **values}, default=str), file=sys.stderr, flush=True)
 
 
 def sync(device: str) -> None:
@@ -170,12 +178,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    start = time.perf_counter()
     model, tokenizer, panel = build(args, device)
+    progress("build", seconds=time.perf_counter() - start)
     every = (500 if device == "cuda" else FaithConfig().every_n_steps) if args.every_n_steps < 0 else args.every_n_steps
     big = args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda")
     max_new = args.max_new_tokens if args.max_new_tokens > 0 else (256 if big else 64)
     config = FaithConfig(max_new_tokens=max_new, generation_batch_size=args.panel_size if device == "cuda" else 16)
     step_seconds, train_peak, _optimizer = time_train_step(model, tokenizer, args, device)
+    progress("train_step", seconds=step_seconds, peak=train_peak)
 
     # engine: a warm-up round (compiles on CUDA), then timed rounds
     sync(device)
@@ -190,6 +201,7 @@ def main() -> None:
         warm = run_probe_round(model, tokenizer, panel, config)
     sync(device)
     warmup_seconds = time.perf_counter() - start
+    progress("warmup_round", seconds=warmup_seconds, compile_error=compile_error)
     times, result = [], warm
     round_peak = None
     for _ in range(args.timed_rounds):
@@ -203,6 +215,7 @@ def main() -> None:
         if device == "cuda":
             round_peak = torch.cuda.max_memory_allocated()
     round_seconds = min(times)
+    progress("timed_rounds", seconds=times, calls=result.calls, peak=round_peak)
     # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
     # (a hook on a compiled model could make it recompile).
@@ -210,6 +223,10 @@ def main() -> None:
     if device == "cpu":
         forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
     phase_seconds = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
+    progress("phases", seconds=phase_seconds, forward_passes=forward_passes)
+    if args.profile_out:
+        profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)
+        progress("profile", path=args.profile_out)
 
     # experimental settings, timed in the same run (each with its own warm-up: it may compile)
     candidates = {}
@@ -229,6 +246,7 @@ def main() -> None:
                 "overhead_fraction": seconds / (every * step_seconds),
                 "records_differing": records_differing(result.records, candidate.records),
             }
+            progress(f"candidate {name}", **candidates[name])
 
     n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
     speedup = reference_seconds = None
@@ -325,6 +343,39 @@ def time_phases(fn, device: str) -> dict[str, float]:
         for name, original in originals.items():
             setattr(ProbeEngine, name, original)
     return {**spent, "other": total - sum(spent.values())}
+
+
+def profile_round(fn, device: str, path: str) -> None:
+    """Write torch.profiler's tables of one round to `path`: the engine's phases (labelled with
+    `record_function`) and the top operators by device time, with their call counts (on a GPU,
+    the kernel-launch count shows whether a phase is launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from faithcb.engine._engine import ProbeEngine
+
+    originals = {name: getattr(ProbeEngine, name) for name in PHASES}
+
+    def labelled(name, original):
+        def wrapper(self, *args, **kwargs):
+            with record_function(f"phase::{name}"):
+                return original(self, *args, **kwargs)
+
+        return wrapper
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, original in originals.items():
+        setattr(ProbeEngine, name, labelled(name, original))
+    try:
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+    finally:
+        for name, original in originals.items():
+            setattr(ProbeEngine, name, original)
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    with open(path, "w") as f:
+        f.write(table)
 
 
 def count_forward_passes(model, fn) -> int:
