@@ -24,6 +24,7 @@ Launch:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ class Args:
     timed_rounds: int = 2
     profile_out: str = ""  # write a torch.profiler table of one steady round here ("" = none)
     candidates: int = -1  # also time the experimental settings in CANDIDATES: -1 CUDA only, 0 never, 1 always
+    candidate_names: str = ""  # comma-separated subset of CANDIDATES ("" = all)
     seed: int = 0
 
 
@@ -64,7 +66,16 @@ def parse_args() -> Args:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in vars(Args()).items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
-    return Args(**vars(parser.parse_args()))
+    args = Args(**vars(parser.parse_args()))
+    unknown = sorted(set(chosen_candidates(args)) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"--candidate_names: unknown {unknown}; known: {sorted(CANDIDATES)}")
+    return args
+
+
+def chosen_candidates(args: Args) -> list[str]:
+    """The names in --candidate_names, or every candidate."""
+    return [name for name in args.candidate_names.split(",") if name] or list(CANDIDATES)
 
 
 def build(args: Args, device: str):
@@ -144,12 +155,29 @@ def time_train_step(model, tokenizer, args: Args, device: str):
 
 LOGPROB_TOLERANCE_BITS = 0.01
 
-# Experimental FaithConfig settings the GPU round-time target may need (docs/performance.md).
+# Experimental settings the GPU round-time target may need (docs/performance.md): FaithConfig
+# fields, or (upper-case keys) module settings of faithcb.engine._packed.
 CANDIDATES = {
     "compiled_forced_answers": {"compile_forced_answers": True},
     "packed_long_variants": {"packed_row_max_tokens": 2048},
     "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
+    "any_sdpa_kernel_in_packed_passes": {"PACKED_SDPA_BACKENDS": None},  # cuDNN allowed again
 }
+
+
+@contextlib.contextmanager
+def module_settings(overrides: dict):
+    """Set the upper-case `overrides` on faithcb.engine._packed for the duration."""
+    from faithcb.engine import _packed
+
+    saved = {name: getattr(_packed, name) for name in overrides}
+    try:
+        for name, value in overrides.items():
+            setattr(_packed, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_packed, name, value)
 
 
 def _same(key: str, x, y) -> bool:
@@ -202,7 +230,7 @@ def main() -> None:
     sync(device)
     warmup_seconds = time.perf_counter() - start
     progress("warmup_round", seconds=warmup_seconds, compile_error=compile_error)
-    times, result = [], warm
+    times, result, timed_results = [], warm, []
     round_peak = None
     for _ in range(args.timed_rounds):
         if device == "cuda":
@@ -212,10 +240,13 @@ def main() -> None:
         result = run_probe_round(model, tokenizer, panel, config)
         sync(device)
         times.append(time.perf_counter() - start)
+        timed_results.append(result)
         if device == "cuda":
             round_peak = torch.cuda.max_memory_allocated()
     round_seconds = min(times)
-    progress("timed_rounds", seconds=times, calls=result.calls, peak=round_peak)
+    # the same model and panel: every round should give the same records
+    rounds_differing = records_differing(timed_results[0].records, result.records) if timed_results else None
+    progress("timed_rounds", seconds=times, calls=result.calls, peak=round_peak, rounds_differing=rounds_differing)
     # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
     # (a hook on a compiled model could make it recompile).
@@ -227,26 +258,6 @@ def main() -> None:
     if args.profile_out:
         profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)
         progress("profile", path=args.profile_out)
-
-    # experimental settings, timed in the same run (each with its own warm-up: it may compile)
-    candidates = {}
-    if args.candidates > 0 or (args.candidates < 0 and device == "cuda"):
-        for name, overrides in CANDIDATES.items():
-            candidate_config = FaithConfig(**{**vars(config), **overrides})
-
-            def candidate_round(c=candidate_config):
-                return run_probe_round(model, tokenizer, panel, c)
-
-            warmup, candidate = _timed_result(candidate_round, device)
-            seconds = min(_timed(candidate_round, device) for _ in range(args.timed_rounds))
-            candidates[name] = {
-                "settings": overrides,
-                "warmup_round_seconds": warmup,
-                "round_seconds": seconds,
-                "overhead_fraction": seconds / (every * step_seconds),
-                "records_differing": records_differing(result.records, candidate.records),
-            }
-            progress(f"candidate {name}", **candidates[name])
 
     n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
     speedup = reference_seconds = None
@@ -274,6 +285,34 @@ def main() -> None:
         diff_keys = sorted({k for x, y in zip(plain.records, result.records) for k in differing_fields(x, y)})
         compared = "packed scoring vs plain batched scoring"
         compared += f" ({differing}/{len(result.records)} records differ; fields: {diff_keys[:8]})"
+        chains_differing = sum(x.get("chain") != y.get("chain") for x, y in zip(plain.records, result.records))
+        compared += f" ({chains_differing} with different chains)"
+
+    progress("metrics_equal", metrics_equal=metrics_equal, compared=compared)
+
+    # experimental settings, timed in the same run (each with its own warm-up: it may compile)
+    candidates = {}
+    if args.candidates > 0 or (args.candidates < 0 and device == "cuda"):
+        for name in chosen_candidates(args):
+            overrides = CANDIDATES[name]
+            fields = {k: v for k, v in overrides.items() if not k.isupper()}
+            patch = {k: v for k, v in overrides.items() if k.isupper()}
+            candidate_config = FaithConfig(**{**vars(config), **fields})
+
+            def candidate_round(c=candidate_config, patch=patch):
+                with module_settings(patch):
+                    return run_probe_round(model, tokenizer, panel, c)
+
+            warmup, candidate = _timed_result(candidate_round, device)
+            seconds = min(_timed(candidate_round, device) for _ in range(args.timed_rounds))
+            candidates[name] = {
+                "settings": overrides,
+                "warmup_round_seconds": warmup,
+                "round_seconds": seconds,
+                "overhead_fraction": seconds / (every * step_seconds),
+                "records_differing": records_differing(result.records, candidate.records),
+            }
+            progress(f"candidate {name}", **candidates[name])
 
     steps_stats = [r["chain/steps"] for r in result.records]
     tokens_stats = [r["chain/tokens"] for r in result.records]
@@ -299,6 +338,7 @@ def main() -> None:
         "speedup_vs_reference": speedup,
         "metrics_equal": metrics_equal,
         "metrics_compared": compared,
+        "timed_rounds_differing": rounds_differing,
         "round_peak_mem_over_train_peak": (round_peak / train_peak) if round_peak and train_peak else None,
         "accuracy": result.metrics.get("accuracy"),
         "torch_threads": torch.get_num_threads(),

@@ -23,6 +23,7 @@ KEYS = (
 def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     args = ["--device", "cpu", "--panel_size", "4", "--pretrain_steps", "20", "--timed_rounds", "1"]
     args += ["--train_batch", "2", "--train_seq", "32", "--max_new_tokens", "24", "--candidates", "1"]
+    args += ["--profile_out", str(tmp_path / "profile.txt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -34,11 +35,37 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["metrics_equal"] is True  # engine and reference agree on the same panel
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
-    assert set(report["candidates"]) == {"compiled_forced_answers", "packed_long_variants", "without_drafts"}
+    assert set(report["candidates"]) == {
+        "compiled_forced_answers",
+        "packed_long_variants",
+        "without_drafts",
+        "any_sdpa_kernel_in_packed_passes",
+    }
     assert report["candidates"]["packed_long_variants"]["records_differing"] == 0  # same figures, other packing
     assert report["candidates"]["without_drafts"]["records_differing"] == 0
+    assert report["timed_rounds_differing"] == 0  # same model, same panel: same records
+    # each finished stage was reported on stderr as it ended
+    stages = [json.loads(line)["stage"] for line in proc.stderr.splitlines() if line.startswith('{"stage"')]
+    assert stages[:4] == ["build", "train_step", "warmup_round", "timed_rounds"]
+    assert "candidate without_drafts" in stages
+    # the profiler table labels the engine's phases
+    table = (tmp_path / "profile.txt").read_text()
+    assert "phase::generate_chains" in table and "phase::_packed" in table
     # every generate decode step and packed pass is a forward pass
     calls = report["round_calls"]
     assert report["round_forward_passes"] >= calls["generate"] + calls["forward"] + calls.get("decode_steps", 0)
     phases = report["round_phase_seconds"]
     assert phases["generate_chains"] > 0 and phases["_packed"] > 0 and phases["other"] >= 0
+
+
+def test_benchmark_rejects_an_unknown_candidate_before_it_builds_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--candidate_names", "without_drafts,no_such_setting"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no_such_setting" in proc.stderr and "without_drafts" in proc.stderr
+    assert '"stage"' not in proc.stderr
