@@ -246,7 +246,15 @@ def main() -> None:
     round_seconds = min(times)
     # the same model and panel: every round should give the same records
     rounds_differing = records_differing(timed_results[0].records, result.records) if timed_results else None
+    steps_stats = [r["chain/steps"] for r in result.records]
+    tokens_stats = [r["chain/tokens"] for r in result.records]
+    chain_stats = {
+        "chain_tokens_mean": sum(tokens_stats) / len(tokens_stats),
+        "chain_tokens_max": max(tokens_stats),
+        "chain_steps_mean": sum(steps_stats) / len(steps_stats),
+    }
     progress("timed_rounds", seconds=times, calls=result.calls, peak=round_peak, rounds_differing=rounds_differing)
+    progress("chains", **chain_stats)
     # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
     # (a hook on a compiled model could make it recompile).
@@ -314,16 +322,12 @@ def main() -> None:
             }
             progress(f"candidate {name}", **candidates[name])
 
-    steps_stats = [r["chain/steps"] for r in result.records]
-    tokens_stats = [r["chain/tokens"] for r in result.records]
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": (f"qwen2-0.5b-shape ({args.num_layers} layers) {model.dtype}" if big else "tiny llama fp32"),
         "panel_size": len(panel),
         "probes": config.probes,
-        "chain_tokens_mean": sum(tokens_stats) / len(tokens_stats),
-        "chain_tokens_max": max(tokens_stats),
-        "chain_steps_mean": sum(steps_stats) / len(steps_stats),
+        **chain_stats,
         "warmup_round_seconds": warmup_seconds,
         "round_seconds": round_seconds,
         "round_calls": result.calls,

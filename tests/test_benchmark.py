@@ -47,7 +47,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     # each finished stage was reported on stderr as it ended
     stages = [json.loads(line)["stage"] for line in proc.stderr.splitlines() if line.startswith('{"stage"')]
     assert stages[:4] == ["build", "train_step", "warmup_round", "timed_rounds"]
-    assert "candidate without_drafts" in stages
+    assert "chains" in stages and "candidate without_drafts" in stages
     # the profiler table labels the engine's phases
     table = (tmp_path / "profile.txt").read_text()
     assert "phase::generate_chains" in table and "phase::_packed" in table
