@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine._packed import Branch, PackedRow, packing_supported, score_packed
+from faithcb.engine._packed import Branch, PackedRow, _layout, packing_supported, score_packed
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
 
@@ -267,3 +268,76 @@ def test_drafts_spare_every_decode_step_when_the_answer_ignores_the_chain(tokeni
     for a, b in zip(plain.records, drafted.records, strict=True):
         assert_same_record(a, b)
     assert drafted.calls["decode_steps"] == 0 < plain.calls["decode_steps"]
+
+
+def test_layout_mask_matches_a_naive_reference():
+    """The device-built mask equals one written out token by token: a base token sees the base
+    up to itself, a branch token its shared base prefix and its own tokens up to itself, and
+    padding only itself."""
+    rng = torch.Generator().manual_seed(0)
+
+    def randint(low, high):
+        return int(torch.randint(low, high, (1,), generator=rng))
+
+    rows = []
+    for _ in range(4):
+        base = [randint(4, 50) for _ in range(randint(3, 12))]
+        branches = [
+            Branch(key=i, shared=randint(1, len(base) + 1), own=[randint(4, 50) for _ in range(randint(1, 5))])
+            for i in range(randint(0, 4))
+        ]
+        rows.append(PackedRow(base=base, branches=branches))
+    ids, pos, mask, spans = _layout(rows, torch.device("cpu"), torch.float32, pad_id=2)
+    width = max(row.length for row in rows)
+    assert ids.shape == pos.shape == (len(rows), width) and mask.shape == (len(rows), 1, width, width)
+    for r, row in enumerate(rows):
+        expected = torch.zeros(width, width, dtype=torch.bool)
+        tokens, positions = list(row.base), list(range(len(row.base)))
+        for t in range(len(row.base)):
+            expected[t, : t + 1] = True
+        for branch, (start, end) in zip(row.branches, spans[r]):
+            assert end - start == len(branch.own)
+            tokens += branch.own
+            positions += range(branch.shared, branch.shared + len(branch.own))
+            for t in range(start, end):
+                expected[t, : branch.shared] = True
+                expected[t, start : t + 1] = True
+        for t in range(len(tokens), width):
+            expected[t, t] = True
+        assert torch.equal(mask[r, 0] == 0, expected)
+        assert ids[r, : len(tokens)].tolist() == tokens and set(ids[r, len(tokens) :].tolist()) <= {2}
+        assert pos[r, : len(tokens)].tolist() == positions
+
+
+def test_packed_passes_leave_cudnn_attention_out_on_cuda_only():
+    from faithcb.engine import _packed
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _packed._sdpa_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with _packed._sdpa_backends(torch.device("cuda")):  # sets the dispatch flags; needs no GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_packing_check_logs_why_it_turns_packing_off(tokenizer, caplog):
+    model = build_tiny_model(tokenizer, seed=5).eval()
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("no 4-D masks here")
+
+    model.forward = broken_forward
+    with caplog.at_level(logging.WARNING, logger="faithcb"):
+        assert not packing_supported(model, tokenizer.pad_token_id)
+    assert "Packed scoring is off" in caplog.text and "no 4-D masks here" in caplog.text
+
+
+def test_engine_encodes_many_texts_as_it_encodes_each(tokenizer):
+    from faithcb.engine._engine import ProbeEngine
+
+    engine = ProbeEngine(build_tiny_model(tokenizer, seed=5), tokenizer, FaithConfig())
+    texts = ["Q: 3 + 4\n", tokenizer.bos_token + "Q: 5 * 6\nA:", "", " 12 apples\n"]
+    assert engine.encode_many(texts) == [engine.encode(t) for t in texts]
+    assert engine.encode_many(texts, continuation=True) == [engine.encode_continuation(t) for t in texts]
+    assert engine.encode_many([]) == []
