@@ -127,7 +127,9 @@ def _layout(rows: list[PackedRow], device: torch.device, dtype: torch.dtype, pad
         spans.append(row_spans)
     ids_t, pos_t, first_t, shared_t = torch.tensor([ids, pos, first, shared], dtype=torch.long).to(device)
     keys = torch.arange(width, device=device)
-    visible = (keys < shared_t[:, :, None]) | ((keys >= first_t[:, :, None]) & (keys <= keys[:, None]))
+    visible = keys >= first_t[:, :, None]  # in place: at most one more (rows, width, width) boolean
+    visible &= keys <= keys[:, None]
+    visible |= keys < shared_t[:, :, None]
     return ids_t, pos_t, _additive(visible, dtype), spans
 
 
