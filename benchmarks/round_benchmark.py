@@ -246,6 +246,11 @@ def main() -> None:
     round_seconds = min(times)
     # the same model and panel: every round should give the same records
     rounds_differing = records_differing(timed_results[0].records, result.records) if timed_results else None
+    rounds_fields = sorted(
+        {k for x, y in zip(timed_results[0].records, result.records) for k in differing_fields(x, y)}
+        if timed_results
+        else set()
+    )
     steps_stats = [r["chain/steps"] for r in result.records]
     tokens_stats = [r["chain/tokens"] for r in result.records]
     chain_stats = {
@@ -253,7 +258,14 @@ def main() -> None:
         "chain_tokens_max": max(tokens_stats),
         "chain_steps_mean": sum(steps_stats) / len(steps_stats),
     }
-    progress("timed_rounds", seconds=times, calls=result.calls, peak=round_peak, rounds_differing=rounds_differing)
+    progress(
+        "timed_rounds",
+        seconds=times,
+        calls=result.calls,
+        peak=round_peak,
+        rounds_differing=rounds_differing,
+        rounds_differing_fields=rounds_fields[:8],
+    )
     progress("chains", **chain_stats)
     # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
