@@ -15,10 +15,17 @@ with the plain batched path (same generation path, so the same chains). Log-prob
 compared to 0.01 bit; in bf16, packed and separate passes round differently, so a near-tie
 can flip a forced answer there (`metrics_compared` lists the differing fields).
 
+Each finished stage is also printed as one JSON line on stderr (`{"stage": ...}`), so a run
+stopped at a time limit still shows what it measured. `--profile_out PATH` writes
+torch.profiler's table of one round (the engine's phases labelled), and `--candidate_names`
+picks which of CANDIDATES to time.
+
 Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
+    python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --profile_out profile.txt \
+        --candidate_names any_sdpa_kernel_in_packed_passes,compiled_forced_answers   # H200 run 2 in docs
 """
 
 from __future__ import annotations
