@@ -239,6 +239,7 @@ def main() -> None:
     progress("warmup_round", seconds=warmup_seconds, compile_error=compile_error)
     times, result, timed_results = [], warm, []
     round_peak = None
+    allocator_before = allocator_counts(device)
     for _ in range(args.timed_rounds):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -272,6 +273,9 @@ def main() -> None:
         peak=round_peak,
         rounds_differing=rounds_differing,
         rounds_differing_fields=rounds_fields[:8],
+        # device allocations and retries of the caching allocator during the timed rounds (a
+        # cudaMalloc costs host time; a retry frees cached blocks and synchronises)
+        allocator=_diff(allocator_counts(device), allocator_before),
     )
     progress("chains", **chain_stats)
     # every model forward pass of a round (each decode step of `generate` counts): on a GPU the
@@ -410,8 +414,8 @@ def time_phases(fn, device: str) -> dict[str, float]:
 
 def profile_round(fn, device: str, path: str) -> None:
     """Write torch.profiler's tables of one round to `path`: the engine's phases (labelled with
-    `record_function`) and the top operators by device time, with their call counts (on a GPU,
-    the kernel-launch count shows whether a phase is launch-bound)."""
+    `record_function`) and the top operators by device time (CUDA) and by self host time, with
+    their call counts (on a GPU, the kernel-launch count shows whether a phase is launch-bound)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from faithcb.engine._engine import ProbeEngine
@@ -435,10 +439,30 @@ def profile_round(fn, device: str, path: str) -> None:
     finally:
         for name, original in originals.items():
             setattr(ProbeEngine, name, original)
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    averages = prof.key_averages()
+    # by device time (what the GPU does), then by self host time: CUDA runtime calls that wait
+    # (cudaStreamSynchronize, cudaMemcpyAsync, cudaMalloc) and Python between operators show there
+    sorts = (["cuda_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]
     with open(path, "w") as f:
-        f.write(table)
+        for sort in sorts:
+            f.write(f"sorted by {sort}\n")
+            f.write(averages.table(sort_by=sort, row_limit=40, max_name_column_width=60))
+            f.write("\n\n")
+
+
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_counts(device: str) -> dict[str, int]:
+    """The CUDA caching allocator's cumulative counters ({} off CUDA)."""
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in ALLOCATOR_COUNTS}
+
+
+def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {key: after[key] - before.get(key, 0) for key in after}
 
 
 def count_forward_passes(model, fn) -> int:
