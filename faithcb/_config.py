@@ -110,7 +110,8 @@ class FaithConfig:
             "help": "0: pack only short variants (own tokens at most max(32, a quarter of the shared prefix)). "
             "Above 0: pack long variants too (step removal, paraphrase, filler, mistakes) while the row (prompt + "
             "chain + every packed variant's own tokens + answer decode) stays within this many tokens. "
-            "Experimental: 2.9x slower on CPU (eager attention is quadratic in the row); not yet measured on a GPU."
+            "Experimental: 2.9x slower on CPU (eager attention is quadratic in the row); on one H200 run, 4.83 s "
+            "against 5.23 s for the default (docs/performance.md)."
         },
     )
     compile_generation: bool | None = field(
@@ -125,7 +126,8 @@ class FaithConfig:
         metadata={
             "help": "Decode the forced answers of long variants (filler, paraphrase, step removal, mistakes) with "
             "generate and the static-shape path of compile_generation instead of the packed tree decode: one more "
-            "compiled shape per run (scoring_batch_size rows). Experimental: not yet measured on a GPU."
+            "compiled shape per run (scoring_batch_size rows). Experimental: one H200 run measured it against the "
+            "tree decode before the latter's masks moved to the device (docs/performance.md)."
         },
     )
     prompt_bucket: int = field(

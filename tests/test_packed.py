@@ -341,3 +341,14 @@ def test_engine_encodes_many_texts_as_it_encodes_each(tokenizer):
     assert engine.encode_many(texts) == [engine.encode(t) for t in texts]
     assert engine.encode_many(texts, continuation=True) == [engine.encode_continuation(t) for t in texts]
     assert engine.encode_many([]) == []
+
+
+def test_choice_picks_read_on_the_host_agree_with_torch_argmax():
+    from faithcb.engine._packed import _group_argmax
+
+    rng = torch.Generator().manual_seed(1)
+    sizes = [4, 2, 5, 1, 3]
+    # few distinct values, so ties are common: the first maximum wins, as with torch.argmax
+    values = torch.randint(0, 3, (sum(sizes),), generator=rng).float()
+    expected = [int(group.argmax()) for group in values.split(sizes)]
+    assert _group_argmax(values.tolist(), sizes) == expected

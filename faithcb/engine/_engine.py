@@ -345,9 +345,8 @@ class ProbeEngine:
                 for r in requests
             ]
         )
-        answers = iter(
-            self.encode_many([chains[r.example].answer_continuation(r.answer) for r in logprobs], continuation=True)
-        )
+        answer_texts = [chains[r.example].answer_continuation(r.answer) for r in logprobs]
+        answers = dict(zip(logprobs, self.encode_many(answer_texts, continuation=True)))
         for r, context in zip(requests, contexts):
             chain = chains[r.example]
             if r.example not in rows:
@@ -357,7 +356,7 @@ class ProbeEngine:
             own = context[shared:]
             n_answer = 0
             if isinstance(r, AnswerLogProb):
-                answer = next(answers)
+                answer = answers[r]
                 if not answer:
                     results[r] = 0.0
                     continue

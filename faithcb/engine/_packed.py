@@ -126,11 +126,18 @@ def _layout(rows: list[PackedRow], device: torch.device, dtype: torch.dtype, pad
         shared.append(r_shared + [0] * pad)
         spans.append(row_spans)
     ids_t, pos_t, first_t, shared_t = torch.tensor([ids, pos, first, shared], dtype=torch.long).to(device)
-    keys = torch.arange(width, device=device)
-    visible = keys >= first_t[:, :, None]  # in place: at most one more (rows, width, width) boolean
-    visible &= keys <= keys[:, None]
-    visible |= keys < shared_t[:, :, None]
+    visible = _visible(width, shared_t, first_t, torch.arange(1, width + 1, device=device))
     return ids_t, pos_t, _additive(visible, dtype), spans
+
+
+def _visible(width: int, shared: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Boolean (..., width) visibility of `width` keys for queries that see the keys before
+    `shared` and those in [start, stop) (each argument shaped like the queries)."""
+    keys = torch.arange(width, device=shared.device)
+    visible = keys >= start[..., None]  # in place: at most one more boolean of the output's shape
+    visible &= keys < stop[..., None]
+    visible |= keys < shared[..., None]
+    return visible
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -227,7 +234,8 @@ def score_packed(
     # copy of every answer token to the device, one copy of every arg-max and log-prob sum back
     # (per-branch `.item()` calls would each wait for the device).
     greedy_all = logits.argmax(-1)
-    answer_rows, answer_tokens, answer_branch, choice_picks = [], [], [], []
+    answer_rows, answer_tokens, answer_branch = [], [], []
+    choice_rows, choice_labels, choice_sizes = [], [], []  # label logits of every choice branch
     offset = 0
     for b, (_, branch, positions) in enumerate(reads):
         if branch.n_answer:
@@ -235,8 +243,10 @@ def score_packed(
             answer_tokens.extend(branch.own[-branch.n_answer :])
             answer_branch.extend([b] * branch.n_answer)
         elif id(branch) in choice_ids:
-            label_ids = torch.tensor(choice_ids[id(branch)], device=logits.device)
-            choice_picks.append(logits[offset + len(positions) - 1, label_ids].argmax())
+            labels = choice_ids[id(branch)]
+            choice_rows.extend([offset + len(positions) - 1] * len(labels))
+            choice_labels.extend(labels)
+            choice_sizes.append(len(labels))
         offset += len(positions)
     sums = None
     if answer_rows:
@@ -248,7 +258,8 @@ def score_packed(
         )
     greedy_flat = greedy_all.tolist()
     sums_list = sums.tolist() if sums is not None else []
-    choice_list = iter(torch.stack(choice_picks).tolist() if choice_picks else [])
+    choice_logits = logits[choice_rows, choice_labels].float().tolist() if choice_rows else []
+    choice_list = iter(_group_argmax(choice_logits, choice_sizes))
     offset = 0
     for b, (_, branch, positions) in enumerate(reads):
         greedy = greedy_flat[offset : offset + len(positions)]
@@ -274,6 +285,16 @@ def score_packed(
         if branch.done:
             results[branch.key] = list(branch.generated)
     return results
+
+
+def _group_argmax(values: list[float], sizes: list[int]) -> list[int]:
+    """Index of the largest value (the first on ties, as `torch.argmax`) of each consecutive group."""
+    out, start = [], 0
+    for size in sizes:
+        group = values[start : start + size]
+        out.append(max(range(size), key=group.__getitem__))
+        start += size
+    return out
 
 
 def straggler_row(row: PackedRow, branch: Branch) -> PackedRow:
@@ -329,8 +350,7 @@ def _tree_decode(
         next_pos[r][s] = branch.shared + cached
         by_slot[(r, s)] = branch
     shared_t, start_t, end_t, pos_t = torch.tensor([shared, start, end, next_pos], dtype=torch.long).to(device)
-    keys = torch.arange(width, device=device)
-    row_vis = (keys < shared_t[..., None]) | ((keys >= start_t[..., None]) & (keys < end_t[..., None]))
+    row_vis = _visible(width, shared_t, start_t, end_t)
     slot_ids = torch.arange(q, device=device)
     step = 0
     while sum(not b.done for b in by_slot.values()) > hand_off:
