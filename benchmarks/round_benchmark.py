@@ -163,28 +163,41 @@ def time_train_step(model, tokenizer, args: Args, device: str):
 LOGPROB_TOLERANCE_BITS = 0.01
 
 # Experimental settings the GPU round-time target may need (docs/performance.md): FaithConfig
-# fields, or (upper-case keys) module settings of faithcb.engine._packed.
+# fields, or (upper-case keys) module settings of the engine (`SETTING_MODULES`).
 CANDIDATES = {
     "compiled_forced_answers": {"compile_forced_answers": True},
     "packed_long_variants": {"packed_row_max_tokens": 2048},
     "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
     "any_sdpa_kernel_in_packed_passes": {"PACKED_SDPA_BACKENDS": None},  # cuDNN allowed again
+    # what reading the text / the all-done flag after every decode step costs (on CUDA)
+    "text_read_every_step": {"TEXT_CHECK_EVERY": 1},
+    "stop_flag_read_every_step": {"DEFER_STOP_CHECKS": False},
+    # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
+    "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }
+SETTING_MODULES = ("faithcb.engine._packed", "faithcb.engine._text_stop", "faithcb.engine._engine")
 
 
 @contextlib.contextmanager
 def module_settings(overrides: dict):
-    """Set the upper-case `overrides` on faithcb.engine._packed for the duration."""
-    from faithcb.engine import _packed
+    """Set the upper-case `overrides` on the engine module (of SETTING_MODULES) that defines
+    each, for the duration."""
+    import importlib
 
-    saved = {name: getattr(_packed, name) for name in overrides}
+    modules = [importlib.import_module(name) for name in SETTING_MODULES]
+    owners = {}
+    for name in overrides:
+        owners[name] = next((m for m in modules if hasattr(m, name)), None)
+        if owners[name] is None:
+            raise KeyError(f"No engine module defines {name!r} (looked in {SETTING_MODULES}).")
+    saved = {name: getattr(owners[name], name) for name in overrides}
     try:
         for name, value in overrides.items():
-            setattr(_packed, name, value)
+            setattr(owners[name], name, value)
         yield
     finally:
         for name, value in saved.items():
-            setattr(_packed, name, value)
+            setattr(owners[name], name, value)
 
 
 def _same(key: str, x, y) -> bool:
@@ -335,12 +348,16 @@ def main() -> None:
                     return run_probe_round(model, tokenizer, panel, c)
 
             warmup, candidate = _timed_result(candidate_round, device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             seconds = min(_timed(candidate_round, device) for _ in range(args.timed_rounds))
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
             candidates[name] = {
                 "settings": overrides,
                 "warmup_round_seconds": warmup,
                 "round_seconds": seconds,
                 "overhead_fraction": seconds / (every * step_seconds),
+                "round_peak_mem_over_train_peak": (peak / train_peak) if peak and train_peak else None,
                 "records_differing": records_differing(result.records, candidate.records),
             }
             progress(f"candidate {name}", **candidates[name])

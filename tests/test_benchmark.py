@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "round_benchmark.py"
 KEYS = (
@@ -40,9 +43,13 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "packed_long_variants",
         "without_drafts",
         "any_sdpa_kernel_in_packed_passes",
+        "text_read_every_step",
+        "stop_flag_read_every_step",
+        "bigger_scoring_batches",
     }
-    assert report["candidates"]["packed_long_variants"]["records_differing"] == 0  # same figures, other packing
-    assert report["candidates"]["without_drafts"]["records_differing"] == 0
+    # same figures with other packing, batches, stop checks or SDPA kernels (CUDA), or without drafts
+    for name in set(report["candidates"]) - {"compiled_forced_answers"}:
+        assert report["candidates"][name]["records_differing"] == 0, name
     assert report["timed_rounds_differing"] == 0  # same model, same panel: same records
     # each finished stage was reported on stderr as it ended
     stages = [json.loads(line)["stage"] for line in proc.stderr.splitlines() if line.startswith('{"stage"')]
@@ -69,3 +76,30 @@ def test_benchmark_rejects_an_unknown_candidate_before_it_builds_anything(tmp_pa
     assert proc.returncode == 2
     assert "no_such_setting" in proc.stderr and "without_drafts" in proc.stderr
     assert '"stage"' not in proc.stderr
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark script as a module (registered while the test runs: it defines dataclasses)."""
+    spec = importlib.util.spec_from_file_location("round_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_settings_set_each_candidate_setting_where_it_lives_and_restore_it(bench):
+    from faithcb.engine import _packed, _text_stop
+
+    def current():
+        return _packed.PACKED_SDPA_BACKENDS, _text_stop.TEXT_CHECK_EVERY, _text_stop.DEFER_STOP_CHECKS
+
+    settings = {k for overrides in bench.CANDIDATES.values() for k in overrides if k.isupper()}
+    assert {"PACKED_SDPA_BACKENDS", "TEXT_CHECK_EVERY", "DEFER_STOP_CHECKS"} <= settings
+    before = current()
+    with bench.module_settings({"PACKED_SDPA_BACKENDS": None, "TEXT_CHECK_EVERY": 1, "DEFER_STOP_CHECKS": False}):
+        assert current() == (None, 1, False)
+        assert not hasattr(_packed, "TEXT_CHECK_EVERY")  # set on its own module, not on another
+    assert current() == before
+    with pytest.raises(KeyError, match="NO_SUCH_SETTING"), bench.module_settings({"NO_SUCH_SETTING": 1}):
+        pass

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from .._config import FaithConfig
 from .._panel import ProbeExample
@@ -31,6 +31,7 @@ from .._parsing import (
 )
 from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
 
 logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -153,7 +154,12 @@ class ProbeEngine:
 
         Returns:
             Per context: (decoded new text without special tokens, cut at the first stop
-            string; number of new tokens before EOS).
+            string; number of new tokens before EOS, or up to the token that completed a stop
+            string or after which `finished` first held).
+
+        On CUDA, the text of long generations is read every few decode steps rather than after
+        each one, and the rows are then cut where a read after each step would have stopped
+        them (`TextStop`): the device is not kept waiting for the host.
         """
         encoded = self.encode_many(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
@@ -175,6 +181,7 @@ class ProbeEngine:
         if self.weights_gathered:  # full weights on every rank: decode locally, no per-step sync
             gen_kwargs["synced_gpus"] = False
         size = batch_size or self.config.generation_batch_size
+        check_every = text_check_interval(self.device, max_new_tokens)
         for batch in self._batches(order, size):
             rows = [encoded[i] for i in batch]
             if static_shapes:
@@ -184,63 +191,37 @@ class ProbeEngine:
                 bucket = self.config.prompt_bucket
                 width = -(-width // bucket) * bucket
             ids, mask = self._left_pad(rows, width=width)
-            criteria = self._stopping(batch, ids.shape[1], stop_strings, finished)
+            stop = None
+            if stop_strings or finished is not None:
+                stop = TextStop(
+                    lambda row, text, batch=batch: (
+                        any(s in text for s in stop_strings) or (finished is not None and finished(batch[row], text))
+                    ),
+                    lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    prompt_width=ids.shape[1],
+                    rows=len(batch),
+                    check_every=check_every,
+                )
             self.calls["generate"] += 1
-            generated = self.model.generate(
-                input_ids=ids, attention_mask=mask, stopping_criteria=criteria, **gen_kwargs
-            )
+            with deferred_stop_checks(self.device):
+                generated = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    stopping_criteria=StoppingCriteriaList([stop]) if stop else None,
+                    **gen_kwargs,
+                )
             new = generated[: len(batch), ids.shape[1] :].tolist()
-            for row, i in zip(new, batch):
-                n_tokens = len(row)
-                for pos, tok in enumerate(row):
-                    if tok in eos_ids:
-                        n_tokens = pos
-                        break
+            if stop is not None:
+                stop.settle(new)  # the steps after the last read of the text
+            for r, (row, i) in enumerate(zip(new, batch)):
+                # up to EOS, or up to the token after which a stop string or `finished` first held
+                n_tokens = next((pos for pos, tok in enumerate(row) if tok in eos_ids), len(row))
+                if stop is not None and r in stop.stop_at:
+                    n_tokens = min(n_tokens, stop.stop_at[r])
                 text = self.tokenizer.decode(row[:n_tokens], skip_special_tokens=True)
-                cuts = [text.find(stop) for stop in stop_strings if stop in text]
-                if cuts:
-                    text = text[: min(cuts)]
-                    # the response ends with the token that completed the stop string
-                    n_tokens = next(
-                        m
-                        for m in range(1, n_tokens + 1)
-                        if any(
-                            stop in self.tokenizer.decode(row[:m], skip_special_tokens=True) for stop in stop_strings
-                        )
-                    )
-                out[i] = (text, n_tokens)
+                cuts = [text.find(s) for s in stop_strings if s in text]
+                out[i] = (text[: min(cuts)] if cuts else text, n_tokens)
         return out
-
-    def _stopping(
-        self,
-        batch: list[int],
-        prompt_width: int,
-        stop_strings: Sequence[str],
-        finished: Callable[[int, str], bool] | None,
-    ) -> StoppingCriteriaList | None:
-        """Per-row stopping on decoded text (stop strings, a complete answer)."""
-        if not stop_strings and finished is None:
-            return None
-        tokenizer = self.tokenizer
-        done_rows: set[int] = set()
-
-        class _TextDone(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                # one device-to-host copy per step (not one per row); a row once done stays done
-                # (generate never revives it), so it is not decoded again
-                new_tokens = input_ids[:, prompt_width:].tolist()
-                flags = []
-                for row, tokens in enumerate(new_tokens):
-                    if row >= len(batch):  # padding rows of a fixed-shape batch
-                        done_rows.add(row)
-                    elif row not in done_rows:
-                        text = tokenizer.decode(tokens, skip_special_tokens=True)
-                        if any(stop in text for stop in stop_strings) or (finished and finished(batch[row], text)):
-                            done_rows.add(row)
-                    flags.append(row in done_rows)
-                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-        return StoppingCriteriaList([_TextDone()])
 
     def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
         """Let the model reason on every prompt once and parse the responses."""

@@ -1,0 +1,133 @@
+"""When a batch of generated rows stops: text conditions read every few steps, and a stop flag
+read one step late on CUDA.
+
+transformers' `generate` asks its stopping criteria after every decode step. A criterion that
+reads the text copies the tokens to the host, which waits until the device has finished the
+step, so the host cannot queue the next one meanwhile: on an H200 a compiled decode step of the
+benchmark's 0.5B model took 2.7 ms of device time and about 4.9 ms of wall time
+(docs/performance.md). `TextStop` reads the text only every `check_every` steps and then finds
+the exact token after which each row's condition first held, so the rows end where a check
+after every step would have ended them, while the device runs ahead in between.
+
+transformers itself reads its "every row is done" flag after every step too, and defers that
+read by one step on MPS only; `deferred_stop_checks` lets it defer on CUDA as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+from transformers.generation import utils as generation_utils
+
+# Decode steps between two reads of the generated text on CUDA (1 reads after every step).
+TEXT_CHECK_EVERY = 8
+# Let transformers read its all-done flag one step late on CUDA (see `deferred_stop_checks`).
+DEFER_STOP_CHECKS = True
+
+
+class TextStop(StoppingCriteria):
+    """Ends a row once its new text meets a condition, reading the text every `check_every` steps.
+
+    The condition must stay met as the text grows (true of "contains a stop string", "contains
+    an answer cue" and "the answer line has ended"): a row whose condition holds at a check
+    stopped at the first token since the previous check after which it held, which is where a
+    check after every step would have stopped it. Call `settle` with the generated tokens once
+    `generate` returns, for the steps after the last check; `stop_at` then holds each stopped
+    row's length, and the tokens a row wrote after it are to be dropped.
+
+    Args:
+        met: `f(row, text) -> bool` on a row's decoded new text.
+        decode: Token ids to text.
+        prompt_width: Columns of the (padded) prompt in `generate`'s `input_ids`.
+        rows: Rows with a condition; later rows (padding of a fixed-shape batch) are done at once.
+        check_every: Decode steps between two reads of the text.
+
+    Attributes:
+        stop_at: Row index -> number of new tokens after which its text first met the condition.
+    """
+
+    def __init__(
+        self,
+        met: Callable[[int, str], bool],
+        decode: Callable[[list[int]], str],
+        *,
+        prompt_width: int,
+        rows: int,
+        check_every: int = 1,
+    ) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}.")
+        self.met = met
+        self.decode = decode
+        self.prompt_width = prompt_width
+        self.rows = rows
+        self.check_every = check_every
+        self.stop_at: dict[int, int] = {}
+        self._checked = 0  # new tokens at the last read of the text
+        self._flags: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self._flags is None:
+            self._flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self._flags[self.rows :] = True
+        if input_ids.shape[1] - self.prompt_width - self._checked < self.check_every:
+            return self._flags  # the device keeps running: nothing is copied to the host
+        self.settle(input_ids[:, self.prompt_width :].tolist())  # one copy for the whole batch
+        flags = [row >= self.rows or row in self.stop_at for row in range(input_ids.shape[0])]
+        self._flags = torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+        return self._flags
+
+    def settle(self, new_tokens: list[list[int]]) -> None:
+        """Read the text of every running row written since the last read."""
+        width = max((len(tokens) for tokens in new_tokens), default=0)
+        for row, tokens in enumerate(new_tokens[: self.rows]):
+            if row in self.stop_at or not self.met(row, self.decode(tokens)):
+                continue
+            self.stop_at[row] = next(
+                (m for m in range(self._checked + 1, len(tokens)) if self.met(row, self.decode(tokens[:m]))),
+                len(tokens),
+            )
+        self._checked = max(self._checked, width)
+
+
+def text_check_interval(device: torch.device, max_new_tokens: int) -> int:
+    """Steps between two reads of the text: `TEXT_CHECK_EVERY` for long generations on CUDA
+    (where a read stalls the device), every step elsewhere (a short budget would lose more to
+    the steps a row runs past its end than reads cost)."""
+    if device.type == "cuda" and max_new_tokens >= 4 * TEXT_CHECK_EVERY:
+        return TEXT_CHECK_EVERY
+    return 1
+
+
+@contextlib.contextmanager
+def deferred_stop_checks(device: torch.device) -> Iterator[None]:
+    """Within the block, `generate` on CUDA reads its all-done flag one step late.
+
+    transformers (`DeferredStopCheck`, 5.x) copies the flag to the host asynchronously and reads
+    it on the following step, at the cost of one decode step it then undoes, but enables this
+    on MPS only. Here it is enabled on CUDA too (unless `DEFER_STOP_CHECKS` is off, or the
+    installed transformers lacks it), under the same conditions otherwise: never for assisted
+    decoding, and only while no returned cache would need the extra step cropped.
+    """
+    check = getattr(generation_utils, "DeferredStopCheck", None)
+    original = vars(check).get("is_supported") if check is not None else None
+    if device.type != "cuda" or not DEFER_STOP_CHECKS or not isinstance(original, staticmethod):
+        yield
+        return
+
+    def is_supported(device: torch.device, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
+        if device.type != "cuda":
+            return original.__func__(device, cache, cache_is_returned, is_assistant)
+        if is_assistant:
+            return False
+        return cache is None or not cache_is_returned or bool(getattr(cache, "is_croppable", False))
+
+    check.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        check.is_supported = original
