@@ -148,7 +148,10 @@ def test_deferred_stop_checks_enables_cuda_only_inside_the_block():
     assert not check.is_supported(cuda, None, False, False)  # transformers' own rule: MPS only
     with deferred_stop_checks(cuda):
         assert check.is_supported(cuda, None, False, False)
-        assert not check.is_supported(cuda, None, False, True)  # never for assisted decoding
+        assert not check.is_supported(cuda, None, False, is_assistant=True)  # never for assisted decoding
+        uncroppable = type("Cache", (), {"is_croppable": False})()
+        assert not check.is_supported(cuda, uncroppable, True, False)  # a returned cache it cannot undo
+        assert check.is_supported(cuda, uncroppable, False, False)  # a cache dropped anyway
         assert not check.is_supported(cpu, None, False, False)
     assert not check.is_supported(cuda, None, False, False)  # restored
     with deferred_stop_checks(cpu):  # a CPU round leaves transformers alone

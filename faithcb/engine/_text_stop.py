@@ -109,9 +109,9 @@ def deferred_stop_checks(device: torch.device) -> Iterator[None]:
 
     transformers (`DeferredStopCheck`, 5.x) copies the flag to the host asynchronously and reads
     it on the following step, at the cost of one decode step it then undoes, but enables this
-    on MPS only. Here it is enabled on CUDA too (unless `DEFER_STOP_CHECKS` is off, or the
-    installed transformers lacks it), under the same conditions otherwise: never for assisted
-    decoding, and only while no returned cache would need the extra step cropped.
+    on MPS only. Here CUDA counts as MPS (unless `DEFER_STOP_CHECKS` is off, or the installed
+    transformers lacks it); transformers' other conditions stay (e.g. never for assisted
+    decoding, or for a returned cache that cannot be cropped back).
     """
     check = getattr(generation_utils, "DeferredStopCheck", None)
     original = vars(check).get("is_supported") if check is not None else None
@@ -119,12 +119,9 @@ def deferred_stop_checks(device: torch.device) -> Iterator[None]:
         yield
         return
 
-    def is_supported(device: torch.device, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
-        if device.type != "cuda":
-            return original.__func__(device, cache, cache_is_returned, is_assistant)
-        if is_assistant:
-            return False
-        return cache is None or not cache_is_returned or bool(getattr(cache, "is_croppable", False))
+    def is_supported(device: torch.device, *args: Any, **kwargs: Any) -> bool:
+        # transformers' own conditions, with CUDA treated as it treats MPS
+        return original.__func__(torch.device("mps") if device.type == "cuda" else device, *args, **kwargs)
 
     check.is_supported = staticmethod(is_supported)
     try:
