@@ -151,8 +151,9 @@ def _cache_name(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _forward(model: Any, ids, pos, mask, keep: torch.Tensor, cache=None):
-    """Forward pass returning logits only where `keep` is True (flattened), and the cache."""
+def _forward(model: Any, ids, pos, mask, keep: torch.Tensor | int, cache=None):
+    """Forward pass returning logits only where the boolean `keep` is True (flattened), or at
+    every position for `keep=0`, and the cache."""
     name = _cache_name(model)
     with _sdpa_backends(ids.device):
         out = model(
@@ -361,9 +362,9 @@ def _tree_decode(
         # the keys of steps 1..step: slot s sees every q-th one from its own index (itself last)
         own_steps = (torch.arange(step * q, device=device) % q)[None, None, :] == slot_ids[None, :, None]
         visible = torch.cat([row_vis, own_steps.expand(batch, q, step * q)], dim=2)
-        keep = torch.ones((batch, q), dtype=torch.bool, device=device)
         tokens_t = torch.tensor(tokens, dtype=torch.long).to(device)
-        logits, cache = _forward(model, tokens_t, pos_t + (step - 1), _additive(visible, dtype), keep, cache=cache)
+        # every slot's logits (keep=0): a boolean keep would cost a device sync to count them
+        logits, cache = _forward(model, tokens_t, pos_t + (step - 1), _additive(visible, dtype), 0, cache=cache)
         greedy = logits.view(batch, q, -1).argmax(-1).tolist()  # one copy back per step
         for (r, s), branch in by_slot.items():
             if branch.done:
