@@ -39,6 +39,19 @@ _MASK_ELEMENTS = 1 << 26  # 4-D mask entries per batch of packed rows (128 MiB i
 _DRAFT_CHARS = 256  # how much of a stated answer a draft may cover
 _STRAGGLER_SHARE = 1 / 8  # forced answers a batch hands on unfinished to the batch of stragglers
 
+# What `generate` would otherwise take from the model's `generation_config`: the monitor decodes
+# greedily (or samples from the whole distribution at `temperature`), whatever a checkpoint
+# ships (Qwen2.5-Instruct sets `repetition_penalty`), as the packed tree decode does. Settings
+# that only `None` turns off (e.g. `bad_words_ids`, `suppress_tokens`) are left to the model.
+PLAIN_DECODING: dict[str, Any] = {
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+    "guidance_scale": 1.0,
+}
+PLAIN_SAMPLING: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0}  # with do_sample only
+
 
 class ProbeEngine:
     """Runs a round's model calls in batches.
@@ -166,6 +179,7 @@ class ProbeEngine:
         out: list[tuple[str, int]] = [("", 0)] * len(contexts)
         eos_ids = self._eos_ids()
         gen_kwargs: dict[str, Any] = {
+            **PLAIN_DECODING,
             "max_new_tokens": max_new_tokens,
             "do_sample": self.config.do_sample,
             "pad_token_id": self.tokenizer.pad_token_id,
@@ -173,9 +187,7 @@ class ProbeEngine:
             "use_cache": True,
         }
         if self.config.do_sample:
-            gen_kwargs["temperature"] = self.config.temperature
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            gen_kwargs.update(PLAIN_SAMPLING, temperature=self.config.temperature)
         if static_shapes:
             gen_kwargs["cache_implementation"] = "static"
         if self.weights_gathered:  # full weights on every rank: decode locally, no per-step sync

@@ -39,6 +39,7 @@ from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import CHOICE_LABELS, answer_span, extract_answer, infer_answer_type, parse_response, split_steps
 from ..perturb import stable_seed
+from ._engine import PLAIN_DECODING
 from ._model_state import probe_mode
 
 if TYPE_CHECKING:
@@ -134,11 +135,9 @@ class _Model:
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
+            **PLAIN_DECODING,  # greedy, whatever decoding defaults the model ships
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids or None,
         )
