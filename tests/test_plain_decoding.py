@@ -101,3 +101,20 @@ def test_sampled_chains_sample_the_whole_distribution_at_the_configured_temperat
         assert (kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]) == (0.7, 0, 1.0)
     else:  # greedy: no sampling flags (transformers warns about them)
         assert not {"temperature", "top_k", "top_p"} & set(kwargs)
+
+
+def test_a_models_own_stop_strings_end_its_rows_rather_than_failing_the_round(models, tokenizer, monkeypatch):
+    """transformers refuses `stop_strings` from a generation_config without a tokenizer; the
+    engine passes it, so such a model's rows end after the token that completes one."""
+    plain, _ = models
+    monkeypatch.setattr(plain.generation_config, "stop_strings", ["="])
+    contexts = [e["prompt"] for e in make_arithmetic_examples(4, seed=9)]
+    with torch.no_grad():
+        got = ProbeEngine(plain, tokenizer, FaithConfig(generation_batch_size=2)).generate(contexts, max_new_tokens=20)
+    for context, result in zip(contexts, got):
+        tokens = argmax_decode(
+            plain, tokenizer(context, add_special_tokens=False)["input_ids"], 20, tokenizer.eos_token_id
+        )
+        m = next((m for m in range(1, len(tokens) + 1) if "=" in tokenizer.decode(tokens[:m])), len(tokens))
+        assert result == (tokenizer.decode(tokens[:m], skip_special_tokens=True), m)
+    assert all(text.endswith("=") for text, _ in got)

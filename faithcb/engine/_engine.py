@@ -185,6 +185,7 @@ class ProbeEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": eos_ids or None,
             "use_cache": True,
+            "tokenizer": self.tokenizer,  # for `stop_strings` a model's generation_config may set
         }
         if self.config.do_sample:
             gen_kwargs.update(PLAIN_SAMPLING, temperature=self.config.temperature)

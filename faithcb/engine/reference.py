@@ -140,6 +140,7 @@ class _Model:
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids or None,
+            tokenizer=self.tokenizer,  # for `stop_strings` a model's generation_config may set
         )
         new = out[0, ids.shape[1] :].tolist()
         n_tokens = next((i for i, t in enumerate(new) if t in self.eos_ids), len(new))
