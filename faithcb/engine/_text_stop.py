@@ -95,12 +95,12 @@ class TextStop(StoppingCriteria):
 
 
 def text_check_interval(device: torch.device, max_new_tokens: int) -> int:
-    """Steps between two reads of the text: `TEXT_CHECK_EVERY` for long generations on CUDA
-    (where a read stalls the device), every step elsewhere (a short budget would lose more to
-    the steps a row runs past its end than reads cost)."""
-    if device.type == "cuda" and max_new_tokens >= 4 * TEXT_CHECK_EVERY:
-        return TEXT_CHECK_EVERY
-    return 1
+    """Steps between two reads of the text: on CUDA (where a read stalls the device) up to
+    `TEXT_CHECK_EVERY`, and at most a quarter of the budget, so a short decode (a 16-token
+    forced answer) runs few steps past its end; after every step elsewhere."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(TEXT_CHECK_EVERY, max_new_tokens // 4))
 
 
 @contextlib.contextmanager
