@@ -89,6 +89,15 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
         return original(self, contexts, **kwargs)
 
     monkeypatch.setattr(_engine.ProbeEngine, "generate", generate)
+    shapes = []  # (rows, prompt width, new tokens) of every static-cache generate call
+    model_generate = type(trained).generate
+
+    def record_shape(self, *args, **kwargs):
+        if kwargs.get("cache_implementation") == "static":
+            shapes.append((*kwargs["input_ids"].shape, kwargs["max_new_tokens"]))
+        return model_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trained), "generate", record_shape)
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=8)))
     common = {"max_new_tokens": 40, "generation_batch_size": 4, "scoring_batch_size": 8, "prompt_bucket": 16}
     common["packed_scoring"] = False  # every forced answer is decoded by generate
@@ -99,6 +108,9 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     answer_calls = {is_static for budget, is_static in seen if budget == static_config.answer_max_new_tokens}
     assert answer_calls == {forced}  # forced answers took the static path exactly when asked
     assert {is_static for budget, is_static in seen if budget == static_config.max_new_tokens} == {True}
+    # chains and regenerated chains share one shape: one compilation per run on CUDA
+    chain_shapes = {shape for shape in shapes if shape[2] == static_config.max_new_tokens}
+    assert len(chain_shapes) == 1 and len([s for s in shapes if s[2] == static_config.max_new_tokens]) >= 3
     assert any(r["steps"] for r in eager.records)
     for a, b in zip(eager.records, static.records, strict=True):
         assert_same_record(a, b)

@@ -125,6 +125,12 @@ class ProbeEngine:
             return self.config.compile_generation
         return self.device.type == "cuda"
 
+    def _chain_width(self, prompts: Sequence[str]) -> int:
+        """Prompt width of chain generation and regeneration on the static-shape path: any
+        prompt plus a full chain. Both then decode with one shape (one compilation per run,
+        and the static cache transformers sizes to the longest it has seen stays that size)."""
+        return max(len(tokens) for tokens in self.encode_many(prompts)) + self.config.max_new_tokens
+
     def _left_pad(self, rows: Sequence[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(width or 0, max(len(r) for r in rows))
         pad = self.tokenizer.pad_token_id
@@ -238,11 +244,13 @@ class ProbeEngine:
 
     def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
         """Let the model reason on every prompt once and parse the responses."""
+        static = self._static_shapes()
         responses = self.generate(
             prompts,
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=self.config.stop_strings,
-            static_shapes=self._static_shapes(),
+            static_shapes=static,
+            min_width=self._chain_width(prompts) if static else 0,
         )
         chains = []
         for i, (example, prompt, (response, n_tokens)) in enumerate(zip(examples, prompts, responses)):
@@ -492,8 +500,7 @@ class ProbeEngine:
         """
         cues = [list(dict.fromkeys([chains[r.example].cue, *self._cues(chains[r.example].example)])) for r in requests]
         static = self._static_shapes()
-        # one compiled shape per run: wide enough for any prompt plus a full chain
-        width = max(len(self.encode(c.prompt)) for c in chains) + self.config.max_new_tokens if static else 0
+        width = self._chain_width([c.prompt for c in chains]) if static else 0
         texts = self.generate(
             [chains[r.example].prompt + r.chain_text for r in requests],
             max_new_tokens=self.config.max_new_tokens,
