@@ -364,3 +364,11 @@ def test_choice_picks_read_on_the_host_agree_with_torch_argmax():
     values = torch.randint(0, 3, (sum(sizes),), generator=rng).float()
     expected = [int(group.argmax()) for group in values.split(sizes)]
     assert _group_argmax(values.tolist(), sizes) == expected
+
+
+def test_static_shape_chain_generation_takes_an_empty_shard(tokenizer):
+    """A rank whose panel shard is empty generates no chains on the static-shape path either."""
+    from faithcb.engine import ProbeEngine
+
+    engine = ProbeEngine(build_tiny_model(tokenizer, seed=1).eval(), tokenizer, FaithConfig(compile_generation=True))
+    assert engine.generate_chains([], []) == []

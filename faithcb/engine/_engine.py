@@ -129,7 +129,7 @@ class ProbeEngine:
         """Prompt width of chain generation and regeneration on the static-shape path: any
         prompt plus a full chain. Both then decode with one shape (one compilation per run,
         and the static cache transformers sizes to the longest it has seen stays that size)."""
-        return max(len(tokens) for tokens in self.encode_many(prompts)) + self.config.max_new_tokens
+        return max((len(tokens) for tokens in self.encode_many(prompts)), default=0) + self.config.max_new_tokens
 
     def _left_pad(self, rows: Sequence[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(width or 0, max(len(r) for r in rows))
@@ -176,9 +176,10 @@ class ProbeEngine:
             string; number of new tokens before EOS, or up to the token that completed a stop
             string or after which `finished` first held).
 
-        On CUDA, the text of long generations is read every few decode steps rather than after
-        each one, and the rows are then cut where a read after each step would have stopped
-        them (`TextStop`): the device is not kept waiting for the host.
+        On CUDA the text is read every few decode steps rather than after each one, the rows
+        are then cut where a read after each step would have stopped them (`TextStop`), and
+        transformers reads its all-done flag a step late (`deferred_stop_checks`): the device
+        is not kept waiting for the host.
         """
         encoded = self.encode_many(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
