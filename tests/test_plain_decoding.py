@@ -105,16 +105,29 @@ def test_sampled_chains_sample_the_whole_distribution_at_the_configured_temperat
 
 def test_a_models_own_stop_strings_end_its_rows_rather_than_failing_the_round(models, tokenizer, monkeypatch):
     """transformers refuses `stop_strings` from a generation_config without a tokenizer; the
-    engine passes it, so such a model's rows end after the token that completes one."""
+    engine passes it and treats them as its own stop strings: a row ends with the token that
+    completes one, its text is cut where it starts, in the engine and the reference alike."""
     plain, _ = models
     monkeypatch.setattr(plain.generation_config, "stop_strings", ["="])
-    contexts = [e["prompt"] for e in make_arithmetic_examples(4, seed=9)]
+    examples = make_arithmetic_examples(6, seed=9)
+    # contexts that stop short of the first "=" by 0, 2 or 4 characters
+    contexts = [e["prompt"] + e["completion"].split("=")[0][: -2 * (i % 3) or None] for i, e in enumerate(examples)]
     with torch.no_grad():
-        got = ProbeEngine(plain, tokenizer, FaithConfig(generation_batch_size=2)).generate(contexts, max_new_tokens=20)
+        got = ProbeEngine(plain, tokenizer, FaithConfig(generation_batch_size=3)).generate(contexts, max_new_tokens=20)
+    lengths = set()
     for context, result in zip(contexts, got):
         tokens = argmax_decode(
             plain, tokenizer(context, add_special_tokens=False)["input_ids"], 20, tokenizer.eos_token_id
         )
-        m = next((m for m in range(1, len(tokens) + 1) if "=" in tokenizer.decode(tokens[:m])), len(tokens))
-        assert result == (tokenizer.decode(tokens[:m], skip_special_tokens=True), m)
-    assert all(text.endswith("=") for text, _ in got)
+        m = next(m for m in range(1, len(tokens) + 1) if "=" in tokenizer.decode(tokens[:m]))
+        text = tokenizer.decode(tokens[:m], skip_special_tokens=True)
+        assert result == (text[: text.index("=")], m)
+        lengths.add(m)
+    assert len(lengths) > 1  # rows of a batch end at different steps
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(3, seed=7)))
+    config = FaithConfig(max_new_tokens=30, packed_scoring=False)
+    engine_round = run_probe_round(plain, tokenizer, panel, config).records
+    assert [r["response"] for r in engine_round] == [
+        r["response"] for r in run_reference_round(plain, tokenizer, panel, config).records
+    ]
+    assert all("=" not in r["response"] for r in engine_round)

@@ -53,6 +53,14 @@ PLAIN_DECODING: dict[str, Any] = {
 PLAIN_SAMPLING: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0}  # with do_sample only
 
 
+def model_stop_strings(model: Any) -> list[str]:
+    """`stop_strings` of a model's generation_config: transformers ends rows at them in every
+    `generate` call, so the engine treats them as its own stop strings (rows cut where one
+    starts). Packed scoring reads forced answers from their first line without them."""
+    value = getattr(getattr(model, "generation_config", None), "stop_strings", None)
+    return [value] if isinstance(value, str) else [s for s in value or () if s]
+
+
 class ProbeEngine:
     """Runs a round's model calls in batches.
 
@@ -184,6 +192,7 @@ class ProbeEngine:
         encoded = self.encode_many(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
         out: list[tuple[str, int]] = [("", 0)] * len(contexts)
+        stop_strings = [*stop_strings, *model_stop_strings(self.model)]
         eos_ids = self._eos_ids()
         gen_kwargs: dict[str, Any] = {
             **PLAIN_DECODING,
@@ -192,7 +201,7 @@ class ProbeEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": eos_ids or None,
             "use_cache": True,
-            "tokenizer": self.tokenizer,  # for `stop_strings` a model's generation_config may set
+            "tokenizer": self.tokenizer,  # transformers needs it for a generation_config's `stop_strings`
         }
         if self.config.do_sample:
             gen_kwargs.update(PLAIN_SAMPLING, temperature=self.config.temperature)

@@ -39,7 +39,7 @@ from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import CHOICE_LABELS, answer_span, extract_answer, infer_answer_type, parse_response, split_steps
 from ..perturb import stable_seed
-from ._engine import PLAIN_DECODING
+from ._engine import PLAIN_DECODING, model_stop_strings
 from ._model_state import probe_mode
 
 if TYPE_CHECKING:
@@ -140,11 +140,11 @@ class _Model:
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids or None,
-            tokenizer=self.tokenizer,  # for `stop_strings` a model's generation_config may set
+            tokenizer=self.tokenizer,  # transformers needs it for a generation_config's `stop_strings`
         )
         new = out[0, ids.shape[1] :].tolist()
         n_tokens = next((i for i, t in enumerate(new) if t in self.eos_ids), len(new))
-        stops = [s for s in stop_strings if s]
+        stops = [s for s in (*stop_strings, *model_stop_strings(self.model)) if s]
         decoded = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
         if not any(s in decoded for s in stops):
             return decoded, n_tokens
