@@ -38,6 +38,14 @@ class FaithConfig:
     stop_strings: list[str] = field(
         default_factory=list, metadata={"help": "Extra strings that end a generated chain (EOS always does)."}
     )
+    end_chain_at_answer: bool = field(
+        default=True,
+        metadata={
+            "help": "End a generated chain once its stated answer is complete (the answer's line has ended, "
+            "outside any think block), as its parse could no longer change; False lets it run to EOS or the "
+            "token budget (e.g. a base model's next invented question stays in `response`)."
+        },
+    )
     answer_cues: list[str] = field(
         default_factory=lambda: list(DEFAULT_ANSWER_CUES),
         metadata={"help": "Texts that introduce the final answer; the earliest found in a response is used."},

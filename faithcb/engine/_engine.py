@@ -21,6 +21,7 @@ from .._panel import ProbeExample
 from .._parsing import (
     CHOICE_LABELS,
     THINK_CLOSE,
+    THINK_OPEN,
     answer_span,
     extract_answer,
     find_cue,
@@ -255,10 +256,18 @@ class ProbeEngine:
     def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
         """Let the model reason on every prompt once and parse the responses."""
         static = self._static_shapes()
+        finished = None
+        if self.config.end_chain_at_answer:
+            reads = [(self._cues(e), self._answer_type(e)) for e in examples]
+
+            def finished(i: int, text: str) -> bool:
+                return answer_stated(text, *reads[i], prompt=prompts[i])
+
         responses = self.generate(
             prompts,
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=self.config.stop_strings,
+            finished=finished,
             static_shapes=static,
             min_width=self._chain_width(prompts) if static else 0,
         )
@@ -270,9 +279,7 @@ class ProbeEngine:
     def parse_chain(self, index: int, example: ProbeExample, prompt: str, response: str, n_tokens: int) -> Chain:
         """Parse one response into a Chain (steps, cue, stated answer)."""
         parsed = parse_response(response, self._cues(example))
-        answer_type = self.config.answer_type
-        if answer_type == "auto":
-            answer_type = infer_answer_type(example.gold, example.choices)
+        answer_type = self._answer_type(example)
         num_choices = len(example.choices or [])
         cue = parsed.cue or example.answer_cue or self.config.default_answer_cue
         stated = (
@@ -494,6 +501,12 @@ class ProbeEngine:
         decode = 0 if branch.n_answer else self.config.answer_max_new_tokens
         return row.length + len(branch.own) + decode <= limit
 
+    def _answer_type(self, example: ProbeExample) -> str:
+        """How the example's answers are read and compared (`FaithConfig.answer_type`, or inferred)."""
+        if self.config.answer_type == "auto":
+            return infer_answer_type(example.gold, example.choices)
+        return self.config.answer_type
+
     def _cues(self, example: ProbeExample) -> list[str]:
         """Answer cues a response of this example is split at."""
         return [example.answer_cue] if example.answer_cue else list(self.config.answer_cues)
@@ -644,6 +657,19 @@ def answer_complete(text: str, cue: str, answer_type: str = "text") -> bool:
     if ("}" in text) if cue.endswith("{") else ("\n" in text.lstrip()):
         return True
     return answer_type == "numeric" and number_complete(answer_span(text, cue).lstrip().split("\n", 1)[0])
+
+
+def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: str = "") -> bool:
+    """Whether more text can no longer change the answer `parse_response` reads from `response`:
+    an answer cue is there and the answer after it is complete (`answer_complete`). A cue
+    inside a think block that is still open (opened in the response, or by the prompt) does
+    not count: once the block closes, the answer is read after it."""
+    if THINK_CLOSE in response:
+        response = response.partition(THINK_CLOSE)[2]
+    elif THINK_OPEN in response or prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE):
+        return False
+    found = find_cue(response, cues)
+    return found is not None and answer_complete(response[found[0] + len(found[1]) :], found[1], answer_type)
 
 
 def _unwrap(model: Any) -> Any:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import CHOICE_LABELS, answer_span, extract_answer, infer_answer_type, parse_response, split_steps
 from ..perturb import stable_seed
-from ._engine import PLAIN_DECODING, model_stop_strings
+from ._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ._model_state import probe_mode
 
 if TYPE_CHECKING:
@@ -120,11 +120,18 @@ class _Model:
         """Text that continues a context (no special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def greedy(self, text: str, max_new_tokens: int, stop_strings: Sequence[str] = ()) -> tuple[str, int]:
+    def greedy(
+        self,
+        text: str,
+        max_new_tokens: int,
+        stop_strings: Sequence[str] = (),
+        finished: Callable[[str], bool] | None = None,
+    ) -> tuple[str, int]:
         """One greedy `generate` on one unpadded context.
 
-        The model stops at EOS, at the budget, or at the token that completes a stop string
-        (the text is then cut where that stop string starts).
+        The model stops at EOS, at the budget, at the token that completes a stop string (the
+        text is then cut where that stop string starts), or at the first token after which
+        `finished(text)` holds (here: generated in full, then cut; greedy decoding is causal).
 
         Returns:
             (new text, special tokens removed, without EOS or the stop string; number of new
@@ -146,14 +153,16 @@ class _Model:
         n_tokens = next((i for i, t in enumerate(new) if t in self.eos_ids), len(new))
         stops = [s for s in (*stop_strings, *model_stop_strings(self.model)) if s]
         decoded = self.tokenizer.decode(new[:n_tokens], skip_special_tokens=True)
-        if not any(s in decoded for s in stops):
+        if not any(s in decoded for s in stops) and not (finished and finished(decoded)):
             return decoded, n_tokens
-        for m in range(1, n_tokens + 1):  # the first token after which a stop string is complete
+        for m in range(1, n_tokens + 1):  # the first token after which the row is done
             decoded = self.tokenizer.decode(new[:m], skip_special_tokens=True)
             cuts = [decoded.find(s) for s in stops if s in decoded]
             if cuts:
                 return decoded[: min(cuts)], m
-        raise AssertionError("unreachable: the full text contains a stop string")
+            if finished and finished(decoded):
+                return decoded, m
+        raise AssertionError("unreachable: the full text contains a stop string or is finished")
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Full fp32 logits `(seq, vocab)` of one unpadded sequence (one forward pass)."""
@@ -210,12 +219,18 @@ class _Model:
 
 
 def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: str) -> _Parsed:
-    response, n_tokens = model.greedy(prompt, config.max_new_tokens, config.stop_strings)
     cues = [example.answer_cue] if example.answer_cue else list(config.answer_cues)
-    parsed = parse_response(response, cues)
     answer_type = config.answer_type
     if answer_type == "auto":
         answer_type = infer_answer_type(example.gold, example.choices)
+    finished = None
+    if config.end_chain_at_answer:  # the chain ends once its stated answer can no longer change
+
+        def finished(text: str) -> bool:
+            return answer_stated(text, cues, answer_type, prompt=prompt)
+
+    response, n_tokens = model.greedy(prompt, config.max_new_tokens, config.stop_strings, finished)
+    parsed = parse_response(response, cues)
     num_choices = len(example.choices) if example.choices else 0
     cue = parsed.cue if parsed.cue is not None else (example.answer_cue or config.default_answer_cue)
     answer_sep = parsed.answer_sep if parsed.cue is not None else ("" if cue.endswith((" ", "{")) else " ")
