@@ -157,3 +157,29 @@ def test_deferred_stop_checks_enables_cuda_only_inside_the_block():
     assert not check.is_supported(cuda, None, False, False)  # restored
     with deferred_stop_checks(cpu):  # a CPU round leaves transformers alone
         assert not check.is_supported(cuda, None, False, False)
+
+
+def test_rows_read_after_their_eos_are_not_decoded_again():
+    """A row that ended (EOS, then padding) without meeting the condition keeps its text: one
+    read after its EOS settles it. The rows stop where they stop without the shortcut."""
+    eos, pad = 9, 8
+    rows = [[1, 2, 3, 4, 5, 6, 7, 1], [1, eos, pad, pad, pad, pad, pad, pad], [2, 2, eos, pad, pad, pad, pad, pad]]
+
+    def met(row, text):
+        return "5" in text  # row 0 meets it at its 5th token; the others never
+
+    def run(eos_ids):
+        decoded = []
+
+        def decode(tokens):
+            decoded.append(tuple(tokens))
+            return "".join(str(t) for t in tokens if t not in (eos, pad))
+
+        stop = TextStop(met, decode, prompt_width=0, rows=len(rows), check_every=1, eos_ids=eos_ids)
+        for n in range(1, 9):
+            stop(torch.tensor([r[:n] for r in rows]), None)
+        return stop.stop_at, len(decoded)
+
+    stop_at, reads = run(())
+    assert run([eos]) == (stop_at, reads - 6 - 5)  # row 1 read at steps 2-8 once, row 2 at 3-8 once
+    assert stop_at == {0: 5}

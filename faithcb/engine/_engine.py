@@ -99,9 +99,7 @@ class ProbeEngine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a full context; BOS is added unless the text already starts with it."""
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return self.encode_many([text])[0]
 
     def encode_many(self, texts: Sequence[str], *, continuation: bool = False) -> list[list[int]]:
         """`encode` (or `encode_continuation`) of many texts, one tokenizer call per kind (a
@@ -231,6 +229,7 @@ class ProbeEngine:
                     prompt_width=ids.shape[1],
                     rows=len(batch),
                     check_every=check_every,
+                    eos_ids=eos_ids,
                 )
             self.calls["generate"] += 1
             with deferred_stop_checks(self.device):
@@ -553,7 +552,7 @@ class ProbeEngine:
             static = self.config.compile_forced_answers and self._static_shapes()
             # one compiled shape per run: any prompt, a chain of max_new_tokens tokens and a cue
             # (a longer context gets a wider bucket, hence one more compiled shape)
-            width = max(len(self.encode(c.prompt)) for c in chains) + self.config.max_new_tokens + 16 if static else 0
+            width = self._chain_width([c.prompt for c in chains]) + 16 if static else 0
             outs = self.generate(
                 contexts,
                 max_new_tokens=self.config.answer_max_new_tokens,

@@ -16,7 +16,7 @@ read by one step on MPS only; `deferred_stop_checks` lets it defer on CUDA as we
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -45,6 +45,8 @@ class TextStop(StoppingCriteria):
         prompt_width: Columns of the (padded) prompt in `generate`'s `input_ids`.
         rows: Rows with a condition; later rows (padding of a fixed-shape batch) are done at once.
         check_every: Decode steps between two reads of the text.
+        eos_ids: End-of-sequence ids: a row read once after its EOS is not decoded again (its
+            text no longer changes).
 
     Attributes:
         stop_at: Row index -> number of new tokens after which its text first met the condition.
@@ -58,6 +60,7 @@ class TextStop(StoppingCriteria):
         prompt_width: int,
         rows: int,
         check_every: int = 1,
+        eos_ids: Collection[int] = (),
     ) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}.")
@@ -66,7 +69,9 @@ class TextStop(StoppingCriteria):
         self.prompt_width = prompt_width
         self.rows = rows
         self.check_every = check_every
+        self.eos_ids = set(eos_ids)
         self.stop_at: dict[int, int] = {}
+        self._ended: set[int] = set()  # rows read after their EOS without meeting the condition
         self._checked = 0  # new tokens at the last read of the text
         self._flags: torch.Tensor | None = None
 
@@ -85,7 +90,11 @@ class TextStop(StoppingCriteria):
         """Read the text of every running row written since the last read."""
         width = max((len(tokens) for tokens in new_tokens), default=0)
         for row, tokens in enumerate(new_tokens[: self.rows]):
-            if row in self.stop_at or not self.met(row, self.decode(tokens)):
+            if row in self.stop_at or row in self._ended:
+                continue
+            if not self.met(row, self.decode(tokens)):
+                if self.eos_ids.intersection(tokens):
+                    self._ended.add(row)
                 continue
             self.stop_at[row] = next(
                 (m for m in range(self._checked + 1, len(tokens)) if self.met(row, self.decode(tokens[:m]))),
