@@ -297,8 +297,8 @@ def main() -> None:
     forward_passes = None
     if device == "cpu":
         forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
-    phase_seconds = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
-    progress("phases", seconds=phase_seconds, forward_passes=forward_passes)
+    phase_seconds, phase_steps = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
+    progress("phases", seconds=phase_seconds, steps=phase_steps, forward_passes=forward_passes)
     if args.profile_out:
         profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)
         progress("profile", path=args.profile_out)
@@ -373,6 +373,7 @@ def main() -> None:
         "round_calls": result.calls,
         "round_forward_passes": forward_passes,
         "round_phase_seconds": phase_seconds,
+        "round_phase_steps": phase_steps,
         "train_step_seconds": step_seconds,
         "train_batch": f"{args.train_batch}x{args.train_seq}",
         "every_n_steps": every,
@@ -399,16 +400,33 @@ def main() -> None:
 PHASES = ("generate_chains", "_continue_chains", "_packed", "_forced_answers", "_answer_logprobs")
 
 
-def time_phases(fn, device: str) -> dict[str, float]:
+def time_phases(fn, device: str) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds of each engine phase while `fn()` runs one round (device synchronised at every
-    phase boundary); `other` is the rest of the round (probes, parsing, bookkeeping)."""
+    phase boundary; `other` is the rest of the round: probes, parsing, bookkeeping), and each
+    phase's model steps: `generate`'s decode steps (its stopping criterion runs once per step)
+    plus packed prefills and tree-decode steps. Counted in Python, outside the model, so a
+    compiled model is left as it is."""
+    from faithcb.engine import _packed
     from faithcb.engine._engine import ProbeEngine
+    from faithcb.engine._text_stop import TextStop
 
     spent = dict.fromkeys(PHASES, 0.0)
+    steps = dict.fromkeys(PHASES, 0)
+    current = [None]
     originals = {name: getattr(ProbeEngine, name) for name in PHASES}
+    stop_call, packed_forward = TextStop.__call__, _packed._forward
+
+    def counted(original):
+        def wrapper(*args, **kwargs):
+            if current[0] is not None:
+                steps[current[0]] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
 
     def timed(name, original):
         def wrapper(self, *args, **kwargs):
+            outer, current[0] = current[0], name
             sync(device)
             start = time.perf_counter()
             try:
@@ -416,17 +434,20 @@ def time_phases(fn, device: str) -> dict[str, float]:
             finally:
                 sync(device)
                 spent[name] += time.perf_counter() - start
+                current[0] = outer
 
         return wrapper
 
     for name, original in originals.items():
         setattr(ProbeEngine, name, timed(name, original))
+    TextStop.__call__, _packed._forward = counted(stop_call), counted(packed_forward)
     try:
         total = _timed(fn, device)
     finally:
         for name, original in originals.items():
             setattr(ProbeEngine, name, original)
-    return {**spent, "other": total - sum(spent.values())}
+        TextStop.__call__, _packed._forward = stop_call, packed_forward
+    return {**spent, "other": total - sum(spent.values())}, steps
 
 
 def profile_round(fn, device: str, path: str) -> None:

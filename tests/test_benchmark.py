@@ -63,6 +63,10 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["round_forward_passes"] >= calls["generate"] + calls["forward"] + calls.get("decode_steps", 0)
     phases = report["round_phase_seconds"]
     assert phases["generate_chains"] > 0 and phases["_packed"] > 0 and phases["other"] >= 0
+    # each phase's model steps, counted outside the model: here every forward pass is one of them
+    steps = report["round_phase_steps"]
+    assert steps["generate_chains"] > 0 and steps["_packed"] > 0
+    assert sum(steps.values()) == report["round_forward_passes"]
 
 
 def test_benchmark_rejects_an_unknown_candidate_before_it_builds_anything(tmp_path):
