@@ -165,17 +165,27 @@ LOGPROB_TOLERANCE_BITS = 0.01
 # Experimental settings the GPU round-time target may need (docs/performance.md): FaithConfig
 # fields, or (upper-case keys) module settings of the engine (`SETTING_MODULES`).
 CANDIDATES = {
+    # the default settings again, timed like a candidate: what the candidates' figures are read
+    # against (they run after the profiler and the plain round, which may leave state behind)
+    "same_settings_again": {},
     "compiled_forced_answers": {"compile_forced_answers": True},
     "packed_long_variants": {"packed_row_max_tokens": 2048},
     "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
     "any_sdpa_kernel_in_packed_passes": {"PACKED_SDPA_BACKENDS": None},  # cuDNN allowed again
-    # what reading the text / the all-done flag after every decode step costs (on CUDA)
+    # what reading the text after every decode step costs (on CUDA)
     "text_read_every_step": {"TEXT_CHECK_EVERY": 1},
-    "stop_flag_read_every_step": {"DEFER_STOP_CHECKS": False},
+    # chains and regeneration through transformers' `generate` instead of the engine's own
+    # static-cache loop (its stop flag read a step late, the text every TEXT_CHECK_EVERY steps)
+    "generate_decoding": {"STATIC_DECODE": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }
-SETTING_MODULES = ("faithcb.engine._packed", "faithcb.engine._text_stop", "faithcb.engine._engine")
+SETTING_MODULES = (
+    "faithcb.engine._packed",
+    "faithcb.engine._text_stop",
+    "faithcb.engine._static_decode",
+    "faithcb.engine._engine",
+)
 
 
 @contextlib.contextmanager

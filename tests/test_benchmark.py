@@ -39,12 +39,13 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
     assert set(report["candidates"]) == {
+        "same_settings_again",
         "compiled_forced_answers",
         "packed_long_variants",
         "without_drafts",
         "any_sdpa_kernel_in_packed_passes",
         "text_read_every_step",
-        "stop_flag_read_every_step",
+        "generate_decoding",
         "bigger_scoring_batches",
     }
     # same figures with other packing, batches, stop checks or SDPA kernels (CUDA), or without drafts
@@ -93,15 +94,15 @@ def bench(monkeypatch):
 
 
 def test_module_settings_set_each_candidate_setting_where_it_lives_and_restore_it(bench):
-    from faithcb.engine import _packed, _text_stop
+    from faithcb.engine import _packed, _static_decode, _text_stop
 
     def current():
-        return _packed.PACKED_SDPA_BACKENDS, _text_stop.TEXT_CHECK_EVERY, _text_stop.DEFER_STOP_CHECKS
+        return _packed.PACKED_SDPA_BACKENDS, _text_stop.TEXT_CHECK_EVERY, _static_decode.STATIC_DECODE
 
     settings = {k for overrides in bench.CANDIDATES.values() for k in overrides if k.isupper()}
-    assert {"PACKED_SDPA_BACKENDS", "TEXT_CHECK_EVERY", "DEFER_STOP_CHECKS"} <= settings
+    assert {"PACKED_SDPA_BACKENDS", "TEXT_CHECK_EVERY", "STATIC_DECODE"} <= settings
     before = current()
-    with bench.module_settings({"PACKED_SDPA_BACKENDS": None, "TEXT_CHECK_EVERY": 1, "DEFER_STOP_CHECKS": False}):
+    with bench.module_settings({"PACKED_SDPA_BACKENDS": None, "TEXT_CHECK_EVERY": 1, "STATIC_DECODE": False}):
         assert current() == (None, 1, False)
         assert not hasattr(_packed, "TEXT_CHECK_EVERY")  # set on its own module, not on another
     assert current() == before

@@ -89,15 +89,14 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
         return original(self, contexts, **kwargs)
 
     monkeypatch.setattr(_engine.ProbeEngine, "generate", generate)
-    shapes = []  # (rows, prompt width, new tokens) of every static-cache generate call
-    model_generate = type(trained).generate
+    shapes = []  # (rows, prompt width, new tokens) of every static-cache decode (the engine's own loop)
+    own_loop = _engine.static_greedy_decode
 
-    def record_shape(self, *args, **kwargs):
-        if kwargs.get("cache_implementation") == "static":
-            shapes.append((*kwargs["input_ids"].shape, kwargs["max_new_tokens"]))
-        return model_generate(self, *args, **kwargs)
+    def record_shape(model, ids, mask, **kwargs):
+        shapes.append((*ids.shape, kwargs["max_new_tokens"]))
+        return own_loop(model, ids, mask, **kwargs)
 
-    monkeypatch.setattr(type(trained), "generate", record_shape)
+    monkeypatch.setattr(_engine, "static_greedy_decode", record_shape)
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=8)))
     common = {"max_new_tokens": 40, "generation_batch_size": 4, "scoring_batch_size": 8, "prompt_bucket": 16}
     common["packed_scoring"] = False  # every forced answer is decoded by generate

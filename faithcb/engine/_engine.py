@@ -32,6 +32,7 @@ from .._parsing import (
 )
 from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._static_decode import static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class ProbeEngine:
             gen_kwargs["synced_gpus"] = False
         size = batch_size or self.config.generation_batch_size
         check_every = text_check_interval(self.device, max_new_tokens)
+        own_loop = static_shapes and self._own_decode_loop()
         for batch in self._batches(order, size):
             rows = [encoded[i] for i in batch]
             if static_shapes:
@@ -232,14 +234,28 @@ class ProbeEngine:
                     eos_ids=eos_ids,
                 )
             self.calls["generate"] += 1
-            with deferred_stop_checks(self.device):
-                generated = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    stopping_criteria=StoppingCriteriaList([stop]) if stop else None,
-                    **gen_kwargs,
-                )
-            new = generated[: len(batch), ids.shape[1] :].tolist()
+            if own_loop:
+                new = static_greedy_decode(
+                    self.model,
+                    ids,
+                    mask,
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=eos_ids,
+                    pad_id=self.tokenizer.pad_token_id,
+                    stop=stop,
+                    rows=len(batch),
+                    check_every=check_every,
+                    compiled=self._compiles(),
+                )[: len(batch)]
+            else:
+                with deferred_stop_checks(self.device):
+                    generated = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        stopping_criteria=StoppingCriteriaList([stop]) if stop else None,
+                        **gen_kwargs,
+                    )
+                new = generated[: len(batch), ids.shape[1] :].tolist()
             if stop is not None:
                 stop.settle(new)  # the steps after the last read of the text
             for r, (row, i) in enumerate(zip(new, batch)):
@@ -251,6 +267,22 @@ class ProbeEngine:
                 cuts = [text.find(s) for s in stop_strings if s in text]
                 out[i] = (text[: min(cuts)] if cuts else text, n_tokens)
         return out
+
+    def _own_decode_loop(self) -> bool:
+        """Static-shape greedy decoding runs in `static_greedy_decode` (its host work per step is
+        a fraction of `generate`'s) where that gives `generate`'s tokens and no other rank waits
+        for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights in step)."""
+        if self.config.do_sample or not static_decode_supported(self.model):
+            return False
+        return self.weights_gathered or not _synced_decoding(self.model)
+
+    def _compiles(self) -> bool:
+        """Whether `generate` would compile this model's static-cache decode step here."""
+        generation_config = getattr(self.model, "generation_config", None)
+        if self.device.type != "cuda" or getattr(generation_config, "disable_compile", False):
+            return False
+        quantizer = getattr(self.model, "hf_quantizer", None)
+        return quantizer is None or bool(getattr(quantizer, "is_compileable", False))
 
     def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
         """Let the model reason on every prompt once and parse the responses."""
@@ -669,6 +701,15 @@ def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: s
         return False
     found = find_cue(response, cues)
     return found is not None and answer_complete(response[found[0] + len(found[1]) :], found[1], answer_type)
+
+
+def _synced_decoding(model: Any) -> bool:
+    """Whether `generate` keeps every rank stepping together for `model` (sharded weights)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
 
 
 def _unwrap(model: Any) -> Any:

@@ -1,0 +1,169 @@
+"""Greedy decoding with a static KV cache in a loop of the engine's own (the CUDA path of chain
+generation and regeneration).
+
+transformers' `generate` does per-step work on the host around its compiled decode step: it
+builds the 4-D attention mask again (about twenty eager tensor operations), runs its logits
+processors and stopping criteria, and concatenates the sequence so far. In the H200 runs of
+docs/performance.md a compiled decode step of the benchmark's 0.5B model took 2.5 ms of device
+time and 3.4 ms of wall time: the host, not the GPU, set the pace. Here a decode step is the
+compiled forward pass plus four small tensor operations: the mask is one preallocated tensor
+that gains one visible column per step, the position ids one tensor that grows by one, the
+tokens go into a preallocated buffer, and the host reads them only every `check_every` steps
+(with the text conditions of `TextStop`, and to learn whether every row has ended).
+
+The tokens are those of `generate`'s greedy decoding with a static cache: the same prefill,
+the same position ids (`cumsum` of the attention mask), the same visible keys at every step
+(`tests/test_static_decode.py` compares both). Models for which that cannot be vouched for
+(custom input preparation, sliding-window or chunked layers, attention kernels without 4-D
+masks, generation settings that change the logits) keep `generate` (`static_decode_supported`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from transformers import GenerationMixin, StaticCache
+from transformers.cache_utils import StaticLayer
+
+from ._packed import _cache_name
+from ._text_stop import TextStop
+
+# Use this loop where it applies (False: transformers' `generate` for every decode).
+STATIC_DECODE = True
+# generation_config settings that change greedy logits in `generate` beyond what the engine
+# neutralises (`PLAIN_DECODING`): a model that sets one keeps `generate`.
+_LOGIT_SETTINGS = (
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "bad_words_ids",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "watermarking_config",
+    "min_length",
+)
+_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # attention kernel -> the 4-D mask it takes
+
+
+def static_decode_supported(model: Any) -> bool:
+    """Whether `static_greedy_decode` gives `model` the tokens of `generate`'s greedy decoding."""
+    config = model.config
+    if not STATIC_DECODE or config.is_encoder_decoder:
+        return False
+    if _MASK_KINDS.get(getattr(config, "_attn_implementation", None)) is None:
+        return False
+    if type(model).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return False  # model-specific inputs (token types, images, ...)
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and any(getattr(generation_config, k, None) for k in _LOGIT_SETTINGS):
+        return False
+    try:
+        layers = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=1).layers
+    except Exception:  # a cache layout transformers cannot build statically
+        return False
+    return all(type(layer) is StaticLayer for layer in layers)  # full attention in every layer
+
+
+def static_greedy_decode(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: Collection[int],
+    pad_id: int,
+    stop: TextStop | None = None,
+    rows: int | None = None,
+    check_every: int = 1,
+    compiled: bool = False,
+) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch.
+
+    Args:
+        model: A causal LM for which `static_decode_supported` holds.
+        ids: `(batch, width)` left-padded prompt ids.
+        mask: `(batch, width)` attention mask (1 = token, 0 = padding).
+        max_new_tokens: Token budget.
+        eos_ids: A row that wrote one of these has ended; it writes `pad_id` from then on, as
+            in `generate`.
+        pad_id: Padding id.
+        stop: Text conditions, read with `TextStop.settle` every `check_every` steps; a row in
+            its `stop_at` has ended.
+        rows: Rows that count (later ones pad a fixed-shape batch); default all.
+        check_every: Decode steps between two reads of the tokens on the host.
+        compiled: Decode steps through transformers' compiled call of the model (the prefill
+            stays eager: its shape is the only one that varies).
+
+    Returns:
+        Every row's new tokens, all of one length: the steps run, which stop at the first read
+        that finds every counted row ended (EOS, or in `stop.stop_at`), or at the budget. A
+        row's tokens after its `stop_at` are to be dropped, as with `generate`.
+    """
+    if max_new_tokens < 1:
+        return [[] for _ in range(len(ids))]
+    batch, width = ids.shape
+    rows = batch if rows is None else rows
+    device = ids.device
+    eos_set = set(eos_ids)
+    eos_tensor = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    running = torch.ones(batch, dtype=torch.bool, device=device)  # no EOS yet
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=width + max_new_tokens)
+    cache_kwargs = {_cache_name(model): cache}
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as `generate` makes them
+    next_ids = (
+        model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs
+        )
+        .logits[:, -1]
+        .argmax(-1)
+    )
+    # the keys every decode step's query sees: the prompt's tokens, then one more column per step
+    visible = torch.zeros((batch, 1, 1, width + max_new_tokens), dtype=torch.bool, device=device)
+    visible[:, 0, 0, :width] = mask.bool()
+    additive = _MASK_KINDS[model.config._attn_implementation] == "additive"
+    step_mask = torch.zeros(visible.shape, dtype=model.dtype, device=device) if additive else visible
+    if additive:
+        step_mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
+    position = positions[:, -1:].clone()
+    forward = model.get_compiled_call(getattr(model.generation_config, "compile_config", None)) if compiled else model
+    tokens = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
+    stopped = stop.stop_at if stop is not None else {}
+    new: list[list[int]] = []
+    for step in range(max_new_tokens):
+        next_ids.masked_fill_(~running, pad_id)
+        running &= ~torch.isin(next_ids, eos_tensor)
+        tokens[:, step] = next_ids
+        written = step + 1
+        if written == max_new_tokens or written % check_every == 0:
+            new = tokens[:, :written].tolist()  # the one read of the host, every check_every steps
+            if stop is not None:
+                stop.settle(new)
+            if all(r in stopped or any(t in eos_set for t in new[r]) for r in range(rows)):
+                break
+        if written == max_new_tokens:
+            break
+        if additive:
+            step_mask[..., width + step] = 0.0
+        else:
+            step_mask[..., width + step] = True
+        position += 1
+        # nothing keeps the logits: a compiled call may reuse their memory on its next run
+        next_ids = (
+            forward(
+                input_ids=next_ids[:, None],
+                attention_mask=step_mask,
+                position_ids=position,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs,
+            )
+            .logits[:, -1]
+            .argmax(-1)
+        )
+    return new

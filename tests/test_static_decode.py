@@ -1,0 +1,133 @@
+"""The engine's own static-cache greedy loop (`faithcb/engine/_static_decode.py`): the tokens of
+transformers' `generate`, host reads every `check_every` steps, and `generate` kept wherever the
+loop cannot vouch for that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from faithcb import FaithConfig
+from faithcb.engine import ProbeEngine, _static_decode
+from faithcb.engine._static_decode import static_decode_supported, static_greedy_decode
+from faithcb.engine._text_stop import TextStop
+from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model
+
+
+@pytest.fixture(scope="module", params=[("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
+def trained(request, tokenizer):
+    arch, attention = request.param
+    model = build_tiny_model(tokenizer, arch=arch, seed=3, attn_implementation=attention)
+    pretrain_tiny_model(model, tokenizer, make_arithmetic_examples(600, seed=1), steps=100, batch_size=32)
+    return model.eval()
+
+
+def contexts(n: int = 7) -> list[str]:
+    """Prompts of different lengths (left padding differs per row), some cut mid-chain."""
+    examples = make_arithmetic_examples(n, seed=5)
+    return [e["prompt"] + e["completion"][: 3 * i] for i, e in enumerate(examples)]
+
+
+@pytest.mark.parametrize("finished", [None, "cue"])
+def test_own_loop_gives_the_tokens_of_generate(trained, tokenizer, monkeypatch, finished):
+    """Same texts and token counts as `generate` on the static-shape path: rows that end with
+    EOS, rows cut by a text condition, rows that run to the budget, and padding rows."""
+    condition = (lambda i, text: "Answer" in text) if finished else None
+    engine = ProbeEngine(trained, tokenizer, FaithConfig(generation_batch_size=4, compile_generation=True))
+    assert engine._own_decode_loop()
+    calls = {"own": 0}
+    original = _static_decode.static_greedy_decode
+
+    def counted(*args, **kwargs):
+        calls["own"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("faithcb.engine._engine.static_greedy_decode", counted)
+    kwargs = {"max_new_tokens": 48, "static_shapes": True, "min_width": 48, "finished": condition}
+    with torch.no_grad():
+        own = engine.generate(contexts(), **kwargs)
+        assert calls["own"] == 2  # 7 contexts in batches of 4
+        monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)
+        assert not engine._own_decode_loop()
+        reference = engine.generate(contexts(), **kwargs)
+    assert calls["own"] == 2
+    assert own == reference
+    assert len({n for _, n in own}) > 1  # rows end at different steps
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 4])
+def test_reads_every_check_every_steps_and_stops_at_the_first_read_that_finds_every_row_ended(
+    trained, tokenizer, check_every
+):
+    """Rows that meet their condition after 5 and 6 tokens: the loop runs up to the first read at
+    or after step 6 and reads nothing in between; `stop_at` is exact whatever the interval."""
+    reads = []
+    needed = {0: 5, 1: 6}
+
+    def decode(tokens):
+        reads.append(len(tokens))
+        return "x" * len(tokens)
+
+    stop = TextStop(lambda row, text: len(text) >= needed[row], decode, prompt_width=0, rows=2, check_every=check_every)
+    engine = ProbeEngine(trained, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad([engine.encode(c) for c in contexts(2)])
+    with torch.no_grad():
+        new = static_greedy_decode(
+            trained, ids, mask, max_new_tokens=40, eos_ids=[], pad_id=0, stop=stop, check_every=check_every
+        )
+    steps = -(-6 // check_every) * check_every
+    assert [len(row) for row in new] == [steps, steps]
+    assert stop.stop_at == needed
+    # whole-row reads happen only at multiples of check_every (shorter ones search for the cut)
+    assert {n for n in reads if n % check_every == 0} >= set(range(check_every, steps + 1, check_every))
+    assert max(reads) == steps
+
+
+def test_a_row_writes_padding_after_its_eos_as_in_generate(trained, tokenizer):
+    engine = ProbeEngine(trained, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad([engine.encode(c) for c in contexts(3)])
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        new = static_greedy_decode(trained, ids, mask, max_new_tokens=64, eos_ids=[eos], pad_id=tokenizer.pad_token_id)
+    ended = [row for row in new if eos in row]
+    assert ended, "the trained model ends some chains within 64 tokens"
+    for row in ended:
+        assert set(row[row.index(eos) + 1 :]) <= {tokenizer.pad_token_id}
+    assert len(new[0]) < 64 or not all(eos in row for row in new)  # stops once every row ended
+
+
+def test_zero_budget_writes_nothing(trained, tokenizer):
+    engine = ProbeEngine(trained, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad([engine.encode(c) for c in contexts(2)])
+    assert static_greedy_decode(trained, ids, mask, max_new_tokens=0, eos_ids=[], pad_id=0) == [[], []]
+
+
+def test_generate_is_kept_where_the_loop_cannot_vouch_for_its_tokens(tokenizer, monkeypatch):
+    model = build_tiny_model(tokenizer, seed=1)
+    assert static_decode_supported(model)
+    model.generation_config.suppress_tokens = [5]  # a logits processor the loop does not run
+    assert not static_decode_supported(model)
+    model.generation_config.suppress_tokens = None
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=0,
+        )
+    )
+    assert not static_decode_supported(sliding)  # sliding-window layers keep their own masks
+    config = FaithConfig(compile_generation=True)
+    assert ProbeEngine(model, tokenizer, config)._own_decode_loop()
+    sampled = FaithConfig(compile_generation=True, do_sample=True)
+    assert not ProbeEngine(model, tokenizer, sampled)._own_decode_loop()
+    # sharded weights (ZeRO-3 / FSDP across ranks): every rank must step with the others
+    monkeypatch.setattr("faithcb.engine._engine._synced_decoding", lambda model: True)
+    assert not ProbeEngine(model, tokenizer, config)._own_decode_loop()
+    assert ProbeEngine(model, tokenizer, config, weights_gathered=True)._own_decode_loop()
