@@ -170,6 +170,11 @@ CANDIDATES = {
     "same_settings_again": {},
     "compiled_forced_answers": {"compile_forced_answers": True},
     "packed_long_variants": {"packed_row_max_tokens": 2048},
+    "packed_long_variants_bigger_batches": {
+        "packed_row_max_tokens": 2048,
+        "scoring_batch_size": 1024,
+        "_MASK_ELEMENTS": 1 << 28,
+    },
     "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
     "any_sdpa_kernel_in_packed_passes": {"PACKED_SDPA_BACKENDS": None},  # cuDNN allowed again
     # what reading the text after every decode step costs (on CUDA)
@@ -413,10 +418,10 @@ PHASES = ("generate_chains", "_continue_chains", "_packed", "_forced_answers", "
 def time_phases(fn, device: str) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds of each engine phase while `fn()` runs one round (device synchronised at every
     phase boundary; `other` is the rest of the round: probes, parsing, bookkeeping), and each
-    phase's model steps: `generate`'s decode steps (its stopping criterion runs once per step)
-    plus packed prefills and tree-decode steps. Counted in Python, outside the model, so a
-    compiled model is left as it is."""
-    from faithcb.engine import _packed
+    phase's model steps: decode steps of the engine's static-cache loop and of `generate` (its
+    stopping criterion runs once per step), packed prefills and tree-decode steps. Counted in
+    Python, outside the model, so a compiled model is left as it is."""
+    from faithcb.engine import _engine, _packed
     from faithcb.engine._engine import ProbeEngine
     from faithcb.engine._text_stop import TextStop
 
@@ -424,7 +429,7 @@ def time_phases(fn, device: str) -> tuple[dict[str, float], dict[str, int]]:
     steps = dict.fromkeys(PHASES, 0)
     current = [None]
     originals = {name: getattr(ProbeEngine, name) for name in PHASES}
-    stop_call, packed_forward = TextStop.__call__, _packed._forward
+    stop_call, packed_forward, own_loop = TextStop.__call__, _packed._forward, _engine.static_greedy_decode
 
     def counted(original):
         def wrapper(*args, **kwargs):
@@ -448,15 +453,23 @@ def time_phases(fn, device: str) -> tuple[dict[str, float], dict[str, int]]:
 
         return wrapper
 
+    def counted_loop(*args, **kwargs):
+        new = own_loop(*args, **kwargs)
+        if current[0] is not None:
+            steps[current[0]] += len(new[0]) if new else 0  # the prefill and every decode step
+        return new
+
     for name, original in originals.items():
         setattr(ProbeEngine, name, timed(name, original))
     TextStop.__call__, _packed._forward = counted(stop_call), counted(packed_forward)
+    _engine.static_greedy_decode = counted_loop
     try:
         total = _timed(fn, device)
     finally:
         for name, original in originals.items():
             setattr(ProbeEngine, name, original)
         TextStop.__call__, _packed._forward = stop_call, packed_forward
+        _engine.static_greedy_decode = own_loop
     return {**spent, "other": total - sum(spent.values())}, steps
 
 

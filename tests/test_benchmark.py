@@ -42,6 +42,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "same_settings_again",
         "compiled_forced_answers",
         "packed_long_variants",
+        "packed_long_variants_bigger_batches",
         "without_drafts",
         "any_sdpa_kernel_in_packed_passes",
         "text_read_every_step",
@@ -108,3 +109,20 @@ def test_module_settings_set_each_candidate_setting_where_it_lives_and_restore_i
     assert current() == before
     with pytest.raises(KeyError, match="NO_SUCH_SETTING"), bench.module_settings({"NO_SUCH_SETTING": 1}):
         pass
+
+
+def test_phase_steps_count_every_forward_pass_of_either_decode_path(bench, tokenizer):
+    """`time_phases` counts decode steps of the engine's static-cache loop as well as of
+    `generate` (CPU runs the loop uncompiled with `compile_generation=True`)."""
+    from faithcb import FaithConfig, load_panel, run_probe_round
+    from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, to_sft_dataset
+
+    model = build_tiny_model(tokenizer, seed=1).eval()
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(3, seed=2)))
+    for static in (True, False):
+        config = FaithConfig(max_new_tokens=16, compile_generation=static, generation_batch_size=2)
+        run_probe_round(model, tokenizer, panel, config)  # once-per-model checks (packing) out of the way
+        _, steps = bench.time_phases(lambda c=config: run_probe_round(model, tokenizer, panel, c), "cpu")
+        passes = bench.count_forward_passes(model, lambda c=config: run_probe_round(model, tokenizer, panel, c))
+        assert steps["generate_chains"] >= 2, static
+        assert sum(steps.values()) == passes, static
