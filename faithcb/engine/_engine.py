@@ -432,11 +432,15 @@ class ProbeEngine:
                 branch.n_draft = len(drafts[r.example])
         eos_ids = self._eos_ids()
 
+        complete: dict[tuple, bool] = {}  # many branches decode the same tokens (their draft)
+
         def is_finished(key: ForcedAnswer, tokens: list[int]) -> bool:
             chain = chains[key.example]
-            return answer_complete(
-                self.tokenizer.decode(tokens, skip_special_tokens=True), chain.cue, chain.answer_type
-            )
+            seen = (chain.cue, chain.answer_type, *tokens)
+            if seen not in complete:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                complete[seen] = answer_complete(text, chain.cue, chain.answer_type)
+            return complete[seen]
 
         def score(batch: list[PackedRow], hand_off: int) -> None:
             self.calls["forward"] += 1
