@@ -24,8 +24,8 @@ Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
-    python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --profile_out profile.txt \
-        --candidate_names any_sdpa_kernel_in_packed_passes,compiled_forced_answers   # H200 run 2 in docs
+    python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
+        --profile_out profile.txt --candidate_names same_settings_again,generate_decoding   # docs/performance.md
 """
 
 from __future__ import annotations

@@ -123,6 +123,9 @@ def test_generate_is_kept_where_the_loop_cannot_vouch_for_its_tokens(tokenizer, 
         )
     )
     assert not static_decode_supported(sliding)  # sliding-window layers keep their own masks
+    with monkeypatch.context() as patch:  # a transformers release with other static cache layers
+        patch.setattr(_static_decode, "StaticLayer", type("OtherLayer", (), {}))
+        assert not static_decode_supported(model)
     config = FaithConfig(compile_generation=True)
     assert ProbeEngine(model, tokenizer, config)._own_decode_loop()
     sampled = FaithConfig(compile_generation=True, do_sample=True)
@@ -131,3 +134,28 @@ def test_generate_is_kept_where_the_loop_cannot_vouch_for_its_tokens(tokenizer, 
     monkeypatch.setattr("faithcb.engine._engine._synced_decoding", lambda model: True)
     assert not ProbeEngine(model, tokenizer, config)._own_decode_loop()
     assert ProbeEngine(model, tokenizer, config, weights_gathered=True)._own_decode_loop()
+
+
+def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monkeypatch):
+    """A LoRA-wrapped model runs the loop on its base model (whose layers hold the adapters),
+    with the tokens of `PeftModel.generate`; prompt-learning adapters keep `generate`."""
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model(tokenizer, seed=3)
+    pretrain_tiny_model(base, tokenizer, make_arithmetic_examples(300, seed=1), steps=60, batch_size=32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, config).eval()
+    engine = ProbeEngine(model, tokenizer, FaithConfig(generation_batch_size=4, compile_generation=True))
+    assert engine._own_decode_loop() and engine._decode_model() is model.get_base_model()
+    kwargs = {"max_new_tokens": 40, "static_shapes": True, "min_width": 48}
+    with torch.no_grad():
+        own = engine.generate(contexts(), **kwargs)
+        with model.disable_adapter():
+            without_adapters = engine.generate(contexts(), **kwargs)
+        monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)
+        reference = engine.generate(contexts(), **kwargs)
+    assert own == reference
+    assert own != without_adapters  # the adapters took part
+    prompt_tuning = peft.get_peft_model(
+        build_tiny_model(tokenizer, seed=3), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    assert ProbeEngine(prompt_tuning, tokenizer, FaithConfig(compile_generation=True))._decode_model() is None

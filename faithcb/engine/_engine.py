@@ -236,7 +236,7 @@ class ProbeEngine:
             self.calls["generate"] += 1
             if own_loop:
                 new = static_greedy_decode(
-                    self.model,
+                    self._decode_model(),
                     ids,
                     mask,
                     max_new_tokens=max_new_tokens,
@@ -256,8 +256,8 @@ class ProbeEngine:
                         **gen_kwargs,
                     )
                 new = generated[: len(batch), ids.shape[1] :].tolist()
-            if stop is not None:
-                stop.settle(new)  # the steps after the last read of the text
+                if stop is not None:
+                    stop.settle(new)  # the steps after its last read of the text
             for r, (row, i) in enumerate(zip(new, batch)):
                 # up to EOS, or up to the token after which a stop string or `finished` first held
                 n_tokens = next((pos for pos, tok in enumerate(row) if tok in eos_ids), len(row))
@@ -272,9 +272,22 @@ class ProbeEngine:
         """Static-shape greedy decoding runs in `static_greedy_decode` (its host work per step is
         a fraction of `generate`'s) where that gives `generate`'s tokens and no other rank waits
         for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights in step)."""
-        if self.config.do_sample or not static_decode_supported(self.model):
+        model = self._decode_model()
+        if self.config.do_sample or model is None or not static_decode_supported(model):
             return False
-        return self.weights_gathered or not _synced_decoding(self.model)
+        return self.weights_gathered or not _synced_decoding(model)
+
+    def _decode_model(self) -> Any:
+        """The transformers model that `static_greedy_decode` runs: the model itself, or the
+        base model of a PEFT model whose adapters live in its layers (LoRA and the like:
+        `PeftModel.generate` then only calls the base model's); None for prompt-learning
+        adapters (virtual tokens that only the PEFT wrapper adds)."""
+        if not hasattr(self.model, "get_base_model"):
+            return self.model
+        active = getattr(self.model, "active_peft_config", None)
+        if active is None or getattr(active, "is_prompt_learning", True):
+            return None
+        return self.model.get_base_model()
 
     def _compiles(self) -> bool:
         """Whether `generate` would compile this model's static-cache decode step here."""

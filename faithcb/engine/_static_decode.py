@@ -6,16 +6,17 @@ builds the 4-D attention mask again (about twenty eager tensor operations), runs
 processors and stopping criteria, and concatenates the sequence so far. In the H200 runs of
 docs/performance.md a compiled decode step of the benchmark's 0.5B model took 2.5 ms of device
 time and 3.4 ms of wall time: the host, not the GPU, set the pace. Here a decode step is the
-compiled forward pass plus four small tensor operations: the mask is one preallocated tensor
-that gains one visible column per step, the position ids one tensor that grows by one, the
-tokens go into a preallocated buffer, and the host reads them only every `check_every` steps
-(with the text conditions of `TextStop`, and to learn whether every row has ended).
+compiled forward pass plus a few small tensor operations (arg-max, EOS bookkeeping, one more
+visible column of a preallocated mask, positions + 1, the token into a preallocated buffer),
+and the host reads the tokens only every `check_every` steps (for the text conditions of
+`TextStop`, and to learn whether every row has ended).
 
 The tokens are those of `generate`'s greedy decoding with a static cache: the same prefill,
 the same position ids (`cumsum` of the attention mask), the same visible keys at every step
 (`tests/test_static_decode.py` compares both). Models for which that cannot be vouched for
 (custom input preparation, sliding-window or chunked layers, attention kernels without 4-D
-masks, generation settings that change the logits) keep `generate` (`static_decode_supported`).
+masks, generation settings that change the logits, transformers releases whose static cache
+does not count its own length) keep `generate` (`static_decode_supported`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from collections.abc import Collection
 from typing import Any
 
 import torch
-from transformers import GenerationMixin, StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers import GenerationMixin
+
+try:  # transformers 5.x: a static cache layer counts its own length (no `cache_position`)
+    from transformers.cache_utils import StaticCache, StaticLayer
+except ImportError:  # pragma: no cover - older transformers
+    StaticCache = StaticLayer = None
 
 from ._packed import _cache_name
 from ._text_stop import TextStop
@@ -63,11 +68,14 @@ def static_decode_supported(model: Any) -> bool:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and any(getattr(generation_config, k, None) for k in _LOGIT_SETTINGS):
         return False
+    if StaticCache is None:
+        return False
     try:
         layers = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=1).layers
-    except Exception:  # a cache layout transformers cannot build statically
+    except Exception:  # a cache layout (or a transformers release) without this constructor
         return False
-    return all(type(layer) is StaticLayer for layer in layers)  # full attention in every layer
+    # full attention in every layer, each counting the tokens it holds (no `cache_position`)
+    return all(type(layer) is StaticLayer and hasattr(layer, "cumulative_length") for layer in layers)
 
 
 def static_greedy_decode(
