@@ -184,10 +184,12 @@ class ProbeEngine:
             string; number of new tokens before EOS, or up to the token that completed a stop
             string or after which `finished` first held).
 
-        On CUDA the text is read every few decode steps rather than after each one, the rows
-        are then cut where a read after each step would have stopped them (`TextStop`), and
-        transformers reads its all-done flag a step late (`deferred_stop_checks`): the device
-        is not kept waiting for the host.
+        On CUDA the text is read every few decode steps rather than after each one, and the
+        rows are then cut where a read after each step would have stopped them (`TextStop`).
+        Greedy static-shape batches decode in the engine's own loop (`static_greedy_decode`,
+        where `static_decode_supported`); elsewhere `generate` runs, reading its all-done flag
+        a step late on CUDA (`deferred_stop_checks`): the device is not kept waiting for the
+        host.
         """
         encoded = self.encode_many(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
