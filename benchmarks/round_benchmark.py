@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class Args:
     candidates: int = -1  # also time the experimental settings in CANDIDATES: -1 CUDA only, 0 never, 1 always
     candidate_names: str = ""  # comma-separated subset of CANDIDATES ("" = all)
     seed: int = 0
+    # deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): do two
+    # rounds of the same model give the same records then? (they do not on the H200s in docs)
+    deterministic: int = 0
 
 
 def parse_args() -> Args:
@@ -240,6 +244,9 @@ def records_differing(a: list[dict], b: list[dict]) -> int:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     start = time.perf_counter()
     model, tokenizer, panel = build(args, device)
@@ -402,6 +409,7 @@ def main() -> None:
         "round_peak_mem_over_train_peak": (round_peak / train_peak) if round_peak and train_peak else None,
         "accuracy": result.metrics.get("accuracy"),
         "torch_threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "compiled_generation": bool(config.compile_generation)
         or (config.compile_generation is None and device == "cuda"),
         "compile_error": compile_error,

@@ -26,7 +26,7 @@ KEYS = (
 def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     args = ["--device", "cpu", "--panel_size", "4", "--pretrain_steps", "20", "--timed_rounds", "1"]
     args += ["--train_batch", "2", "--train_seq", "32", "--max_new_tokens", "24", "--candidates", "1"]
-    args += ["--profile_out", str(tmp_path / "profile.txt")]
+    args += ["--profile_out", str(tmp_path / "profile.txt"), "--deterministic", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -35,6 +35,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(key in report for key in KEYS)
     assert report["device"] == "cpu" and report["panel_size"] == 4
+    assert report["deterministic"] is True
     assert report["metrics_equal"] is True  # engine and reference agree on the same panel
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
