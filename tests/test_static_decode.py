@@ -4,6 +4,8 @@ loop cannot vouch for that."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -162,3 +164,37 @@ def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monk
         build_tiny_model(tokenizer, seed=3), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     )
     assert ProbeEngine(prompt_tuning, tokenizer, FaithConfig(compile_generation=True))._decode_model() is None
+
+
+def test_a_decode_step_that_fails_to_compile_falls_back_to_eager_decoding(trained, tokenizer, monkeypatch, caplog):
+    """Where compiling fails (no working Triton, say), the batch and every later one decode
+    eagerly, with the same tokens, and the failure is logged once: slower rounds, not failed ones."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    class CompileFailed(TorchDynamoException):  # as BackendCompilerFailed, whose signature varies by torch release
+        pass
+
+    from faithcb.engine import _engine
+
+    monkeypatch.setattr(_engine, "_COMPILE_FAILED", weakref.WeakSet())  # the fixture's model is shared
+    attempts = []
+
+    def failing_compiled_call(*args, **kwargs):
+        def step(**inputs):
+            attempts.append(1)
+            raise CompileFailed("backend='inductor' raised: Cannot find a working triton installation")
+
+        return step
+
+    engine = ProbeEngine(trained, tokenizer, FaithConfig(generation_batch_size=4, compile_generation=True))
+    kwargs = {"max_new_tokens": 24, "static_shapes": True, "min_width": 48, "finished": lambda i, text: "=" in text}
+    with torch.no_grad():
+        eager = engine.generate(contexts(), **kwargs)
+        monkeypatch.setattr(type(trained), "get_compiled_call", failing_compiled_call)
+        monkeypatch.setattr(ProbeEngine, "_compiles", lambda self: self._decode_model() not in _engine._COMPILE_FAILED)
+        with caplog.at_level("WARNING", logger="faithcb.engine._engine"):
+            fallen_back = engine.generate(contexts(), **kwargs)
+    assert fallen_back == eager
+    assert len(attempts) == 1  # the second batch did not try again
+    assert len([r for r in caplog.records if "compiling the decode step failed" in r.message]) == 1
+    assert "CompileFailed" in caplog.text and "triton" in caplog.text

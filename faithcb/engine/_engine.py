@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from ._static_decode import static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
 
 logger = logging.getLogger(__name__)
+_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled decode step failed
 LN2 = math.log(2.0)
 _MASK_ELEMENTS = 1 << 26  # 4-D mask entries per batch of packed rows (128 MiB in bf16)
 _DRAFT_CHARS = 256  # how much of a stated answer a draft may cover
@@ -237,18 +239,7 @@ class ProbeEngine:
                 )
             self.calls["generate"] += 1
             if own_loop:
-                new = static_greedy_decode(
-                    self._decode_model(),
-                    ids,
-                    mask,
-                    max_new_tokens=max_new_tokens,
-                    eos_ids=eos_ids,
-                    pad_id=self.tokenizer.pad_token_id,
-                    stop=stop,
-                    rows=len(batch),
-                    check_every=check_every,
-                    compiled=self._compiles(),
-                )[: len(batch)]
+                new = self._static_decode(ids, mask, max_new_tokens, eos_ids, stop, len(batch), check_every)
             else:
                 with deferred_stop_checks(self.device):
                     generated = self.model.generate(
@@ -291,10 +282,36 @@ class ProbeEngine:
             return None
         return self.model.get_base_model()
 
+    def _static_decode(self, ids, mask, max_new_tokens, eos_ids, stop, rows, check_every) -> list[list[int]]:
+        """One batch through `static_greedy_decode`, compiled where `generate` would compile.
+        A decode step that fails to compile (no working Triton, an operator the compiler
+        cannot take) is logged once and the model decodes eagerly from then on: slower
+        rounds, not failed ones."""
+        model = self._decode_model()
+        kwargs = {"max_new_tokens": max_new_tokens, "eos_ids": eos_ids, "pad_id": self.tokenizer.pad_token_id}
+        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every}
+        if self._compiles():
+            try:
+                return static_greedy_decode(model, ids, mask, compiled=True, **kwargs)[:rows]
+            except torch._dynamo.exc.TorchDynamoException as err:
+                logger.warning(
+                    "faithcb: compiling the decode step failed (%s: %s); decoding eagerly from now on "
+                    "(set FaithConfig.compile_generation=False to skip the attempt)",
+                    type(err).__name__,
+                    str(err).splitlines()[0][:300] if str(err) else "",
+                )
+                _COMPILE_FAILED.add(model)
+                if stop is not None:  # the batch starts again from its prompt
+                    stop.reset()
+        return static_greedy_decode(model, ids, mask, compiled=False, **kwargs)[:rows]
+
     def _compiles(self) -> bool:
-        """Whether `generate` would compile this model's static-cache decode step here."""
+        """Whether `generate` would compile this model's static-cache decode step here (and it
+        has not failed to compile already)."""
         generation_config = getattr(self.model, "generation_config", None)
         if self.device.type != "cuda" or getattr(generation_config, "disable_compile", False):
+            return False
+        if self._decode_model() in _COMPILE_FAILED:
             return False
         quantizer = getattr(self.model, "hf_quantizer", None)
         return quantizer is None or bool(getattr(quantizer, "is_compileable", False))

@@ -86,6 +86,13 @@ class TextStop(StoppingCriteria):
         self._flags = torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
         return self._flags
 
+    def reset(self) -> None:
+        """Forget every read: the batch is decoded again from its prompt."""
+        self.stop_at.clear()
+        self._ended.clear()
+        self._checked = 0
+        self._flags = None
+
     def settle(self, new_tokens: list[list[int]]) -> None:
         """Read the text of every running row written since the last read."""
         width = max((len(tokens) for tokens in new_tokens), default=0)
