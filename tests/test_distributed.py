@@ -87,7 +87,9 @@ def torchrun(assets, tmp_path, mode, *extra, nproc=2, timeout=LAUNCH_TIMEOUT):
         proc.communicate()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{stderr[-6000:]}")
+        # which ranks got as far as writing their summary (an abort at exit vs. during the run)
+        written = sorted(path.name for path in out_dir.glob("rank*.json")) if out_dir.exists() else []
+        raise RuntimeError(f"torchrun failed ({proc.returncode}; summaries written: {written}):\n{stderr[-6000:]}")
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
     return ranks, output_dir
 
