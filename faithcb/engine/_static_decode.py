@@ -142,7 +142,9 @@ def static_greedy_decode(
     forward = model.get_compiled_call(getattr(model.generation_config, "compile_config", None)) if compiled else model
     tokens = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
     stopped = stop.stop_at if stop is not None else {}
+    ended: set[int] = set()  # counted rows that wrote an EOS
     new: list[list[int]] = []
+    read = 0  # tokens per row at the previous read
     for step in range(max_new_tokens):
         next_ids.masked_fill_(~running, pad_id)
         running &= ~torch.isin(next_ids, eos_tensor)
@@ -152,7 +154,10 @@ def static_greedy_decode(
             new = tokens[:, :written].tolist()  # the one read of the host, every check_every steps
             if stop is not None:
                 stop.settle(new)
-            if all(r in stopped or any(t in eos_set for t in new[r]) for r in range(rows)):
+            # only the tokens since the previous read can hold a row's first EOS
+            ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(new[r][read:]))
+            read = written
+            if all(r in ended or r in stopped for r in range(rows)):
                 break
         if written == max_new_tokens:
             break
