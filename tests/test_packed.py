@@ -354,6 +354,29 @@ def test_engine_encodes_many_texts_as_it_encodes_each(tokenizer):
     assert engine.encode_many([]) == []
 
 
+def test_engine_encodes_each_distinct_text_once(tokenizer, monkeypatch):
+    """A round asks for many identical contexts; each is tokenized once, and every caller gets
+    its own list."""
+    from faithcb.engine._engine import ProbeEngine
+
+    engine = ProbeEngine(build_tiny_model(tokenizer, seed=5), tokenizer, FaithConfig())
+    texts = ["Q: 3 + 4\n", "Q: 5 * 6\nA:", "Q: 3 + 4\n", tokenizer.bos_token + "Q: 1\n", "Q: 3 + 4\n"]
+    want = [engine.encode(t) for t in texts]
+    asked: list[str] = []
+    encode = type(tokenizer).__call__
+
+    def counting(self, batch, **kwargs):
+        asked.extend(batch)
+        return encode(self, batch, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    got = engine.encode_many(texts)
+    assert got == want
+    assert sorted(asked) == sorted(set(texts))
+    got[0].append(-1)
+    assert got[2] == want[2]
+
+
 def test_choice_picks_read_on_the_host_agree_with_torch_argmax():
     from faithcb.engine._packed import _group_argmax
 

@@ -106,17 +106,19 @@ class ProbeEngine:
 
     def encode_many(self, texts: Sequence[str], *, continuation: bool = False) -> list[list[int]]:
         """`encode` (or `encode_continuation`) of many texts, one tokenizer call per kind (a
-        fast tokenizer encodes a batch in parallel, without the per-call overhead)."""
+        fast tokenizer encodes a batch in parallel, without the per-call overhead). Each distinct
+        text is encoded once: a round's probes ask for many of the same contexts (an early
+        answer and an information-gain log-prob after the same prefix)."""
         bos = self.tokenizer.bos_token
-        adds_bos = [not continuation and not (bos and text.startswith(bos)) for text in texts]
-        out: list[list[int]] = [[] for _ in texts]
+        distinct = list(dict.fromkeys(texts))
+        adds_bos = [not continuation and not (bos and text.startswith(bos)) for text in distinct]
+        by_text: dict[str, list[int]] = {}
         for add_special in (False, True):
-            index = [i for i, adds in enumerate(adds_bos) if adds == add_special]
-            if index:
-                encoded = self.tokenizer([texts[i] for i in index], add_special_tokens=add_special)["input_ids"]
-                for i, ids in zip(index, encoded):
-                    out[i] = list(ids)
-        return out
+            batch = [text for text, adds in zip(distinct, adds_bos) if adds == add_special]
+            if batch:
+                encoded = self.tokenizer(batch, add_special_tokens=add_special)["input_ids"]
+                by_text.update((text, list(ids)) for text, ids in zip(batch, encoded))
+        return [list(by_text[text]) for text in texts]
 
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of text that continues a context (no special tokens)."""
