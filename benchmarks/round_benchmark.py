@@ -25,7 +25,7 @@ Launch:
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
-        --profile_out profile.txt --candidate_names same_settings_again,generate_decoding   # docs/performance.md
+        --profile_out profile.txt --candidate_names same_settings_again,repeated_kv_heads   # docs/performance.md
 """
 
 from __future__ import annotations
@@ -186,6 +186,10 @@ CANDIDATES = {
     # chains and regeneration through transformers' `generate` instead of the engine's own
     # static-cache loop (its stop flag read a step late, the text every TEXT_CHECK_EVERY steps)
     "generate_decoding": {"STATIC_DECODE": False},
+    # compiled decode steps that copy every key/value head once per query head, as transformers
+    # compiles them (the default attends on the key/value heads: `gqa_on_kv_heads`); a second
+    # compiled graph, so its warm-up compiles again
+    "repeated_kv_heads": {"GQA_ON_KV_HEADS": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }

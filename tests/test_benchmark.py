@@ -48,6 +48,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "any_sdpa_kernel_in_packed_passes",
         "text_read_every_step",
         "generate_decoding",
+        "repeated_kv_heads",
         "bigger_scoring_batches",
     }
     # same figures with other packing, batches, stop checks or SDPA kernels (CUDA), or without drafts

@@ -198,3 +198,73 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager_decoding(traine
     assert len(attempts) == 1  # the second batch did not try again
     assert len([r for r in caplog.records if "compiling the decode step failed" in r.message]) == 1
     assert "CompileFailed" in caplog.text and "triton" in caplog.text
+
+
+def gqa_model(tokenizer) -> Qwen2ForCausalLM:
+    """A tiny grouped-query model: 4 query heads on 2 key/value heads, SDPA attention."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_compiled_steps_of_a_gqa_model_attend_on_its_key_value_heads(tokenizer, monkeypatch):
+    """A compiled decode step traces transformers' single-query GQA branch (no key/value head is
+    copied per query head: two `expand`s fewer per layer) and gives `generate`'s tokens; the
+    graph guards on the swapped check, so a compiled call without it (`GQA_ON_KV_HEADS` off, or
+    transformers' own `generate`) traces the repeating graph of its own."""
+    from transformers import CompileConfig
+    from transformers.integrations import sdpa_attention
+
+    model = gqa_model(tokenizer)
+    expands = []
+
+    def recording_backend(graph_module, example_inputs):
+        expands.append(sum(n.op == "call_method" and n.target == "expand" for n in graph_module.graph.nodes))
+        return graph_module.forward
+
+    model.generation_config.compile_config = CompileConfig(backend=recording_backend, mode=None)
+    engine = ProbeEngine(model, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad(engine.encode_many(contexts(4)), width=64)
+    check = sdpa_attention.is_torchdynamo_compiling
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        for on_kv_heads in (True, False, True):
+            monkeypatch.setattr(_static_decode, "GQA_ON_KV_HEADS", on_kv_heads)
+            got = static_greedy_decode(model, ids, mask, max_new_tokens=10, eos_ids=[], pad_id=0, compiled=True)
+            assert got == want[:, ids.shape[1] :].tolist()
+            assert sdpa_attention.is_torchdynamo_compiling is check
+    # one graph per setting, each reused; the repeating one copies keys and values in every layer
+    assert expands == [0, 2 * model.config.num_hidden_layers]
+
+
+def test_the_gqa_patch_is_scoped_and_a_no_op_where_it_could_change_more_than_that_branch(monkeypatch):
+    """The check is swapped only inside the block; another user of it in that module (or no
+    `pack_gqa`, as in older transformers) leaves transformers untouched."""
+    from transformers.integrations import sdpa_attention
+
+    assert _static_decode._gqa_branch_is_patchable(sdpa_attention)
+    check = sdpa_attention.is_torchdynamo_compiling
+    with _static_decode.gqa_on_kv_heads():
+        assert sdpa_attention.is_torchdynamo_compiling is not check
+    assert sdpa_attention.is_torchdynamo_compiling is check
+
+    def other_user():  # reads the check as a global, as a function of that module would
+        return is_torchdynamo_compiling()  # noqa: F821
+
+    monkeypatch.setattr(sdpa_attention, "other_user", other_user, raising=False)
+    assert not _static_decode._gqa_branch_is_patchable(sdpa_attention)
+    with _static_decode.gqa_on_kv_heads():
+        assert sdpa_attention.is_torchdynamo_compiling is check
+    monkeypatch.delattr(sdpa_attention, "other_user")
+    monkeypatch.delattr(sdpa_attention, "pack_gqa")
+    assert not _static_decode._gqa_branch_is_patchable(sdpa_attention)

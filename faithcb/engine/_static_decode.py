@@ -17,12 +17,19 @@ the same position ids (`cumsum` of the attention mask), the same visible keys at
 (custom input preparation, sliding-window or chunked layers, attention kernels without 4-D
 masks, generation settings that change the logits, transformers releases whose static cache
 does not count its own length) keep `generate` (`static_decode_supported`).
+
+Grouped-query models (fewer key/value heads than query heads, as Qwen2, Llama 3) attend on
+their key/value heads in the compiled step too (`gqa_on_kv_heads`): transformers' SDPA attention
+does so for a single query token in eager mode (`pack_gqa`), but while torch.compile traces it
+copies every key/value head once per query head (`repeat_kv`) at every layer and step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Collection
+import sys
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -52,6 +59,59 @@ _LOGIT_SETTINGS = (
     "min_length",
 )
 _MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # attention kernel -> the 4-D mask it takes
+# Compiled decode steps of grouped-query models attend on the key/value heads (`gqa_on_kv_heads`;
+# False: transformers' compiled branch, which repeats them).
+GQA_ON_KV_HEADS = True
+_SDPA_MODULE = "transformers.integrations.sdpa_attention"
+
+
+@contextlib.contextmanager
+def gqa_on_kv_heads() -> Iterator[None]:
+    """Within the block, torch.compile traces transformers' SDPA attention of a single query
+    token the way it runs in eager mode: the query heads of each key/value head are folded into
+    the query length (`pack_gqa`), instead of every key/value head being copied once per query
+    head (`repeat_kv`), the branch transformers takes while it is being compiled.
+
+    The attention is the same sum over the same keys (`tests/test_static_decode.py` compares the
+    tokens with `generate`'s); the copies go. In the H200 profile of docs/performance.md (run 5)
+    the compiled decode step ran two copy kernels per layer before its attention kernel (11.4 us
+    each, 0.2 s of device time per round), and the attention kernel read 7 times the keys and
+    values a Qwen2-0.5B layer holds.
+
+    A no-op where the installed transformers has no `pack_gqa`, or where its compile check is
+    used anywhere but in `sdpa_attention_forward` (the one branch this changes), or with
+    `GQA_ON_KV_HEADS` off. The compiled graph guards on the check, so a compiled call outside the
+    block (transformers' own `generate`) traces its own graph.
+    """
+    module = sys.modules.get(_SDPA_MODULE)
+    if not GQA_ON_KV_HEADS or module is None or not _gqa_branch_is_patchable(module):
+        yield
+        return
+    original = module.is_torchdynamo_compiling
+    module.is_torchdynamo_compiling = _not_compiling
+    try:
+        yield
+    finally:
+        module.is_torchdynamo_compiling = original
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+def _gqa_branch_is_patchable(module: Any) -> bool:
+    """Whether the compile check of `module` (transformers' SDPA integration) only chooses
+    between `pack_gqa` and `repeat_kv` in `sdpa_attention_forward`."""
+    forward = getattr(module, "sdpa_attention_forward", None)
+    needed = (forward, getattr(module, "pack_gqa", None), getattr(module, "is_torchdynamo_compiling", None))
+    if not all(inspect.isfunction(f) for f in needed):
+        return False
+    users = [
+        value
+        for value in vars(module).values()
+        if inspect.isfunction(value) and "is_torchdynamo_compiling" in value.__code__.co_names
+    ]
+    return users == [forward] and "pack_gqa" in forward.__code__.co_names
 
 
 def static_decode_supported(model: Any) -> bool:
@@ -119,18 +179,18 @@ def static_greedy_decode(
     rows = batch if rows is None else rows
     device = ids.device
     eos_set = set(eos_ids)
-    eos_tensor = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    running = torch.ones(batch, dtype=torch.bool, device=device)  # no EOS yet
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # wrote an EOS
     cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=width + max_new_tokens)
     cache_kwargs = {_cache_name(model): cache}
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as `generate` makes them
-    next_ids = (
-        model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs
-        )
-        .logits[:, -1]
-        .argmax(-1)
-    )
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs
+    ).logits[:, -1]
+    next_ids = logits.argmax(-1)
+    # one lookup per step (`torch.isin` launches several kernels on CUDA)
+    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    is_eos[[i for i in eos_set if 0 <= i < logits.shape[-1]]] = True
+    del logits
     # the keys every decode step's query sees: the prompt's tokens, then one more column per step
     visible = torch.zeros((batch, 1, 1, width + max_new_tokens), dtype=torch.bool, device=device)
     visible[:, 0, 0, :width] = mask.bool()
@@ -145,38 +205,39 @@ def static_greedy_decode(
     ended: set[int] = set()  # counted rows that wrote an EOS
     new: list[list[int]] = []
     read = 0  # tokens per row at the previous read
-    for step in range(max_new_tokens):
-        next_ids.masked_fill_(~running, pad_id)
-        running &= ~torch.isin(next_ids, eos_tensor)
-        tokens[:, step] = next_ids
-        written = step + 1
-        if written == max_new_tokens or written % check_every == 0:
-            new = tokens[:, :written].tolist()  # the one read of the host, every check_every steps
-            if stop is not None:
-                stop.settle(new)
-            # only the tokens since the previous read can hold a row's first EOS
-            ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(new[r][read:]))
-            read = written
-            if all(r in ended or r in stopped for r in range(rows)):
+    with gqa_on_kv_heads() if compiled else contextlib.nullcontext():
+        for step in range(max_new_tokens):
+            next_ids.masked_fill_(done, pad_id)
+            done |= is_eos[next_ids]
+            tokens[:, step] = next_ids
+            written = step + 1
+            if written == max_new_tokens or written % check_every == 0:
+                new = tokens[:, :written].tolist()  # the one read of the host, every check_every steps
+                if stop is not None:
+                    stop.settle(new)
+                # only the tokens since the previous read can hold a row's first EOS
+                ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(new[r][read:]))
+                read = written
+                if all(r in ended or r in stopped for r in range(rows)):
+                    break
+            if written == max_new_tokens:
                 break
-        if written == max_new_tokens:
-            break
-        if additive:
-            step_mask[..., width + step] = 0.0
-        else:
-            step_mask[..., width + step] = True
-        position += 1
-        # nothing keeps the logits: a compiled call may reuse their memory on its next run
-        next_ids = (
-            forward(
-                input_ids=next_ids[:, None],
-                attention_mask=step_mask,
-                position_ids=position,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs,
+            if additive:
+                step_mask[..., width + step] = 0.0
+            else:
+                step_mask[..., width + step] = True
+            position += 1
+            # nothing keeps the logits: a compiled call may reuse their memory on its next run
+            next_ids = (
+                forward(
+                    input_ids=next_ids[:, None],
+                    attention_mask=step_mask,
+                    position_ids=position,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **cache_kwargs,
+                )
+                .logits[:, -1]
+                .argmax(-1)
             )
-            .logits[:, -1]
-            .argmax(-1)
-        )
     return new
