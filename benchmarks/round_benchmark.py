@@ -89,24 +89,30 @@ def chosen_candidates(args: Args) -> list[str]:
     return [name for name in args.candidate_names.split(",") if name] or list(CANDIDATES)
 
 
+def qwen2_05b_config(tokenizer, num_layers: int = 24, **overrides):
+    """A Qwen2-0.5B-shaped config (24 layers, hidden 896, 14 query heads on 2 key/value heads,
+    vocabulary 151,936) with the special tokens of `tokenizer`."""
+    from transformers import Qwen2Config
+
+    shape = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2)
+    return Qwen2Config(
+        vocab_size=151936,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**shape, **overrides},
+    )
+
+
 def build(args: Args, device: str):
     tokenizer = build_tokenizer()
     if args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda"):
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
-        config = Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=args.num_layers,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        config = qwen2_05b_config(tokenizer, args.num_layers)
         torch.manual_seed(args.seed)
         model = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -190,6 +196,9 @@ CANDIDATES = {
     # compiles them (the default attends on the key/value heads: `gqa_on_kv_heads`); a second
     # compiled graph, so its warm-up compiles again
     "repeated_kv_heads": {"GQA_ON_KV_HEADS": False},
+    # every guard of the compiled decode step checked at every step (the default checks them all
+    # at a batch's first step only: `same_inputs_as_last_step`)
+    "every_guard_every_step": {"SKIP_REPEATED_GUARDS": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }

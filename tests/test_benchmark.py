@@ -49,6 +49,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "text_read_every_step",
         "generate_decoding",
         "repeated_kv_heads",
+        "every_guard_every_step",
         "bigger_scoring_batches",
     }
     # same figures with other packing, batches, stop checks or SDPA kernels (CUDA), or without drafts
@@ -128,3 +129,44 @@ def test_phase_steps_count_every_forward_pass_of_either_decode_path(bench, token
         passes = bench.count_forward_passes(model, lambda c=config: run_probe_round(model, tokenizer, panel, c))
         assert steps["generate_chains"] >= 2, static
         assert sum(steps.values()) == passes, static
+
+
+DECODE_SCRIPT = SCRIPT.with_name("decode_step_benchmark.py")
+
+
+def test_decode_step_benchmark_smoke_run_times_every_step_setting(tmp_path):
+    """benchmarks/decode_step_benchmark.py: each step setting decodes the same batch, and the
+    report says how long a step took against the default's (traced only: `--compile_backend eager`)."""
+    from faithcb.engine import _static_decode
+
+    args = ["--device", "cpu", "--num_layers", "2", "--steps", "6", "--repeats", "1", "--batch", "2", "--prompt", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(DECODE_SCRIPT), *args, "--compile_backend", "eager"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["device"] == "cpu" and report["steps"] == 6 and report["compile_backend"] == "eager"
+    settings = report["settings"]
+    assert set(settings) == {"default", "repeated_kv_heads", "every_guard_every_step", "neither"}
+    assert settings["default"]["ratio_to_default"] == 1.0
+    for name, figures in settings.items():
+        assert figures["ms_per_step"] > 0 and figures["warmup_seconds"] > 0, name
+        assert figures["tokens_equal_to_default"] is True, name  # fp32: the settings change no token
+        assert all(hasattr(_static_decode, flag) for flag in figures["overrides"]), name
+
+
+def test_decode_step_benchmark_rejects_a_decode_too_short_to_time(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(DECODE_SCRIPT), "--device", "cpu", "--steps", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--steps must be >= 2" in proc.stderr

@@ -268,3 +268,40 @@ def test_the_gqa_patch_is_scoped_and_a_no_op_where_it_could_change_more_than_tha
     monkeypatch.delattr(sdpa_attention, "other_user")
     monkeypatch.delattr(sdpa_attention, "pack_gqa")
     assert not _static_decode._gqa_branch_is_patchable(sdpa_attention)
+
+
+def test_compiled_steps_after_a_batchs_first_skip_the_guards_that_held_there(tokenizer, monkeypatch):
+    """Every guard is checked at a batch's first compiled step (a new cache, maybe new settings);
+    the later steps of the batch pass the same kind of inputs and check only what tells cached
+    graphs apart; the user's stance is back after the loop, and left alone if it is their own."""
+    from torch._dynamo import eval_frame
+    from transformers import CompileConfig
+
+    model = gqa_model(tokenizer)
+    model.generation_config.compile_config = CompileConfig(backend="eager", mode=None)
+    compiled_call = model.get_compiled_call(model.generation_config.compile_config)
+    skipping = []
+
+    def recording_call(**inputs):
+        skipping.append(eval_frame._stance.skip_guard_eval_unsafe)
+        return compiled_call(**inputs)
+
+    monkeypatch.setattr(model, "get_compiled_call", lambda config: recording_call)
+    engine = ProbeEngine(model, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad(engine.encode_many(contexts(4)), width=64)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for _ in range(2):  # two batches: each starts with every guard checked
+            got = static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True)
+            assert got == want[:, ids.shape[1] :].tolist()
+        assert skipping == [False, True, True, True, True] * 2
+        assert not eval_frame._stance.skip_guard_eval_unsafe
+        skipping.clear()
+        with torch.compiler.set_stance("eager_on_recompile"):  # a stance of the user's own
+            static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True)
+            assert eval_frame._stance.stance == "eager_on_recompile"
+        assert skipping == [False] * 5
+        skipping.clear()
+        monkeypatch.setattr(_static_decode, "SKIP_REPEATED_GUARDS", False)
+        static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True)
+        assert skipping == [False] * 5
