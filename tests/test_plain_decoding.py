@@ -131,3 +131,37 @@ def test_a_models_own_stop_strings_end_its_rows_rather_than_failing_the_round(mo
         r["response"] for r in run_reference_round(plain, tokenizer, panel, config).records
     ]
     assert all("=" not in r["response"] for r in engine_round)
+
+
+@pytest.mark.parametrize("stop", ["1", "2"])
+def test_a_models_own_stop_strings_cut_packed_forced_answers_as_they_cut_generated_ones(
+    models, tokenizer, monkeypatch, stop
+):
+    """The packed tree decode ends a forced answer at the token that completes one of the
+    model's stop strings and cuts its text there, as `generate` does: the packed path gives the
+    plain path's answers, and packed rounds the reference's records (here a digit stop string
+    cuts inside numeric answers)."""
+    from faithcb.engine._requests import ForcedAnswer
+
+    plain, _ = models
+    examples = make_arithmetic_examples(6, seed=11)
+    panel = load_panel(to_sft_dataset(examples))
+    config = FaithConfig(max_new_tokens=40, generation_batch_size=3)
+    with torch.no_grad():
+        engine = ProbeEngine(plain, tokenizer, config)
+        chains = engine.generate_chains(panel, [e["prompt"] for e in examples])
+        requests = [ForcedAnswer(c.index, c.prefix(k)) for c in chains for k in range(c.num_steps + 1)]
+        unstopped = engine.run(chains, requests)
+        monkeypatch.setattr(plain.generation_config, "stop_strings", [stop])
+        packed = engine.run(chains, requests)
+        separate = ProbeEngine(plain, tokenizer, FaithConfig(**{**vars(config), "packed_scoring": False}))
+        assert packed == separate.run(chains, requests)
+        assert engine.calls["decode_steps"] > 0 and separate.calls["decode_steps"] == 0
+    assert all(stop not in result.raw for result in packed.values())
+    assert any(stop in result.raw for result in unstopped.values())  # the stop string did cut answers
+    records = run_probe_round(plain, tokenizer, panel, config).records
+    for got, want in zip(records, run_reference_round(plain, tokenizer, panel, config).records):
+        assert set(got) == set(want)
+        for key in got:
+            close = key.startswith("info_gain/") and want[key] is not None  # log-probs: batch shapes move last bits
+            assert got[key] == (pytest.approx(want[key], abs=1e-3) if close else want[key]), key

@@ -465,6 +465,7 @@ class ProbeEngine:
                 branch.own = branch.own + drafts[r.example]
                 branch.n_draft = len(drafts[r.example])
         eos_ids = self._eos_ids()
+        stops = [s for s in model_stop_strings(self.model) if s]  # as `generate` ends a forced answer
 
         complete: dict[tuple, bool] = {}  # many branches decode the same tokens (their draft)
 
@@ -473,7 +474,7 @@ class ProbeEngine:
             seen = (chain.cue, chain.answer_type, *tokens)
             if seen not in complete:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                complete[seen] = answer_complete(text, chain.cue, chain.answer_type)
+                complete[seen] = answer_complete(text, chain.cue, chain.answer_type) or any(s in text for s in stops)
             return complete[seen]
 
         def score(batch: list[PackedRow], hand_off: int) -> None:
@@ -503,6 +504,8 @@ class ProbeEngine:
                             tokens = tokens[:pos]
                             break
                     raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    cuts = [raw.find(s) for s in stops if s in raw]
+                    raw = raw[: min(cuts)] if cuts else raw
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                     results[key] = ForcedResult(answer, raw, continued.get(key))
 
