@@ -322,7 +322,8 @@ def main() -> None:
         rounds_differing=rounds_differing,
         rounds_differing_fields=rounds_fields[:8],
         # device allocations and retries of the caching allocator during the timed rounds (a
-        # cudaMalloc costs host time; a retry frees cached blocks and synchronises)
+        # cudaMalloc costs host time; a retry frees cached blocks and synchronises), and CUDA
+        # graphs recorded again (`cudagraph_recorded_non_static_inputs` > 0)
         allocator=_diff(allocator_counts(device), allocator_before),
     )
     progress("chains", **chain_stats)
@@ -540,7 +541,13 @@ def allocator_counts(device: str) -> dict[str, int]:
     if device != "cuda":
         return {}
     stats = torch.cuda.memory_stats()
-    return {key: stats.get(key, 0) for key in ALLOCATOR_COUNTS}
+    counts = {key: stats.get(key, 0) for key in ALLOCATOR_COUNTS}
+    # CUDA graphs recorded by torch.compile (each recording adds its graph's non-static inputs):
+    # a round whose compiled decode step reads a new static cache records its graph again
+    from torch._dynamo.utils import counters
+
+    counts["cudagraph_recorded_non_static_inputs"] = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    return counts
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

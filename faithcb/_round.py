@@ -148,7 +148,7 @@ def _probe_examples(
     chains = engine.generate_chains(examples, prompts)
     # Phase 1: the reference answer a_full, which every agreement is measured against.
     full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
-    results = engine.run(chains, full_requests)
+    results = engine.run(chains, full_requests, more_decodes=True)
     a_full = [results[r].answer for r in full_requests]
     for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
         probe.prepare(chains, a_full)

@@ -92,8 +92,11 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     shapes = []  # (rows, prompt width, new tokens) of every static-cache decode (the engine's own loop)
     own_loop = _engine.static_greedy_decode
 
+    caches = []  # the static cache each decode ran in
+
     def record_shape(model, ids, mask, **kwargs):
         shapes.append((*ids.shape, kwargs["max_new_tokens"]))
+        caches.append(kwargs["cache"])
         return own_loop(model, ids, mask, **kwargs)
 
     monkeypatch.setattr(_engine, "static_greedy_decode", record_shape)
@@ -110,6 +113,9 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     # chains and regenerated chains share one shape: one compilation per run on CUDA
     chain_shapes = {shape for shape in shapes if shape[2] == static_config.max_new_tokens}
     assert len(chain_shapes) == 1 and len([s for s in shapes if s[2] == static_config.max_new_tokens]) >= 3
+    # every decode of a shape runs in one static cache (a CUDA graph reads it at fixed addresses)
+    caches_by_shape = {shape: {id(c) for s, c in zip(shapes, caches) if s == shape} for shape in shapes}
+    assert all(len(ids) == 1 for ids in caches_by_shape.values()), caches_by_shape
     assert any(r["steps"] for r in eager.records)
     for a, b in zip(eager.records, static.records, strict=True):
         assert_same_record(a, b)

@@ -305,3 +305,47 @@ def test_compiled_steps_after_a_batchs_first_skip_the_guards_that_held_there(tok
         monkeypatch.setattr(_static_decode, "SKIP_REPEATED_GUARDS", False)
         static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True)
         assert skipping == [False] * 5
+
+
+def test_batches_decode_again_in_one_reset_cache_with_the_tokens_of_a_new_one(trained, tokenizer):
+    """A cache reused across batches is reset in place (its tensors keep their addresses, which
+    is what a compiled step's CUDA graph reads) and gives the tokens of a fresh cache; a cache of
+    another length or batch size is refused."""
+    from faithcb.engine._static_decode import new_static_cache
+
+    engine = ProbeEngine(trained, tokenizer, FaithConfig())
+    batches = [engine._left_pad(engine.encode_many(contexts(7)[i : i + 3]), width=48) for i in (0, 3, 4)]
+    kwargs = {"max_new_tokens": 12, "eos_ids": engine._eos_ids(), "pad_id": tokenizer.pad_token_id}
+    cache = new_static_cache(trained, 48 + 12)
+    with torch.no_grad():
+        fresh = [static_greedy_decode(trained, ids, mask, **kwargs) for ids, mask in batches]
+        reused = [static_greedy_decode(trained, ids, mask, cache=cache, **kwargs) for ids, mask in batches[:1]]
+        addresses = [layer.keys.data_ptr() for layer in cache.layers]
+        reused += [static_greedy_decode(trained, ids, mask, cache=cache, **kwargs) for ids, mask in batches[1:]]
+        assert [layer.keys.data_ptr() for layer in cache.layers] == addresses
+        assert reused == fresh
+        ids, mask = batches[0]
+        with pytest.raises(ValueError, match="holds 60 positions; this decode needs 61"):
+            static_greedy_decode(trained, ids, mask, cache=cache, **{**kwargs, "max_new_tokens": 13})
+        with pytest.raises(ValueError, match="sized for batches of 3 rows; this one has 2"):
+            static_greedy_decode(trained, ids[:2], mask[:2], cache=cache, **kwargs)
+
+
+def test_a_rounds_decode_cache_lives_until_its_last_regeneration(trained, tokenizer, monkeypatch):
+    """Phase 1 (the full chains' answers) keeps the cache for phase 2's regenerations, which
+    free it before the scoring passes (they get its memory)."""
+    from faithcb import load_panel, run_probe_round
+    from faithcb.synthetic import to_sft_dataset
+
+    held = []  # caches alive at each packed scoring call
+    packed = ProbeEngine._packed
+
+    def spy(self, *args, **kwargs):
+        held.append(len(self._decode_caches))
+        return packed(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProbeEngine, "_packed", spy)
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(4, seed=8)))
+    with torch.no_grad():
+        run_probe_round(trained, tokenizer, panel, FaithConfig(max_new_tokens=24, compile_generation=True))
+    assert held == [1, 0]

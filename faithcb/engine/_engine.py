@@ -33,7 +33,7 @@ from .._parsing import (
 )
 from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
-from ._static_decode import static_decode_supported, static_greedy_decode
+from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ class ProbeEngine:
         # generate calls, forward passes (a packed batch's prefill counts once) and the decode
         # steps of the packed tree decode
         self.calls = {"generate": 0, "forward": 0, "decode_steps": 0}
+        # static caches of the own decode loop by (rows, positions): the batches of a round's
+        # chains and regenerations decode in one (see `static_greedy_decode`'s `cache`)
+        self._decode_caches: dict[tuple[int, int], Any] = {}
 
     # ------------------------------------------------------------------ tokenization
     @property
@@ -290,8 +293,11 @@ class ProbeEngine:
         cannot take) is logged once and the model decodes eagerly from then on: slower
         rounds, not failed ones."""
         model = self._decode_model()
+        shape = (ids.shape[0], ids.shape[1] + max_new_tokens)
+        if shape not in self._decode_caches:
+            self._decode_caches[shape] = new_static_cache(model, shape[1])
         kwargs = {"max_new_tokens": max_new_tokens, "eos_ids": eos_ids, "pad_id": self.tokenizer.pad_token_id}
-        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every}
+        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every, "cache": self._decode_caches[shape]}
         if self._compiles():
             try:
                 return static_greedy_decode(model, ids, mask, compiled=True, **kwargs)[:rows]
@@ -370,8 +376,17 @@ class ProbeEngine:
         )
 
     # ------------------------------------------------------------------ requests
-    def run(self, chains: Sequence[Chain], requests: Iterable[Request]) -> dict[Request, Any]:
+    def run(
+        self, chains: Sequence[Chain], requests: Iterable[Request], *, more_decodes: bool = False
+    ) -> dict[Request, Any]:
         """Run every request of a round; identical requests run once.
+
+        Args:
+            chains: The round's chains.
+            requests: What to compute.
+            more_decodes: Chains will be decoded again after this call (regenerations of a
+                later phase): the own decode loop's static cache is kept for them. Otherwise it
+                is freed once this call's regenerations are done, before scoring.
 
         Returns:
             `ForcedResult` for each ForcedAnswer and a float (bits) for each AnswerLogProb.
@@ -383,12 +398,18 @@ class ProbeEngine:
         continued: dict[ForcedAnswer, str] = {}
         if regenerate:
             continued = self._continue_chains(chains, regenerate)
+        # the round's chain decodes are done: scoring gets the memory (unless it decodes in the
+        # loop itself: `compile_forced_answers`)
+        if not more_decodes and not (self.config.compile_forced_answers and self._static_shapes()):
+            self._decode_caches.clear()
         plain_texts = {r: continued.get(r, r.chain_text) for r in forced}
         logprobs = [r for r in unique if isinstance(r, AnswerLogProb)]
         packed, forced, logprobs = self._packed(chains, forced, plain_texts, continued, logprobs)
         results.update(packed)
         results.update(self._forced_answers(chains, forced, plain_texts, continued))
         results.update(self._answer_logprobs(chains, logprobs))
+        if not more_decodes:
+            self._decode_caches.clear()
         return results
 
     # ------------------------------------------------------------------ packed prefix scoring

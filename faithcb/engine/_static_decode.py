@@ -166,6 +166,20 @@ def static_decode_supported(model: Any) -> bool:
     return all(type(layer) is StaticLayer and hasattr(layer, "cumulative_length") for layer in layers)
 
 
+def new_static_cache(model: Any, length: int) -> Any:
+    """A static KV cache of `length` positions for `model` (its layers are sized by the first
+    batch that runs in it)."""
+    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length)
+
+
+def _check_reusable(cache: Any, batch: int, length: int) -> None:
+    for layer in cache.layers:
+        if layer.max_cache_len != length:
+            raise ValueError(f"The cache holds {layer.max_cache_len} positions; this decode needs {length}.")
+        if layer.is_initialized and layer.keys.shape[0] != batch:
+            raise ValueError(f"The cache was sized for batches of {layer.keys.shape[0]} rows; this one has {batch}.")
+
+
 def static_greedy_decode(
     model: Any,
     ids: torch.Tensor,
@@ -178,6 +192,7 @@ def static_greedy_decode(
     rows: int | None = None,
     check_every: int = 1,
     compiled: bool = False,
+    cache: Any | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of a left-padded batch.
 
@@ -195,6 +210,11 @@ def static_greedy_decode(
         check_every: Decode steps between two reads of the tokens on the host.
         compiled: Decode steps through transformers' compiled call of the model (the prefill
             stays eager: its shape is the only one that varies).
+        cache: A `StaticCache` of `width + max_new_tokens` positions from an earlier batch of
+            this size, to decode in again (it is reset first). The compiled step's CUDA graphs
+            read the cache at fixed addresses: a new cache is recorded into a new graph, and the
+            old graphs are kept (as transformers' `generate` keeps its cache for that reason).
+            None: a new cache.
 
     Returns:
         Every row's new tokens, all of one length: the steps run, which stop at the first read
@@ -208,7 +228,11 @@ def static_greedy_decode(
     device = ids.device
     eos_set = set(eos_ids)
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # wrote an EOS
-    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=width + max_new_tokens)
+    if cache is None:
+        cache = new_static_cache(model, width + max_new_tokens)
+    else:
+        _check_reusable(cache, batch, width + max_new_tokens)
+        cache.reset()
     cache_kwargs = {_cache_name(model): cache}
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as `generate` makes them
     logits = model(
