@@ -76,10 +76,11 @@ def gqa_on_kv_heads() -> Iterator[None]:
     head (`repeat_kv`), the branch transformers takes while it is being compiled.
 
     The attention is the same sum over the same keys (`tests/test_static_decode.py` compares the
-    tokens with `generate`'s); the copies go. In the H200 profile of docs/performance.md (run 5)
-    the compiled decode step ran two copy kernels per layer before its attention kernel (11.4 us
-    each, 0.2 s of device time per round), and the attention kernel read 7 times the keys and
-    values a Qwen2-0.5B layer holds.
+    tokens with `generate`'s, and the compiled graph of a GQA model has two `expand`s fewer per
+    layer). In the H200 profile of docs/performance.md (run 5) the compiled decode step ran two
+    kernels per layer before its attention kernel (11.4 us each, 0.2 s of device time per
+    round; most likely these copies), and the attention kernel read 7 times the keys and values
+    a Qwen2-0.5B layer holds.
 
     A no-op where the installed transformers has no `pack_gqa`, or where its compile check is
     used anywhere but in `sdpa_attention_forward` (the one branch this changes), or with
