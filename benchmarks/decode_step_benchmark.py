@@ -20,14 +20,13 @@ Launch:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
-from round_benchmark import module_settings, qwen2_05b_config, sync
+from round_benchmark import module_settings, parse_flat_args, qwen2_05b_config, sync
 from transformers import CompileConfig, Qwen2ForCausalLM
 
 from faithcb.engine._static_decode import new_static_cache, static_greedy_decode
@@ -58,10 +57,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in vars(Args()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
-    args = Args(**vars(parser.parse_args()))
+    parser, args = parse_flat_args(Args, __doc__)
     if args.steps < 2 or args.repeats < 1 or args.batch < 1 or args.prompt < 1:
         parser.error("--steps must be >= 2 and --repeats, --batch, --prompt >= 1")
     return args

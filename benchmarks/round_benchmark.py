@@ -39,6 +39,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,11 +74,16 @@ class Args:
     deterministic: int = 0
 
 
-def parse_args() -> Args:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in vars(Args()).items():
+def parse_flat_args(block: type, description: str) -> tuple[argparse.ArgumentParser, Any]:
+    """One `--name` option per field of a flat argument block (typed by its default)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in vars(block()).items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
-    args = Args(**vars(parser.parse_args()))
+    return parser, block(**vars(parser.parse_args()))
+
+
+def parse_args() -> Args:
+    parser, args = parse_flat_args(Args, __doc__)
     unknown = sorted(set(chosen_candidates(args)) - set(CANDIDATES))
     if unknown:
         parser.error(f"--candidate_names: unknown {unknown}; known: {sorted(CANDIDATES)}")
