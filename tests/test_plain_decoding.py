@@ -153,10 +153,13 @@ def test_a_models_own_stop_strings_cut_packed_forced_answers_as_they_cut_generat
         requests = [ForcedAnswer(c.index, c.prefix(k)) for c in chains for k in range(c.num_steps + 1)]
         unstopped = engine.run(chains, requests)
         monkeypatch.setattr(plain.generation_config, "stop_strings", [stop])
+        passes_before = engine.calls["forward"]
         packed = engine.run(chains, requests)
         separate = ProbeEngine(plain, tokenizer, FaithConfig(**{**vars(config), "packed_scoring": False}))
         assert packed == separate.run(chains, requests)
-        assert engine.calls["decode_steps"] > 0 and separate.calls["decode_steps"] == 0
+        # the stopped answers came from packed passes, the separate ones from `generate`
+        assert engine.calls["forward"] > passes_before and separate.calls["decode_steps"] == 0
+        assert separate.calls["generate"] > 0
     assert all(stop not in result.raw for result in packed.values())
     assert any(stop in result.raw for result in unstopped.values())  # the stop string did cut answers
     records = run_probe_round(plain, tokenizer, panel, config).records

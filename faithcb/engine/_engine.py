@@ -120,8 +120,8 @@ class ProbeEngine:
             batch = [text for text, adds in zip(distinct, adds_bos) if adds == add_special]
             if batch:
                 encoded = self.tokenizer(batch, add_special_tokens=add_special)["input_ids"]
-                by_text.update((text, list(ids)) for text, ids in zip(batch, encoded))
-        return [list(by_text[text]) for text in texts]
+                by_text.update(zip(batch, encoded))
+        return [list(by_text[text]) for text in texts]  # a list of its own for every caller
 
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of text that continues a context (no special tokens)."""
@@ -262,8 +262,7 @@ class ProbeEngine:
                 if stop is not None and r in stop.stop_at:
                     n_tokens = min(n_tokens, stop.stop_at[r])
                 text = self.tokenizer.decode(row[:n_tokens], skip_special_tokens=True)
-                cuts = [text.find(s) for s in stop_strings if s in text]
-                out[i] = (text[: min(cuts)] if cuts else text, n_tokens)
+                out[i] = (_cut_at_first(text, stop_strings), n_tokens)
         return out
 
     def _own_decode_loop(self) -> bool:
@@ -525,8 +524,7 @@ class ProbeEngine:
                             tokens = tokens[:pos]
                             break
                     raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    cuts = [raw.find(s) for s in stops if s in raw]
-                    raw = raw[: min(cuts)] if cuts else raw
+                    raw = _cut_at_first(raw, stops)
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                     results[key] = ForcedResult(answer, raw, continued.get(key))
 
@@ -763,6 +761,12 @@ def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: s
         return False
     found = find_cue(response, cues)
     return found is not None and answer_complete(response[found[0] + len(found[1]) :], found[1], answer_type)
+
+
+def _cut_at_first(text: str, stops: Sequence[str]) -> str:
+    """`text` up to where the first of `stops` in it starts (all of it when none occurs)."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def _synced_decoding(model: Any) -> bool:
