@@ -141,6 +141,29 @@ def test_generate_is_kept_where_the_loop_cannot_vouch_for_its_tokens(tokenizer, 
     assert ProbeEngine(model, tokenizer, config, weights_gathered=True)._own_decode_loop()
 
 
+class _Wrapper(torch.nn.Module):
+    """A wrapper that holds the model as `module` (FSDP1's root and DDP do): its forward and
+    `generate` reach the model inside."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_the_loop_runs_the_transformers_model_inside_a_wrapper(tokenizer):
+    """`Trainer` hands an FSDP1 root to callbacks; the loop calls the model under it (its units'
+    forwards are local while a round holds the full weights). A model that is not a
+    transformers model is left to its own `generate` instead of failing the round."""
+    model = build_tiny_model(tokenizer, seed=1)
+    engine = ProbeEngine(_Wrapper(_Wrapper(model)), tokenizer, FaithConfig())
+    assert engine._decode_model() is model and engine._own_decode_loop()
+    foreign = ProbeEngine(_Wrapper(torch.nn.Linear(2, 2)), tokenizer, FaithConfig())
+    assert foreign._decode_model() is None and not foreign._own_decode_loop()
+
+
 def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monkeypatch):
     """A LoRA-wrapped model runs the loop on its base model (whose layers hold the adapters),
     with the tokens of `PeftModel.generate`; prompt-learning adapters keep `generate`."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from transformers import StoppingCriteriaList
+from transformers import GenerationMixin, StoppingCriteriaList
 
 from .._config import FaithConfig
 from .._panel import ProbeExample
@@ -275,16 +275,24 @@ class ProbeEngine:
         return self.weights_gathered or not _synced_decoding(model)
 
     def _decode_model(self) -> Any:
-        """The transformers model that `static_greedy_decode` runs: the model itself, or the
-        base model of a PEFT model whose adapters live in its layers (LoRA and the like:
-        `PeftModel.generate` then only calls the base model's); None for prompt-learning
-        adapters (virtual tokens that only the PEFT wrapper adds)."""
-        if not hasattr(self.model, "get_base_model"):
-            return self.model
-        active = getattr(self.model, "active_peft_config", None)
-        if active is None or getattr(active, "is_prompt_learning", True):
-            return None
-        return self.model.get_base_model()
+        """The transformers model that `static_greedy_decode` runs: the model itself, the model
+        inside a wrapper that forwards `generate` to it (an FSDP1 root: its units' forwards are
+        local while the round holds the full weights), or the base model of a PEFT model whose
+        adapters live in its layers (LoRA and the like: `PeftModel.generate` then only calls the
+        base model's). None for prompt-learning adapters (virtual tokens that only the PEFT
+        wrapper adds) and for anything that is not a transformers model."""
+        model = self.model
+        for _ in range(8):
+            inner = getattr(model, "module", None)
+            if isinstance(model, GenerationMixin) or hasattr(model, "get_base_model") or inner is None:
+                break
+            model = inner
+        if hasattr(model, "get_base_model"):
+            active = getattr(model, "active_peft_config", None)
+            if active is None or getattr(active, "is_prompt_learning", True):
+                return None
+            model = model.get_base_model()
+        return model if isinstance(model, GenerationMixin) else None
 
     def _static_decode(self, ids, mask, max_new_tokens, eos_ids, stop, rows, check_every) -> list[list[int]]:
         """One batch through `static_greedy_decode`, compiled where `generate` would compile.
