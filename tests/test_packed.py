@@ -78,8 +78,8 @@ def test_models_without_4d_mask_support_fall_back(tokenizer):
 def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, forced, monkeypatch):
     """The static-shape path of `compile_generation` (static KV cache, batches padded to a fixed
     size and width; compiled on CUDA only) on CPU: same chains, answers and figures as eager
-    decoding, with or without the forced answers going through it too."""
-    from faithcb.engine import _engine
+    `generate` decoding, with or without the forced answers going through it too."""
+    from faithcb.engine import _engine, _static_decode
 
     seen = []  # (max_new_tokens, static_shapes) of every generate call
     original = _engine.ProbeEngine.generate
@@ -103,7 +103,10 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=8)))
     common = {"max_new_tokens": 40, "generation_batch_size": 4, "scoring_batch_size": 8, "prompt_bucket": 16}
     common["packed_scoring"] = False  # every forced answer is decoded by generate
-    eager = run_probe_round(trained, tokenizer, panel, FaithConfig(**common, compile_generation=False))
+    with monkeypatch.context() as patch:  # the baseline decodes in `generate`
+        patch.setattr(_static_decode, "STATIC_DECODE", False)
+        eager = run_probe_round(trained, tokenizer, panel, FaithConfig(**common, compile_generation=False))
+    assert not shapes
     static_config = FaithConfig(**common, compile_generation=True, compile_forced_answers=forced)
     seen.clear()
     static = run_probe_round(trained, tokenizer, panel, static_config)

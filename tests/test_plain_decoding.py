@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine import ProbeEngine
+from faithcb.engine import ProbeEngine, _static_decode
 from faithcb.engine.reference import run_reference_round
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
@@ -91,6 +91,7 @@ def test_sampled_chains_sample_the_whole_distribution_at_the_configured_temperat
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tuned), "generate", generate)
+    monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)  # greedy rows decode in `generate` too
     with torch.no_grad():
         ProbeEngine(tuned, tokenizer, FaithConfig(do_sample=do_sample, temperature=0.7)).generate(
             ["Q: 1 + 2\n"], max_new_tokens=4

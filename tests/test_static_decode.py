@@ -31,31 +31,40 @@ def contexts(n: int = 7) -> list[str]:
     return [e["prompt"] + e["completion"][: 3 * i] for i, e in enumerate(examples)]
 
 
+@pytest.mark.parametrize("static_shapes", [True, False])
 @pytest.mark.parametrize("finished", [None, "cue"])
-def test_own_loop_gives_the_tokens_of_generate(trained, tokenizer, monkeypatch, finished):
-    """Same texts and token counts as `generate` on the static-shape path: rows that end with
-    EOS, rows cut by a text condition, rows that run to the budget, and padding rows."""
+def test_own_loop_gives_the_tokens_of_generate(trained, tokenizer, monkeypatch, finished, static_shapes):
+    """Same texts and token counts as `generate`: rows that end with EOS, rows cut by a text
+    condition, rows that run to the budget, and padding rows (static-shape path); off that path
+    each batch decodes eagerly in a cache of its own shape."""
     condition = (lambda i, text: "Answer" in text) if finished else None
-    engine = ProbeEngine(trained, tokenizer, FaithConfig(generation_batch_size=4, compile_generation=True))
+    engine = ProbeEngine(trained, tokenizer, FaithConfig(generation_batch_size=4, compile_generation=static_shapes))
     assert engine._own_decode_loop()
-    calls = {"own": 0}
+    calls = []  # (batch shape, cache passed in, compiled) of every own-loop decode
     original = _static_decode.static_greedy_decode
 
-    def counted(*args, **kwargs):
-        calls["own"] += 1
-        return original(*args, **kwargs)
+    def counted(model, ids, mask, **kwargs):
+        calls.append((tuple(ids.shape), kwargs["cache"], kwargs["compiled"]))
+        return original(model, ids, mask, **kwargs)
 
     monkeypatch.setattr("faithcb.engine._engine.static_greedy_decode", counted)
-    kwargs = {"max_new_tokens": 48, "static_shapes": True, "min_width": 48, "finished": condition}
+    kwargs = {"max_new_tokens": 48, "static_shapes": static_shapes, "min_width": 48 if static_shapes else 0}
+    kwargs["finished"] = condition
     with torch.no_grad():
         own = engine.generate(contexts(), **kwargs)
-        assert calls["own"] == 2  # 7 contexts in batches of 4
+        assert len(calls) == 2  # 7 contexts in batches of 4
         monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)
         assert not engine._own_decode_loop()
         reference = engine.generate(contexts(), **kwargs)
-    assert calls["own"] == 2
+    assert len(calls) == 2
     assert own == reference
     assert len({n for _, n in own}) > 1  # rows end at different steps
+    assert not any(compiled for _, _, compiled in calls)  # compiled on CUDA only
+    if static_shapes:  # one padded shape, one cache kept for the round
+        assert calls[0][:2] == calls[1][:2] and calls[0][1] is not None
+    else:  # the batches' own shapes (3 rows last), a new cache each
+        assert [shape[0] for shape, _, _ in calls] == [4, 3]
+        assert [cache for _, cache, _ in calls] == [None, None]
 
 
 @pytest.mark.parametrize("check_every", [1, 3, 4])

@@ -9,7 +9,7 @@ import torch
 from transformers.generation import utils as generation_utils
 
 from faithcb import FaithConfig
-from faithcb.engine import ProbeEngine, _engine, _text_stop
+from faithcb.engine import ProbeEngine, _engine, _static_decode, _text_stop
 from faithcb.engine._text_stop import TextStop, deferred_stop_checks, text_check_interval
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model
 
@@ -83,8 +83,12 @@ def run_generate(engine, max_new_tokens=30, **kwargs):
         )
 
 
+@pytest.mark.parametrize("own_loop", [True, False])
 @pytest.mark.parametrize("check_every", [3, 7])
-def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monkeypatch, check_every):
+def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monkeypatch, check_every, own_loop):
+    """In the engine's own decode loop and in `generate` alike."""
+    monkeypatch.setattr(_static_decode, "STATIC_DECODE", own_loop)
+    assert engine._own_decode_loop() is own_loop
     reads = []
     settle = TextStop.settle
     monkeypatch.setattr(TextStop, "settle", lambda self, tokens: reads.append(1) or settle(self, tokens))
@@ -126,6 +130,7 @@ class _HostEvent:
 def test_deferred_stop_flag_gives_the_same_rows(engine, monkeypatch):
     """transformers' one-step-late stop flag (what `deferred_stop_checks` enables on CUDA),
     exercised on CPU: the extra step it runs is undone, rows end at the same tokens."""
+    monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)  # greedy rows decode in `generate`
     every_step = run_generate(engine)
     check = generation_utils.DeferredStopCheck
     runs = []

@@ -193,10 +193,10 @@ class ProbeEngine:
 
         On CUDA the text is read every few decode steps rather than after each one, and the
         rows are then cut where a read after each step would have stopped them (`TextStop`).
-        Greedy static-shape batches decode in the engine's own loop (`static_greedy_decode`,
-        where `static_decode_supported`); elsewhere `generate` runs, reading its all-done flag
-        a step late on CUDA (`deferred_stop_checks`): the device is not kept waiting for the
-        host.
+        Greedy batches decode in the engine's own loop (`static_greedy_decode`, where
+        `static_decode_supported`; compiled only on the static-shape path); elsewhere
+        `generate` runs, reading its all-done flag a step late on CUDA (`deferred_stop_checks`):
+        the device is not kept waiting for the host.
         """
         encoded = self.encode_many(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(encoded[i]))
@@ -220,7 +220,7 @@ class ProbeEngine:
             gen_kwargs["synced_gpus"] = False
         size = batch_size or self.config.generation_batch_size
         check_every = text_check_interval(self.device, max_new_tokens)
-        own_loop = static_shapes and self._own_decode_loop()
+        own_loop = self._own_decode_loop()
         for batch in self._batches(order, size):
             rows = [encoded[i] for i in batch]
             if static_shapes:
@@ -244,7 +244,9 @@ class ProbeEngine:
                 )
             self.calls["generate"] += 1
             if own_loop:
-                new = self._static_decode(ids, mask, max_new_tokens, eos_ids, stop, len(batch), check_every)
+                new = self._static_decode(
+                    ids, mask, max_new_tokens, eos_ids, stop, len(batch), check_every, fixed_shape=static_shapes
+                )
             else:
                 with deferred_stop_checks(self.device):
                     generated = self.model.generate(
@@ -266,8 +268,8 @@ class ProbeEngine:
         return out
 
     def _own_decode_loop(self) -> bool:
-        """Static-shape greedy decoding runs in `static_greedy_decode` (its host work per step is
-        a fraction of `generate`'s) where that gives `generate`'s tokens and no other rank waits
+        """Greedy decoding runs in `static_greedy_decode` (its host work per step is a fraction
+        of `generate`'s, compiled or eager) where that gives `generate`'s tokens and no other rank waits
         for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights in step)."""
         model = self._decode_model()
         if self.config.do_sample or model is None or not static_decode_supported(model):
@@ -294,18 +296,26 @@ class ProbeEngine:
             model = model.get_base_model()
         return model if isinstance(model, GenerationMixin) else None
 
-    def _static_decode(self, ids, mask, max_new_tokens, eos_ids, stop, rows, check_every) -> list[list[int]]:
-        """One batch through `static_greedy_decode`, compiled where `generate` would compile.
-        A decode step that fails to compile (no working Triton, an operator the compiler
-        cannot take) is logged once and the model decodes eagerly from then on: slower
-        rounds, not failed ones."""
+    def _static_decode(
+        self, ids, mask, max_new_tokens, eos_ids, stop, rows, check_every, *, fixed_shape: bool
+    ) -> list[list[int]]:
+        """One batch through `static_greedy_decode`.
+
+        A fixed-shape batch (the static-shape path) decodes in the round's cache of its shape,
+        compiled where `generate` would compile. A decode step that fails to compile (no working
+        Triton, an operator the compiler cannot take) is logged once and the model decodes
+        eagerly from then on: slower rounds, not failed ones. Any other batch (its shape is
+        its prompts') decodes eagerly in a cache of its own."""
         model = self._decode_model()
         shape = (ids.shape[0], ids.shape[1] + max_new_tokens)
-        if shape not in self._decode_caches:
-            self._decode_caches[shape] = new_static_cache(model, shape[1])
+        cache = None
+        if fixed_shape:
+            if shape not in self._decode_caches:
+                self._decode_caches[shape] = new_static_cache(model, shape[1])
+            cache = self._decode_caches[shape]
         kwargs = {"max_new_tokens": max_new_tokens, "eos_ids": eos_ids, "pad_id": self.tokenizer.pad_token_id}
-        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every, "cache": self._decode_caches[shape]}
-        if self._compiles():
+        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every, "cache": cache}
+        if fixed_shape and self._compiles():
             try:
                 return static_greedy_decode(model, ids, mask, compiled=True, **kwargs)[:rows]
             except torch._dynamo.exc.TorchDynamoException as err:

@@ -1,5 +1,5 @@
-"""Greedy decoding with a static KV cache in a loop of the engine's own (the CUDA path of chain
-generation and regeneration).
+"""Greedy decoding with a static KV cache in a loop of the engine's own (chain generation and
+regeneration: compiled on the CUDA static-shape path, eager elsewhere).
 
 transformers' `generate` does per-step work on the host around its compiled decode step: it
 builds the 4-D attention mask again (about twenty eager tensor operations), runs its logits
