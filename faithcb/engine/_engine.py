@@ -269,8 +269,9 @@ class ProbeEngine:
 
     def _own_decode_loop(self) -> bool:
         """Greedy decoding runs in `static_greedy_decode` (its host work per step is a fraction
-        of `generate`'s, compiled or eager) where that gives `generate`'s tokens and no other rank waits
-        for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights in step)."""
+        of `generate`'s, compiled or eager) where that gives `generate`'s tokens and no other
+        rank waits for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights
+        in step)."""
         model = self._decode_model()
         if self.config.do_sample or model is None or not static_decode_supported(model):
             return False
