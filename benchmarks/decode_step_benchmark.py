@@ -1,10 +1,11 @@
 """Time the compiled decode step of the engine's own loop under each of its step settings.
 
 The round benchmark times whole rounds; this one times what a chain's decode step costs, which
-is most of a GPU round's generation phases, with and without the loop's two step settings of
+is most of a GPU round's generation phases, with and without the loop's settings of
 `faithcb/engine/_static_decode.py`: `GQA_ON_KV_HEADS` (grouped-query attention on the key/value
-heads in the compiled graph) and `SKIP_REPEATED_GUARDS` (torch.compile's guards checked at a
-batch's first step only). Each setting decodes the same batch with random weights (timing only)
+heads in the compiled graph), `SKIP_REPEATED_GUARDS` (torch.compile's guards checked at a
+batch's first step only) and `DEFER_TOKEN_READS` (each read of the tokens checked while the
+device runs the next steps). Each setting decodes the same batch with random weights (timing only)
 after a warm-up that compiles its graph; the settings take turns in every repeat. A step's time
 is that of a long decode minus a prefill-only one, over the steps between, device synchronised.
 
@@ -37,6 +38,9 @@ SETTINGS = {
     "repeated_kv_heads": {"GQA_ON_KV_HEADS": False},
     "every_guard_every_step": {"SKIP_REPEATED_GUARDS": False},
     "neither": {"GQA_ON_KV_HEADS": False, "SKIP_REPEATED_GUARDS": False},  # the step before both
+    # the host waits for each read of the tokens (the default checks it while the device runs
+    # the next check_every steps; CUDA only)
+    "reads_waited_for": {"DEFER_TOKEN_READS": False},
 }
 
 

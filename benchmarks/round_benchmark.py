@@ -25,8 +25,9 @@ Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
+    # the next GPU run of docs/performance.md:
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
-        --profile_out profile.txt --candidate_names same_settings_again,repeated_kv_heads   # docs/performance.md
+        --profile_out profile.txt --candidate_names same_settings_again,repeated_kv_heads,reads_waited_for
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ CANDIDATES = {
     # every guard of the compiled decode step checked at every step (the default checks them all
     # at a batch's first step only: `same_inputs_as_last_step`)
     "every_guard_every_step": {"SKIP_REPEATED_GUARDS": False},
+    # the own loop's host waits for each read of the tokens and the device idles while it checks
+    # the text (the default checks each read while the device runs the next TEXT_CHECK_EVERY steps)
+    "reads_waited_for": {"DEFER_TOKEN_READS": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }

@@ -50,6 +50,7 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "generate_decoding",
         "repeated_kv_heads",
         "every_guard_every_step",
+        "reads_waited_for",
         "bigger_scoring_batches",
     }
     # same figures with other packing, batches, stop checks or SDPA kernels (CUDA), or without drafts
@@ -153,7 +154,7 @@ def test_decode_step_benchmark_smoke_run_times_every_step_setting(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["device"] == "cpu" and report["steps"] == 6 and report["compile_backend"] == "eager"
     settings = report["settings"]
-    assert set(settings) == {"default", "repeated_kv_heads", "every_guard_every_step", "neither"}
+    assert set(settings) == {"default", "repeated_kv_heads", "every_guard_every_step", "neither", "reads_waited_for"}
     assert settings["default"]["ratio_to_default"] == 1.0
     for name, figures in settings.items():
         assert figures["ms_per_step"] > 0 and figures["warmup_seconds"] > 0, name

@@ -95,6 +95,44 @@ def test_reads_every_check_every_steps_and_stops_at_the_first_read_that_finds_ev
     assert max(reads) == steps
 
 
+@pytest.mark.parametrize("needed", [{0: 5, 1: 6}, {}])
+@pytest.mark.parametrize("check_every", [1, 3, 4])
+def test_deferred_reads_check_the_same_reads_and_give_the_same_rows(trained, tokenizer, check_every, needed):
+    """Reads checked one interval late (the CUDA default, forced here on CPU): the same reads in
+    the same order, the same rows and cuts; a batch whose rows have all ended runs exactly one
+    interval more on the device, one that runs to the budget no step more. Off CUDA the reads
+    are waited for by default."""
+    engine = ProbeEngine(trained, tokenizer, FaithConfig())
+    ids, mask = engine._left_pad([engine.encode(c) for c in contexts(2)])
+    runs = {}
+    for defer in (False, True, None):
+        reads, forwards = [], []
+
+        def decode(tokens, reads=reads):
+            reads.append(len(tokens))
+            return "x" * len(tokens)
+
+        def met(row, text):
+            return row in needed and len(text) >= needed[row]
+
+        stop = TextStop(met, decode, prompt_width=0, rows=2, check_every=check_every)
+        hook = trained.register_forward_hook(lambda *args, forwards=forwards: forwards.append(1))
+        try:
+            with torch.no_grad():
+                new = static_greedy_decode(
+                    trained, ids, mask, max_new_tokens=40, eos_ids=[], pad_id=0, stop=stop,
+                    check_every=check_every, defer_reads=defer,
+                )  # fmt: skip
+        finally:
+            hook.remove()
+        runs[defer] = (new, dict(stop.stop_at), reads, len(forwards))
+    waited, deferred, default = runs[False], runs[True], runs[None]
+    assert deferred[:3] == waited[:3] and default == waited
+    assert deferred[1] == needed
+    extra = check_every if needed else 0
+    assert deferred[3] == waited[3] + extra
+
+
 def test_a_row_writes_padding_after_its_eos_as_in_generate(trained, tokenizer):
     engine = ProbeEngine(trained, tokenizer, FaithConfig())
     ids, mask = engine._left_pad([engine.encode(c) for c in contexts(3)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -83,12 +84,17 @@ def run_generate(engine, max_new_tokens=30, **kwargs):
         )
 
 
-@pytest.mark.parametrize("own_loop", [True, False])
+@pytest.mark.parametrize("decoding", ["own_loop", "own_loop_deferred_reads", "generate"])
 @pytest.mark.parametrize("check_every", [3, 7])
-def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monkeypatch, check_every, own_loop):
-    """In the engine's own decode loop and in `generate` alike."""
+def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monkeypatch, check_every, decoding):
+    """In the engine's own decode loop (its reads waited for, or checked one interval late as on
+    CUDA) and in `generate` alike."""
+    own_loop = decoding != "generate"
     monkeypatch.setattr(_static_decode, "STATIC_DECODE", own_loop)
     assert engine._own_decode_loop() is own_loop
+    if decoding == "own_loop_deferred_reads":
+        deferred = partial(_static_decode.static_greedy_decode, defer_reads=True)
+        monkeypatch.setattr(_engine, "static_greedy_decode", deferred)
     reads = []
     settle = TextStop.settle
     monkeypatch.setattr(TextStop, "settle", lambda self, tokens: reads.append(1) or settle(self, tokens))

@@ -65,6 +65,10 @@ GQA_ON_KV_HEADS = True
 # Decode steps after a batch's first check only the guards that tell cached graphs apart
 # (`same_inputs_as_last_step`; False: every guard at every step).
 SKIP_REPEATED_GUARDS = True
+# On CUDA, each read of the tokens is used one interval later, while the device runs the next
+# `check_every` steps (`static_greedy_decode`'s `defer_reads`; False: the host waits for each
+# read and the device idles while the host checks the text).
+DEFER_TOKEN_READS = True
 _SDPA_MODULE = "transformers.integrations.sdpa_attention"
 
 
@@ -194,6 +198,7 @@ def static_greedy_decode(
     check_every: int = 1,
     compiled: bool = False,
     cache: Any | None = None,
+    defer_reads: bool | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of a left-padded batch.
 
@@ -216,6 +221,11 @@ def static_greedy_decode(
             read the cache at fixed addresses: a new cache is recorded into a new graph, and the
             old graphs are kept (as transformers' `generate` keeps its cache for that reason).
             None: a new cache.
+        defer_reads: Copy the tokens to the host at each read without waiting, and check the
+            copy at the next read: the device runs the next `check_every` steps while the host
+            checks the text. The rows, reads and result are those of waiting at every read; a
+            batch whose rows have all ended runs up to `check_every` steps more on the device.
+            None: on CUDA with `check_every` > 1 (`DEFER_TOKEN_READS`).
 
     Returns:
         Every row's new tokens, all of one length: the steps run, which stop at the first read
@@ -253,27 +263,42 @@ def static_greedy_decode(
         step_mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
     position = positions[:, -1:].clone()
     forward = model.get_compiled_call(getattr(model.generation_config, "compile_config", None)) if compiled else model
-    tokens = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
+    # step-major (a step's tokens are contiguous): the steps since a read copy in one piece
+    tokens = torch.empty((max_new_tokens, batch), dtype=torch.long, device=device)
     stopped = stop.stop_at if stop is not None else {}
     ended: set[int] = set()  # counted rows that wrote an EOS
     new: list[list[int]] = []
     read = 0  # tokens per row at the previous read
+
+    def all_ended(values: list[list[int]]) -> bool:
+        """Check one read of the tokens: text conditions, EOS; True once every counted row ended."""
+        nonlocal new, read
+        new = values
+        if stop is not None:
+            stop.settle(values)
+        # only the tokens since the previous read can hold a row's first EOS
+        ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(values[r][read:]))
+        read = len(values[0])
+        return all(r in ended or r in stopped for r in range(rows))
+
+    if defer_reads is None:
+        defer_reads = DEFER_TOKEN_READS and device.type == "cuda" and check_every > 1
+    deferred = _DeferredReads(tokens) if defer_reads else None
     with contextlib.ExitStack() as scope:
         if compiled:
             scope.enter_context(gqa_on_kv_heads())
         for step in range(max_new_tokens):
             next_ids.masked_fill_(done, pad_id)
             done |= is_eos[next_ids]
-            tokens[:, step] = next_ids
+            tokens[step] = next_ids
             written = step + 1
             if written == max_new_tokens or written % check_every == 0:
-                new = tokens[:, :written].tolist()  # the one read of the host, every check_every steps
-                if stop is not None:
-                    stop.settle(new)
-                # only the tokens since the previous read can hold a row's first EOS
-                ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(new[r][read:]))
-                read = written
-                if all(r in ended or r in stopped for r in range(rows)):
+                # the one read of the host every check_every steps: waited for, or (deferred)
+                # the previous one, whose copy has finished while the device ran these steps
+                earlier = deferred.swap(written if written < max_new_tokens else None) if deferred else None
+                if earlier is not None and all_ended(earlier):
+                    break
+                if (deferred is None or written == max_new_tokens) and all_ended(tokens[:written].T.tolist()):
                     break
             if written == max_new_tokens:
                 break
@@ -298,3 +323,40 @@ def static_greedy_decode(
             if compiled and step == 0:  # the first step checked every guard
                 scope.enter_context(same_inputs_as_last_step())
     return new
+
+
+class _DeferredReads:
+    """Copies of a step-major token buffer to the host that are read one interval after they
+    are made.
+
+    `swap(written)` starts copying the steps written since the last copy (one contiguous piece,
+    into pinned memory on CUDA, without waiting) and returns the previous copy as one list per
+    row, waiting only for that copy. Steps already copied never change, so each is copied once.
+    """
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+        pin = tokens.device.type == "cuda"
+        self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=pin)
+        self.copied = 0  # steps whose copy has been started
+        self.pending: tuple[int, Any] | None = None  # (steps, event) of the copy not read yet
+
+    def swap(self, written: int | None) -> list[list[int]] | None:
+        """Start copying the first `written` steps (None: none), and return the previous copy
+        (None if there was none)."""
+        earlier = self.pending
+        self.pending = None
+        if written is not None:
+            self.host[self.copied : written].copy_(self.tokens[self.copied : written], non_blocking=True)
+            self.copied = written
+            event = None
+            if self.tokens.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.tokens.device))  # where the copy runs
+            self.pending = (written, event)
+        if earlier is None:
+            return None
+        steps, event = earlier
+        if event is not None:
+            event.synchronize()
+        return self.host[:steps].T.tolist()
