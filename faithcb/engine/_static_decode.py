@@ -9,7 +9,8 @@ time and 3.4 ms of wall time: the host, not the GPU, set the pace. Here a decode
 compiled forward pass plus a few small tensor operations (arg-max, EOS bookkeeping, one more
 visible column of a preallocated mask, positions + 1, the token into a preallocated buffer),
 and the host reads the tokens only every `check_every` steps (for the text conditions of
-`TextStop`, and to learn whether every row has ended).
+`TextStop`, and to learn whether every row has ended); on CUDA it checks each read while the
+device runs the next `check_every` steps (`DEFER_TOKEN_READS`).
 
 The tokens are those of `generate`'s greedy decoding with a static cache: the same prefill,
 the same position ids (`cumsum` of the attention mask), the same visible keys at every step
