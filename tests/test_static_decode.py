@@ -120,9 +120,16 @@ def test_deferred_reads_check_the_same_reads_and_give_the_same_rows(trained, tok
         try:
             with torch.no_grad():
                 new = static_greedy_decode(
-                    trained, ids, mask, max_new_tokens=40, eos_ids=[], pad_id=0, stop=stop,
-                    check_every=check_every, defer_reads=defer,
-                )  # fmt: skip
+                    trained,
+                    ids,
+                    mask,
+                    max_new_tokens=40,
+                    eos_ids=[],
+                    pad_id=0,
+                    stop=stop,
+                    check_every=check_every,
+                    defer_reads=defer,
+                )
         finally:
             hook.remove()
         runs[defer] = (new, dict(stop.stop_at), reads, len(forwards))
