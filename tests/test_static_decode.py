@@ -4,17 +4,20 @@ loop cannot vouch for that."""
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from faithcb import FaithConfig
+from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb.engine import ProbeEngine, _static_decode
+from faithcb.engine._packed import _cache_name
 from faithcb.engine._static_decode import static_decode_supported, static_greedy_decode
 from faithcb.engine._text_stop import TextStop
-from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model
+from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
 
 @pytest.fixture(scope="module", params=[("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
@@ -216,6 +219,25 @@ def test_the_loop_runs_the_transformers_model_inside_a_wrapper(tokenizer):
     assert engine._decode_model() is model and engine._own_decode_loop()
     foreign = ProbeEngine(_Wrapper(torch.nn.Linear(2, 2)), tokenizer, FaithConfig())
     assert foreign._decode_model() is None and not foreign._own_decode_loop()
+
+
+def test_wrapped_models_get_the_kv_cache_under_the_name_their_model_takes(tokenizer):
+    """A PEFT model or an FSDP1-style root forwards `**kwargs`, which hides the name of the KV
+    cache argument: the engine's passes read it off the model inside (`cache` in transformers
+    5.x; `past_key_values` warns there and goes in 5.40), so a LoRA model's round passes the
+    cache without the deprecation warning."""
+    peft = pytest.importorskip("peft")
+    model = build_tiny_model(tokenizer, seed=1)
+    name = _cache_name(model)
+    assert name in inspect.signature(model.forward).parameters
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    assert _cache_name(lora) == _cache_name(_Wrapper(model)) == _cache_name(_Wrapper(lora)) == name
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(3, seed=2)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_probe_round(lora, tokenizer, panel, FaithConfig(max_new_tokens=24))
+    assert result.calls["forward"] > 0  # packed passes ran
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monkeypatch):

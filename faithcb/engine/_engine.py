@@ -31,7 +31,7 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
-from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
+from ._packed import Branch, PackedRow, _unwrap, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
@@ -795,19 +795,6 @@ def _synced_decoding(model: Any) -> bool:
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
-
-
-def _unwrap(model: Any) -> Any:
-    """The model under PEFT / DDP-style wrappers."""
-    base = model
-    for _ in range(8):
-        if hasattr(base, "get_base_model"):
-            base = base.get_base_model()
-        elif isinstance(getattr(base, "module", None), torch.nn.Module):
-            base = base.module
-        else:
-            break
-    return base
 
 
 def _as_list(value: Any) -> list[int]:

@@ -146,9 +146,25 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(visible, 0.0)[:, None]
 
 
+def _unwrap(model: Any) -> Any:
+    """The model under PEFT / DDP-style wrappers (FSDP1's root too)."""
+    base = model
+    for _ in range(8):
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        elif isinstance(getattr(base, "module", None), torch.nn.Module):
+            base = base.module
+        else:
+            break
+    return base
+
+
 def _cache_name(model: Any) -> str:
-    """transformers >= 5.2x names the KV cache argument `cache`; earlier ones `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers >= 5.2x names the KV cache argument `cache`; earlier ones `past_key_values`.
+    Read off the model under any wrapper: a wrapper's `**kwargs` hide the name, and the old
+    one is deprecated (a warning per call site, removed in transformers 5.40)."""
+    forward = _unwrap(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _forward(model: Any, ids, pos, mask, keep: torch.Tensor | int, cache=None):
