@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb.engine import ProbeEngine, _static_decode
 from faithcb.engine._packed import _cache_name
-from faithcb.engine._static_decode import static_decode_supported, static_greedy_decode
+from faithcb.engine._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from faithcb.engine._text_stop import TextStop
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
@@ -26,6 +26,23 @@ def trained(request, tokenizer):
     model = build_tiny_model(tokenizer, arch=arch, seed=3, attn_implementation=attention)
     pretrain_tiny_model(model, tokenizer, make_arithmetic_examples(600, seed=1), steps=100, batch_size=32)
     return model.eval()
+
+
+def tiny_qwen2(tokenizer, **overrides) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 (2 layers, 4 query heads on 2 key/value heads) with `overrides` on
+    its config (`build_tiny_model` has no grouped-query or sliding-window layers)."""
+    config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**{**config, **overrides})).eval()
 
 
 def contexts(n: int = 7) -> list[str]:
@@ -171,19 +188,7 @@ def test_generate_is_kept_where_the_loop_cannot_vouch_for_its_tokens(tokenizer, 
     model.generation_config.suppress_tokens = [5]  # a logits processor the loop does not run
     assert not static_decode_supported(model)
     model.generation_config.suppress_tokens = None
-    sliding = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            use_sliding_window=True,
-            sliding_window=8,
-            max_window_layers=0,
-        )
-    )
+    sliding = tiny_qwen2(tokenizer, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert not static_decode_supported(sliding)  # sliding-window layers keep their own masks
     with monkeypatch.context() as patch:  # a transformers release with other static cache layers
         patch.setattr(_static_decode, "StaticLayer", type("OtherLayer", (), {}))
@@ -210,13 +215,19 @@ class _Wrapper(torch.nn.Module):
         return self.module(**kwargs)
 
 
-def test_the_loop_runs_the_transformers_model_inside_a_wrapper(tokenizer):
+def test_the_loop_runs_the_transformers_model_inside_a_wrapper(tokenizer, monkeypatch):
     """`Trainer` hands an FSDP1 root to callbacks; the loop calls the model under it (its units'
-    forwards are local while a round holds the full weights). A model that is not a
-    transformers model is left to its own `generate` instead of failing the round."""
+    forwards are local while a round holds the full weights), unless the wrapper shards it and
+    the weights are not gathered. A model that is not a transformers model is left to its own
+    `generate` instead of failing the round."""
     model = build_tiny_model(tokenizer, seed=1)
-    engine = ProbeEngine(_Wrapper(_Wrapper(model)), tokenizer, FaithConfig())
+    root = _Wrapper(_Wrapper(model))
+    engine = ProbeEngine(root, tokenizer, FaithConfig())
     assert engine._decode_model() is model and engine._own_decode_loop()
+    with monkeypatch.context() as patch:  # the root is the sharded one (FSDP1), not the model in it
+        patch.setattr("faithcb.engine._engine._synced_decoding", lambda module: module is root)
+        assert not engine._own_decode_loop()
+        assert ProbeEngine(root, tokenizer, FaithConfig(), weights_gathered=True)._own_decode_loop()
     foreign = ProbeEngine(_Wrapper(torch.nn.Linear(2, 2)), tokenizer, FaithConfig())
     assert foreign._decode_model() is None and not foreign._own_decode_loop()
 
@@ -301,19 +312,7 @@ def test_a_decode_step_that_fails_to_compile_falls_back_to_eager_decoding(traine
 
 def gqa_model(tokenizer) -> Qwen2ForCausalLM:
     """A tiny grouped-query model: 4 query heads on 2 key/value heads, SDPA attention."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).eval()
+    return tiny_qwen2(tokenizer, attn_implementation="sdpa")
 
 
 def test_compiled_steps_of_a_gqa_model_attend_on_its_key_value_heads(tokenizer, monkeypatch):
@@ -410,8 +409,6 @@ def test_batches_decode_again_in_one_reset_cache_with_the_tokens_of_a_new_one(tr
     """A cache reused across batches is reset in place (its tensors keep their addresses, which
     is what a compiled step's CUDA graph reads) and gives the tokens of a fresh cache; a cache of
     another length or batch size is refused."""
-    from faithcb.engine._static_decode import new_static_cache
-
     engine = ProbeEngine(trained, tokenizer, FaithConfig())
     batches = [engine._left_pad(engine.encode_many(contexts(7)[i : i + 3]), width=48) for i in (0, 3, 4)]
     kwargs = {"max_new_tokens": 12, "eos_ids": engine._eos_ids(), "pad_id": tokenizer.pad_token_id}
@@ -433,9 +430,6 @@ def test_batches_decode_again_in_one_reset_cache_with_the_tokens_of_a_new_one(tr
 def test_a_rounds_decode_cache_lives_until_its_last_regeneration(trained, tokenizer, monkeypatch):
     """Phase 1 (the full chains' answers) keeps the cache for phase 2's regenerations, which
     free it before the scoring passes (they get its memory)."""
-    from faithcb import load_panel, run_probe_round
-    from faithcb.synthetic import to_sft_dataset
-
     held = []  # caches alive at each packed scoring call
     packed = ProbeEngine._packed
 

@@ -31,7 +31,16 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
-from ._packed import Branch, PackedRow, _unwrap, common_prefix, packing_supported, score_packed, straggler_row
+from ._packed import (
+    Branch,
+    PackedRow,
+    _unwrap,
+    _wrapper_chain,
+    common_prefix,
+    packing_supported,
+    score_packed,
+    straggler_row,
+)
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
@@ -275,7 +284,8 @@ class ProbeEngine:
         model = self._decode_model()
         if self.config.do_sample or model is None or not static_decode_supported(model):
             return False
-        return self.weights_gathered or not _synced_decoding(model)
+        # sharded if the model or a wrapper of it is (an FSDP1 root shards what it wraps)
+        return self.weights_gathered or not (_synced_decoding(self.model) or _synced_decoding(model))
 
     def _decode_model(self) -> Any:
         """The transformers model that `static_greedy_decode` runs: the model itself, the model
@@ -284,17 +294,12 @@ class ProbeEngine:
         adapters live in its layers (LoRA and the like: `PeftModel.generate` then only calls the
         base model's). None for prompt-learning adapters (virtual tokens that only the PEFT
         wrapper adds) and for anything that is not a transformers model."""
-        model = self.model
-        for _ in range(8):
-            inner = getattr(model, "module", None)
-            if isinstance(model, GenerationMixin) or hasattr(model, "get_base_model") or inner is None:
-                break
-            model = inner
-        if hasattr(model, "get_base_model"):
-            active = getattr(model, "active_peft_config", None)
-            if active is None or getattr(active, "is_prompt_learning", True):
-                return None
-            model = model.get_base_model()
+        *wrappers, model = _wrapper_chain(self.model)
+        for wrapper in wrappers:
+            if hasattr(wrapper, "get_base_model"):  # PEFT
+                active = getattr(wrapper, "active_peft_config", None)
+                if active is None or getattr(active, "is_prompt_learning", True):
+                    return None
         return model if isinstance(model, GenerationMixin) else None
 
     def _static_decode(

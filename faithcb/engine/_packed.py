@@ -146,17 +146,24 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(visible, 0.0)[:, None]
 
 
-def _unwrap(model: Any) -> Any:
-    """The model under PEFT / DDP-style wrappers (FSDP1's root too)."""
-    base = model
+def _wrapper_chain(model: Any) -> list[Any]:
+    """`model`, then each model under it through PEFT / DDP-style wrappers (FSDP1's root too):
+    the last one is the model itself."""
+    chain = [model]
     for _ in range(8):
-        if hasattr(base, "get_base_model"):
-            base = base.get_base_model()
-        elif isinstance(getattr(base, "module", None), torch.nn.Module):
-            base = base.module
+        outer = chain[-1]
+        if hasattr(outer, "get_base_model"):
+            chain.append(outer.get_base_model())
+        elif isinstance(getattr(outer, "module", None), torch.nn.Module):
+            chain.append(outer.module)
         else:
             break
-    return base
+    return chain
+
+
+def _unwrap(model: Any) -> Any:
+    """The model under PEFT / DDP-style wrappers (FSDP1's root too)."""
+    return _wrapper_chain(model)[-1]
 
 
 def _cache_name(model: Any) -> str:
