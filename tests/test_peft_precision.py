@@ -239,6 +239,20 @@ def test_gradient_checkpointing_stays_on_and_loss_trajectory_is_unchanged(tmp_pa
     assert checkpointing(trainer.model) is True and trainer.model.training
 
 
+@pytest.mark.parametrize("wrapper", ["none", "lora"])
+def test_a_round_that_switches_checkpointing_is_caught(tokenizer, wrapper):
+    from faithcb.engine import probe_mode
+
+    model = build_tiny_model(tokenizer)
+    model.gradient_checkpointing_enable()
+    live = lora(model) if wrapper == "lora" else model
+    with probe_mode(live, tokenizer):  # a round that leaves it alone passes
+        pass
+    # a LoRA model's classes have no checkpointing property: it is read off the model under them
+    with pytest.raises(RuntimeError, match="Gradient checkpointing changed"), probe_mode(live, tokenizer):
+        model.gradient_checkpointing_disable()
+
+
 def test_bf16_autocast_on_cpu(tmp_path, tokenizer, arithmetic):
     kwargs = {"bf16": True, "gradient_checkpointing": True}  # TRL's defaults
     without, _, _ = train_losses(tmp_path, tokenizer, arithmetic, monitor=False, **kwargs)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._packed import _unwrap
+
 
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of python, numpy, torch CPU and every CUDA device."""
@@ -37,7 +39,9 @@ def _modules_training(model: torch.nn.Module) -> list[tuple[torch.nn.Module, boo
 
 
 def _checkpointing(model: torch.nn.Module) -> bool | None:
-    """Whether activation (gradient) checkpointing is on, across transformers versions."""
+    """Whether activation (gradient) checkpointing is on, across transformers versions; read
+    off the model under PEFT / DDP-style wrappers (their classes have neither property)."""
+    model = _unwrap(model)
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(model), name):
             return bool(getattr(model, name))
