@@ -27,7 +27,8 @@ Launch:
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
     # the next GPU run of docs/performance.md:
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
-        --profile_out profile.txt --candidate_names same_settings_again,repeated_kv_heads,reads_waited_for
+        --profile_out profile.txt \
+        --candidate_names same_settings_again,repeated_kv_heads,reads_waited_for,long_variants_one_per_row
 """
 
 from __future__ import annotations
@@ -210,6 +211,9 @@ CANDIDATES = {
     # the own loop's host waits for each read of the tokens and the device idles while it checks
     # the text (the default checks each read while the device runs the next TEXT_CHECK_EVERY steps)
     "reads_waited_for": {"DEFER_TOKEN_READS": False},
+    # every long variant in a row of its own (the default lets nested ones, the paraphrased
+    # prefixes, share the row of the longest: fewer rows, prefill tokens and tree decodes)
+    "long_variants_one_per_row": {"NEST_LONG_VARIANTS": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
 }

@@ -115,9 +115,10 @@ class FaithConfig:
     packed_row_max_tokens: int = field(
         default=0,
         metadata={
-            "help": "0: pack only short variants (own tokens at most max(32, a quarter of the shared prefix)). "
-            "Above 0: pack long variants too (step removal, paraphrase, filler, mistakes) while the row (prompt + "
-            "chain + every packed variant's own tokens + answer decode) stays within this many tokens. "
+            "help": "0: pack only short variants (own tokens at most max(32, a quarter of the shared prefix)); long "
+            "ones get rows of their own, shared by variants nested in a longer one (paraphrased prefixes). Above 0: "
+            "pack long variants too (step removal, paraphrase, filler, mistakes) while the row (prompt + chain + "
+            "every packed variant's own tokens + answer decode) stays within this many tokens. "
             "Experimental: 2.9x slower on CPU (eager attention is quadratic in the row); on one H200 run, 4.83 s "
             "against 5.23 s for the default (docs/performance.md)."
         },

@@ -142,27 +142,32 @@ def long_chain_model(tokenizer):
 
 def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_chain_model, tokenizer, monkeypatch):
     """Long variants (step removals, paraphrases, filler, mistakes) get the packed tree decode in
-    single-variant rows by default; `packed_row_max_tokens > 0` packs them into the example's
-    row instead while it fits; `compile_forced_answers` (static shapes) keeps them on `generate`.
-    Every layout gives the records of separate passes."""
+    rows of their own by default, nested ones (the paraphrased chain cut after each step) as
+    branches of one row; `packed_row_max_tokens > 0` packs them into the example's row instead
+    while it fits; `compile_forced_answers` (static shapes) keeps them on `generate`. Every
+    layout gives the records of separate passes."""
     from faithcb.engine import _engine
 
-    unpacked, solo = [], []  # per round: forced answers left to `generate`, single-variant rows
-    original_forced, original_row = _engine.ProbeEngine._forced_answers, _engine.ProbeEngine._single_variant_row
+    # per round: forced answers left to `generate`, long variants, the rows they took
+    unpacked, long_variants, solo = [], [], []
+    original_forced, original_rows = _engine.ProbeEngine._forced_answers, _engine.ProbeEngine._long_variant_rows
 
     def forced_answers(self, chains, requests, texts, continued):
         unpacked[-1] += len(requests)
         return original_forced(self, chains, requests, texts, continued)
 
-    def single_variant_row(request, context):
-        solo[-1] += 1
-        return original_row(request, context)
+    def long_variant_rows(self, variants, draft):
+        rows = original_rows(self, variants, draft)
+        long_variants[-1] += len(variants)
+        solo[-1] += len(rows)
+        return rows
 
     monkeypatch.setattr(_engine.ProbeEngine, "_forced_answers", forced_answers)
-    monkeypatch.setattr(_engine.ProbeEngine, "_single_variant_row", staticmethod(single_variant_row))
+    monkeypatch.setattr(_engine.ProbeEngine, "_long_variant_rows", long_variant_rows)
 
     def run(**overrides):
         unpacked.append(0)
+        long_variants.append(0)
         solo.append(0)
         config = FaithConfig(max_new_tokens=64, generation_batch_size=4, filler_token=" ....", **overrides)
         result = run_probe_round(long_chain_model, tokenizer, panel, config)
@@ -179,13 +184,60 @@ def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_c
     for result in (short, long, tight, static, no_drafts):
         for a, b in zip(plain.records, result.records, strict=True):
             assert_same_record(a, b)
-    assert plain_unpacked > short_solo > 0 and short_unpacked == 0  # long variants: rows of their own
+    short_long, _, tight_long, static_long = long_variants[1:5]
+    assert plain_unpacked > short_long > 0 and short_unpacked == 0  # long variants: rows of their own
+    assert 0 < short_solo < short_long  # nested ones (paraphrased prefixes) share rows
     assert long_solo == 0 and long_unpacked == 0  # they joined the example rows
-    assert tight_solo == plain_unpacked and tight_unpacked == 0  # no room in any row: every one alone
-    assert static_solo == 0 and static_unpacked == short_solo  # the compiled decode keeps them
+    # no room in any row: every one alone
+    assert tight_solo == tight_long == plain_unpacked and tight_unpacked == 0
+    assert static_solo == static_long == 0 and static_unpacked == short_long  # the compiled decode keeps them
     assert short.calls["generate"] < static.calls["generate"]
     # the answers the model stated after its full chain, checked as drafts, save decode steps
     assert short.calls["decode_steps"] < no_drafts.calls["decode_steps"]
+
+
+def test_nested_long_variants_share_a_row_and_others_keep_their_own(tokenizer, monkeypatch):
+    """Longest first: a long variant whose context is a longer one's base plus a few tokens of its
+    own joins that row; one that departs early and goes on for long starts its own row."""
+    from faithcb.engine import _engine
+    from faithcb.engine._engine import ProbeEngine
+    from faithcb.engine._requests import ForcedAnswer
+
+    engine = ProbeEngine(build_tiny_model(tokenizer), tokenizer, FaithConfig())
+    # steps of 32 tokens: past the prompt, no variant is short enough (`_fits`) for another's row
+    prompt, cue = [5, 6, 7], [8, 9]
+    prefix = [[*prompt, *range(10, 10 + 32 * k), *cue] for k in (1, 2, 3)]  # a chain cut after each step
+    other = [*prompt, *range(200, 320), *cue]  # the longest
+    contexts = [prefix[0], other, prefix[2], prefix[1]]
+    variants = [(ForcedAnswer(0, f"v{i}"), context) for i, context in enumerate(contexts)]
+    rows = engine._long_variant_rows(variants, draft=[7, 8])
+    assert [[b.key.chain_text for b in row.branches] for row in rows] == [["v1"], ["v2", "v3", "v0"]]
+    nested = rows[1]
+    assert nested.base == prefix[2][:-1]
+    for branch, context in zip(nested.branches, [prefix[2], prefix[1], prefix[0]]):
+        # the branch's tokens after the base prefix it sees are its context's, then the draft
+        assert nested.base[: branch.shared] + branch.own == [*context, 7, 8] and branch.n_draft == 2
+    assert [b.shared for b in nested.branches] == [len(prefix[2]) - 1, len(prompt) + 64, len(prompt) + 32]
+    # without a row budget's room (`packed_row_max_tokens`), every variant keeps a row of its own
+    tight = ProbeEngine(build_tiny_model(tokenizer), tokenizer, FaithConfig(packed_row_max_tokens=1))
+    assert [len(row.branches) for row in tight._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
+    monkeypatch.setattr(_engine, "NEST_LONG_VARIANTS", False)  # the benchmark's candidate: a row each
+    assert [len(row.branches) for row in engine._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
+
+
+def test_common_prefix_matches_a_naive_reference():
+    from faithcb.engine._packed import common_prefix
+
+    def naive(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    generator = torch.Generator().manual_seed(0)
+    for length in (0, 1, 63, 64, 65, 130, 300):
+        a = torch.randint(0, 5, (length,), generator=generator).tolist()
+        for cut in {0, 1, length // 2, 63, 64, 65, 128, length - 1, length}:
+            if 0 <= cut <= length:
+                for b in (a[:cut], [*a[:cut], 9, *a[cut + 1 :]], [*a, 1, 2]):
+                    assert common_prefix(a, b) == naive(a, b) == common_prefix(b, a)
 
 
 @pytest.mark.parametrize("draft", ["none", "right", "wrong_second", "wrong_first", "too_long"])

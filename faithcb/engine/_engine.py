@@ -51,6 +51,8 @@ LN2 = math.log(2.0)
 _MASK_ELEMENTS = 1 << 26  # 4-D mask entries per batch of packed rows (128 MiB in bf16)
 _DRAFT_CHARS = 256  # how much of a stated answer a draft may cover
 _STRAGGLER_SHARE = 1 / 8  # forced answers a batch hands on unfinished to the batch of stragglers
+# long variants nested in a longer one share its row (`_long_variant_rows`; False: a row each)
+NEST_LONG_VARIANTS = True
 
 # What `generate` would otherwise take from the model's `generation_config`: the monitor decodes
 # greedily (or samples from the whole distribution at `temperature`), whatever a checkpoint
@@ -457,7 +459,7 @@ class ProbeEngine:
         if not self._has_position_ids or not packing_supported(self.model, self.tokenizer.pad_token_id):
             return {}, forced, logprobs
         rows: dict[int, PackedRow] = {}
-        solo: list[PackedRow] = []  # one long forced variant each
+        long_variants: dict[int, list[tuple[ForcedAnswer, list[int]]]] = {}  # forced ones no example row takes
         # the compiled static-shape decode of `compile_forced_answers` keeps long variants on `generate`
         solo_allowed = not (self.config.compile_forced_answers and self._static_shapes())
         choice_ids: dict[int, list[int]] = {}
@@ -475,6 +477,15 @@ class ProbeEngine:
         )
         answer_texts = [chains[r.example].answer_continuation(r.answer) for r in logprobs]
         answers = dict(zip(logprobs, self.encode_many(answer_texts, continuation=True)))
+
+        def draft(example: int) -> list[int]:
+            """The draft that follows every free forced branch of `example` (`draft_answers`)."""
+            if not self.config.draft_answers:
+                return []
+            if example not in drafts:
+                drafts[example] = self._answer_draft(chains[example])
+            return drafts[example]
+
         for r, context in zip(requests, contexts):
             chain = chains[r.example]
             if r.example not in rows:
@@ -494,20 +505,15 @@ class ProbeEngine:
             if isinstance(r, ForcedAnswer) and chain.answer_type == "choice":
                 label_prefix, choice_ids[id(branch)] = self.label_token_ids(chain.answer_sep, chain.num_choices)
                 branch.own = branch.own + label_prefix
-            if shared == 0 or not own or not self._fits(row, branch):
-                if free_forced and solo_allowed and len(context) > 1:
-                    solo.append(self._single_variant_row(r, context))
-                    branch = solo[-1].branches[0]
-                else:
-                    (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
-                    continue
-            else:
+            if shared and own and self._fits(row, branch):
                 row.branches.append(branch)
-            if free_forced and self.config.draft_answers:
-                if r.example not in drafts:
-                    drafts[r.example] = self._answer_draft(chain)
-                branch.own = branch.own + drafts[r.example]
-                branch.n_draft = len(drafts[r.example])
+                if free_forced:
+                    _add_draft(branch, draft(r.example))
+            elif free_forced and solo_allowed and len(context) > 1:
+                long_variants.setdefault(r.example, []).append((r, context))
+            else:
+                (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
+        solo = [row for e, variants in long_variants.items() for row in self._long_variant_rows(variants, draft(e))]
         eos_ids = self._eos_ids()
         stops = [s for s in model_stop_strings(self.model) if s]  # as `generate` ends a forced answer
 
@@ -554,7 +560,10 @@ class ProbeEngine:
 
         packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
         batches = self._row_batches(packed_rows, max(1, self.config.generation_batch_size))
-        batches += self._row_batches(sorted(solo, key=lambda row: row.length), self.scoring_batch_size)
+        # rows of nested long variants apart from single-variant ones: a decode step feeds every row
+        # of a batch as many tokens as its fullest row has branches
+        for group in ([row for row in solo if len(row.branches) > 1], [row for row in solo if len(row.branches) == 1]):
+            batches += self._row_batches(sorted(group, key=lambda row: row.length), self.scoring_batch_size)
         # With several batches, each one stops decoding once a few long answers are left; those
         # finish together in one batch of stragglers instead of keeping every batch stepping.
         stragglers: list[PackedRow] = []
@@ -566,6 +575,29 @@ class ProbeEngine:
         for batch in self._row_batches(sorted(stragglers, key=lambda row: row.length), self.scoring_batch_size):
             score(batch, 0)
         return results, left_forced, left_logprobs
+
+    def _long_variant_rows(self, variants: list[tuple[ForcedAnswer, list[int]]], draft: list[int]) -> list[PackedRow]:
+        """Rows for the long forced variants of one example (those its packed row does not take).
+
+        Longest first, a variant joins the first of these rows whose base holds all but a few of
+        its tokens (`_fits`), as a branch; otherwise it starts a row of its own
+        (`_single_variant_row`). Variants that are prefixes of one another (the paraphrased
+        chain cut after each step) then share one row instead of taking one each. Every branch
+        ends with `draft` (the example's answer draft, or nothing).
+        """
+        out: list[PackedRow] = []
+        for request, context in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
+            for row in out if NEST_LONG_VARIANTS else ():
+                shared = common_prefix(context, row.base)
+                branch = Branch(key=request, shared=shared, own=context[shared:])
+                if shared and branch.own and self._fits(row, branch):
+                    row.branches.append(branch)
+                    break
+            else:
+                out.append(self._single_variant_row(request, context))
+                branch = out[-1].branches[0]
+            _add_draft(branch, draft)
+        return out
 
     @staticmethod
     def _single_variant_row(request: ForcedAnswer, context: list[int]) -> PackedRow:
@@ -785,6 +817,13 @@ def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: s
         return False
     found = find_cue(response, cues)
     return found is not None and answer_complete(response[found[0] + len(found[1]) :], found[1], answer_type)
+
+
+def _add_draft(branch: Branch, draft: list[int]) -> None:
+    """End a forced branch with draft tokens (checked in the prefill; see `Branch`)."""
+    if draft:
+        branch.own = branch.own + draft
+        branch.n_draft = len(draft)
 
 
 def _cut_at_first(text: str, stops: Sequence[str]) -> str:
