@@ -4,6 +4,7 @@ loop cannot vouch for that."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -249,6 +250,26 @@ def test_wrapped_models_get_the_kv_cache_under_the_name_their_model_takes(tokeni
         result = run_probe_round(lora, tokenizer, panel, FaithConfig(max_new_tokens=24))
     assert result.calls["forward"] > 0  # packed passes ran
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_the_kv_cache_name_is_read_once_per_forward_function(tokenizer, monkeypatch):
+    from faithcb.engine import _packed
+
+    model = build_tiny_model(tokenizer, seed=1)
+    name = _cache_name(model)
+    looked_up = []
+    real_signature = inspect.signature
+
+    def signature(function):
+        looked_up.append(function)
+        return real_signature(function)
+
+    monkeypatch.setattr(_packed.inspect, "signature", signature)
+    assert _cache_name(model) == _cache_name(build_tiny_model(tokenizer, seed=2)) == name
+    assert looked_up == []  # the class's forward was looked up before
+    # a forward of the instance's own (accelerate wraps `model.forward` so) is looked up once
+    model.forward = functools.wraps(model.forward)(lambda *args, **kwargs: None)
+    assert _cache_name(model) == _cache_name(model) == name and len(looked_up) == 1
 
 
 def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monkeypatch):
