@@ -558,12 +558,16 @@ class ProbeEngine:
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
                     results[key] = ForcedResult(answer, raw, continued.get(key))
 
+        # Rows of several branches (the examples' rows, then those of nested long variants) go
+        # `generation_batch_size` at a time: a tree-decode step feeds every row of a batch as many
+        # tokens as its fullest row has branches, and reads all their logits. Single-variant rows
+        # go `scoring_batch_size` at a time.
         packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
+        nested_rows = sorted((row for row in solo if len(row.branches) > 1), key=lambda row: row.length)
+        single_rows = sorted((row for row in solo if len(row.branches) == 1), key=lambda row: row.length)
         batches = self._row_batches(packed_rows, max(1, self.config.generation_batch_size))
-        # rows of nested long variants apart from single-variant ones: a decode step feeds every row
-        # of a batch as many tokens as its fullest row has branches
-        for group in ([row for row in solo if len(row.branches) > 1], [row for row in solo if len(row.branches) == 1]):
-            batches += self._row_batches(sorted(group, key=lambda row: row.length), self.scoring_batch_size)
+        batches += self._row_batches(nested_rows, max(1, self.config.generation_batch_size))
+        batches += self._row_batches(single_rows, self.scoring_batch_size)
         # With several batches, each one stops decoding once a few long answers are left; those
         # finish together in one batch of stragglers instead of keeping every batch stepping.
         stragglers: list[PackedRow] = []
