@@ -447,8 +447,9 @@ class ProbeEngine:
         logprobs: list[AnswerLogProb],
     ) -> tuple[dict[Request, Any], list[ForcedAnswer], list[AnswerLogProb]]:
         """Score every short variant of an example inside one packed row (see `_packed`), and
-        decode the forced answers of long variants in rows of their own with the same tree
-        decode (no `generate` call, drafts checked in the prefill).
+        decode the forced answers of long variants in rows of their own (nested ones share one:
+        `_long_variant_rows`) with the same tree decode (no `generate` call, drafts checked in
+        the prefill).
 
         Returns the packed results and the requests left for the plain batched path (long
         log-prob and choice variants, and everything when the model does not support custom
@@ -513,7 +514,7 @@ class ProbeEngine:
                 long_variants.setdefault(r.example, []).append((r, context))
             else:
                 (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
-        solo = [row for e, variants in long_variants.items() for row in self._long_variant_rows(variants, draft(e))]
+        long_rows = [row for e, group in long_variants.items() for row in self._long_variant_rows(group, draft(e))]
         eos_ids = self._eos_ids()
         stops = [s for s in model_stop_strings(self.model) if s]  # as `generate` ends a forced answer
 
@@ -563,8 +564,8 @@ class ProbeEngine:
         # tokens as its fullest row has branches, and reads all their logits. Single-variant rows
         # go `scoring_batch_size` at a time.
         packed_rows = sorted((row for row in rows.values() if row.branches), key=lambda row: row.length)
-        nested_rows = sorted((row for row in solo if len(row.branches) > 1), key=lambda row: row.length)
-        single_rows = sorted((row for row in solo if len(row.branches) == 1), key=lambda row: row.length)
+        nested_rows = sorted((row for row in long_rows if len(row.branches) > 1), key=lambda row: row.length)
+        single_rows = sorted((row for row in long_rows if len(row.branches) == 1), key=lambda row: row.length)
         batches = self._row_batches(packed_rows, max(1, self.config.generation_batch_size))
         batches += self._row_batches(nested_rows, max(1, self.config.generation_batch_size))
         batches += self._row_batches(single_rows, self.scoring_batch_size)
