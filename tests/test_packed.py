@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine._packed import Branch, PackedRow, _layout, packing_supported, score_packed
+from faithcb.engine._packed import Branch, PackedRow, _layout, common_prefix, packing_supported, score_packed
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
 
@@ -209,7 +209,8 @@ def test_nested_long_variants_share_a_row_and_others_keep_their_own(tokenizer, m
     prefix = [[*prompt, *range(10, 10 + 32 * k), *cue] for k in (1, 2, 3)]  # a chain cut after each step
     other = [*prompt, *range(200, 320), *cue]  # the longest
     contexts = [prefix[0], other, prefix[2], prefix[1]]
-    variants = [(ForcedAnswer(0, f"v{i}"), context) for i, context in enumerate(contexts)]
+    example_row = [*prompt, *range(500, 600)]  # the example's own chain: each departs from it after the prompt
+    variants = [(ForcedAnswer(0, f"v{i}"), c, common_prefix(c, example_row)) for i, c in enumerate(contexts)]
     rows = engine._long_variant_rows(variants, draft=[7, 8])
     assert [[b.key.chain_text for b in row.branches] for row in rows] == [["v1"], ["v2", "v3", "v0"]]
     nested = rows[1]
@@ -225,9 +226,62 @@ def test_nested_long_variants_share_a_row_and_others_keep_their_own(tokenizer, m
     assert [len(row.branches) for row in engine._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
 
 
-def test_common_prefix_matches_a_naive_reference():
-    from faithcb.engine._packed import common_prefix
+def _naive_long_variant_rows(engine, variants, draft):
+    """`_long_variant_rows` without its shortcuts: every row's base scanned for every variant."""
+    rows = []
+    for request, context, _ in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
+        for row in rows:
+            shared = common_prefix(context, row.base)
+            branch = Branch(key=request, shared=shared, own=context[shared:])
+            if shared and branch.own and engine._fits(row, branch):
+                row.branches.append(branch)
+                break
+        else:
+            branch = Branch(key=request, shared=len(context) - 1, own=context[-1:])
+            rows.append(PackedRow(base=context[:-1], branches=[branch]))
+        branch.own, branch.n_draft = branch.own + draft, len(draft)
+    return rows
 
+
+@pytest.mark.parametrize("steps", [2, 14, 60])
+@pytest.mark.parametrize("row_budget", [0, 700])
+def test_long_variant_rows_match_a_naive_reference(tokenizer, steps, row_budget):
+    """Step removals (each departing from the example's chain at its own step), nested
+    paraphrased prefixes and a filler: the rows of `_long_variant_rows`, whose pairs that
+    depart from the chain at different tokens skip the scan, are those of scanning every pair."""
+    from faithcb.engine._engine import ProbeEngine
+    from faithcb.engine._requests import ForcedAnswer
+
+    engine = ProbeEngine(build_tiny_model(tokenizer), tokenizer, FaithConfig(packed_row_max_tokens=row_budget))
+    generator = torch.Generator().manual_seed(steps)
+
+    def tokens(n):
+        return torch.randint(20, 1000, (n,), generator=generator).tolist()
+
+    prompt, cue = tokens(40), [3, 4]
+    chain = [tokens(int(torch.randint(6, 20, (1,), generator=generator))) for _ in range(steps)]
+    reworded = [tokens(len(step) + 2) for step in chain]
+
+    def joined(parts):
+        return [token for part in parts for token in part]
+
+    example_row = prompt + joined(chain)
+    contexts = [prompt + joined(chain[:k] + chain[k + 1 :]) + cue for k in range(steps)]  # step removals
+    contexts += [prompt + joined(reworded[:k]) + cue for k in range(1, steps)]  # paraphrased prefixes
+    contexts.append(prompt + [5] * len(joined(chain)) + cue)  # filler
+    variants = [(ForcedAnswer(0, f"v{i}"), c, common_prefix(c, example_row)) for i, c in enumerate(contexts)]
+
+    def layout(rows):
+        return [(row.base, [(b.key, b.shared, b.own, b.n_draft) for b in row.branches]) for row in rows]
+
+    got = engine._long_variant_rows(variants, draft=[7, 8])
+    assert layout(got) == layout(_naive_long_variant_rows(engine, variants, [7, 8]))
+    assert sum(len(row.branches) for row in got) == len(variants)
+    if steps > 2 and row_budget == 0:  # the paraphrased prefixes share one row
+        assert len(got) < len(variants) and max(len(row.branches) for row in got) >= steps - 1
+
+
+def test_common_prefix_matches_a_naive_reference():
     def naive(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 

@@ -460,7 +460,7 @@ class ProbeEngine:
         if not self._has_position_ids or not packing_supported(self.model, self.tokenizer.pad_token_id):
             return {}, forced, logprobs
         rows: dict[int, PackedRow] = {}
-        long_variants: dict[int, list[tuple[ForcedAnswer, list[int]]]] = {}  # forced ones no example row takes
+        long_variants: dict[int, list[tuple[ForcedAnswer, list[int], int]]] = {}  # forced ones no example row takes
         # the compiled static-shape decode of `compile_forced_answers` keeps long variants on `generate`
         solo_allowed = not (self.config.compile_forced_answers and self._static_shapes())
         choice_ids: dict[int, list[int]] = {}
@@ -511,7 +511,7 @@ class ProbeEngine:
                 if free_forced:
                     _add_draft(branch, draft(r.example))
             elif free_forced and solo_allowed and len(context) > 1:
-                long_variants.setdefault(r.example, []).append((r, context))
+                long_variants.setdefault(r.example, []).append((r, context, shared))
             else:
                 (left_forced if isinstance(r, ForcedAnswer) else left_logprobs).append(r)
         long_rows = [row for e, group in long_variants.items() for row in self._long_variant_rows(group, draft(e))]
@@ -581,7 +581,9 @@ class ProbeEngine:
             score(batch, 0)
         return results, left_forced, left_logprobs
 
-    def _long_variant_rows(self, variants: list[tuple[ForcedAnswer, list[int]]], draft: list[int]) -> list[PackedRow]:
+    def _long_variant_rows(
+        self, variants: list[tuple[ForcedAnswer, list[int], int]], draft: list[int]
+    ) -> list[PackedRow]:
         """Rows for the long forced variants of one example (those its packed row does not take).
 
         Longest first, a variant joins the first of these rows whose base holds all but a few of
@@ -589,20 +591,36 @@ class ProbeEngine:
         (`_single_variant_row`). Variants that are prefixes of one another (the paraphrased
         chain cut after each step) then share one row instead of taking one each. Every branch
         ends with `draft` (the example's answer draft, or nothing).
+
+        Args:
+            variants: Each variant's request, context tokens, and how many of them it shares
+                with the example's own row. Two contexts that depart from that row at different
+                tokens share exactly the tokens before the earlier departure (no scan needed:
+                an example's step removals all depart at different steps).
+            draft: Tokens every branch ends with.
         """
-        out: list[PackedRow] = []
-        for request, context in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
-            for row in out if NEST_LONG_VARIANTS else ():
-                shared = common_prefix(context, row.base)
+        out: list[tuple[PackedRow, int]] = []  # each row, and the tokens its base shares with the example's row
+        for request, context, on_chain in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
+            need = self._fewest_shared(len(context))
+            for row, row_on_chain in out if NEST_LONG_VARIANTS else ():
+                if row_on_chain != on_chain:
+                    shared = min(row_on_chain, on_chain)
+                elif len(row.base) >= need and row.base[need - 1] == context[need - 1]:
+                    shared = common_prefix(context, row.base)
+                else:
+                    continue  # departs before `need`: too little shared to fit
+                if shared < need:
+                    continue
                 branch = Branch(key=request, shared=shared, own=context[shared:])
-                if shared and branch.own and self._fits(row, branch):
+                if branch.own and self._fits(row, branch):
                     row.branches.append(branch)
                     break
             else:
-                out.append(self._single_variant_row(request, context))
-                branch = out[-1].branches[0]
+                row = self._single_variant_row(request, context)
+                out.append((row, min(on_chain, len(row.base))))
+                branch = row.branches[0]
             _add_draft(branch, draft)
-        return out
+        return [row for row, _ in out]
 
     @staticmethod
     def _single_variant_row(request: ForcedAnswer, context: list[int]) -> PackedRow:
@@ -652,6 +670,13 @@ class ProbeEngine:
             return len(branch.own) - branch.n_answer <= max(32, branch.shared // 4)
         decode = 0 if branch.n_answer else self.config.answer_max_new_tokens
         return row.length + len(branch.own) + decode <= limit
+
+    def _fewest_shared(self, length: int) -> int:
+        """A lower bound on the shared prefix with which a forced variant of `length` context
+        tokens can pass `_fits` (at least 1: a branch shares some of its row's base)."""
+        if self.config.packed_row_max_tokens > 0:
+            return 1
+        return max(1, length - max(32, length // 4))  # own tokens <= max(32, shared // 4 <= length // 4)
 
     def _answer_type(self, example: ProbeExample) -> str:
         """How the example's answers are read and compared (`FaithConfig.answer_type`, or inferred)."""
