@@ -31,19 +31,11 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
-from ._packed import (
-    Branch,
-    PackedRow,
-    _unwrap,
-    _wrapper_chain,
-    common_prefix,
-    packing_supported,
-    score_packed,
-    straggler_row,
-)
+from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
+from ._wrappers import _unwrap, _wrapper_chain
 
 logger = logging.getLogger(__name__)
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled decode step failed
@@ -603,13 +595,10 @@ class ProbeEngine:
         for request, context, on_chain in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
             need = self._fewest_shared(len(context))
             for row, row_on_chain in out if NEST_LONG_VARIANTS else ():
-                if row_on_chain != on_chain:
-                    shared = min(row_on_chain, on_chain)
-                elif len(row.base) >= need and row.base[need - 1] == context[need - 1]:
-                    shared = common_prefix(context, row.base)
-                else:
-                    continue  # departs before `need`: too little shared to fit
-                if shared < need:
+                # departing from the example's row at different tokens: they share what precedes the earlier
+                same_departure = row_on_chain == on_chain
+                shared = common_prefix(context, row.base) if same_departure else min(row_on_chain, on_chain)
+                if shared < need:  # too little shared to fit (and no copy of `own` made)
                     continue
                 branch = Branch(key=request, shared=shared, own=context[shared:])
                 if branch.own and self._fits(row, branch):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._packed import _unwrap
+from ._wrappers import _unwrap
 
 
 def capture_rng_state() -> dict[str, Any]:

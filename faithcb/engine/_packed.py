@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ._wrappers import _unwrap
+
 logger = logging.getLogger(__name__)
 
 _SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,26 +152,6 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (rows, 1, queries, keys) additive mask of a boolean visibility (on its device)."""
     mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=visible.device)
     return mask.masked_fill_(visible, 0.0)[:, None]
-
-
-def _wrapper_chain(model: Any) -> list[Any]:
-    """`model`, then each model under it through PEFT / DDP-style wrappers (FSDP1's root too):
-    the last one is the model itself."""
-    chain = [model]
-    for _ in range(8):
-        outer = chain[-1]
-        if hasattr(outer, "get_base_model"):
-            chain.append(outer.get_base_model())
-        elif isinstance(getattr(outer, "module", None), torch.nn.Module):
-            chain.append(outer.module)
-        else:
-            break
-    return chain
-
-
-def _unwrap(model: Any) -> Any:
-    """The model under PEFT / DDP-style wrappers (FSDP1's root too)."""
-    return _wrapper_chain(model)[-1]
 
 
 def _cache_name(model: Any) -> str:
