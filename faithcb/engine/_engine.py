@@ -31,7 +31,15 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
-from ._packed import Branch, PackedRow, common_prefix, packing_supported, score_packed, straggler_row
+from ._packed import (
+    Branch,
+    PackedRow,
+    attention_windows,
+    common_prefix,
+    packing_supported,
+    score_packed,
+    straggler_row,
+)
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
@@ -618,14 +626,17 @@ class ProbeEngine:
         return PackedRow(base=context[:-1], branches=[Branch(key=request, shared=len(context) - 1, own=context[-1:])])
 
     def _row_batches(self, rows: list[PackedRow], size: int) -> list[list[PackedRow]]:
-        """Consecutive batches of packed rows sorted by length: at most `size` rows, and a bounded
-        4-D mask (rows x width^2 elements, answer decode included)."""
+        """Consecutive batches of packed rows sorted by length: at most `size` rows, and bounded
+        4-D masks (rows x width^2 elements each, answer decode included; a model with sliding-window
+        and full layers takes a mask of each kind)."""
+        windows = attention_windows(self.model)
+        budget = _MASK_ELEMENTS // max(1, len(set(windows.values())) if windows else 1)
         batches: list[list[PackedRow]] = []
         for row in rows:
             if batches:
                 batch = batches[-1]
                 width = row.length + self.config.answer_max_new_tokens  # the longest row so far
-                if len(batch) < size and (len(batch) + 1) * width * width <= _MASK_ELEMENTS:
+                if len(batch) < size and (len(batch) + 1) * width * width <= budget:
                     batch.append(row)
                     continue
             batches.append([row])

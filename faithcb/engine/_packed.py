@@ -16,7 +16,13 @@ speculative decoding, so a variant whose greedy answer equals the draft needs no
 and one that departs from it resumes decoding where it departs.
 
 Works with models whose attention takes a custom 4-D float mask and explicit position ids
-(transformers' eager and SDPA attention); `packing_supported` checks that once per model.
+(transformers' eager and SDPA attention). Sliding-window layers (Gemma 2 / 3, Mistral, Phi-3,
+Qwen2 with `use_sliding_window`) get a mask of their own in which the window applies within each
+branch, measured in position ids as in the branch's separate context; the KV cache then keeps
+every key (the mask, not the cache, bounds what a layer sees). `packing_supported` checks once
+per model, on a row longer than the model's window and with one tree-decode step, that packed
+logits equal those of separate passes; any other layer pattern (chunked, linear, shared
+caches) or any mismatch falls back to separate passes.
 """
 
 from __future__ import annotations
@@ -34,9 +40,19 @@ import torch
 
 from ._wrappers import _unwrap
 
+try:  # transformers 5.x: each layer's type and window, as its own caches read them
+    from transformers.cache_utils import get_layer_types_and_kwargs
+except ImportError:  # pragma: no cover - older transformers
+    get_layer_types_and_kwargs = None
+
 logger = logging.getLogger(__name__)
 
 _SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `attention_windows`
+# The support check's row spans the model's window, up to this many tokens (a window longer
+# than that is still applied by the mask, but not exercised by the check).
+_CHECK_SPAN_MAX = 8192
+FULL_ATTENTION = "full_attention"
 _CACHE_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # forward function -> argument name
 
 # SDPA kernels allowed in packed passes on CUDA (None: PyTorch's own choice). cuDNN is left out:
@@ -96,15 +112,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _layout(rows: list[PackedRow], device: torch.device, dtype: torch.dtype, pad_id: int):
-    """Input ids, position ids, additive 4-D mask and per-branch spans of a padded batch.
+def _layout(
+    rows: list[PackedRow],
+    device: torch.device,
+    dtype: torch.dtype,
+    pad_id: int,
+    windows: dict[str, int | None] | None = None,
+):
+    """Input ids, position ids, additive 4-D mask(s) and per-branch spans of a padded batch.
 
     The token table is built on the host and copied once; the mask is computed on the device from
     two numbers per token (a (rows, width, width) mask built on the host would cost a pass over
     every element and a copy of all of them). A token at index t sees the base up to its
     `shared` prefix and its own segment from `first` to itself: base tokens have shared 0 and
     first 0 (causal), a branch's tokens the branch's shared prefix and its start, padding only
-    itself (never an empty softmax row).
+    itself (never an empty softmax row). With `windows` (see `attention_windows`), layers with a
+    sliding window see only the visible keys fewer than `window` positions before the token:
+    the mask is then one tensor per layer type (`_masks`).
     """
     width = max(r.length for r in rows)
     # flat int64 buffers, (rows x width) each: one copy to the device, ~3x faster than
@@ -135,7 +159,11 @@ def _layout(rows: list[PackedRow], device: torch.device, dtype: torch.dtype, pad
     table = torch.frombuffer(ids + pos + first + shared, dtype=torch.long).view(4, len(rows), width)
     ids_t, pos_t, first_t, shared_t = table.to(device, copy=True)
     visible = _visible(width, shared_t, first_t, torch.arange(1, width + 1, device=device))
-    return ids_t, pos_t, _additive(visible, dtype), spans
+
+    def windowed(window: int) -> torch.Tensor:
+        return visible & (pos_t[:, None, :] > (pos_t - window)[:, :, None])
+
+    return ids_t, pos_t, _masks(visible, windowed, windows, dtype), spans
 
 
 def _visible(width: int, shared: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
@@ -152,6 +180,84 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (rows, 1, queries, keys) additive mask of a boolean visibility (on its device)."""
     mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=visible.device)
     return mask.masked_fill_(visible, 0.0)[:, None]
+
+
+def _masks(
+    visible: torch.Tensor,
+    windowed: Any,
+    windows: dict[str, int | None] | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask argument: one additive mask when every layer attends alike, else a
+    mask per layer type (transformers' models with mixed layers take such a mapping as built).
+
+    Args:
+        visible: Boolean visibility under full causal attention.
+        windowed: `f(window) -> visibility` for layers with a sliding window.
+        windows: Layer type -> window (None: full attention); None: every layer full.
+        dtype: The additive mask's dtype.
+    """
+    if not windows:
+        return _additive(visible, dtype)
+    by_window = {window: None for window in windows.values()}
+    for window in by_window:
+        by_window[window] = _additive(visible if window is None else windowed(window), dtype)
+    if len(by_window) == 1:
+        return next(iter(by_window.values()))
+    return {kind: by_window[window] for kind, window in windows.items()}
+
+
+def attention_windows(model: Any) -> dict[str, int | None] | None:
+    """How each layer type of `model`'s decoder attends: None for full causal attention, an int
+    for a sliding window (a token sees the keys fewer than that many positions before it,
+    itself included, as transformers' sliding-window masks have it). None when some layer
+    type has a pattern packed rows cannot express (chunked or linear attention, a cache shared
+    between layers). Read once per model from its config."""
+    try:
+        return _WINDOWS[model]
+    except (KeyError, TypeError):
+        pass
+    config = _unwrap(model).config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = _layer_kinds(config)
+    windows: dict[str, int | None] | None = {}
+    for kind, window in kinds:
+        if kind == FULL_ATTENTION:
+            windows[kind] = None
+        elif kind == "sliding_attention" and isinstance(window, int) and window > 0:
+            windows[kind] = window
+        else:
+            windows = None
+            break
+    with contextlib.suppress(TypeError):
+        _WINDOWS[model] = windows
+    return windows
+
+
+def _layer_kinds(config: Any) -> list[tuple[str, int | None]]:
+    """(layer type, sliding window or None) of every decoder layer."""
+    if get_layer_types_and_kwargs is not None:
+        with contextlib.suppress(Exception):  # a config this helper does not know: read it ourselves
+            types, kwargs = get_layer_types_and_kwargs(config)
+            return [(kind, kw.get("sliding_window")) for kind, kw in zip(types, kwargs)]
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else FULL_ATTENTION] * getattr(
+        config, "num_hidden_layers", 1
+    )
+    return [(kind, window if kind == "sliding_attention" else None) for kind in types]
+
+
+def _new_cache(windows: dict[str, int | None] | None) -> Any:
+    """The KV cache a packed prefill starts: a cache of full layers when some layer has a window
+    (a sliding-window cache layer would drop the keys the mask still shows other branches),
+    else None (the model's own)."""
+    if not windows or all(window is None for window in windows.values()):
+        return None
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def _cache_name(model: Any) -> str:
@@ -227,7 +333,8 @@ def score_packed(
     choice_ids = choice_ids or {}
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
-    ids, pos, mask, spans = _layout(rows, device, dtype, pad_id)
+    windows = attention_windows(model)
+    ids, pos, mask, spans = _layout(rows, device, dtype, pad_id, windows)
     reads: list[tuple[int, Branch, list[int]]] = []  # (row, branch, positions whose logits it reads)
     keep_rows: list[int] = []
     keep_cols: list[int] = []
@@ -242,7 +349,7 @@ def score_packed(
             reads.append((r, branch, positions))
     keep = torch.zeros(ids.shape, dtype=torch.bool)
     keep[keep_rows, keep_cols] = True
-    logits, cache = _forward(model, ids, pos, mask, keep.to(device))
+    logits, cache = _forward(model, ids, pos, mask, keep.to(device), cache=_new_cache(windows))
     # logits are flattened in row-major order of `keep`, which is the order of `reads` (rows in
     # order, branches in the order of their spans, positions ascending): row i is read i
     if logits.shape[0] != sum(len(positions) for _, _, positions in reads):
@@ -295,9 +402,8 @@ def score_packed(
             decoding.append((r, slots[r], branch))
             slots[r] += 1
     if sum(not branch.done for _, _, branch in decoding) > hand_off:
-        width = ids.shape[1]
         steps = _tree_decode(
-            model, rows, spans, width, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+            model, rows, spans, pos, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
         )
         if calls is not None:
             calls["decode_steps"] = calls.get("decode_steps", 0) + steps
@@ -347,17 +453,20 @@ def _take(branch: Branch, token: int, max_new_tokens: int, eos_ids: list[int], i
 
 
 def _tree_decode(
-    model, rows, spans, width, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+    model, rows, spans, row_pos, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
 ):
     """Greedy decode of every forced branch, one token per branch per step, over a shared cache,
     until at most `hand_off` branches are unfinished. Returns the number of steps.
 
-    Decoding slot s of a row feeds one token per step; the cache holds the packed row (`width`
-    keys) and then q keys per step. The slot sees its base prefix, its own tokens (context and
-    accepted draft) and, among the keys of the steps, its own (key index = s modulo q).
+    Decoding slot s of a row feeds one token per step; the cache holds the packed row (its
+    position ids `row_pos`, one column per key) and then q keys per step. The slot sees its base
+    prefix, its own tokens (context and accepted draft) and, among the keys of the steps, its
+    own (key index = s modulo q); see `_step_mask`.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    windows = attention_windows(model)
+    width = row_pos.shape[1]
     q = max(slots)
     batch = len(rows)
     # per slot: base prefix seen, own span [start, start + cached) seen, position of the next token
@@ -371,19 +480,17 @@ def _tree_decode(
         by_slot[(r, s)] = branch
     shared_t, start_t, end_t, pos_t = torch.tensor([shared, start, end, next_pos], dtype=torch.long).to(device)
     row_vis = _visible(width, shared_t, start_t, end_t)
-    slot_ids = torch.arange(q, device=device)
     step = 0
     while sum(not b.done for b in by_slot.values()) > hand_off:
         step += 1
         tokens = [[pad_id] * q for _ in range(batch)]
         for (r, s), branch in by_slot.items():
             tokens[r][s] = branch.generated[-1]
-        # the keys of steps 1..step: slot s sees every q-th one from its own index (itself last)
-        own_steps = (torch.arange(step * q, device=device) % q)[None, None, :] == slot_ids[None, :, None]
-        visible = torch.cat([row_vis, own_steps.expand(batch, q, step * q)], dim=2)
+        query_pos = pos_t + (step - 1)
+        mask = _step_mask(row_vis, row_pos, query_pos, step, windows, dtype)
         tokens_t = torch.tensor(tokens, dtype=torch.long).to(device)
         # every slot's logits (keep=0): a boolean keep would cost a device sync to count them
-        logits, cache = _forward(model, tokens_t, pos_t + (step - 1), _additive(visible, dtype), 0, cache=cache)
+        logits, cache = _forward(model, tokens_t, query_pos, mask, 0, cache=cache)
         greedy = logits.view(batch, q, -1).argmax(-1).tolist()  # one copy back per step
         for (r, s), branch in by_slot.items():
             if branch.done:
@@ -392,37 +499,114 @@ def _tree_decode(
     return step
 
 
+def _step_mask(
+    row_vis: torch.Tensor,
+    row_pos: torch.Tensor,
+    query_pos: torch.Tensor,
+    step: int,
+    windows: dict[str, int | None] | None,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The mask of tree-decode step `step` (1-based) for (rows, q slots) queries.
+
+    Keys: the packed row (`row_vis` says which each slot sees, `row_pos` holds their positions),
+    then q keys per step so far, of which a slot sees its own (every q-th one from its index,
+    itself last). A layer with a sliding window sees, of those, the keys fewer than `window`
+    positions before the query (`query_pos`): the step keys of a slot are 0..step-1 positions
+    behind it.
+    """
+    batch, q, _ = row_vis.shape
+    keys = torch.arange(step * q, device=row_vis.device)
+    own_steps = ((keys % q)[None, None, :] == torch.arange(q, device=row_vis.device)[None, :, None]).expand(
+        batch, q, step * q
+    )
+    visible = torch.cat([row_vis, own_steps], dim=2)
+
+    def windowed(window: int) -> torch.Tensor:
+        rows_seen = row_vis & (row_pos[:, None, :] > (query_pos - window)[:, :, None])
+        steps_seen = own_steps & (keys // q > step - 1 - window)[None, None, :]
+        return torch.cat([rows_seen, steps_seen], dim=2)
+
+    return _masks(visible, windowed, windows, dtype)
+
+
 def packing_supported(model: Any, pad_id: int) -> bool:
     """Whether packed scoring reproduces separate passes for this model (checked once).
 
-    Compares the logits of a packed two-branch row with those of separate forward passes on a
-    small input; any error or mismatch disables packing for the model.
+    A row longer than the model's sliding window (if any) holds a branch of three tokens
+    that shares all but two of its tokens; the branch's logits in the packed prefill and
+    after one tree-decode step must equal those of a separate forward pass on its own
+    context. Any error, layer pattern `attention_windows` cannot express, or mismatch turns
+    packing off for the model (logged once): its variants are then scored in separate passes,
+    slower and exact.
     """
     cached = _SUPPORT.get(model)
     if cached is not None:
         return cached
+    name = type(_unwrap(model)).__name__
     ok = False
     try:
-        with torch.no_grad():
-            vocab = model.get_input_embeddings().num_embeddings
-            base = [(7 * i + 3) % vocab for i in range(6)]
-            branch = [(5 * i + 1) % vocab for i in range(3)]
-            row = PackedRow(base=base, branches=[Branch(key="a", shared=4, own=branch, n_answer=2)])
-            device = next(model.parameters()).device
-            dtype = next(model.parameters()).dtype
-            ids, pos, mask, _ = _layout([row], device, dtype, pad_id)
-            packed, _ = _forward(model, ids, pos, mask, 0)
-            plain = model(input_ids=torch.tensor([base[:4] + branch], device=device), use_cache=False).logits[0]
-            got = packed[0, len(base) :].float()
-            # low-precision weights round differently in the two layouts; a model that ignores
-            # the 4-D mask is off by far more than that
-            tol = 1e-3 if dtype == torch.float32 else 3e-2
-            scale = max(1.0, float(plain.abs().max()))
-            ok = bool(torch.allclose(got, plain[4:].float(), atol=tol * scale, rtol=tol))
-        if not ok:
-            logger.info("Packed scoring is off for %s: its logits differ from separate passes.", type(model).__name__)
+        windows = attention_windows(model)
+        if windows is None:
+            logger.warning(
+                "Packed scoring is off for %s: some of its layers attend in a pattern packed rows cannot "
+                "express (chunked, linear or shared-cache attention); its variants are scored in separate passes.",
+                name,
+            )
+        else:
+            with torch.no_grad():
+                ok = _packed_logits_match(model, pad_id, windows)
+            if not ok:
+                logger.warning(
+                    "Packed scoring is off for %s: its packed logits differ from separate passes; its variants "
+                    "are scored in separate passes.",
+                    name,
+                )
     except Exception as err:  # the plain batched path still scores every variant
-        logger.warning("Packed scoring is off for %s: %s: %s", type(model).__name__, type(err).__name__, err)
+        logger.warning("Packed scoring is off for %s: %s: %s", name, type(err).__name__, err)
         ok = False
     _SUPPORT[model] = ok
     return ok
+
+
+def _packed_logits_match(model: Any, pad_id: int, windows: dict[str, int | None]) -> bool:
+    """The check of `packing_supported`: a packed prefill and one tree-decode step against
+    separate forward passes."""
+    vocab = model.get_input_embeddings().num_embeddings
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    # longer than any window the config names, whether `attention_windows` read it or not
+    config = _unwrap(model).config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    named = [getattr(config, "attention_chunk_size", None)]
+    if getattr(config, "use_sliding_window", True) is not False:  # Qwen2 names a window it does not use
+        named.append(getattr(config, "sliding_window", None))
+    spans = [w for w in [*windows.values(), *named] if isinstance(w, int) and not isinstance(w, bool)]
+    span = min(max(spans, default=0), _CHECK_SPAN_MAX)
+    base = [(7 * i + 3) % vocab for i in range(span + 6)]
+    own = [(5 * i + 1) % vocab for i in range(3)]
+    shared, token = len(base) - 2, 11 % vocab
+    branch = Branch(key="check", shared=shared, own=own)
+    row = PackedRow(base=base, branches=[branch])
+    ids, pos, mask, spans = _layout([row], device, dtype, pad_id, windows)
+    first, end = spans[0][0]
+    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    keep[0, first:end] = True  # the branch's logits only (the row may be thousands of tokens)
+    packed, cache = _forward(model, ids, pos, mask, keep, cache=_new_cache(windows))
+    as_tensor = lambda values: torch.tensor([[values]], dtype=torch.long, device=device)  # noqa: E731
+    row_vis = _visible(ids.shape[1], as_tensor(shared), as_tensor(first), as_tensor(end))
+    query_pos = as_tensor(shared + len(own))
+    step_mask = _step_mask(row_vis, pos, query_pos, 1, windows, dtype)
+    stepped, _ = _forward(model, as_tensor(token), query_pos, step_mask, 0, cache=cache)
+    separate = model(
+        input_ids=torch.tensor([base[:shared] + own + [token]], device=device),
+        use_cache=False,
+        logits_to_keep=len(own) + 1,
+    ).logits[0]
+    got = torch.cat([packed, stepped[0, -1:]]).float()
+    expected = separate.float()
+    # low-precision weights round differently in the two layouts; a model that ignores the
+    # 4-D mask (or a window it does not apply) is off by far more than that
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    scale = max(1.0, float(expected.abs().max()))
+    return bool(torch.allclose(got, expected, atol=tol * scale, rtol=tol))
