@@ -12,6 +12,7 @@ Where things live:
 """
 
 from ._audit import AuditError, audit_traces
+from ._check_model import ModelCheck, check_model
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._models import load_smollm2
@@ -29,6 +30,7 @@ __all__ = [
     "AuditError",
     "FaithConfig",
     "FaithfulnessCallback",
+    "ModelCheck",
     "PanelError",
     "Probe",
     "ProbeExample",
@@ -41,6 +43,7 @@ __all__ = [
     "__version__",
     "audit_traces",
     "build_probes",
+    "check_model",
     "find_checkpoints",
     "get_probe",
     "list_probes",

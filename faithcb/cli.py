@@ -4,6 +4,7 @@
 faithcb scan RUN_DIR_OR_MODELS... --panel PANEL [--out DIR] [--wandb] [FaithConfig flags]
 faithcb report RUN_DIR [--out DIR]
 faithcb audit-data DATA.jsonl --model PATH [--out DIR] [--cue "Answer:"]
+faithcb check-model MODEL_DIR [--panel PANEL] [--examples N]
 ```
 
 `python -m faithcb ...` is the same. Expected failures (wrong paths, folders without
@@ -175,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--max-rows", type=int, help="Audit only the first N rows.")
     audit.add_argument("--batch-rows", type=int, default=32, help="Rows per engine call (default 32).")
     audit.set_defaults(func=_cmd_audit)
+
+    check = sub.add_parser(
+        "check-model",
+        parents=[common, model],
+        help="Check that a model's round on the engine's fast paths gives the records of plain passes.",
+        description=(
+            "Run one probe round with every fast path the model supports (packed scoring, the own decode loop) "
+            "and one in plain passes (generate, a forward pass per variant), and compare the per-example records. "
+            "Exit status 0 when they are the same, 3 when they differ."
+        ),
+    )
+    check.add_argument("model_dir", metavar="MODEL_DIR", help="A save_pretrained folder of a causal LM.")
+    check.add_argument("--panel", help="Probe panel JSONL (default: arithmetic questions of the synthetic kit).")
+    check.add_argument("--examples", type=int, default=8, help="Examples of the default panel (default 8).")
+    check.add_argument("--max-new-tokens", type=int, default=64, help="Token budget of a chain (default 64).")
+    check.set_defaults(func=_cmd_check_model)
     return parser
 
 
@@ -263,6 +280,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"  {name:<24} {path}")
     return 0
+
+
+def _cmd_check_model(args: argparse.Namespace) -> int:
+    from ._check_model import check_model
+    from ._config import FaithConfig
+    from ._scan import load_model, load_tokenizer
+
+    if args.examples < 1 or args.max_new_tokens < 1:
+        raise CliError("--examples and --max-new-tokens must be at least 1.")
+    model = load_model(args.model_dir, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
+    report = check_model(
+        model, tokenizer, args.panel, FaithConfig(max_new_tokens=args.max_new_tokens), examples=args.examples
+    )
+    print(report.summary())
+    return 0 if report.records_equal else 3
 
 
 # ---------------------------------------------------------------------- entry point

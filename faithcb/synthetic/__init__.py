@@ -37,6 +37,7 @@ from ._tasks import (
 )
 
 if TYPE_CHECKING:
+    from ._families import DECODER_FAMILIES, build_family_model
     from ._tiny import (
         BASE_ALPHABET,
         CHAT_MARKERS,
@@ -54,6 +55,7 @@ __all__ = [
     "BASE_ALPHABET",
     "CHAT_MARKERS",
     "CHAT_TEMPLATE",
+    "DECODER_FAMILIES",
     "DEFAULT_PROMPT_TEMPLATE",
     "FORMAT_SHIFT_TEMPLATE",
     "HELD_OUT_LETTER_PAIRS",
@@ -63,6 +65,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TINY_ARCHS",
     "apply_letter_op",
+    "build_family_model",
     "build_tiny_model",
     "build_tokenizer",
     "default_tokenizer_texts",
@@ -93,13 +96,17 @@ _TINY_NAMES = frozenset(
 )
 
 
+_FAMILY_NAMES = frozenset({"DECODER_FAMILIES", "build_family_model"})
+
+
 def __getattr__(name: str) -> Any:
-    if name in _TINY_NAMES:
-        value = getattr(importlib.import_module("._tiny", __name__), name)
+    if name in _TINY_NAMES or name in _FAMILY_NAMES:
+        module = "._tiny" if name in _TINY_NAMES else "._families"
+        value = getattr(importlib.import_module(module, __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _TINY_NAMES)
+    return sorted(set(globals()) | _TINY_NAMES | _FAMILY_NAMES)
