@@ -108,7 +108,7 @@ def test_empty_duplicate_and_missing_sources(tmp_path):
     with pytest.raises(PanelError, match="not found"):
         load_panel(tmp_path / "nope.jsonl")
     with pytest.raises(PanelError, match=r"Duplicate example ids.*'a'"):
-        load_panel([{"id": "a", "question": "x"}, {"id": "a", "question": "y"}])
+        load_panel([{"id": "a", "question": "x", "answer": "1"}, {"id": "a", "question": "y", "answer": "2"}])
     with pytest.raises(PanelError, match="expected an object"):
         load_panel([["not", "a", "dict"]])
 
@@ -131,6 +131,8 @@ def test_datasets_dataset_source():
 
 
 def test_panel_from_examples_and_panels():
-    panel = load_panel([{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}])
+    panel = load_panel(
+        [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}], allow_missing_gold=True
+    )
     assert [e.id for e in load_panel(list(panel)[:2])] == ["0", "1"]
     assert [e.gold for e in load_panel(panel, size=3)] == ["1", "2", None]
