@@ -307,7 +307,8 @@ def load_panel(
             len(missing),
             "s" if len(missing) != 1 else "",
             name,
-            "; ".join(missing[:3]) + (f"; and {len(missing) - 3} more" if len(missing) > 3 else ""),
+            "; ".join(m.rstrip(".") for m in missing[:3])
+            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else ""),
         )
     if not examples:
         raise PanelError(f"The probe panel from {name} is empty: give at least one example.")
