@@ -46,10 +46,10 @@ MAX_LISTED_ROWS = 10
 
 #: Row shapes `ProbeExample.shape` records, with the words `ProbePanel.describe` uses.
 ROW_SHAPES = {
-    "question_answer": "question/answer rows",
-    "prompt_completion": "prompt-completion rows (TRL, text prompt)",
-    "prompt_completion_chat": "prompt-completion rows (TRL, chat-message prompt)",
-    "messages": "messages rows (chat)",
+    "question_answer": "question/answer",
+    "prompt_completion": "prompt-completion (TRL, text prompt)",
+    "prompt_completion_chat": "prompt-completion (TRL, chat prompt)",
+    "messages": "messages (chat)",
     "example": "ProbeExample objects",
 }
 
@@ -185,7 +185,7 @@ class ProbePanel:
         Example (a GSM8K-style JSONL file)::
 
             Probe panel from gsm8k_heldout.jsonl: 32 examples
-              row shape:     32 question/answer rows
+              row shapes:    32 question/answer
               gold answers:  32 of 32 (32 read after '####')
               answer types:  31 numeric, 1 text (as answer_type='auto' reads them)
               slices:        all 32
@@ -201,10 +201,10 @@ class ProbePanel:
 
         gold = f"{s['with_gold']} of {n}"
         if s["gold_from"]:
-            gold += " (" + ", ".join(f"{c} {_gold_from_words(k)}" for k, c in s["gold_from"].items()) + ")"
+            gold += " (" + ", ".join(_gold_from_words(k, c) for k, c in s["gold_from"].items()) + ")"
         lines = [
             f"Probe panel from {s['source']}: {n} example{'s' if n != 1 else ''}",
-            f"  row shape:     {counts(s['row_shapes'], ROW_SHAPES)}",
+            f"  row shapes:    {counts(s['row_shapes'], ROW_SHAPES)}",
             f"  gold answers:  {gold}",
         ]
         if s["without_gold"]:
@@ -223,17 +223,17 @@ class ProbePanel:
         return "\n".join(lines)
 
 
-def _gold_from_words(key: str) -> str:
-    if key in ("bare answer", "gold field", "choice label", "choice index", "choice text", "ProbeExample"):
-        return {
-            "bare answer": "bare answers",
-            "gold field": "from 'gold' fields",
-            "choice label": "choice labels",
-            "choice index": "choice indices",
-            "choice text": "choice texts",
-            "ProbeExample": "given as ProbeExample",
-        }[key]
-    return f"read after {key}"
+def _gold_from_words(key: str, count: int) -> str:
+    """`2 read after '####'`, `1 bare answer`, `3 from 'gold' fields`, ..."""
+    plural = "s" if count != 1 else ""
+    words = {
+        "bare answer": f"bare answer{plural}",
+        "gold field": f"from 'gold' field{plural}",
+        "choice label": f"choice label{plural}",
+        "choice index": "choice ind" + ("ices" if count != 1 else "ex"),
+        "choice text": f"choice text{plural}",
+    }
+    return f"{count} {words.get(key, f'read after {key}')}"
 
 
 def load_panel(

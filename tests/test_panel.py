@@ -277,11 +277,9 @@ def test_describe_reports_shapes_golds_types_and_slices():
     assert summary["slices"] == {"in_dist": 2, "shift": 2, "all": 2}
     text = panel.describe()
     assert text.splitlines()[0] == "Probe panel from list: 6 examples"
-    assert "3 question/answer rows" in text and "1 messages rows (chat)" in text
-    assert "prompt-completion rows (TRL, text prompt)" in text and "(TRL, chat-message prompt)" in text
-    assert (
-        "gold answers:  5 of 6 (2 read after 'Answer:', 1 read after '####', 1 bare answers, 1 choice labels)" in text
-    )
+    assert "row shapes:    3 question/answer, 1 prompt-completion (TRL, text prompt), " in text
+    assert "1 prompt-completion (TRL, chat prompt), 1 messages (chat)" in text
+    assert "gold answers:  5 of 6 (2 read after 'Answer:', 1 read after '####', 1 bare answer, 1 choice label)" in text
     assert "without gold:  1" in text
     assert "answer types:  3 numeric, 1 text, 1 choice" in text
     assert "multiple choice: 1 of 6" in text
