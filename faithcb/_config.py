@@ -18,6 +18,11 @@ class FaithConfig:
 
     Every field has help text so that recipes can expose them on the command line with
     `transformers.HfArgumentParser` (or TRL's `TrlParser`) beside `SFTConfig`.
+
+    The settings are checked when the config is built: a value of the wrong type, out of
+    range, an unknown `answer_type` or a probe name that is not registered
+    (`faithcb.list_probes()`; probe instances pass) raises one `ValueError` naming every
+    problem and the valid choices.
     """
 
     every_n_steps: int = field(default=50, metadata={"help": "Run a probe round every N optimizer steps (N >= 1)."})
