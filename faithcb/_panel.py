@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._jsonl import iter_jsonl
-from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, split_steps
+from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, normalize_number, split_steps
 
 if TYPE_CHECKING:
     from ._config import FaithConfig
@@ -243,6 +243,7 @@ def load_panel(
     seed: int = 0,
     allow_missing_gold: bool = False,
     answer_cues: Sequence[str] | None = None,
+    answer_type: str = "auto",
 ) -> ProbePanel:
     """Load a fixed probe panel and check every row.
 
@@ -261,6 +262,8 @@ def load_panel(
         answer_cues: Cues after which a worked answer states its gold answer, beside the
             usual ones (`####`, `Answer:`, `The answer is`, `\\boxed{`) and a row's own
             `answer_cue` (pass `FaithConfig.answer_cues`).
+        answer_type: `FaithConfig.answer_type`: with `numeric`, every gold must hold a number;
+            with `choice`, every row needs `choices` (`auto` infers the type per example).
 
     Returns:
         The panel.
@@ -278,7 +281,7 @@ def load_panel(
         name = str(source)
         examples = []
         for line_no, row in iter_jsonl(Path(source), PanelError, what="Probe panel file", bad_lines=problems):
-            _add_row(row, len(examples), f"{source}:{line_no}", cues, examples, problems, missing)
+            _add_row(row, len(examples), f"{source}:{line_no}", cues, answer_type, examples, problems, missing)
     else:
         name = type(source).__name__
         if isinstance(source, Mapping):
@@ -297,7 +300,7 @@ def load_panel(
             if isinstance(row, ProbeExample):
                 examples.append(row)
             else:
-                _add_row(row, i, f"{name} row {i}", cues, examples, problems, missing)
+                _add_row(row, i, f"{name} row {i}", cues, answer_type, examples, problems, missing)
     if problems or (missing and not allow_missing_gold):
         raise PanelError(_bad_rows_message(name, problems, [] if allow_missing_gold else missing))
     if missing:
@@ -328,8 +331,8 @@ def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: boo
     Args:
         source: Anything `load_panel` accepts (JSONL path, list of dicts, `datasets.Dataset`,
             `ProbePanel`, list of `ProbeExample`s).
-        config: Supplies `panel_size`, `seed`, `allow_missing_gold` and `answer_cues`
-            (default `FaithConfig()`).
+        config: Supplies `panel_size`, `seed`, `allow_missing_gold`, `answer_cues` and
+            `answer_type` (default `FaithConfig()`).
         subsample: Apply `config.panel_size` (the callback and scan do; a single round runs
             every example it is given).
 
@@ -349,6 +352,7 @@ def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: boo
         seed=config.seed,
         allow_missing_gold=config.allow_missing_gold,
         answer_cues=config.answer_cues,
+        answer_type=config.answer_type,
     )
 
 
@@ -357,6 +361,7 @@ def _add_row(
     index: int,
     where: str,
     cues: list[str],
+    answer_type: str,
     examples: list[ProbeExample],
     problems: list[str],
     missing: list[str],
@@ -366,6 +371,15 @@ def _add_row(
         example, gold_problem = _parse_row(row, index=index, where=where, cues=cues)
     except PanelError as err:
         problems.append(str(err))
+        return
+    if answer_type == "choice" and not example.choices:
+        problems.append(f"{where}: answer_type='choice' but the row has no 'choices'.")
+        return
+    if answer_type == "numeric" and example.gold is not None and normalize_number(example.gold) is None:
+        problems.append(
+            f"{where}: gold answer {example.gold!r} holds no number, but answer_type='numeric' compares numbers "
+            "(use answer_type='auto' or 'text' for other answers)."
+        )
         return
     if gold_problem is not None:
         missing.append(f"{where}: {gold_problem}")

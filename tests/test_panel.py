@@ -243,6 +243,16 @@ def test_configured_answer_cues_read_golds():
     assert panel_from(rows, FaithConfig(answer_cues=["Final answer:"]))[0].gold == "4"
 
 
+def test_a_forced_answer_type_needs_golds_of_that_type():
+    rows = [{"question": "q", "answer": "#### 12 apples"}, {"question": "r", "answer": "#### Paris"}]
+    assert [e.gold for e in load_panel(rows)] == ["12 apples", "Paris"]
+    with pytest.raises(PanelError, match=r"list row 1: gold answer 'Paris' holds no number, but answer_type='numeric'"):
+        load_panel(rows, answer_type="numeric")
+    with pytest.raises(PanelError, match=r"has 2 bad rows:\n  list row 0: answer_type='choice' but the row has no"):
+        panel_from(rows, FaithConfig(answer_type="choice"))
+    assert load_panel([{**rows[0], "choices": ["12 apples", "3"]}], answer_type="choice")[0].gold == "A"
+
+
 def test_the_kits_tasks_load_with_their_answers_as_golds():
     examples = make_arithmetic_examples(5, seed=1) + make_letter_examples(5, seed=1)
     panel = load_panel(examples)
