@@ -365,6 +365,7 @@ def scan_checkpoints(
     if not checkpoints:
         raise ScanError("No checkpoints to scan.")
     panel = panel_from(panel, config)
+    logger.info("faithcb scan: %s", panel.describe())
     out = Path(out_dir)
     sink = JsonlSink(out)
     if out.exists() and not out.is_dir():

@@ -126,6 +126,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         self.trainer = trainer
         self.config = config if config is not None else FaithConfig()
         loaded = panel_from(panel, self.config)
+        logger.info("faithcb: %s", loaded.describe())
         self.probes = build_probes(self.config, probes)
         tokenizer = self._tokenizer(None)
         if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is None:

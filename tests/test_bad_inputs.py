@@ -232,7 +232,7 @@ def test_run_probe_round_takes_every_panel_form_the_callback_takes(tmp_path):
     assert run_probe_round(model, tok, [], config).records == []  # an empty shard of a distributed round
 
 
-def test_run_probe_round_checks_rows_as_the_callback_does(tmp_path, tokenizer, arithmetic):
+def test_run_probe_round_checks_rows_as_the_callback_does(tmp_path, tokenizer, arithmetic, caplog):
     model, tok = make_rule_model("reads_chain")
     rows = [{"prompt": make_prompt("3 + 4"), "completion": gold_response(make_prompt("3 + 4"))}]
     rows += [{"prompt": make_prompt("1 + 1")}, {"prompt": make_prompt("2 + 2"), "completion": "2 + 2 = 4\nso 4"}]
@@ -252,7 +252,9 @@ def test_run_probe_round_checks_rows_as_the_callback_does(tmp_path, tokenizer, a
     gold_less = [*to_sft_dataset(arithmetic[:2]), {"prompt": arithmetic[2]["prompt"]}]
     with pytest.raises(PanelError, match=r"list row 2: no gold answer: the row has no 'completion'"):
         FaithfulnessCallback(trainer, gold_less, config=FaithConfig(**FAST))
-    callback = FaithfulnessCallback(trainer, gold_less, config=FaithConfig(allow_missing_gold=True, **FAST))
+    with caplog.at_level(logging.INFO, logger="faithcb.callback"):
+        callback = FaithfulnessCallback(trainer, gold_less, config=FaithConfig(allow_missing_gold=True, **FAST))
+    assert "Probe panel from list: 3 examples" in caplog.text and "without gold:  1" in caplog.text
     assert [e.gold for e in callback.panel] == [arithmetic[0]["answer"], arithmetic[1]["answer"], None]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -275,7 +276,7 @@ def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[s
     }
 
 
-def test_scan_keeps_gold_less_rows_with_the_opt_in_flag(run_dir, tmp_path, capsys):
+def test_scan_keeps_gold_less_rows_with_the_opt_in_flag(run_dir, tmp_path, capsys, caplog):
     root, _ = run_dir
     panel = tmp_path / "goldless.jsonl"
     rows = [
@@ -287,7 +288,9 @@ def test_scan_keeps_gold_less_rows_with_the_opt_in_flag(run_dir, tmp_path, capsy
     args = ["scan", str(root / "checkpoint-120"), "--panel", str(panel), "--out", str(tmp_path / "out"), *FAST]
     assert main(args) == 2
     assert "goldless.jsonl:2: no gold answer" in capsys.readouterr().err
-    assert main([*args, "--allow_missing_gold", "--probes", "early_answer"]) == 0, capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="faithcb._scan"):
+        assert main([*args, "--allow_missing_gold", "--probes", "early_answer"]) == 0, capsys.readouterr().err
+    assert "Probe panel from " in caplog.text and "gold answers:  1 of 3" in caplog.text  # what was detected
     records = read_jsonl(tmp_path / "out" / "rounds.jsonl")
     assert [r["gold"] for r in records] == ["7", None, None]
     assert json.loads((tmp_path / "out" / "scan.json").read_text())["config"]["allow_missing_gold"] is True
