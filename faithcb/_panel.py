@@ -251,8 +251,9 @@ def load_panel(
     types, slices).
 
     Args:
-        source: Path to a JSONL file, a `datasets.Dataset`, a list of dicts (or of
-            `ProbeExample`s), or a ProbePanel. `ProbeExample`s and panels are taken as they are.
+        source: Path to a JSONL file or to a folder written by `Dataset.save_to_disk`, a
+            `datasets.Dataset`, a list of dicts (or of `ProbeExample`s), or a ProbePanel.
+            `ProbeExample`s and panels are taken as they are.
         size: Keep this many examples, chosen once by a seeded subsample (order preserved)
             when the source is larger; None keeps all. Every row is checked first.
         seed: Seed of that subsample.
@@ -277,6 +278,11 @@ def load_panel(
     missing: list[str] = []  # rows without a readable gold answer
     if isinstance(source, ProbePanel):
         examples, name = list(source.examples), source.source
+    elif isinstance(source, (str, Path)) and _is_saved_dataset(Path(source)):
+        name = str(source)
+        examples = []
+        for i, row in enumerate(_load_saved_dataset(Path(source))):
+            _add_row(row, i, f"{source} row {i}", cues, answer_type, examples, problems, missing)
     elif isinstance(source, (str, Path)):
         name = str(source)
         examples = []
@@ -322,6 +328,28 @@ def load_panel(
             keep = sorted(random.Random(seed).sample(range(len(examples)), size))
             examples = [examples[i] for i in keep]
     return ProbePanel(examples=examples, source=name)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _load_saved_dataset(path: Path) -> Any:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets comes with trl
+        raise PanelError(f"{path} is a saved dataset folder; reading it needs `pip install datasets`.") from err
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise PanelError(
+            f"{path} holds a DatasetDict (splits: {', '.join(splits)}): give one split's folder, e.g. "
+            f"{path / (splits[0] if splits else 'test')}."
+        )
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise PanelError(f"Cannot read the saved dataset {path}: {err}") from err
 
 
 def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: bool = True) -> ProbePanel:

@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--panel",
         required=True,
-        help="Probe panel JSONL (rows as load_panel accepts; every row needs a readable gold answer unless "
-        "--allow_missing_gold).",
+        help="Probe panel: a JSONL file or a folder written by Dataset.save_to_disk (rows as load_panel accepts; "
+        "every row needs a readable gold answer unless --allow_missing_gold).",
     )
     scan.add_argument(
         "--out", metavar="DIR", help="Output folder (default: RUN_DIR/faithcb_scan, else ./faithcb_scan)."

@@ -206,6 +206,21 @@ def test_many_bad_rows_are_capped_with_a_count():
     assert f"... and {25 - MAX_LISTED_ROWS} more." in message
 
 
+def test_saved_dataset_folder_source(tmp_path):
+    """The command line's form of a `datasets.Dataset`: a folder written by `save_to_disk`."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "so\nthen"}])
+    ds.select([0]).save_to_disk(str(tmp_path / "good"))
+    panel = load_panel(tmp_path / "good")
+    assert ([e.gold for e in panel], panel.source) == (["3"], str(tmp_path / "good"))
+    ds.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(PanelError, match=rf"{re.escape(str(tmp_path / 'bad'))} row 1: cannot read a gold answer"):
+        load_panel(str(tmp_path / "bad"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(PanelError, match=r"holds a DatasetDict \(splits: test\): give one split's folder"):
+        load_panel(tmp_path / "dict")
+
+
 def test_bad_dataset_rows_are_named_by_index():
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "so\nthen"}])
