@@ -456,18 +456,6 @@ def _check_messages(messages: Any, where: str, field_name: str) -> Messages:
     return messages
 
 
-def gold_from_solution(text: str) -> str:
-    """Gold answer from a worked solution: text after `####` / `Answer:` etc., else the text."""
-    found = find_cue(text, _GOLD_CUES)
-    if found is None:
-        return text.strip()
-    pos, cue = found
-    after = text[pos + len(cue) :]
-    if cue.endswith("{"):
-        after = after.split("}", 1)[0]
-    return after.strip().split("\n", 1)[0].strip()
-
-
 def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
