@@ -79,9 +79,8 @@ def run_probe_round(
         tokenizer: Its tokenizer.
         examples: The panel (or this rank's shard of it), in any form the callback takes: a
             `ProbePanel` or a list of `ProbeExample`s (run as given), or a JSONL path, a list of
-            dicts or a `datasets.Dataset` (loaded as the callback loads a panel, with
-            `config.allow_missing_gold` and `config.answer_cues`, but not subsampled: every
-            example runs).
+            dicts or a `datasets.Dataset` (loaded and checked by `panel_from`, as the callback
+            loads its panel, but not subsampled: every example runs).
         config: Round settings.
         probes: Probe instances (default: `build_probes(config)`).
         wrapped_model: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine),
