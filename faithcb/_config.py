@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
@@ -14,6 +18,11 @@ class FaithConfig:
 
     Every field has help text so that recipes can expose them on the command line with
     `transformers.HfArgumentParser` (or TRL's `TrlParser`) beside `SFTConfig`.
+
+    The settings are checked when the config is built: a value of the wrong type, out of
+    range, an unknown `answer_type` or a probe name that is not registered
+    (`faithcb.list_probes()`; probe instances pass) raises one `ValueError` naming every
+    problem and the valid choices.
     """
 
     every_n_steps: int = field(default=50, metadata={"help": "Run a probe round every N optimizer steps (N >= 1)."})
@@ -24,6 +33,13 @@ class FaithConfig:
     panel_size: int | None = field(
         default=32,
         metadata={"help": "Examples in the fixed probe panel; a larger source is subsampled once with `seed`."},
+    )
+    allow_missing_gold: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep panel rows without a readable gold answer (no answer, an empty one, worked text without an "
+            "answer cue) as examples without gold (no accuracy for them) instead of refusing the panel."
+        },
     )
     probes: list[str] = field(
         default_factory=lambda: list(DEFAULT_PROBES),
@@ -180,22 +196,128 @@ class FaithConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.every_n_steps is None or self.every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be a positive integer, got {self.every_n_steps!r}.")
-        if self.panel_size is not None and self.panel_size <= 0:
-            raise ValueError(f"panel_size must be positive or None, got {self.panel_size!r}.")
-        for name in ("max_new_tokens", "answer_max_new_tokens", "generation_batch_size", "scoring_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
-        if self.answer_type not in ("auto", "numeric", "choice", "text"):
-            raise ValueError(f"answer_type must be one of auto, numeric, choice, text; got {self.answer_type!r}.")
-        if not self.answer_cues:
-            raise ValueError("answer_cues must hold at least one cue.")
-        if not self.filler_token.strip():
-            raise ValueError("filler_token must contain a visible character.")
-        if self.round_time_budget_s is not None and not self.round_time_budget_s > 0:
-            raise ValueError(f"round_time_budget_s must be positive or None, got {self.round_time_budget_s!r}.")
+        problems = _type_problems(self)
+        if not problems:  # ranges and choices only mean something on values of the right type
+            problems = _value_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         """The settings as a plain dict (for W&B config and JSONL headers)."""
         return asdict(self)
+
+
+#: Valid `answer_type` values.
+ANSWER_TYPES = ("auto", "numeric", "choice", "text")
+#: Integer fields and their least valid value (None: the field may be None).
+_MINIMUM = {
+    "every_n_steps": 1,
+    "panel_size": 1,
+    "max_new_tokens": 1,
+    "answer_max_new_tokens": 1,
+    "generation_batch_size": 1,
+    "scoring_batch_size": 1,
+    "packed_row_max_tokens": 0,
+    "prompt_bucket": 1,
+    "num_sample_chains": 0,
+}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a FaithConfig annotation (int, float, bool, str, list[str], X | None)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return value is None or _type_ok(value, next(a for a in args if a is not type(None)))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_words(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return _type_words(next(a for a in args if a is not type(None))) + " or None"
+    if typing.get_origin(hint) is list:
+        return "a list of " + _type_words(args[0]).removeprefix("a ").removeprefix("an ") + "s"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def _type_problems(config: FaithConfig) -> list[str]:
+    hints = typing.get_type_hints(FaithConfig)
+    problems = []
+    for f in fields(FaithConfig):
+        value = getattr(config, f.name)
+        if f.name == "probes":  # registered names or Probe instances
+            from .probes import Probe
+
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                problems.append(f"probes must be a list of probe names (or Probe instances), {_got(value)}")
+            elif any(not isinstance(p, (str, Probe)) for p in value):
+                bad = next(p for p in value if not isinstance(p, (str, Probe)))
+                problems.append(f"probes must hold probe names or Probe instances, {_got(bad)}")
+        elif not _type_ok(value, hints[f.name]):
+            problems.append(f"{f.name} must be {_type_words(hints[f.name])}, {_got(value)}")
+    return problems
+
+
+def _value_problems(config: FaithConfig) -> list[str]:
+    problems = []
+    for name, least in _MINIMUM.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            optional = " or None" if name in ("panel_size", "scoring_batch_size") else ""
+            what = "positive" if least == 1 else f">= {least}"
+            problems.append(f"{name} must be {what}{optional}, got {value!r}")
+    if config.round_time_budget_s is not None and not (
+        math.isfinite(config.round_time_budget_s) and config.round_time_budget_s > 0
+    ):
+        problems.append(f"round_time_budget_s must be positive or None, got {config.round_time_budget_s!r}")
+    temperature = config.temperature
+    if not math.isfinite(temperature) or temperature < 0 or (config.do_sample and temperature == 0):
+        problems.append(
+            f"temperature must be a positive number (greedy decoding is do_sample=False), got {config.temperature!r}"
+        )
+    if config.answer_type not in ANSWER_TYPES:
+        problems.append(f"answer_type must be one of {', '.join(ANSWER_TYPES)}; got {config.answer_type!r}")
+    if not config.answer_cues:
+        problems.append("answer_cues must hold at least one cue")
+    for name in ("answer_cues", "stop_strings"):
+        if any(not s for s in getattr(config, name)):
+            problems.append(f"{name} must not hold an empty string")
+    for name in ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix"):
+        if not getattr(config, name).strip():
+            problems.append(f"{name} must be a non-empty string")
+    if not config.filler_token.strip():
+        problems.append("filler_token must contain a visible character")
+    problems.extend(_probe_problems(config.probes))
+    return problems
+
+
+def _probe_problems(probes: list[Any]) -> list[str]:
+    """Unknown or repeated probe names (the registry decides: user-registered probes count)."""
+    from .probes import Probe, list_probes
+
+    known = list_probes()
+    problems = []
+    for name in probes:
+        if isinstance(name, Probe) or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"probes: unknown probe {name!r}{hint}; registered probes: {', '.join(known)}")
+    names = [p.name if isinstance(p, Probe) else p for p in probes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"probes lists {', '.join(map(repr, repeated))} more than once")
+    return problems

@@ -9,7 +9,12 @@ from typing import Any
 
 
 def iter_jsonl(
-    path: str | Path, error: type[Exception], *, what: str = "JSONL file", objects_only: bool = False
+    path: str | Path,
+    error: type[Exception],
+    *,
+    what: str = "JSONL file",
+    objects_only: bool = False,
+    bad_lines: list[str] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Yield `(line_number, row)` for every non-blank line of a JSONL file, streaming.
 
@@ -18,6 +23,9 @@ def iter_jsonl(
         error: Exception type raised for every problem (e.g. `PanelError`).
         what: How messages name a missing file or a folder ("Probe panel file", ...).
         objects_only: Also refuse rows that are not JSON objects.
+        bad_lines: When given, a line that is not JSON (or not an object with `objects_only`)
+            is skipped and its message (`path:line: ...`) appended here instead of raised, so
+            that a caller can report every bad line at once.
 
     Raises:
         error: The path is missing or a folder, the file cannot be read or decoded, a line is
@@ -36,9 +44,17 @@ def iter_jsonl(
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise error(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}).") from err
+                    message = f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})."
+                    if bad_lines is None:
+                        raise error(message) from err
+                    bad_lines.append(message)
+                    continue
                 if objects_only and not isinstance(row, dict):
-                    raise error(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}.")
+                    message = f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}."
+                    if bad_lines is None:
+                        raise error(message)
+                    bad_lines.append(message)
+                    continue
                 yield line_no, row
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"Cannot read {path}: {err}") from err

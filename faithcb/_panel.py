@@ -10,21 +10,48 @@ Accepted row shapes (one per row; JSONL file, `datasets.Dataset` or list of dict
 
 Optional fields on any row: `id`, `slice` (e.g. `in_dist`), `gold` (overrides the answer read
 from the other fields), `answer_cue`.
+
+Every row needs a gold answer that can be read: a bare answer (`"42"`, `"Paris"`), or worked
+text that states it after an answer cue (`#### 42`, `Answer: 42`, `The answer is 42`,
+`\\boxed{42}`), or a `gold` field. Worked text without a cue, an empty answer and a row with
+no answer at all are refused (accuracy against them would mean nothing), unless the caller
+opts into gold-less examples with `allow_missing_gold=True`. A gold that is present but wrong
+for its row (a multiple-choice gold that is no label, index or choice text) is always refused.
+Every bad row is listed in one `PanelError`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._jsonl import iter_jsonl
-from ._parsing import CHOICE_LABELS, find_cue
+from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, normalize_number, split_steps
+
+if TYPE_CHECKING:
+    from ._config import FaithConfig
+
+logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
 _GOLD_CUES = ["####", "Answer:", "The answer is", "\\boxed{"]
+#: Bad rows a PanelError lists by name; the rest are counted.
+MAX_LISTED_ROWS = 10
+
+#: Row shapes `ProbeExample.shape` records, with the words `ProbePanel.describe` uses.
+ROW_SHAPES = {
+    "question_answer": "question/answer",
+    "prompt_completion": "prompt-completion (TRL, text prompt)",
+    "prompt_completion_chat": "prompt-completion (TRL, chat prompt)",
+    "messages": "messages (chat)",
+    "example": "ProbeExample objects",
+}
 
 
 class PanelError(ValueError):
@@ -43,6 +70,9 @@ class ProbeExample:
         choices: Choice texts for multiple choice (labels A, B, ...), else None.
         slice: Slice tag, e.g. `in_dist` or `length_shift`.
         answer_cue: A per-example answer cue overriding the panel's.
+        shape: The row shape it was read from (a key of `ROW_SHAPES`; `example` when built in code).
+        gold_from: Where the gold answer was read (`'####'` for the text after that cue,
+            `bare answer`, `gold field`, ...), or None without a gold answer.
     """
 
     id: str
@@ -52,6 +82,8 @@ class ProbeExample:
     choices: list[str] | None = None
     slice: str = "all"
     answer_cue: str | None = None
+    shape: str = field(default="example", compare=False)
+    gold_from: str | None = field(default=None, compare=False)
 
     def render_prompt(self, tokenizer: Any, *, use_chat_template: bool | None, prompt_template: str) -> str:
         """The prompt text the model sees, formatted the way SFT formats it.
@@ -119,45 +151,174 @@ class ProbePanel:
         """Slice tags present, in first-seen order."""
         return list(dict.fromkeys(e.slice for e in self.examples))
 
+    def summary(self) -> dict[str, Any]:
+        """What the panel holds, as counts (the data behind `describe`).
+
+        Returns:
+            A JSON-able dict: `source`, `examples`, `row_shapes` (shape -> count),
+            `multiple_choice` (examples with choices), `with_gold` / `without_gold`,
+            `gold_from` (where golds were read -> count), `answer_types` (the type
+            `FaithConfig.answer_type='auto'` reads each example as -> count; `none` for
+            examples without gold or choices), `answer_cues` (per-example cues -> count) and
+            `slices` (tag -> count, in panel order).
+        """
+        types = Counter(
+            infer_answer_type(e.gold, e.choices) if (e.gold is not None or e.choices) else "none" for e in self.examples
+        )
+        with_gold = sum(e.gold is not None for e in self.examples)
+        return {
+            "source": self.source,
+            "examples": len(self.examples),
+            "row_shapes": dict(Counter(e.shape for e in self.examples).most_common()),
+            "multiple_choice": sum(bool(e.choices) for e in self.examples),
+            "with_gold": with_gold,
+            "without_gold": len(self.examples) - with_gold,
+            "gold_from": dict(Counter(e.gold_from for e in self.examples if e.gold_from).most_common()),
+            "answer_types": dict(types.most_common()),
+            "answer_cues": dict(Counter(e.answer_cue for e in self.examples if e.answer_cue).most_common()),
+            "slices": {s: sum(e.slice == s for e in self.examples) for s in self.slices},
+        }
+
+    def describe(self) -> str:
+        """A readable account of what was loaded: row shapes, golds, answer types, slices.
+
+        Example (a GSM8K-style JSONL file)::
+
+            Probe panel from gsm8k_heldout.jsonl: 32 examples
+              row shapes:    32 question/answer
+              gold answers:  32 of 32 (32 read after '####')
+              answer types:  31 numeric, 1 text (as answer_type='auto' reads them)
+              slices:        all 32
+
+        Returns:
+            Several lines of text (no trailing newline).
+        """
+        s = self.summary()
+        n = s["examples"]
+
+        def counts(mapping: Mapping[str, int], words: Mapping[str, str] | None = None) -> str:
+            return ", ".join(f"{count} {(words or {}).get(key, key)}" for key, count in mapping.items())
+
+        gold = f"{s['with_gold']} of {n}"
+        if s["gold_from"]:
+            gold += " (" + ", ".join(_gold_from_words(k, c) for k, c in s["gold_from"].items()) + ")"
+        lines = [
+            f"Probe panel from {s['source']}: {n} example{'s' if n != 1 else ''}",
+            f"  row shapes:    {counts(s['row_shapes'], ROW_SHAPES)}",
+            f"  gold answers:  {gold}",
+        ]
+        if s["without_gold"]:
+            lines.append(
+                f"  without gold:  {s['without_gold']} (no accuracy; info gain is measured against the model's "
+                "own full-chain answer)"
+            )
+        types = {k: v for k, v in s["answer_types"].items() if k != "none"}
+        if types:
+            lines.append(f"  answer types:  {counts(types)} (as answer_type='auto' reads them)")
+        if s["multiple_choice"]:
+            lines.append(f"  multiple choice: {s['multiple_choice']} of {n}")
+        if s["answer_cues"]:
+            lines.append(f"  own answer cues: {', '.join(f'{c} {k!r}' for k, c in s['answer_cues'].items())}")
+        lines.append(f"  slices:        {', '.join(f'{k} {v}' for k, v in s['slices'].items())}")
+        return "\n".join(lines)
+
+
+def _gold_from_words(key: str, count: int) -> str:
+    """`2 read after '####'`, `1 bare answer`, `3 from 'gold' fields`, ..."""
+    plural = "s" if count != 1 else ""
+    words = {
+        "bare answer": f"bare answer{plural}",
+        "gold field": f"from 'gold' field{plural}",
+        "choice label": f"choice label{plural}",
+        "choice index": "choice ind" + ("ices" if count != 1 else "ex"),
+        "choice text": f"choice text{plural}",
+    }
+    return f"{count} {words.get(key, f'read after {key}')}"
+
 
 def load_panel(
     source: str | Path | Sequence[Mapping[str, Any]] | Any,
     *,
     size: int | None = None,
     seed: int = 0,
+    allow_missing_gold: bool = False,
+    answer_cues: Sequence[str] | None = None,
+    answer_type: str = "auto",
 ) -> ProbePanel:
-    """Load a fixed probe panel.
+    """Load a fixed probe panel and check every row.
+
+    `ProbePanel.describe()` on the result says what was detected (row shapes, golds, answer
+    types, slices).
 
     Args:
-        source: Path to a JSONL file, a `datasets.Dataset`, a list of dicts (or of
-            `ProbeExample`s), or a ProbePanel.
+        source: Path to a JSONL file or to a folder written by `Dataset.save_to_disk`, a
+            `datasets.Dataset`, a list of dicts (or of `ProbeExample`s), or a ProbePanel.
+            `ProbeExample`s and panels are taken as they are.
         size: Keep this many examples, chosen once by a seeded subsample (order preserved)
-            when the source is larger; None keeps all.
+            when the source is larger; None keeps all. Every row is checked first.
         seed: Seed of that subsample.
+        allow_missing_gold: Keep rows without a readable gold answer (no answer, an empty one,
+            worked text without an answer cue) as examples without gold (no accuracy; one
+            warning counts them) instead of refusing the panel.
+        answer_cues: Cues after which a worked answer states its gold answer, beside the
+            usual ones (`####`, `Answer:`, `The answer is`, `\\boxed{`) and a row's own
+            `answer_cue` (pass `FaithConfig.answer_cues`).
+        answer_type: `FaithConfig.answer_type`: with `numeric`, every gold must hold a number;
+            with `choice`, every row needs `choices` (`auto` infers the type per example).
 
     Returns:
         The panel.
 
     Raises:
-        PanelError: Malformed rows (named by file and line, or by index), an empty source,
-            duplicate ids.
+        PanelError: Malformed rows or golds (all of them in one message, each named by file
+            and line, or by row index), an empty source, duplicate ids.
     """
+    cues = list(dict.fromkeys([*_GOLD_CUES, *(c for c in (answer_cues or []) if c)]))
+    problems: list[str] = []  # rows refused whatever the options
+    missing: list[str] = []  # rows without a readable gold answer
     if isinstance(source, ProbePanel):
         examples, name = list(source.examples), source.source
+    elif isinstance(source, (str, Path)) and _is_saved_dataset(Path(source)):
+        name = str(source)
+        examples = []
+        for i, row in enumerate(_load_saved_dataset(Path(source))):
+            _add_row(row, i, f"{source} row {i}", cues, answer_type, examples, problems, missing)
     elif isinstance(source, (str, Path)):
-        examples, name = _load_jsonl(Path(source)), str(source)
+        name = str(source)
+        examples = []
+        for line_no, row in iter_jsonl(Path(source), PanelError, what="Probe panel file", bad_lines=problems):
+            _add_row(row, len(examples), f"{source}:{line_no}", cues, answer_type, examples, problems, missing)
     else:
         name = type(source).__name__
+        if isinstance(source, Mapping):
+            raise PanelError(
+                f"Cannot read a probe panel from a {name} (a dict of splits or one row?): give a JSONL path, a "
+                "list of rows or one split of a dataset, e.g. dataset['test']."
+            )
         try:
             rows = list(source)
         except TypeError as err:
             raise PanelError(
                 f"Cannot read a probe panel from a {name}: give a JSONL path, a list or a Dataset."
             ) from err
-        examples = [
-            row if isinstance(row, ProbeExample) else _example_from_row(row, index=i, where=f"{name} row {i}")
-            for i, row in enumerate(rows)
-        ]
+        examples = []
+        for i, row in enumerate(rows):
+            if isinstance(row, ProbeExample):
+                examples.append(row)
+            else:
+                _add_row(row, i, f"{name} row {i}", cues, answer_type, examples, problems, missing)
+    if problems or (missing and not allow_missing_gold):
+        raise PanelError(_bad_rows_message(name, problems, [] if allow_missing_gold else missing))
+    if missing:
+        logger.warning(
+            "faithcb: %d probe panel row%s from %s have no readable gold answer and are kept without one "
+            "(allow_missing_gold): %s",
+            len(missing),
+            "s" if len(missing) != 1 else "",
+            name,
+            "; ".join(m.rstrip(".") for m in missing[:3])
+            + (f"; and {len(missing) - 3} more" if len(missing) > 3 else ""),
+        )
     if not examples:
         raise PanelError(f"The probe panel from {name} is empty: give at least one example.")
     if size is not None:
@@ -169,11 +330,112 @@ def load_panel(
     return ProbePanel(examples=examples, source=name)
 
 
-def _load_jsonl(path: Path) -> list[ProbeExample]:
-    examples = []
-    for line_no, row in iter_jsonl(path, PanelError, what="Probe panel file"):
-        examples.append(_example_from_row(row, index=len(examples), where=f"{path}:{line_no}"))
-    return examples
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _load_saved_dataset(path: Path) -> Any:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets comes with trl
+        raise PanelError(f"{path} is a saved dataset folder; reading it needs `pip install datasets`.") from err
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise PanelError(
+            f"{path} holds a DatasetDict (splits: {', '.join(splits)}): give one split's folder, e.g. "
+            f"{path / (splits[0] if splits else 'test')}."
+        )
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise PanelError(f"Cannot read the saved dataset {path}: {err}") from err
+
+
+def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: bool = True) -> ProbePanel:
+    """The probe panel of `source` with `config`'s panel settings: the one conversion the
+    callback, `faithcb scan` and `run_probe_round` share.
+
+    Args:
+        source: Anything `load_panel` accepts (JSONL path, list of dicts, `datasets.Dataset`,
+            `ProbePanel`, list of `ProbeExample`s).
+        config: Supplies `panel_size`, `seed`, `allow_missing_gold`, `answer_cues` and
+            `answer_type` (default `FaithConfig()`).
+        subsample: Apply `config.panel_size` (the callback and scan do; a single round runs
+            every example it is given).
+
+    Returns:
+        The panel.
+
+    Raises:
+        PanelError: As `load_panel`.
+    """
+    if config is None:
+        from ._config import FaithConfig
+
+        config = FaithConfig()
+    return load_panel(
+        source,
+        size=config.panel_size if subsample else None,
+        seed=config.seed,
+        allow_missing_gold=config.allow_missing_gold,
+        answer_cues=config.answer_cues,
+        answer_type=config.answer_type,
+    )
+
+
+def _add_row(
+    row: Any,
+    index: int,
+    where: str,
+    cues: list[str],
+    answer_type: str,
+    examples: list[ProbeExample],
+    problems: list[str],
+    missing: list[str],
+) -> None:
+    """Parse one row into `examples`, or record why it is refused."""
+    try:
+        example, gold_problem = _parse_row(row, index=index, where=where, cues=cues)
+    except PanelError as err:
+        problems.append(str(err))
+        return
+    if answer_type == "choice" and not example.choices:
+        problems.append(f"{where}: answer_type='choice' but the row has no 'choices'.")
+        return
+    if answer_type == "numeric" and example.gold is not None and normalize_number(example.gold) is None:
+        problems.append(
+            f"{where}: gold answer {example.gold!r} holds no number, but answer_type='numeric' compares numbers "
+            "(use answer_type='auto' or 'text' for other answers)."
+        )
+        return
+    if gold_problem is not None:
+        missing.append(f"{where}: {gold_problem}")
+    examples.append(example)
+
+
+def _bad_rows_message(name: str, problems: list[str], missing: list[str]) -> str:
+    bad = [*problems, *missing]
+    bad.sort(key=_row_order)
+    listed = bad[:MAX_LISTED_ROWS]
+    lines = [f"The probe panel from {name} has {len(bad)} bad row{'s' if len(bad) != 1 else ''}:"]
+    lines += [f"  {line}" for line in listed]
+    if len(bad) > len(listed):
+        lines.append(f"  ... and {len(bad) - len(listed)} more.")
+    if missing:
+        lines.append(
+            "A row needs a gold answer: a bare answer, worked text ending in an answer cue ('#### 42', "
+            "'Answer: 42', 'The answer is 42', '\\boxed{42}'), or a 'gold' field. To keep rows without one as "
+            "examples without gold (no accuracy for them), pass allow_missing_gold=True (FaithConfig field, or "
+            "--allow_missing_gold on the command line)."
+        )
+    return "\n".join(lines)
+
+
+def _row_order(message: str) -> tuple[int, str]:
+    """Sort key: the line number or row index a message names, so rows are listed in file order."""
+    match = re.search(r"(?::| row )(\d+):", message)
+    return (int(match.group(1)) if match else -1, message)
 
 
 def _text_of(content: Any) -> str:
@@ -194,24 +456,76 @@ def _check_messages(messages: Any, where: str, field_name: str) -> Messages:
     return messages
 
 
-def gold_from_solution(text: str) -> str:
-    """Gold answer from a worked solution: text after `####` / `Answer:` etc., else the text."""
-    found = find_cue(text, _GOLD_CUES)
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def read_gold(text: str, cues: Sequence[str], field_name: str) -> tuple[str | None, str | None, str | None]:
+    """The gold answer stated by an answer or completion text.
+
+    Args:
+        text: A bare answer (`"42"`) or worked text that states it after a cue.
+        cues: Answer cues to look for (the earliest found is used).
+        field_name: The row field the text came from (for messages).
+
+    Returns:
+        `(gold, problem, gold_from)`: the gold answer and where it was read (the cue, or
+        `bare answer`), or None and why it cannot be read (empty text, a cue with nothing
+        after it, worked text of several steps without a cue).
+    """
+    found = find_cue(text, list(cues))
     if found is None:
-        return text.strip()
+        stripped = text.strip()
+        if not stripped:
+            return None, f"'{field_name}' is empty: no gold answer.", None
+        steps = split_steps(stripped)
+        if len(steps) > 1:
+            cue_list = ", ".join(repr(c) for c in cues)
+            return (
+                None,
+                f"cannot read a gold answer: '{field_name}' is worked text of {len(steps)} steps "
+                f"({_short(stripped)}) with no answer cue ({cue_list}); end it with e.g. '#### <answer>' or add a "
+                "'gold' field.",
+                None,
+            )
+        return _without_full_stop(stripped), None, "bare answer"
     pos, cue = found
     after = text[pos + len(cue) :]
     if cue.endswith("{"):
         after = after.split("}", 1)[0]
-    return after.strip().split("\n", 1)[0].strip()
+    gold = after.strip().split("\n", 1)[0].strip()
+    if not gold:
+        return None, f"cannot read a gold answer: nothing follows the answer cue {cue!r} in '{field_name}'.", None
+    return _without_full_stop(gold), None, repr(cue)
+
+
+def _without_full_stop(gold: str) -> str:
+    """`72.` (a sentence's full stop after a number, as in `The answer is 72.`) reads as the number."""
+    if gold.endswith(".") and infer_answer_type(gold[:-1], None) == "numeric":
+        return gold[:-1].rstrip()
+    return gold
 
 
 def _example_from_row(row: Any, *, index: int, where: str) -> ProbeExample:
+    """One row as a probe example, leniently: a gold that cannot be read is left as None
+    (for readers of SFT traces, which do not need one)."""
+    return _parse_row(row, index=index, where=where, cues=_GOLD_CUES)[0]
+
+
+def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tuple[ProbeExample, str | None]:
+    """One row as a probe example, and why its gold answer is missing or unreadable (None when it is fine).
+
+    Raises:
+        PanelError: A malformed row, or a gold that is present but wrong for the row.
+    """
     if not isinstance(row, Mapping):
         raise PanelError(f"{where}: expected an object with fields, got {type(row).__name__}.")
     ex_id = str(row.get("id", index))
     slice_tag = str(row.get("slice") or "all")
     cue = row.get("answer_cue")
+    if cue is not None and (not isinstance(cue, str) or not cue.strip()):
+        raise PanelError(f"{where}: 'answer_cue' must be a non-empty string, got {cue!r}.")
+    row_cues = list(dict.fromkeys([cue, *cues])) if cue else list(cues)
     choices = row.get("choices")
     if choices is not None and (not isinstance(choices, list) or len(choices) < 2):
         raise PanelError(f"{where}: 'choices' must be a list of at least two options.")
@@ -220,73 +534,117 @@ def _example_from_row(row: Any, *, index: int, where: str) -> ProbeExample:
     prompt: str | Messages | None = None
     question: str | None = None
     gold: Any = None
+    gold_from: str | None = None
+    problem: str | None = None
     if "messages" in row:
+        shape = "messages"
         messages = _check_messages(row["messages"], where, "messages")
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last_assistant is None:
             prompt = messages
+            problem = "no gold answer: 'messages' has no assistant turn and the row has no 'gold' field."
         else:
             prompt = messages[:last_assistant]
             if not prompt:
                 raise PanelError(f"{where}: 'messages' has no turn before the assistant's answer.")
-            gold = gold_from_solution(_text_of(messages[last_assistant]["content"]))
+            text = _text_of(messages[last_assistant]["content"])
+            gold, problem, gold_from = read_gold(text, row_cues, "messages")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
             _check_messages(prompt, where, "prompt")
+            shape = "prompt_completion_chat"
         elif not isinstance(prompt, str) or not prompt.strip():
             raise PanelError(f"{where}: 'prompt' must be a non-empty string or a list of messages.")
+        else:
+            shape = "prompt_completion"
         completion = row.get("completion")
         if isinstance(completion, list):
             _check_messages(completion, where, "completion")
-            gold = gold_from_solution(_text_of(completion[-1]["content"]))
+            gold, problem, gold_from = read_gold(_text_of(completion[-1]["content"]), row_cues, "completion")
         elif isinstance(completion, str):
-            gold = gold_from_solution(completion)
+            gold, problem, gold_from = read_gold(completion, row_cues, "completion")
+        elif completion is None:
+            problem = "no gold answer: the row has no 'completion' and no 'gold' field."
+        else:
+            raise PanelError(
+                f"{where}: 'completion' must be a string or a list of messages, got {type(completion).__name__}."
+            )
     elif "question" in row:
+        shape = "question_answer"
         question = row["question"]
         if not isinstance(question, str) or not question.strip():
             raise PanelError(f"{where}: 'question' must be a non-empty string.")
-        if row.get("answer") is not None:
-            answer = row["answer"]
-            gold = gold_from_solution(answer) if isinstance(answer, str) else answer
+        answer = row.get("answer")
+        if answer is None:
+            problem = "no gold answer: the row has no 'answer' and no 'gold' field."
+        elif isinstance(answer, str):
+            gold, problem, gold_from = read_gold(answer, row_cues, "answer")
+        elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            gold, gold_from = answer, "bare answer"
+        elif isinstance(answer, bool) and choices is None:
+            gold, gold_from = str(answer), "bare answer"
+        elif choices is None:
+            raise PanelError(f"{where}: 'answer' must be text or a number, got {type(answer).__name__}.")
+        else:
+            gold = answer
     else:
         raise PanelError(
             f"{where}: missing field: a row needs 'question' (+ 'answer'), 'prompt' (+ 'completion') or "
             f"'messages'; got fields {sorted(row)}."
         )
     if row.get("gold") is not None:
-        gold = row["gold"]
+        gold, problem, gold_from = row["gold"], None, "gold field"
+        if isinstance(gold, (list, dict)):
+            raise PanelError(f"{where}: 'gold' must be text or a number, got {type(gold).__name__}.")
+        if isinstance(gold, str) and not gold.strip():
+            gold, problem, gold_from = None, "'gold' is empty: no gold answer.", None
     if choices is not None:
-        gold = _choice_label(gold, choices, where)
+        if gold is not None:
+            gold, how = _choice_label(gold, choices, where)
+            gold_from = how if gold_from in (None, "bare answer") else gold_from
     elif gold is not None:
         gold = str(gold).strip() or None
-    return ProbeExample(
+        if gold is None:
+            problem, gold_from = problem or "empty gold answer.", None
+    example = ProbeExample(
         id=ex_id,
         prompt=prompt,
         question=question,
-        gold=gold,
+        gold=gold if problem is None else None,
         choices=[str(c) for c in choices] if choices is not None else None,
         slice=slice_tag,
         answer_cue=cue,
+        shape=shape,
+        gold_from=gold_from if problem is None else None,
     )
+    return example, problem
 
 
-def _choice_label(gold: Any, choices: list[Any], where: str) -> str | None:
-    if gold is None:
-        return None
+_LABEL_PREFIX = re.compile(r"^\(?([A-J])\)?(?:[.):]|\s|$)")
+
+
+def _choice_label(gold: Any, choices: list[Any], where: str) -> tuple[str, str]:
+    """A multiple-choice gold as its label, and which form it was given in."""
     labels = CHOICE_LABELS[: len(choices)]
     if isinstance(gold, bool):
         raise PanelError(f"{where}: gold answer {gold!r} is not a choice label, index or choice text.")
     if isinstance(gold, int):
         if 0 <= gold < len(choices):
-            return labels[gold]
+            return labels[gold], "choice index"
         raise PanelError(f"{where}: gold index {gold} is out of range for {len(choices)} choices.")
     text = str(gold).strip()
     if text.upper() in labels and len(text) == 1:
-        return text.upper()
+        return text.upper(), "choice label"
     if text.strip("()").upper() in labels and len(text.strip("()")) == 1:
-        return text.strip("()").upper()
+        return text.strip("()").upper(), "choice label"
     for label, choice in zip(labels, choices):
         if str(choice).strip().lower() == text.lower():
-            return label
-    raise PanelError(f"{where}: gold answer {gold!r} is not a choice label ({labels}), index or choice text.")
+            return label, "choice text"
+    match = _LABEL_PREFIX.match(text)
+    if match and match.group(1) in labels:  # "B) 42", "(C) blue", "A. yes"
+        return match.group(1), "choice label"
+    raise PanelError(
+        f"{where}: gold answer {gold!r} is not a choice label ({', '.join(labels)}), an index (0 to "
+        f"{len(choices) - 1}) or one of the choice texts."
+    )

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ._aggregate import aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
-from ._panel import ProbeExample, ProbePanel
+from ._panel import ProbeExample, ProbePanel, panel_from
 from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
 from .probes import FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
 
@@ -60,7 +61,7 @@ def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = Non
 def run_probe_round(
     model: Any,
     tokenizer: Any,
-    examples: ProbePanel | Sequence[ProbeExample],
+    examples: ProbePanel | Sequence[ProbeExample] | Sequence[Mapping[str, Any]] | str | Path | Any,
     config: FaithConfig,
     probes: Sequence[Probe] | None = None,
     *,
@@ -76,7 +77,10 @@ def run_probe_round(
     Args:
         model: The causal LM (unwrapped; its training state is restored afterwards).
         tokenizer: Its tokenizer.
-        examples: The panel (or this rank's shard of it).
+        examples: The panel (or this rank's shard of it), in any form the callback takes: a
+            `ProbePanel` or a list of `ProbeExample`s (run as given), or a JSONL path, a list of
+            dicts or a `datasets.Dataset` (loaded and checked by `panel_from`, as the callback
+            loads its panel, but not subsampled: every example runs).
         config: Round settings.
         probes: Probe instances (default: `build_probes(config)`).
         wrapped_model: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine),
@@ -87,10 +91,11 @@ def run_probe_round(
 
     Raises:
         RoundBudgetExceeded: The round ran past its time budget (records attached).
+        PanelError: `examples` is not a valid panel.
     """
     start = time.perf_counter()
     probes = list(probes) if probes is not None else build_probes(config)
-    examples = list(examples)
+    examples = _round_examples(examples, config)
     budget = config.round_time_budget_s
     chunk = config.generation_batch_size if budget else max(1, len(examples))
     records: list[dict[str, Any]] = []
@@ -116,6 +121,18 @@ def run_probe_round(
     metrics = aggregate_records(records, probes)
     seconds = time.perf_counter() - start
     return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)
+
+
+def _round_examples(examples: Any, config: FaithConfig) -> list[ProbeExample]:
+    """The examples of a round: a panel or a list of `ProbeExample`s as given (a rank's shard
+    may be empty), any other panel form through the conversion the callback uses."""
+    if isinstance(examples, ProbePanel):
+        return list(examples)
+    if isinstance(examples, Sequence) and not isinstance(examples, str):
+        items = list(examples)
+        if all(isinstance(e, ProbeExample) for e in items):
+            return items
+    return list(panel_from(examples, config, subsample=False))
 
 
 def _past_deadline(local: bool) -> bool:

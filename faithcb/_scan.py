@@ -29,7 +29,7 @@ from typing import Any
 from ._aggregate import aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
-from ._panel import ProbePanel, load_panel
+from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
 from ._sinks import JsonlSink, early_answer_curve, wandb_media
 from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
@@ -317,7 +317,7 @@ class ScanResult:
 
 def scan_checkpoints(
     checkpoints: Sequence[Checkpoint],
-    panel: ProbePanel | str | Path | Sequence[Mapping[str, Any]],
+    panel: ProbePanel | str | Path | Sequence[Mapping[str, Any] | ProbeExample] | Any,
     config: FaithConfig | None = None,
     *,
     out_dir: str | Path,
@@ -339,7 +339,9 @@ def scan_checkpoints(
 
     Args:
         checkpoints: From `find_checkpoints`.
-        panel: The probe panel (see `faithcb.load_panel`).
+        panel: The probe panel, in any form the callback takes: a JSONL path, a list of dicts, a
+            `datasets.Dataset`, a `ProbePanel` or a list of `ProbeExample`s (see `faithcb.load_panel`);
+            `config.panel_size` subsamples it once, `config.allow_missing_gold` keeps gold-less rows.
         config: Round settings (default `FaithConfig()`).
         out_dir: Output folder.
         tokenizer: Tokenizer folder for checkpoints that hold none (and used for all when given).
@@ -362,7 +364,8 @@ def scan_checkpoints(
     config = config if config is not None else FaithConfig()
     if not checkpoints:
         raise ScanError("No checkpoints to scan.")
-    panel = load_panel(panel, size=config.panel_size, seed=config.seed)
+    panel = panel_from(panel, config)
+    logger.info("faithcb scan: %s", panel.describe())
     out = Path(out_dir)
     sink = JsonlSink(out)
     if out.exists() and not out.is_dir():

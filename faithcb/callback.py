@@ -19,7 +19,7 @@ from transformers.trainer_callback import ExportableState
 
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
-from ._panel import PanelError, ProbePanel, load_panel
+from ._panel import PanelError, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
 from ._sinks import JsonlSink, early_answer_curve, log_wandb_media
 from ._stopping import (
@@ -78,8 +78,9 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
     Args:
         trainer: The `Trainer` (or `SFTTrainer`) to monitor; its `log` carries the metrics and
             its `processing_class` is the tokenizer (required).
-        panel: Held-out CoT examples: a JSONL path, a `datasets.Dataset`, a list of dicts or a
-            `ProbePanel` (see `faithcb.load_panel` for the row shapes).
+        panel: Held-out CoT examples: a JSONL path, a `datasets.Dataset`, a list of dicts, a
+            `ProbePanel` or a list of `ProbeExample`s (see `faithcb.load_panel` for the row shapes;
+            every row needs a readable gold answer unless `config.allow_missing_gold`).
         config: Round settings and schedule (default `FaithConfig()`).
         probes: Probe names or instances overriding `config.probes`.
         stop_rules: `StopRule`s checked after every probe round (see `faithcb.StopRule`).
@@ -124,7 +125,8 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             raise ValueError("FaithfulnessCallback needs a panel of held-out CoT examples: panel=<jsonl path or rows>.")
         self.trainer = trainer
         self.config = config if config is not None else FaithConfig()
-        loaded = load_panel(panel, size=self.config.panel_size, seed=self.config.seed)
+        loaded = panel_from(panel, self.config)
+        logger.info("faithcb: %s", loaded.describe())
         self.probes = build_probes(self.config, probes)
         tokenizer = self._tokenizer(None)
         if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is None:

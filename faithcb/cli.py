@@ -88,6 +88,22 @@ def _config_from(args: argparse.Namespace) -> Any:
         raise CliError(f"invalid setting: {err}") from err
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Refuse a `--device` torch cannot parse or does not have, before any model is loaded."""
+    import torch
+
+    if args.device == "auto":
+        return
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise CliError(
+            f"invalid setting: --device {args.device!r} is not a torch device (use auto, cpu, cuda or cuda:N)."
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"invalid setting: --device {args.device!r} but CUDA is not available; use auto or cpu.")
+
+
 def _common_flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("output and diagnostics")
@@ -135,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     scan.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_MODELS", help="A run folder, or model folders.")
-    scan.add_argument("--panel", required=True, help="Probe panel JSONL (rows as load_panel accepts).")
+    scan.add_argument(
+        "--panel",
+        required=True,
+        help="Probe panel: a JSONL file or a folder written by Dataset.save_to_disk (rows as load_panel accepts; "
+        "every row needs a readable gold answer unless --allow_missing_gold).",
+    )
     scan.add_argument(
         "--out", metavar="DIR", help="Output folder (default: RUN_DIR/faithcb_scan, else ./faithcb_scan)."
     )
@@ -200,6 +221,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from ._scan import SCAN_SUBDIR, find_checkpoints, scan_checkpoints
 
     config = _config_from(args)
+    _check_model_flags(args)
     checkpoints = find_checkpoints(args.paths)
     if args.out is not None:
         out = Path(args.out)
@@ -249,6 +271,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from ._audit import audit_traces
 
     config = _config_from(args)
+    _check_model_flags(args)
     data = Path(args.data)
     out = Path(args.out) if args.out is not None else data.with_name(f"{data.stem}_audit")
     result = audit_traces(

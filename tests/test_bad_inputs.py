@@ -8,6 +8,7 @@ duplicate panel rows (tests/test_panel.py), answers with commas, units and unico
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 
@@ -20,9 +21,13 @@ from faithcb import (
     FaithConfig,
     FaithfulnessCallback,
     PanelError,
+    Probe,
     RoundBudgetExceeded,
     StopRule,
+    get_probe,
+    list_probes,
     load_panel,
+    register_probe,
     run_probe_round,
 )
 from faithcb.synthetic import build_tiny_model, to_sft_dataset
@@ -144,6 +149,113 @@ def test_bad_numeric_settings():
         FaithConfig(round_time_budget_s=0)
     with pytest.raises(ValueError, match="panel_size must be positive"):
         FaithConfig(panel_size=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"every_n_steps": "10"}, r"^every_n_steps must be an integer, got '10' \(str\)$"),
+        ({"every_n_steps": 2.5}, r"every_n_steps must be an integer, got 2\.5 \(float\)"),
+        ({"do_sample": "yes"}, r"do_sample must be True or False, got 'yes'"),
+        ({"panel_size": "32"}, r"panel_size must be an integer or None, got '32'"),
+        ({"temperature": "hot"}, r"temperature must be a number, got 'hot'"),
+        ({"answer_cues": "Answer:"}, r"answer_cues must be a list of strings, got 'Answer:'"),
+        ({"probes": "filler"}, r"probes must be a list of probe names \(or Probe instances\), got 'filler'"),
+        ({"probes": [3]}, r"probes must hold probe names or Probe instances, got 3"),
+        ({"scoring_batch_size": 0}, r"scoring_batch_size must be positive or None, got 0"),
+        ({"packed_row_max_tokens": -1}, r"packed_row_max_tokens must be >= 0, got -1"),
+        ({"do_sample": True, "temperature": 0.0}, r"temperature must be a positive number \(greedy decoding is"),
+        ({"answer_type": "number"}, r"answer_type must be one of auto, numeric, choice, text; got 'number'"),
+        ({"stop_strings": ["", "Q:"]}, r"stop_strings must not hold an empty string"),
+        ({"probes": ["filler", "filler"]}, r"probes lists 'filler' more than once"),
+    ],
+)
+def test_faith_config_checks_types_and_ranges_when_built(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FaithConfig(**settings)
+
+
+def test_faith_config_checks_probe_names_against_the_registry():
+    with pytest.raises(ValueError) as info:
+        FaithConfig(probes=["early_answering", "filler", "zzz"])
+    message = str(info.value)
+    assert (
+        "probes: unknown probe 'early_answering' (did you mean 'early_answer'?); registered probes: core, " in message
+    )
+    assert "unknown probe 'zzz'; registered probes:" in message  # every problem in one message
+    for name in list_probes():
+        assert name in message
+    # several problems of different fields are reported together
+    with pytest.raises(ValueError, match=r"max_new_tokens must be positive.*answer_type must be one of"):
+        FaithConfig(max_new_tokens=0, answer_type="x")
+    # a probe the user registers is a valid name; probe instances pass as they are
+    name = "test_bad_inputs_user_probe"
+    if name not in list_probes():
+
+        @register_probe(name)
+        class UserProbe(Probe):
+            def variants(self, chain, a_full):
+                return []
+
+            def score(self, chain, results, a_full):
+                return {}
+
+    assert FaithConfig(probes=["early_answer", name]).probes == ["early_answer", name]
+    assert isinstance(FaithConfig(probes=[get_probe("filler")]).probes[0], Probe)
+    with pytest.raises(ValueError, match=r"probes lists 'filler' more than once"):
+        FaithConfig(probes=["filler", get_probe("filler")])
+
+
+# ---------------------------------------------------------------------------------------- panel forms
+def _round_records(result):
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in result.records]
+
+
+def test_run_probe_round_takes_every_panel_form_the_callback_takes(tmp_path):
+    """A list of dicts, a JSONL path, a Dataset, a ProbePanel and a list of ProbeExamples give one round."""
+    datasets = pytest.importorskip("datasets")
+    model, tok = make_rule_model("reads_chain")
+    rows = [
+        {"prompt": make_prompt(x), "completion": gold_response(make_prompt(x)), "slice": s}
+        for x, s in (("3 + 4", "a"), ("2 * 5 - 1", "a"), ("9 - 2", "b"))
+    ]
+    path = tmp_path / "panel.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = FaithConfig(max_new_tokens=20, panel_size=2, probes=["early_answer", "filler"])
+    reference = run_probe_round(model, tok, load_panel(rows), config)
+    assert reference.metrics["n_examples"] == 3.0 and "accuracy" in reference.metrics
+    for source in (rows, path, str(path), datasets.Dataset.from_list(rows), load_panel(rows), list(load_panel(rows))):
+        result = run_probe_round(model, tok, source, config)
+        # every example runs (panel_size subsamples only where a run loads its panel), same records
+        assert _round_records(result) == _round_records(reference), type(source).__name__
+        assert result.metrics == reference.metrics
+    assert run_probe_round(model, tok, [], config).records == []  # an empty shard of a distributed round
+
+
+def test_run_probe_round_checks_rows_as_the_callback_does(tmp_path, tokenizer, arithmetic, caplog):
+    model, tok = make_rule_model("reads_chain")
+    rows = [{"prompt": make_prompt("3 + 4"), "completion": gold_response(make_prompt("3 + 4"))}]
+    rows += [{"prompt": make_prompt("1 + 1")}, {"prompt": make_prompt("2 + 2"), "completion": "2 + 2 = 4\nso 4"}]
+    config = FaithConfig(max_new_tokens=20, probes=["early_answer"])
+    with pytest.raises(
+        PanelError, match=r"has 2 bad rows:\n  list row 1: no gold answer.*\n  list row 2: cannot read"
+    ) as info:
+        run_probe_round(model, tok, rows, config)
+    assert "allow_missing_gold=True" in str(info.value)
+    result = run_probe_round(
+        model, tok, rows, FaithConfig(max_new_tokens=20, probes=["early_answer"], allow_missing_gold=True)
+    )
+    assert [r["gold"] for r in result.records] == ["7", None, None]
+    assert result.metrics["accuracy"] == 1.0  # gold-less examples have no accuracy, they never count as wrong
+    # the callback refuses the same rows unless the config opts in
+    trainer = make_trainer(tmp_path, tokenizer)
+    gold_less = [*to_sft_dataset(arithmetic[:2]), {"prompt": arithmetic[2]["prompt"]}]
+    with pytest.raises(PanelError, match=r"list row 2: no gold answer: the row has no 'completion'"):
+        FaithfulnessCallback(trainer, gold_less, config=FaithConfig(**FAST))
+    with caplog.at_level(logging.INFO, logger="faithcb.callback"):
+        callback = FaithfulnessCallback(trainer, gold_less, config=FaithConfig(allow_missing_gold=True, **FAST))
+    assert "Probe panel from list: 3 examples" in caplog.text and "without gold:  1" in caplog.text
+    assert [e.gold for e in callback.panel] == [arithmetic[0]["answer"], arithmetic[1]["answer"], None]
 
 
 # ---------------------------------------------------------------------------------------- faults in a round

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -226,6 +227,10 @@ def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[s
     (tmp / "data_bad.jsonl").write_text("{]\n")
     (tmp / "data_shape.jsonl").write_text('{"text": "Q: 1 + 1\\nAnswer: 2"}\n')
     (tmp / "data_empty.jsonl").write_text("")
+    (tmp / "goldless_panel.jsonl").write_text(
+        '{"prompt": "Q: 1 + 1\\n", "completion": "1 + 1 = 2\\nAnswer: 2"}\n{"prompt": "Q: 2 + 2\\n"}\n'
+        '{"prompt": "Q: 3 + 3\\n", "completion": "3 + 3 = 6\\nso it is 6"}\n'
+    )
     good_data = tmp / "data.jsonl"
     good_data.write_text('{"prompt": "Q: 1 + 1\\n", "completion": "1 + 1 = 2\\nAnswer: 2"}\n')
     scan = ["scan", "--panel", str(panel), "--no-progress", "--out", str(tmp / "scan_out")]
@@ -240,6 +245,18 @@ def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[s
         "scan_missing_panel": ([*scan, ckpt, "--panel", str(tmp / "nope.jsonl")], "Probe panel file not found"),
         "scan_malformed_panel": ([*scan, ckpt, "--panel", str(tmp / "bad_panel.jsonl")], "bad_panel.jsonl:2: invalid"),
         "scan_bad_setting": ([*scan, ckpt, "--max_new_tokens", "0"], "invalid setting: max_new_tokens must be"),
+        "scan_misspelt_probe": (
+            [*scan, ckpt, "--probes", "early_answer", "fillr"],
+            "invalid setting: probes: unknown probe 'fillr' (did you mean 'filler'?); registered probes: core,",
+        ),
+        "scan_bad_answer_type": ([*scan, ckpt, "--answer_type", "num"], "answer_type must be one of auto, numeric"),
+        "scan_bad_device": ([*scan, ckpt, "--device", "gpu"], "invalid setting: --device 'gpu' is not a torch device"),
+        "scan_goldless_panel": (
+            [*scan, ckpt, "--panel", str(tmp / "goldless_panel.jsonl")],
+            "goldless_panel.jsonl has 2 bad rows: "
+            f"{tmp / 'goldless_panel.jsonl'}:2: no gold answer: the row has no 'completion' and no 'gold' field. "
+            f"{tmp / 'goldless_panel.jsonl'}:3: cannot read a gold answer: 'completion' is worked text of 2 steps",
+        ),
         "scan_bad_tokenizer": ([*scan, ckpt, "--tokenizer", str(tmp / "nope")], "Tokenizer path not found"),
         "report_missing": (["report", str(tmp / "nope")], "No such file or folder"),
         "report_no_metrics": (["report", str(tmp / "r_none")], "No metrics.jsonl in"),
@@ -257,6 +274,26 @@ def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[s
             "Not a model folder (no config.json)",
         ),
     }
+
+
+def test_scan_keeps_gold_less_rows_with_the_opt_in_flag(run_dir, tmp_path, capsys, caplog):
+    root, _ = run_dir
+    panel = tmp_path / "goldless.jsonl"
+    rows = [
+        {"prompt": "Q: 3 + 4\n", "completion": "3 + 4 = 7\nAnswer: 7"},
+        {"prompt": "Q: 2 * 5\n"},
+        {"prompt": "Q: 8 - 1\n", "completion": "8 - 1 = 7\nthat is 7"},
+    ]
+    panel.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["scan", str(root / "checkpoint-120"), "--panel", str(panel), "--out", str(tmp_path / "out"), *FAST]
+    assert main(args) == 2
+    assert "goldless.jsonl:2: no gold answer" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="faithcb._scan"):
+        assert main([*args, "--allow_missing_gold", "--probes", "early_answer"]) == 0, capsys.readouterr().err
+    assert "Probe panel from " in caplog.text and "gold answers:  1 of 3" in caplog.text  # what was detected
+    records = read_jsonl(tmp_path / "out" / "rounds.jsonl")
+    assert [r["gold"] for r in records] == ["7", None, None]
+    assert json.loads((tmp_path / "out" / "scan.json").read_text())["config"]["allow_missing_gold"] is True
 
 
 def test_bad_inputs_end_with_one_line_and_exit_2(run_dir, tmp_path, capsys, monkeypatch):

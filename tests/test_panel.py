@@ -1,9 +1,13 @@
 import json
+import logging
+import re
 
 import pytest
 
-from faithcb import PanelError, load_panel
-from faithcb.synthetic import build_tokenizer
+from faithcb import FaithConfig, PanelError, load_panel
+from faithcb._panel import MAX_LISTED_ROWS, panel_from
+from faithcb._parsing import infer_answer_type
+from faithcb.synthetic import build_tokenizer, make_arithmetic_examples, make_letter_examples
 
 
 def write_jsonl(path, rows):
@@ -108,7 +112,7 @@ def test_empty_duplicate_and_missing_sources(tmp_path):
     with pytest.raises(PanelError, match="not found"):
         load_panel(tmp_path / "nope.jsonl")
     with pytest.raises(PanelError, match=r"Duplicate example ids.*'a'"):
-        load_panel([{"id": "a", "question": "x"}, {"id": "a", "question": "y"}])
+        load_panel([{"id": "a", "question": "x", "answer": "1"}, {"id": "a", "question": "y", "answer": "2"}])
     with pytest.raises(PanelError, match="expected an object"):
         load_panel([["not", "a", "dict"]])
 
@@ -131,6 +135,188 @@ def test_datasets_dataset_source():
 
 
 def test_panel_from_examples_and_panels():
-    panel = load_panel([{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}])
+    panel = load_panel(
+        [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, {"question": "c"}], allow_missing_gold=True
+    )
     assert [e.id for e in load_panel(list(panel)[:2])] == ["0", "1"]
     assert [e.gold for e in load_panel(panel, size=3)] == ["1", "2", None]
+
+
+# ---------------------------------------------------------------------------------------- strict golds
+BAD_ROWS = [
+    {"question": "2+2?", "answer": "2+2=4\n#### 4"},  # line 1: fine
+    {"question": "Natalia?", "answer": "48/2 = 24\n48 + 24 = 72"},  # line 2: worked text, no cue
+    {"question": "no answer"},  # line 3: no gold at all
+    '{"question": "broken", ',  # line 4: not JSON
+    {"question": "empty", "answer": "   "},  # line 5: empty answer
+    {"question": "mc", "choices": ["x", "y"], "answer": "z"},  # line 6: not a label, index or choice
+    {"prompt": "Q: 1\n", "completion": "1 = 1\nAnswer:"},  # line 7: nothing after the cue
+    {"messages": [{"role": "user", "content": "hi"}]},  # line 8: no assistant turn
+    {"prompt": "Q: 3\n", "completion": "Answer: 3"},  # line 9: fine
+]
+
+
+def test_every_bad_row_is_named_by_file_and_line_in_one_error(tmp_path):
+    path = write_jsonl(tmp_path / "golds.jsonl", BAD_ROWS)
+    with pytest.raises(PanelError) as info:
+        load_panel(path)
+    message = str(info.value)
+    assert "golds.jsonl has 7 bad rows:" in message
+    expected = {
+        2: r"'answer' is worked text of 2 steps \('48/2 = 24\\n48 \+ 24 = 72'\) with no answer cue",
+        3: r"no gold answer: the row has no 'answer' and no 'gold' field",
+        4: r"invalid JSON",
+        5: r"'answer' is empty",
+        6: r"gold answer 'z' is not a choice label \(A, B\)",
+        7: r"nothing follows the answer cue 'Answer:' in 'completion'",
+        8: r"'messages' has no assistant turn",
+    }
+    lines = message.splitlines()
+    for line_no, reason in expected.items():
+        assert any(re.search(rf"golds\.jsonl:{line_no}: .*{reason}", line) for line in lines), (line_no, message)
+    assert not any(re.search(r"golds\.jsonl:[19]:", line) for line in lines)
+    # listed in file order, and the way out is named
+    named = [int(m.group(1)) for m in re.finditer(r"golds\.jsonl:(\d+):", message)]
+    assert named == sorted(named)
+    assert "allow_missing_gold=True" in message
+
+
+def test_gold_less_rows_need_the_explicit_opt_in(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "golds.jsonl", [r for i, r in enumerate(BAD_ROWS) if i not in (3, 5)])
+    with caplog.at_level(logging.WARNING, logger="faithcb._panel"):
+        panel = load_panel(path, allow_missing_gold=True)
+    assert [e.gold for e in panel] == ["4", None, None, None, None, None, "3"]
+    assert [e.gold_from for e in panel][:2] == ["'####'", None]  # never the worked text as a gold
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "5 probe panel rows" in warning and "golds.jsonl:2" in warning
+    # a gold that is present but wrong for its row, and a line that is not JSON, are refused anyway
+    with pytest.raises(PanelError, match=r"has 2 bad rows:\n.*still_bad\.jsonl:4: invalid JSON") as info:
+        load_panel(write_jsonl(tmp_path / "still_bad.jsonl", BAD_ROWS), allow_missing_gold=True)
+    assert "still_bad.jsonl:6: gold answer 'z'" in str(info.value)
+    assert "allow_missing_gold" not in str(info.value)  # the opt-in is on: no hint to turn it on
+
+
+def test_many_bad_rows_are_capped_with_a_count():
+    rows = [{"question": f"q{i}"} for i in range(25)] + [{"question": "ok", "answer": "1"}]
+    with pytest.raises(PanelError) as info:
+        load_panel(rows)
+    message = str(info.value)
+    assert "The probe panel from list has 25 bad rows:" in message
+    assert [int(m) for m in re.findall(r"list row (\d+):", message)] == list(range(MAX_LISTED_ROWS))
+    assert f"... and {25 - MAX_LISTED_ROWS} more." in message
+
+
+def test_saved_dataset_folder_source(tmp_path):
+    """The command line's form of a `datasets.Dataset`: a folder written by `save_to_disk`."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "so\nthen"}])
+    ds.select([0]).save_to_disk(str(tmp_path / "good"))
+    panel = load_panel(tmp_path / "good")
+    assert ([e.gold for e in panel], panel.source) == (["3"], str(tmp_path / "good"))
+    ds.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(PanelError, match=rf"{re.escape(str(tmp_path / 'bad'))} row 1: cannot read a gold answer"):
+        load_panel(str(tmp_path / "bad"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(PanelError, match=r"holds a DatasetDict \(splits: test\): give one split's folder"):
+        load_panel(tmp_path / "dict")
+
+
+def test_bad_dataset_rows_are_named_by_index():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"question": "q", "answer": "#### 3"}, {"question": "r", "answer": "so\nthen"}])
+    with pytest.raises(PanelError, match=r"Dataset row 1: cannot read a gold answer"):
+        load_panel(ds)
+    with pytest.raises(PanelError, match=r"DatasetDict.*one split"):
+        load_panel(datasets.DatasetDict({"test": ds}))
+
+
+@pytest.mark.parametrize(
+    ("row", "gold", "gold_from"),
+    [
+        ({"question": "q", "answer": "work\n#### 1,234"}, "1,234", "'####'"),
+        ({"question": "q", "answer": "work. The answer is 72."}, "72", "'The answer is'"),
+        ({"question": "q", "answer": "so $x$ is \\boxed{12} here"}, "12", "'\\\\boxed{'"),
+        ({"question": "q", "answer": 42}, "42", "bare answer"),
+        ({"question": "q", "answer": "Paris"}, "Paris", "bare answer"),
+        ({"prompt": "p", "completion": "x = 3\nFinal: 9", "answer_cue": "Final:"}, "9", "'Final:'"),
+        ({"prompt": "p", "completion": "no cue here\nat all", "gold": "7"}, "7", "gold field"),
+        ({"question": "q", "choices": ["x", "y", "z"], "answer": "(C) z"}, "C", "choice label"),
+        ({"question": "q", "choices": ["x", "y", "z"], "answer": "why\nAnswer: B"}, "B", "'Answer:'"),
+        ({"question": "q", "choices": ["x", "y"], "answer": 0}, "A", "choice index"),
+    ],
+)
+def test_gold_forms(row, gold, gold_from):
+    example = load_panel([row])[0]
+    assert (example.gold, example.gold_from) == (gold, gold_from)
+
+
+def test_configured_answer_cues_read_golds():
+    rows = [{"prompt": "p", "completion": "2 + 2 = 4\nFinal answer: 4"}]
+    with pytest.raises(PanelError, match="worked text of 2 steps"):
+        load_panel(rows)
+    assert load_panel(rows, answer_cues=["Final answer:"])[0].gold == "4"
+    assert panel_from(rows, FaithConfig(answer_cues=["Final answer:"]))[0].gold == "4"
+
+
+def test_a_forced_answer_type_needs_golds_of_that_type():
+    rows = [{"question": "q", "answer": "#### 12 apples"}, {"question": "r", "answer": "#### Paris"}]
+    assert [e.gold for e in load_panel(rows)] == ["12 apples", "Paris"]
+    with pytest.raises(PanelError, match=r"list row 1: gold answer 'Paris' holds no number, but answer_type='numeric'"):
+        load_panel(rows, answer_type="numeric")
+    with pytest.raises(PanelError, match=r"has 2 bad rows:\n  list row 0: answer_type='choice' but the row has no"):
+        panel_from(rows, FaithConfig(answer_type="choice"))
+    assert load_panel([{**rows[0], "choices": ["12 apples", "3"]}], answer_type="choice")[0].gold == "A"
+
+
+def test_the_kits_tasks_load_with_their_answers_as_golds():
+    examples = make_arithmetic_examples(5, seed=1) + make_letter_examples(5, seed=1)
+    panel = load_panel(examples)
+    assert [e.gold for e in panel] == [e["answer"] for e in examples]
+    assert {infer_answer_type(e.gold, None) for e in panel} == {"numeric", "text"}
+
+
+def test_describe_reports_shapes_golds_types_and_slices():
+    rows = [
+        {"question": "2+2?", "answer": "so\n#### 4", "slice": "in_dist"},
+        {"question": "3+3?", "answer": "6", "slice": "in_dist"},
+        {"prompt": "Q: 1\n", "completion": "x\nAnswer: one", "slice": "shift"},
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "Answer: 2"}]},
+        {
+            "messages": [{"role": "user", "content": "pick"}, {"role": "assistant", "content": "B"}],
+            "choices": ["a", "b"],
+        },
+        {"question": "none", "slice": "shift"},
+    ]
+    panel = load_panel(rows, allow_missing_gold=True)
+    summary = panel.summary()
+    assert summary["examples"] == 6
+    assert summary["row_shapes"] == {
+        "question_answer": 3,
+        "prompt_completion": 1,
+        "prompt_completion_chat": 1,
+        "messages": 1,
+    }
+    assert (summary["with_gold"], summary["without_gold"], summary["multiple_choice"]) == (5, 1, 1)
+    assert summary["gold_from"] == {"'Answer:'": 2, "'####'": 1, "bare answer": 1, "choice label": 1}
+    assert summary["answer_types"] == {"numeric": 3, "text": 1, "choice": 1, "none": 1}
+    assert summary["slices"] == {"in_dist": 2, "shift": 2, "all": 2}
+    text = panel.describe()
+    assert text.splitlines()[0] == "Probe panel from list: 6 examples"
+    assert "row shapes:    3 question/answer, 1 prompt-completion (TRL, text prompt), " in text
+    assert "1 prompt-completion (TRL, chat prompt), 1 messages (chat)" in text
+    assert "gold answers:  5 of 6 (2 read after 'Answer:', 1 read after '####', 1 bare answer, 1 choice label)" in text
+    assert "without gold:  1" in text
+    assert "answer types:  3 numeric, 1 text, 1 choice" in text
+    assert "multiple choice: 1 of 6" in text
+    assert "slices:        in_dist 2, shift 2, all 2" in text
+
+
+def test_panel_from_applies_the_configs_panel_settings():
+    rows = [{"id": str(i), "question": f"q{i}", "answer": str(i)} for i in range(40)] + [{"id": "x", "question": "q"}]
+    with pytest.raises(PanelError, match=r"list row 40: no gold answer"):
+        panel_from(rows, FaithConfig())
+    config = FaithConfig(allow_missing_gold=True, panel_size=8, seed=2)
+    assert [e.id for e in panel_from(rows, config)] == [
+        e.id for e in load_panel(rows, size=8, seed=2, allow_missing_gold=True)
+    ]
+    assert len(panel_from(rows, config, subsample=False)) == 41

@@ -109,7 +109,7 @@ def arithmetic_panel(n: int, seed: int) -> Any:
     ]
     rows.append({"id": "no_gold", "prompt": "Q: 7 * 3 - 4\n", "slice": "no_gold"})
     rows.append({"id": "own_cue", "prompt": "Q: 2 + 8 * 4\n", "completion": "Answer: 40", "answer_cue": "Answer:"})
-    return load_panel(rows)
+    return load_panel(rows, allow_missing_gold=True)
 
 
 def choice_rows(n: int, seed: int, *, cue: str | None = None) -> list[dict[str, Any]]:
@@ -140,7 +140,7 @@ def choice_panel(n: int, seed: int, *, cue: str | None = None) -> Any:
     """`n` multiple-choice rows with gold, then one without gold."""
     rows = choice_rows(n + 1, seed, cue=cue)
     rows[-1] = {**rows[-1], "id": "mc_no_gold", "answer": None}
-    return load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows])
+    return load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows], allow_missing_gold=True)
 
 
 def wide_random_model(tokenizer: Any, arch: str, seed: int, std: float = 0.3) -> Any:
@@ -211,7 +211,7 @@ def rule_panel():
         {"prompt": make_prompt(x), "completion": gold_response(make_prompt(x))} for x in ("2 * 3 * 4 - 1", "8 + 1")
     ]
     rows.append({"id": "no_gold", "prompt": make_prompt("7 * 2 - 5 + 3"), "slice": "no_gold"})
-    return load_panel(rows)
+    return load_panel(rows, allow_missing_gold=True)
 
 
 # ---------------------------------------------------------------------- default tests
