@@ -89,9 +89,7 @@ def test_layer_patterns_packed_rows_cannot_express_turn_packing_off(tokenizer, c
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         assert not packing_supported(model, tokenizer.pad_token_id)
     assert "cannot express" in caplog.text
-    result = run_probe_round(
-        model, tokenizer, load_panel(make_arithmetic_examples(2, seed=3)), FaithConfig(max_new_tokens=24)
-    )
+    result = run_probe_round(model, tokenizer, make_arithmetic_examples(2, seed=3), FaithConfig(max_new_tokens=24))
     assert len(result.records) == 2  # the round runs in plain passes
 
 
