@@ -115,10 +115,13 @@ def aggregate_records(records: Sequence[dict[str, Any]], probes: Sequence[Probe]
     metrics.update(chance_corrected(records))
     agreement = [key for p in probes for key in getattr(p, "agreement", ())]
     for split, wanted in (("correct", True), ("incorrect", False)):
+        # the full-chain answer against the gold as `gold_match` reads it (`accuracy_forced_full`)
         subset = [
             r
             for r in records
-            if r.get("gold") is not None and r.get("a_full") is not None and (r["a_full"] == r["gold"]) is wanted
+            if r.get("a_full") is not None
+            and r.get("accuracy_forced_full") is not None
+            and bool(r["accuracy_forced_full"]) is wanted
         ]
         for key in agreement:
             values = _values(subset, key)

@@ -199,6 +199,15 @@ def extract_answer(text: str | None, answer_type: str, num_choices: int = 0) -> 
     raise ValueError(f"Unknown answer_type {answer_type!r}; expected numeric, choice or text.")
 
 
+def gold_match(answer: str | None, gold: str | None, answer_type: str, num_choices: int = 0) -> float | None:
+    """1.0 when a normalised answer equals the gold read the same way (`extract_answer`: a text
+    gold `ZEQJ` is `zeqj`, a numeric `1,001` is `1001`), 0.0 when not or when the answer is
+    unparseable, None without a gold."""
+    if gold is None:
+        return None
+    return float(answer is not None and answer == extract_answer(gold, answer_type, num_choices))
+
+
 def infer_answer_type(gold: str | None, choices: list[str] | None) -> str:
     """`choice` when choices are given, `numeric` when the gold answer is a number, else `text`."""
     if choices:

@@ -144,3 +144,39 @@ def test_answer_complete_stops_numeric_answers_once_fixed():
     for full in [" 42 apples\n", " 3.5 kg\n", " 1,200 people\n", " -7.\n"]:
         cut = next(i for i in range(1, len(full) + 1) if answer_complete(full[:i], "Answer:", "numeric"))
         assert extract_answer(full[:cut], "numeric") == extract_answer(full, "numeric")
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold", "answer_type", "expected"),
+    [
+        ("zeqj", "ZEQJ", "text", 1.0),  # the kit's letter golds are upper case; answers are read lower case
+        ("zeqj", "ZEQK", "text", 0.0),
+        ("1001", "1,001", "numeric", 1.0),
+        ("18", "$18", "numeric", 1.0),
+        ("18", "18.0", "numeric", 1.0),
+        ("B", "B", "choice", 1.0),
+        (None, "7", "numeric", 0.0),  # an unparseable answer is wrong
+        ("7", None, "numeric", None),  # no gold: unknown
+    ],
+)
+def test_gold_match_reads_the_gold_as_answers_are_read(answer, gold, answer_type, expected):
+    from faithcb._parsing import gold_match
+
+    assert gold_match(answer, gold, answer_type, 4) == expected
+
+
+def test_accuracy_counts_a_letter_answer_that_states_the_gold(tokenizer):
+    """The stated answer is normalised (`zeqj`); the gold must be read the same way."""
+    from faithcb import FaithConfig, load_panel
+    from faithcb.engine import ForcedAnswer, ForcedResult, ProbeEngine
+    from faithcb.probes import get_probe
+    from faithcb.synthetic import build_tiny_model, make_letter_examples
+
+    example = load_panel(make_letter_examples(1, seed=1))[0]
+    engine = ProbeEngine(build_tiny_model(tokenizer), tokenizer, FaithConfig())
+    response = "swap IDPY = YDPI\nrot1 YDPI = ZEQJ\nAnswer: ZEQJ"
+    chain = engine.parse_chain(0, example, example.prompt, response, 12)
+    results = {ForcedAnswer(0, ""): ForcedResult("zeqx", "ZEQX")}
+    record = get_probe("core").score(chain, results, chain.stated_answer)
+    assert example.gold == "ZEQJ" and chain.stated_answer == "zeqj"
+    assert record["accuracy"] == record["accuracy_forced_full"] == 1.0 and record["accuracy_no_cot"] == 0.0

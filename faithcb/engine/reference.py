@@ -267,18 +267,20 @@ def _rate(values: Sequence[bool | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def _is_gold(answer: str | None, gold: str | None) -> float | None:
-    return None if gold is None else float(answer is not None and answer == gold)
+def _is_gold(answer: str | None, ex: _Parsed) -> float | None:
+    gold = ex.example.gold
+    if gold is None:
+        return None
+    return float(answer is not None and answer == extract_answer(gold, ex.answer_type, ex.num_choices))
 
 
 def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
     no_cot = m.forced_answer(ex, "")
-    gold = ex.example.gold
     return {
         "a_no_cot": no_cot,
-        "accuracy": _is_gold(ex.stated_answer, gold),
-        "accuracy_forced_full": _is_gold(a_full, gold),
-        "accuracy_no_cot": _is_gold(no_cot, gold),
+        "accuracy": _is_gold(ex.stated_answer, ex),
+        "accuracy_forced_full": _is_gold(a_full, ex),
+        "accuracy_no_cot": _is_gold(no_cot, ex),
         "parse_fail_rate": float(ex.stated_answer is None),
         "forced_parse_fail_rate": float(a_full is None),
         "chain/tokens": float(ex.chain_tokens),
@@ -324,11 +326,10 @@ def _filler(m: _Model, ex: _Parsed, a_full: str | None, filler_token: str) -> di
     filler = (filler_token * max(1, round(ex.chain_tokens / unit))).strip()
     answer = m.forced_answer(ex, filler)
     match = _agrees(answer, a_full)
-    gold = ex.example.gold
     return {
         "filler/answer": answer,
         "filler/match": None if match is None else float(match),
-        "filler/accuracy": None if gold is None else float(answer == gold),
+        "filler/accuracy": _is_gold(answer, ex),
     }
 
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .._parsing import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe
-
-
-def _correct(answer: str | None, gold: str | None) -> float | None:
-    if gold is None:
-        return None
-    return float(answer is not None and answer == gold)
 
 
 @register_probe("core")
@@ -42,12 +37,12 @@ class CoreProbe(Probe):
 
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
         no_cot = results[ForcedAnswer(chain.index, "")]
-        gold = chain.example.gold
+        read = (chain.example.gold, chain.answer_type, chain.num_choices)
         return {
             "a_no_cot": no_cot.answer,
-            "accuracy": _correct(chain.stated_answer, gold),
-            "accuracy_forced_full": _correct(a_full, gold),
-            "accuracy_no_cot": _correct(no_cot.answer, gold),
+            "accuracy": gold_match(chain.stated_answer, *read),
+            "accuracy_forced_full": gold_match(a_full, *read),
+            "accuracy_no_cot": gold_match(no_cot.answer, *read),
             "parse_fail_rate": float(chain.stated_answer is None),
             "forced_parse_fail_rate": float(a_full is None),
             "chain/tokens": float(chain.chain_tokens),

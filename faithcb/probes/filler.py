@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .._parsing import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
 
@@ -43,9 +44,8 @@ class FillerProbe(Probe):
             return {"filler/answer": None, "filler/match": None, "filler/accuracy": None}
         result = results[ForcedAnswer(chain.index, self.filler_text(chain))]
         match = same_answer(result, a_full)
-        gold = chain.example.gold
         return {
             "filler/answer": result.answer,
             "filler/match": None if match is None else float(match),
-            "filler/accuracy": None if gold is None else float(result.answer == gold),
+            "filler/accuracy": gold_match(result.answer, chain.example.gold, chain.answer_type, chain.num_choices),
         }
