@@ -41,6 +41,13 @@ class FaithConfig:
             "answer cue) as examples without gold (no accuracy for them) instead of refusing the panel."
         },
     )
+    num_fewshot: int = field(
+        default=0,
+        metadata={
+            "help": "Show the first N panel rows with a worked answer, with that answer, before every other "
+            "prompt (they are never probed): base models without a chat template need to see the answer format."
+        },
+    )
     probes: list[str] = field(
         default_factory=lambda: list(DEFAULT_PROBES),
         metadata={"help": "Probes to run each round, by registered name (see `faithcb.list_probes()`)."},
@@ -220,6 +227,7 @@ _MINIMUM = {
     "packed_row_max_tokens": 0,
     "prompt_bucket": 1,
     "num_sample_chains": 0,
+    "num_fewshot": 0,
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 

@@ -22,6 +22,7 @@ Every bad row is listed in one `PanelError`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -73,6 +74,10 @@ class ProbeExample:
         shape: The row shape it was read from (a key of `ROW_SHAPES`; `example` when built in code).
         gold_from: Where the gold answer was read (`'####'` for the text after that cue,
             `bare answer`, `gold field`, ...), or None without a gold answer.
+        solution: The row's worked answer (its `answer`, `completion` or last assistant turn),
+            as a few-shot example shows it; None when the row has none.
+        shots: Worked examples of the same panel shown before this example's prompt
+            (`load_panel(num_fewshot=...)`); they are never probed themselves.
     """
 
     id: str
@@ -84,6 +89,8 @@ class ProbeExample:
     answer_cue: str | None = None
     shape: str = field(default="example", compare=False)
     gold_from: str | None = field(default=None, compare=False)
+    solution: str | None = field(default=None, compare=False)
+    shots: tuple[ProbeExample, ...] = field(default=(), compare=False)
 
     def render_prompt(self, tokenizer: Any, *, use_chat_template: bool | None, prompt_template: str) -> str:
         """The prompt text the model sees, formatted the way SFT formats it.
@@ -91,8 +98,22 @@ class ProbeExample:
         Message prompts go through the tokenizer's chat template with a generation prompt;
         plain-text prompts are used verbatim (as TRL does for prompt-completion strings);
         question rows use the chat template when wanted and available, else `prompt_template`.
+        With `shots`, each shot's prompt and worked answer come first: as earlier turns of the
+        conversation in a chat prompt, else as text, each followed by a blank line (as
+        lm-evaluation-harness builds few-shot prompts).
         """
         has_template = getattr(tokenizer, "chat_template", None) is not None
+        chat = isinstance(self.prompt, list) or (
+            self.prompt is None and (has_template if use_chat_template is None else use_chat_template)
+        )
+        if self.shots and chat:
+            if not has_template:
+                raise PanelError("use_chat_template=True but the tokenizer has no chat template.")
+            turns = [turn for shot in self.shots for turn in shot._shot_turns()] + self._user_turns()
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        if self.shots:
+            shown = "".join(shot._plain_prompt(prompt_template) + (shot.solution or "") + "\n\n" for shot in self.shots)
+            return shown + self._plain_prompt(prompt_template)
         if isinstance(self.prompt, list):
             if not has_template:
                 raise PanelError(
@@ -102,19 +123,40 @@ class ProbeExample:
             return tokenizer.apply_chat_template(self.prompt, tokenize=False, add_generation_prompt=True)
         if isinstance(self.prompt, str):
             return self.prompt
+        if chat:
+            if not has_template:
+                raise PanelError("use_chat_template=True but the tokenizer has no chat template.")
+            return tokenizer.apply_chat_template(self._user_turns(), tokenize=False, add_generation_prompt=True)
+        return prompt_template.format(question=self._question_text())
+
+    def _question_text(self) -> str:
+        """A question row's question, with its lettered choices."""
         question = self.question or ""
         if self.choices:
             question = (
                 question.rstrip() + "\n" + "\n".join(f"{CHOICE_LABELS[i]}) {c}" for i, c in enumerate(self.choices))
             )
-        want_template = has_template if use_chat_template is None else use_chat_template
-        if want_template:
-            if not has_template:
-                raise PanelError("use_chat_template=True but the tokenizer has no chat template.")
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt_template.format(question=question)
+        return question
+
+    def _user_turns(self) -> list[dict[str, Any]]:
+        """The example's prompt as chat turns."""
+        if isinstance(self.prompt, list):
+            return [dict(turn) for turn in self.prompt]
+        return [{"role": "user", "content": self.prompt if isinstance(self.prompt, str) else self._question_text()}]
+
+    def _shot_turns(self) -> list[dict[str, Any]]:
+        """A shot as chat turns: its prompt, then its worked answer (system turns left out)."""
+        turns = [turn for turn in self._user_turns() if turn.get("role") != "system"]
+        return [*turns, {"role": "assistant", "content": self.solution or ""}]
+
+    def _plain_prompt(self, prompt_template: str) -> str:
+        """The prompt as plain text (a chat prompt's turns, one per line)."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if isinstance(self.prompt, list):
+            turns = [_text_of(turn.get("content")) for turn in self.prompt if turn.get("role") != "system"]
+            return "\n".join(turns) + "\n"
+        return prompt_template.format(question=self._question_text())
 
 
 @dataclass
@@ -160,7 +202,8 @@ class ProbePanel:
             `gold_from` (where golds were read -> count), `answer_types` (the type
             `FaithConfig.answer_type='auto'` reads each example as -> count; `none` for
             examples without gold or choices), `answer_cues` (per-example cues -> count) and
-            `slices` (tag -> count, in panel order).
+            `slices` (tag -> count, in panel order), `fewshot` (ids of the shots shown before
+            each prompt).
         """
         types = Counter(
             infer_answer_type(e.gold, e.choices) if (e.gold is not None or e.choices) else "none" for e in self.examples
@@ -177,6 +220,7 @@ class ProbePanel:
             "answer_types": dict(types.most_common()),
             "answer_cues": dict(Counter(e.answer_cue for e in self.examples if e.answer_cue).most_common()),
             "slices": {s: sum(e.slice == s for e in self.examples) for s in self.slices},
+            "fewshot": [shot.id for shot in self.examples[0].shots] if self.examples else [],
         }
 
     def describe(self) -> str:
@@ -220,6 +264,9 @@ class ProbePanel:
         if s["answer_cues"]:
             lines.append(f"  own answer cues: {', '.join(f'{c} {k!r}' for k, c in s['answer_cues'].items())}")
         lines.append(f"  slices:        {', '.join(f'{k} {v}' for k, v in s['slices'].items())}")
+        if s["fewshot"]:
+            ids = ", ".join(s["fewshot"])
+            lines.append(f"  few-shot:      {len(s['fewshot'])} worked examples before each prompt (ids {ids})")
         return "\n".join(lines)
 
 
@@ -244,6 +291,7 @@ def load_panel(
     allow_missing_gold: bool = False,
     answer_cues: Sequence[str] | None = None,
     answer_type: str = "auto",
+    num_fewshot: int = 0,
 ) -> ProbePanel:
     """Load a fixed probe panel and check every row.
 
@@ -265,6 +313,10 @@ def load_panel(
             `answer_cue` (pass `FaithConfig.answer_cues`).
         answer_type: `FaithConfig.answer_type`: with `numeric`, every gold must hold a number;
             with `choice`, every row needs `choices` (`auto` infers the type per example).
+        num_fewshot: Take the first this many rows that have a worked answer and a gold as
+            few-shot examples: they are shown, with their worked answers, before every other
+            example's prompt and are never probed themselves (before `size` subsamples the
+            rest). For base models, which need to see the answer format.
 
     Returns:
         The panel.
@@ -321,6 +373,8 @@ def load_panel(
         )
     if not examples:
         raise PanelError(f"The probe panel from {name} is empty: give at least one example.")
+    if num_fewshot and not any(e.shots for e in examples):  # a panel given twice keeps its shots
+        examples = _with_shots(examples, num_fewshot, name)
     if size is not None:
         if size <= 0:
             raise PanelError(f"Panel size must be positive, got {size}.")
@@ -328,6 +382,22 @@ def load_panel(
             keep = sorted(random.Random(seed).sample(range(len(examples)), size))
             examples = [examples[i] for i in keep]
     return ProbePanel(examples=examples, source=name)
+
+
+def _with_shots(examples: list[ProbeExample], num_fewshot: int, name: str) -> list[ProbeExample]:
+    """The examples after the first `num_fewshot` worked ones, each showing those as shots."""
+    if num_fewshot < 0:
+        raise PanelError(f"num_fewshot must be 0 or more, got {num_fewshot}.")
+    shots = [e for e in examples if e.solution and e.gold is not None][:num_fewshot]
+    if len(shots) < num_fewshot:
+        raise PanelError(
+            f"num_fewshot={num_fewshot} needs {num_fewshot} rows with a worked answer and a gold in {name}; "
+            f"it has {len(shots)}."
+        )
+    rest = [dataclasses.replace(e, shots=tuple(shots)) for e in examples if e not in shots]
+    if not rest:
+        raise PanelError(f"num_fewshot={num_fewshot} leaves no example of {name} to probe.")
+    return rest
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -359,8 +429,8 @@ def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: boo
     Args:
         source: Anything `load_panel` accepts (JSONL path, list of dicts, `datasets.Dataset`,
             `ProbePanel`, list of `ProbeExample`s).
-        config: Supplies `panel_size`, `seed`, `allow_missing_gold`, `answer_cues` and
-            `answer_type` (default `FaithConfig()`).
+        config: Supplies `panel_size`, `seed`, `allow_missing_gold`, `answer_cues`,
+            `answer_type` and `num_fewshot` (default `FaithConfig()`).
         subsample: Apply `config.panel_size` (the callback and scan do; a single round runs
             every example it is given).
 
@@ -381,6 +451,7 @@ def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: boo
         allow_missing_gold=config.allow_missing_gold,
         answer_cues=config.answer_cues,
         answer_type=config.answer_type,
+        num_fewshot=config.num_fewshot,
     )
 
 
@@ -536,6 +607,7 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
     gold: Any = None
     gold_from: str | None = None
     problem: str | None = None
+    solution: str | None = None
     if "messages" in row:
         shape = "messages"
         messages = _check_messages(row["messages"], where, "messages")
@@ -547,7 +619,7 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
             prompt = messages[:last_assistant]
             if not prompt:
                 raise PanelError(f"{where}: 'messages' has no turn before the assistant's answer.")
-            text = _text_of(messages[last_assistant]["content"])
+            text = solution = _text_of(messages[last_assistant]["content"])
             gold, problem, gold_from = read_gold(text, row_cues, "messages")
     elif "prompt" in row:
         prompt = row["prompt"]
@@ -561,8 +633,10 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
         completion = row.get("completion")
         if isinstance(completion, list):
             _check_messages(completion, where, "completion")
-            gold, problem, gold_from = read_gold(_text_of(completion[-1]["content"]), row_cues, "completion")
+            solution = _text_of(completion[-1]["content"])
+            gold, problem, gold_from = read_gold(solution, row_cues, "completion")
         elif isinstance(completion, str):
+            solution = completion
             gold, problem, gold_from = read_gold(completion, row_cues, "completion")
         elif completion is None:
             problem = "no gold answer: the row has no 'completion' and no 'gold' field."
@@ -579,6 +653,7 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
         if answer is None:
             problem = "no gold answer: the row has no 'answer' and no 'gold' field."
         elif isinstance(answer, str):
+            solution = answer
             gold, problem, gold_from = read_gold(answer, row_cues, "answer")
         elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
             gold, gold_from = answer, "bare answer"
@@ -617,6 +692,7 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
         answer_cue=cue,
         shape=shape,
         gold_from=gold_from if problem is None else None,
+        solution=solution if solution and solution.strip() else None,
     )
     return example, problem
 

@@ -320,3 +320,72 @@ def test_panel_from_applies_the_configs_panel_settings():
         e.id for e in load_panel(rows, size=8, seed=2, allow_missing_gold=True)
     ]
     assert len(panel_from(rows, config, subsample=False)) == 41
+
+
+# ---------------------------------------------------------------------- few-shot prompts
+GSM_ROWS = [
+    {"id": "q1", "question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+    {"id": "q2", "question": "A box holds 6 pens. How many pens in 2 boxes?", "answer": "6 * 2 = 12\n#### 12"},
+    {"id": "q3", "question": "Sam had 10 cards and gave 4 away. How many?", "answer": "10 - 4 = 6\n#### 6"},
+    {"id": "q4", "question": "Ann reads 5 pages a day for 3 days. How many?", "answer": "5 * 3 = 15\n#### 15"},
+]
+
+
+def test_fewshot_takes_the_first_worked_rows_as_shots_and_never_probes_them(tokenizer):
+    panel = load_panel(GSM_ROWS, num_fewshot=2)
+    assert [e.id for e in panel] == ["q3", "q4"]
+    assert all([s.id for s in e.shots] == ["q1", "q2"] for e in panel)
+    assert panel.summary()["fewshot"] == ["q1", "q2"]
+    assert "few-shot:      2 worked examples before each prompt (ids q1, q2)" in panel.describe()
+    prompt = panel[0].render_prompt(tokenizer, use_chat_template=None, prompt_template="Question: {question}\n")
+    assert prompt == (
+        "Question: Tom has 3 apples and buys 4 more. How many?\n3 + 4 = 7\n#### 7\n\n"
+        "Question: A box holds 6 pens. How many pens in 2 boxes?\n6 * 2 = 12\n#### 12\n\n"
+        "Question: Sam had 10 cards and gave 4 away. How many?\n"
+    )
+    # a subsample draws from the rest: a shot is never probed
+    for seed in range(5):
+        sampled = load_panel(GSM_ROWS, num_fewshot=1, size=2, seed=seed)
+        assert len(sampled) == 2 and "q1" not in [e.id for e in sampled]
+    # loading a panel again keeps its shots instead of taking new ones
+    assert [e.id for e in load_panel(panel, num_fewshot=2)] == ["q3", "q4"]
+
+
+def test_fewshot_prompts_in_chat_and_prompt_completion_shapes(chat_tokenizer, tokenizer):
+    panel = load_panel(GSM_ROWS, num_fewshot=1)
+    chat = panel[0].render_prompt(chat_tokenizer, use_chat_template=None, prompt_template="{question}\n")
+    turns = [
+        {"role": "user", "content": GSM_ROWS[0]["question"]},
+        {"role": "assistant", "content": GSM_ROWS[0]["answer"]},
+        {"role": "user", "content": GSM_ROWS[1]["question"]},
+    ]
+    assert chat == chat_tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    pairs = ((1, 2), (3, 4))
+    rows = [{"prompt": f"Q: {a} + {b}\n", "completion": f"{a} + {b} = {a + b}\nAnswer: {a + b}"} for a, b in pairs]
+    completion = load_panel(rows, num_fewshot=1)
+    assert completion[0].render_prompt(tokenizer, use_chat_template=None, prompt_template="{question}\n") == (
+        "Q: 1 + 2\n1 + 2 = 3\nAnswer: 3\n\nQ: 3 + 4\n"
+    )
+
+
+def test_fewshot_settings_that_cannot_work_are_refused():
+    with pytest.raises(PanelError, match="num_fewshot=5 needs 5 rows with a worked answer and a gold"):
+        load_panel(GSM_ROWS, num_fewshot=5)
+    with pytest.raises(PanelError, match="num_fewshot=4 leaves no example"):
+        load_panel(GSM_ROWS, num_fewshot=4)
+    numbers_only = [{"question": "3 + 3?", "answer": 6}, {"question": "1 + 1?", "answer": 2}]
+    with pytest.raises(PanelError, match="num_fewshot=1 needs 1 rows with a worked answer"):
+        load_panel(numbers_only, num_fewshot=1)
+    with pytest.raises(ValueError, match="num_fewshot"):
+        FaithConfig(num_fewshot=-1)
+
+
+def test_a_round_shows_the_shots_to_the_model(tokenizer):
+    from faithcb import run_probe_round
+    from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, to_sft_dataset
+
+    rows = to_sft_dataset(make_arithmetic_examples(3, seed=4))
+    result = run_probe_round(build_tiny_model(tokenizer), tokenizer, rows, FaithConfig(max_new_tokens=8, num_fewshot=1))
+    assert len(result.records) == 2
+    shot = rows[0]["prompt"] + rows[0]["completion"] + "\n\n"
+    assert all(r["prompt"] == shot + row["prompt"] for r, row in zip(result.records, rows[1:]))
