@@ -8,7 +8,10 @@
   else +-1.96 standard errors) and accuracy on a twin axis;
 - the family of early-answering curves (one per round, coloured by step);
 - per-slice panels when the panel has several slices;
-- a table of the last round's figures.
+- a table of the last round's figures;
+- a few sample chains of every round (the same panel examples each round), with what the
+  perturbations made of them: where the early answer settled, the filler answer, the
+  corrupted step and the answer after it, so a reader sees what moved when a figure moved.
 
 The HTML page embeds the PNGs as base64 data URIs: no external asset, it opens offline.
 Matplotlib is used through its object API with the Agg canvas (no pyplot, no global backend
@@ -80,6 +83,20 @@ SLICE_METRICS = ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction"
 
 _Z95 = 1.959963984540054
 _DPI = 110
+_PIXEL_RATIO = 2  # PNGs are drawn at twice their shown size, so they stay sharp on high-density screens
+#: Sample chains shown per round.
+SAMPLE_CHAINS = 3
+#: Why a figure may be missing from a round, by metric (shown under its plot when it has gaps).
+GAP_REASONS: dict[str, str] = {
+    "score": "score needs a noise floor on at least half of the panel",
+    "paraphrase/match": "no chain of that round had a step the paraphraser could reword",
+    "mistake/match": "no chain of that round had a step the mistake maker could corrupt and an answer after it",
+    "early_answer/aoc": "no chain of that round had a step and a parseable full-chain answer",
+    "post_conclusion/tail_fraction": "no chain of that round settled on its answer",
+    "step_necessity": "no chain of that round had steps and a parseable full-chain answer",
+    "filler/match": "no chain of that round had text and a parseable full-chain answer",
+    "cot_lift": "no example of that round had a gold answer",
+}
 
 
 class ReportError(ValueError):
@@ -238,7 +255,7 @@ def _figure(width: float = 7.0, height: float = 4.0) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=_DPI, metadata={"Software": None})
+    fig.savefig(path, format="png", dpi=_DPI * _PIXEL_RATIO, metadata={"Software": None})
     return path
 
 
@@ -426,18 +443,110 @@ table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-family: monospace; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
-figure { margin: 0; } figure img { width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 0.85em; color: #555; font-family: monospace; }
+figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #444; max-width: 770px; }
+.gap { color: #8a5a00; }
+.chain { border-left: 3px solid #ddd; padding-left: 0.8em; margin: 0.8em 0; }
+.chain pre { background: #f7f7f7; padding: 0.5em; white-space: pre-wrap; font-size: 0.85em; }
+details summary { cursor: pointer; font-weight: 600; margin: 0.4em 0; }
 .meta { color: #555; font-size: 0.9em; }
 """
 
 
-def _img(path: Path, alt: str) -> str:
+def _png_width(path: Path) -> int:
+    """Pixel width of a PNG (its IHDR chunk)."""
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def _img(path: Path, alt: str, caption: str = "") -> str:
+    """A figure at its natural size (half its pixel width: the PNGs are drawn at twice that)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
+    width = _png_width(path) // _PIXEL_RATIO
     return (
-        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+        f'<figure><img alt="{html.escape(alt)}" width="{width}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{caption or html.escape(alt)}</figcaption></figure>"
     )
+
+
+def metric_caption(run: RunData, key: str) -> str:
+    """The line under a metric's plot: what it measures, which way reads as faithful, and why
+    rounds are missing from it (HTML)."""
+    title, direction = MAIN_METRICS.get(key, (key, ""))
+    text = f"<code>{html.escape(key)}</code>: {html.escape(title)}."
+    if direction:
+        text += f" <b>{html.escape(direction.capitalize())}.</b>"
+    missing = [step for step, value in zip(run.steps, run.series(key)) if not math.isfinite(value)]
+    if missing:
+        steps = ", ".join(str(s) for s in missing[:12]) + (" ..." if len(missing) > 12 else "")
+        reason = GAP_REASONS.get(key, "no example of that round had what this figure needs")
+        text += f" <span class='gap'>No value at {html.escape(run.step_label)} {steps}: {html.escape(reason)}.</span>"
+    return text
+
+
+def sample_chains(run: RunData, per_round: int = SAMPLE_CHAINS) -> list[tuple[int, list[dict[str, Any]]]]:
+    """Per round, the records of the same few panel examples (the first `per_round` ids of the
+    first round that has records), so a reader follows one chain across training."""
+    by_step: dict[int, dict[str, dict[str, Any]]] = {}
+    for record in run.records:
+        by_step.setdefault(int(record["step"]), {}).setdefault(str(record.get("id")), record)
+    if not by_step:
+        return []
+    ids = list(by_step[min(by_step)])[:per_round]
+    return [(step, [by_step[step][i] for i in ids if i in by_step[step]]) for step in sorted(by_step)]
+
+
+def _answer(value: Any) -> str:
+    return "unparseable" if value is None else str(value)
+
+
+def _chain_html(record: dict[str, Any]) -> str:
+    """One sample chain and what each perturbation made of it."""
+    e = html.escape
+    head = (
+        f"example <code>{e(str(record.get('id')))}</code> · gold <b>{e(_answer(record.get('gold')))}</b> · "
+        f"stated <b>{e(_answer(record.get('stated_answer')))}</b> · "
+        f"forced after the full chain <b>{e(_answer(record.get('a_full')))}</b>"
+    )
+    parts = [f"<div class='chain'><p class='meta'>{head}</p>"]
+    parts.append(f"<pre>{e(str(record.get('response') or ''))}</pre><ul>")
+    steps = record.get("steps") or []
+    settle = record.get("early_answer/settle_step")
+    answers = record.get("early_answer/answers")
+    if answers:
+        shown = " → ".join(e(_answer(a)) for a in answers)
+        if settle is None:
+            where = "the answer never settled on the full-chain answer"
+        elif settle == 0:
+            where = "the answer was fixed before any step (k = 0): the chain did not change it"
+        else:
+            where = f"the answer settled after step {settle} of {len(steps)}: “{e(str(steps[settle - 1]))}”"
+        parts.append(f"<li><b>Early answering</b> (answer after 0..n steps: {shown}): {where}.</li>")
+    if "filler/answer" in record and record.get("filler/match") is not None:
+        verdict = "the same answer" if record["filler/match"] else "a different answer"
+        filler = e(_answer(record["filler/answer"]))
+        parts.append(f"<li><b>Filler</b> in place of the chain: {filler} ({verdict}).</li>")
+    if record.get("mistake/corrupted_step") is not None:
+        verdict = {1.0: "the same answer", 0.0: "a different answer"}.get(record.get("mistake/match"), "no answer")
+        step = int(record.get("mistake/step") or 0) + 1
+        original, corrupted = e(str(record["mistake/original_step"])), e(str(record["mistake/corrupted_step"]))
+        answer = e(_answer(record.get("mistake/answer")))
+        parts.append(f"<li><b>Mistake</b>: step {step} “{original}” → “{corrupted}”, answer {answer} ({verdict}).</li>")
+    parts.append("</ul></div>")
+    return "".join(parts)
+
+
+def chains_html(run: RunData) -> str:
+    """The sample-chains section: one collapsible block per round (the first and last open)."""
+    rounds = sample_chains(run)
+    if not rounds:
+        return "<p class='meta'>No per-example records (rounds.jsonl) in this run.</p>"
+    parts = []
+    for i, (step, records) in enumerate(rounds):
+        opened = " open" if i in (0, len(rounds) - 1) else ""
+        parts.append(f"<details{opened}><summary>{html.escape(run.step_label)} {step}</summary>")
+        parts.extend(_chain_html(record) for record in records)
+        parts.append("</details>")
+    return "\n".join(parts)
 
 
 def render_html(
@@ -475,16 +584,30 @@ def render_html(
         "with accuracy alone; read them beside the accuracy curve (right axis).</p>"
     )
     parts.append("<h2>Metrics over training</h2><div class='grid'>")
-    parts.extend(_img(path, key) for key, path in metric_figures)
+    parts.extend(_img(path, key, metric_caption(run, key)) for key, path in metric_figures)
     parts.append("</div>")
     parts.append("<h2>Early answering</h2>")
     if curves_figure is not None:
-        parts.append(_img(curves_figure, "early_answer/curves"))
+        parts.append(
+            _img(
+                curves_figure,
+                "early_answer/curves",
+                "Per round, the share of examples whose answer after the first f of the steps equals the answer "
+                "after the whole chain. <b>Lower before f = 1 = more faithful</b>: a curve near 1 everywhere means "
+                "the answer was fixed before the reasoning was written.",
+            )
+        )
     else:
         parts.append("<p class='meta'>No per-example early-answering data (rounds.jsonl) in this run.</p>")
     if slices_figure is not None:
         parts.append("<h2>Slices</h2>")
         parts.append(_img(slices_figure, "slices"))
+    parts.append("<h2>Sample chains</h2>")
+    parts.append(
+        "<p class='meta'>The same panel examples in every round: what the model wrote, and what the probes made "
+        "of it.</p>"
+    )
+    parts.append(chains_html(run))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -105,12 +105,14 @@ def test_report_renders_an_instrumented_run(instrumented_run, capsys):
         "slices.png",
     ):
         assert expected in names
+    page = (out / "report.html").read_text(encoding="utf-8")
+    shown = [int(w) for w in re.findall(r'<img alt="[^"]*" width="(\d+)"', page)]
     for png in pngs:
         width, height = png_size(png)
-        assert 500 <= width <= 2000 and 300 <= height <= 1500, (png.name, width, height)
+        # drawn at twice the size they are shown at (sharp on high-density screens), shown at that size
+        assert 500 <= width / 2 <= 1500 and 300 <= height / 2 <= 800, (png.name, width, height)
         assert png.stat().st_size > 8_000, png.name  # a real plot, not an empty canvas
-
-    page = (out / "report.html").read_text(encoding="utf-8")
+    assert sorted(shown) == sorted(png_size(p)[0] // 2 for p in pngs)
     assert page.startswith("<!DOCTYPE html>")
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(embedded) == len(pngs)
@@ -122,6 +124,16 @@ def test_report_renders_an_instrumented_run(instrumented_run, capsys):
     for key in ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match", "early_answer/curves"):
         assert key in page
     assert "Last round (step 6)" in page and "slice" in page
+    # a line under each figure: what it measures and which way reads as faithful
+    assert "<code>early_answer/aoc</code>: Early answering" in page and "Higher = more faithful." in page
+    # sample chains: the same examples in every round, with what the probes made of them
+    run_records = load_run(instrumented_run).records
+    first_ids = list(dict.fromkeys(r["id"] for r in run_records if r["step"] == 0))[:3]
+    assert page.count("<details") == 4  # one block per round
+    for example_id in first_ids:
+        assert page.count(f"example <code>{example_id}</code>") == 4
+    assert "<b>Early answering</b> (answer after 0..n steps:" in page
+    assert "<b>Filler</b> in place of the chain:" in page
 
 
 def test_report_from_hand_written_metrics(tmp_path):
@@ -159,7 +171,17 @@ def test_report_from_hand_written_metrics(tmp_path):
     assert "<title>hand &lt;made&gt;</title>" in page
     assert "No per-example early-answering data" in page
     assert "+0.500" in page  # drift column of the last round's table
+    assert "No per-example records (rounds.jsonl)" in page  # no sample chains to show
     assert page.count("data:image/png;base64,") == 2
+
+
+def test_report_says_why_a_figure_has_gaps(tmp_path):
+    data = tmp_path / "faithcb"
+    data.mkdir()
+    rows = [{"step": s, "accuracy": 0.5, "score": v} for s, v in ((0, 0.8), (10, None), (20, 0.7))]
+    (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(tmp_path).html.read_text()
+    assert "No value at training step 10: score needs a noise floor on at least half of the panel." in page
 
 
 def test_locate_run_data_finds_the_usual_places(tmp_path):
