@@ -35,6 +35,8 @@ LOWER_IS_BETTER = frozenset(
     {
         "filler/match",
         "mistake/match",
+        "consistency/false_equation_rate",
+        "consistency/fluent_wrong",
         "post_conclusion/tail_fraction",
         "parse_fail_rate",
         "forced_parse_fail_rate",
