@@ -334,7 +334,7 @@ def test_missing_points_stay_missing(wandb_env) -> None:
     ]
     curve = early_answer_curve(records)
     assert curve[0] == 0.0 and curve[5] is None and curve[-1] == 1.0
-    run = wandb.init(project="t", settings=_fast_settings())
+    wandb.init(project="t", settings=_fast_settings())
     metrics = {"accuracy": 0.5, "filler/match": float("nan"), "cot_lift": None, "accuracy/delta": 0.1}
     assert log_wandb_round(step=3, metrics=metrics, records=records, curves=[(3, curve)], num_samples=2, prefix="faith")
     wandb.finish()
