@@ -5,8 +5,9 @@ W&B layout (one section per first key component; `prefix` is `FaithConfig.log_pr
 - `faith/...`: the headline figures (`HEADLINE_FIGURES`, defined and logged first), the
   early-answering curve family and the sample-chain table;
 - `faith_drift/...`: every drift against the baseline round (`.../delta`);
-- `faith_detail/...`: everything else: intervals (`/ci_low`, `/ci_high`, `/stderr`), splits by
-  correctness, chance-corrected and noise-corrected values, slices, curve points, diagnostics.
+- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`);
+- `faith_detail/...`: everything else: splits by correctness, chance-corrected and
+  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`, ...).
 
 Every key is plotted against `train/global_step` (the callback) or `checkpoint/step` (scans).
 """
@@ -41,6 +42,8 @@ HEADLINE_FIGURES = (
 )
 DRIFT_SECTION_SUFFIX = "_drift"
 DETAIL_SECTION_SUFFIX = "_detail"
+INTERVAL_SECTION_SUFFIX = "_interval"
+_INTERVAL_ENDINGS = ("/ci_low", "/ci_high", "/stderr")
 # Keys whose step axis a W&B run (by id) already has from `define_wandb_sections`.
 _DEFINED: dict[str, set[str]] = {}
 #: Short names of the headline figures in the console line of a round.
@@ -215,39 +218,44 @@ def wandb_key(name: str, prefix: str) -> str:
     """W&B key of a round figure (`name` without prefix): its section is the first component.
 
     `accuracy` -> `faith/accuracy`; `accuracy/delta` -> `faith_drift/accuracy/delta`;
-    `accuracy/ci_low` -> `faith_detail/accuracy/ci_low`.
+    `accuracy/ci_low` -> `faith_interval/accuracy/ci_low`; `accuracy/correct` ->
+    `faith_detail/accuracy/correct`.
     """
     if name in HEADLINE_FIGURES:
         return f"{prefix}/{name}"
     if name.endswith("/delta"):
         return f"{prefix}{DRIFT_SECTION_SUFFIX}/{name}"
+    if name.endswith(_INTERVAL_ENDINGS):
+        return f"{prefix}{INTERVAL_SECTION_SUFFIX}/{name}"
     return f"{prefix}{DETAIL_SECTION_SUFFIX}/{name}"
 
 
 def wandb_figures(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """A round's figures as W&B keys, headline figures first (in `HEADLINE_FIGURES` order),
-    then drifts, then details. Missing, non-numeric and non-finite values are left out, so a
+    then drifts, details and intervals. Missing, non-numeric and non-finite values are left out, so a
     chart shows a gap, never a made-up value."""
     figures = {
         name: float(value)
         for name, value in metrics.items()
         if isinstance(value, (int, float)) and math.isfinite(value)
     }
+    keys = {name: wandb_key(name, prefix) for name in figures}
+    sections = [prefix + s for s in ("", DRIFT_SECTION_SUFFIX, DETAIL_SECTION_SUFFIX, INTERVAL_SECTION_SUFFIX)]
     head = [name for name in HEADLINE_FIGURES if name in figures]
-    drift = [name for name in figures if name not in head and name.endswith("/delta")]
-    rest = [name for name in figures if name not in head and not name.endswith("/delta")]
-    return {wandb_key(name, prefix): figures[name] for name in (*head, *drift, *rest)}
+    rest = sorted((n for n in figures if n not in head), key=lambda n: sections.index(keys[n].split("/", 1)[0]))
+    return {keys[name]: figures[name] for name in (*head, *rest)}
 
 
 def define_wandb_sections(run: Any, figures: Mapping[str, Any], prefix: str, step_metric: str) -> None:
     """Define the step axis of the monitor's W&B keys: the headline keys of `figures` one by one,
-    in order (so they are the first the run knows), then the three sections by glob."""
+    in order (so they are the first the run knows), then the four sections by glob."""
     defined = _DEFINED.setdefault(str(getattr(run, "id", id(run))), set())
     for key in figures:
         if key.startswith(f"{prefix}/") and key not in defined:
             run.define_metric(key, step_metric=step_metric)
             defined.add(key)
-    for section in (prefix, prefix + DRIFT_SECTION_SUFFIX, prefix + DETAIL_SECTION_SUFFIX):
+    for suffix in ("", DRIFT_SECTION_SUFFIX, DETAIL_SECTION_SUFFIX, INTERVAL_SECTION_SUFFIX):
+        section = prefix + suffix
         glob = f"{section}/*"
         if glob not in defined:
             run.define_metric(glob, step_metric=step_metric)
@@ -266,7 +274,7 @@ def log_wandb_round(
 ) -> bool:
     """Log a training round's figures (and media) to the active W&B run in one `wandb.log` call.
 
-    The figures are sorted into the `prefix`, drift and detail sections (`wandb_figures`) and
+    The figures are sorted into the headline, drift, detail and interval sections (`wandb_figures`) and
     carry `train/global_step` (never `step=`), so they line up with the trainer's loss. Call on
     the main process only.
 

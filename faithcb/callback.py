@@ -683,7 +683,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             control.should_log = should_log
 
     def _log_wandb(self, step: int, metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> bool:
-        """Log a round to the active W&B run under `faith/`, `faith_drift/`, `faith_detail/`."""
+        """Log a round to the active W&B run in sections of its own (see `faithcb._sinks`)."""
         try:
             return log_wandb_round(
                 step=step,

@@ -186,9 +186,9 @@ def test_wandb_offline_run_holds_faith_keys_beside_loss(tmp_path, tokenizer, ari
     loss_steps = [row["train/global_step"] for row in history if "train/loss" in row]
     assert faith_steps == [0, 2, 4]
     assert loss_steps == [1, 2, 3, 4]
-    # the monitor logs to W&B itself (sections faith/, faith_drift/, faith_detail/), never via train/
+    # the monitor logs to W&B itself (sections faith/, faith_drift/, faith_detail/, faith_interval/), never via train/
     assert not any(key.startswith("train/faith") for row in history for key in row)
-    assert any("faith_detail/accuracy/ci_low" in row for row in history)
+    assert any("faith_interval/accuracy/ci_low" in row for row in history)
     media = read_media_keys(runs[0])
     assert "faith/samples" in media
 

@@ -174,13 +174,13 @@ def test_scan_logs_to_wandb_against_the_checkpoint_step(run_dir, tmp_path, wandb
     history = read_history(path)
     faith_rows = [row for row in history if "faith/accuracy" in row]
     assert [row["checkpoint/step"] for row in faith_rows] == list(STEPS)
-    # the callback's W&B sections: faith/ headline figures, faith_drift/ and faith_detail/
+    # the callback's W&B sections: faith/ headline figures, faith_drift/, faith_detail/, faith_interval/
     assert "faith_drift/accuracy/delta" in faith_rows[-1] and "faith_drift/accuracy/delta" not in faith_rows[0]
-    assert "faith_detail/accuracy/ci_low" in faith_rows[0] and "faith/accuracy/ci_low" not in faith_rows[0]
+    assert "faith_interval/accuracy/ci_low" in faith_rows[0] and "faith/accuracy/ci_low" not in faith_rows[0]
     assert not any("train/global_step" in row for row in history)
     metrics = [r.metric for r in read_records(path) if r.HasField("metric")]
     assert any(m.name == "checkpoint/step" for m in metrics)
-    for section in ("faith", "faith_drift", "faith_detail"):
+    for section in ("faith", "faith_drift", "faith_detail", "faith_interval"):
         assert any(m.glob_name == f"{section}/*" and m.step_metric == "checkpoint/step" for m in metrics)
     assert "faith/samples" in read_media_keys(path)
 

@@ -296,7 +296,7 @@ def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_en
     keys = {key for row in history for key in row}
     assert not any(key.startswith("train/faith") for key in keys)  # no second copy through the integration
     sections = {key.split("/")[0] for key in keys if key.startswith("faith")}
-    assert sections == {"faith", "faith_drift", "faith_detail"}
+    assert sections == {"faith", "faith_drift", "faith_detail", "faith_interval"}
 
     # the faith/ section: at most a dozen headline figures, plus the curve family and the samples
     headline = sorted(k.split("/", 1)[1] for k in keys if k.startswith("faith/") and k not in read_media_keys(path))
@@ -304,8 +304,10 @@ def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_en
     assert set(headline) >= set(HEADLINE_FIGURES) - {"valid"}  # every default probe reports its headline
     assert {"faith/early_answer_curves_table", "faith/samples"} <= read_media_keys(path)
     assert all(k.endswith("/delta") for k in keys if k.startswith("faith_drift/"))
+    assert all(k.endswith(("/ci_low", "/ci_high", "/stderr")) for k in keys if k.startswith("faith_interval/"))
     detail = {k.split("/", 1)[1] for k in keys if k.startswith("faith_detail/")}
-    assert {"accuracy/ci_low", "early_answer/aoc/correct", "round_seconds", "early_answer/curve@0.5"} <= detail
+    assert {"early_answer/aoc/correct", "round_seconds", "early_answer/curve@0.5", "noise_floor"} <= detail
+    assert {"faith_interval/accuracy/ci_low", "faith_interval/early_answer/aoc/stderr"} <= set(faith_rows[0])
     assert "faith_drift/accuracy/delta" in faith_rows[1] and "faith_drift/accuracy/delta" not in faith_rows[0]
 
     # order: the headline keys are the first the run defines, before the sections' globs
@@ -314,7 +316,7 @@ def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_en
     first_glob = names.index("faith/*")
     defined_head = [n for n in names[:first_glob] if n.startswith("faith/")]
     assert defined_head == [f"faith/{k}" for k in HEADLINE_FIGURES if k in headline]
-    assert {"faith_drift/*", "faith_detail/*"} <= set(names)
+    assert {"faith_drift/*", "faith_detail/*", "faith_interval/*"} <= set(names)
     assert all(step == "train/global_step" for name, step in definitions if name.startswith("faith"))
     # (a history record keeps its items in W&B's order, not the logged dict's: the order is the definitions')
 
