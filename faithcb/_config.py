@@ -166,7 +166,13 @@ class FaithConfig:
     output_subdir: str = field(
         default="faithcb", metadata={"help": "Folder under the trainer's output_dir for per-example JSONL."}
     )
-    log_prefix: str = field(default="faith", metadata={"help": "Prefix of every logged metric key."})
+    log_prefix: str = field(
+        default="faith",
+        metadata={
+            "help": "Prefix of every logged metric key (W&B sections: <prefix>, <prefix>_drift, <prefix>_detail, "
+            "<prefix>_interval)."
+        },
+    )
     wandb_media: bool = field(
         default=True, metadata={"help": "Log early-answering curves and a sample table to W&B when it is active."}
     )

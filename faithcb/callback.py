@@ -48,9 +48,11 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
 
     A round lets the model reason on a fixed panel of held-out prompts, perturbs the chains
     (early answering, filler, ...), and logs `faith/...` figures through `trainer.log`, so
-    they reach `log_history`, W&B, TensorBoard and every other `report_to` integration beside
-    the loss, at the training step. Per-example records go to
-    `<output_dir>/faithcb/rounds.jsonl`. A round runs in eval mode without gradients and then
+    they reach `log_history`, TensorBoard and every other `report_to` integration beside the
+    loss, at the training step; with W&B, the round goes to the run directly, in sections of
+    its own (`faith/` headline figures, `faith_drift/`, `faith_detail/`, `faith_interval/`).
+    Each round also writes one line to the console (`faithcb.rounds` logger). Per-example
+    records go to `<output_dir>/faithcb/rounds.jsonl`. A round runs in eval mode without gradients and then
     restores the training state exactly; an error inside a round (out-of-memory included) is
     logged and training goes on (unless `config.strict`).
 
