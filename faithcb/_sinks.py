@@ -311,33 +311,6 @@ def log_wandb_round(
     return True
 
 
-def log_wandb_media(
-    *,
-    step: int,
-    records: Sequence[dict[str, Any]],
-    curves: list[tuple[int, list[float | None]]],
-    num_samples: int,
-    prefix: str,
-) -> bool:
-    """Log `wandb_media` of a training round to the active W&B run.
-
-    Logged with `train/global_step` (never `step=`), so it lines up with the trainer's keys.
-    Call on the main process only.
-
-    Returns:
-        Whether anything was logged (False when no W&B run is active).
-    """
-    try:
-        import wandb
-    except ImportError:
-        return False
-    if wandb.run is None:
-        return False
-    media = wandb_media(step=step, records=records, curves=curves, num_samples=num_samples, prefix=prefix)
-    wandb.log({"train/global_step": step, **media})
-    return True
-
-
 def _cell(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value

@@ -197,7 +197,7 @@ def test_wandb_media_curves_and_samples_land_in_the_run(wandb_env):
     import wandb
     from wandb_offline import find_offline_runs, read_custom_charts, read_history, read_media_keys
 
-    from faithcb._sinks import early_answer_curve, log_wandb_media
+    from faithcb._sinks import early_answer_curve, log_wandb_round
 
     records = [
         {"id": "a", "early_answer/matches": [False, False, True], "chain": "x"},
@@ -208,14 +208,15 @@ def test_wandb_media_curves_and_samples_land_in_the_run(wandb_env):
     run = wandb.init(project="t")
     run.define_metric("train/global_step")
     run.define_metric("*", step_metric="train/global_step", step_sync=True)
-    assert log_wandb_media(step=7, records=records, curves=[(0, curve), (7, curve)], num_samples=1, prefix="faith")
+    media = {"records": records, "num_samples": 1, "prefix": "faith", "metrics": {}}
+    assert log_wandb_round(step=7, curves=[(0, curve), (7, curve)], **media)
     wandb.finish()
     path = find_offline_runs(wandb_env)[0]
     rows = [r for r in read_history(path) if "faith/samples" in r]
     assert rows and rows[0]["train/global_step"] == 7
     assert "faith/early_answer_curves_table" in read_media_keys(path)
     assert read_custom_charts(path)["faith/early_answer_curves"]["panel_config"]["panelDefId"].startswith("wandb/line")
-    assert not log_wandb_media(step=8, records=records, curves=[], num_samples=1, prefix="faith")  # no run
+    assert not log_wandb_round(step=8, curves=[], **media)  # no run
 
 
 def test_round_restores_training_state(tokenizer, arithmetic):
