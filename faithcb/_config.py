@@ -10,6 +10,20 @@ from typing import Any
 
 DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
+#: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
+#: sharded weights): they change speed and memory, not what is measured. Command lines show
+#: them in a group of their own ("advanced engine options").
+ENGINE_FIELDS = (
+    "generation_batch_size",
+    "scoring_batch_size",
+    "packed_scoring",
+    "draft_answers",
+    "packed_row_max_tokens",
+    "compile_generation",
+    "compile_forced_answers",
+    "prompt_bucket",
+    "gather_sharded_weights",
+)
 
 
 @dataclass
@@ -141,9 +155,8 @@ class FaithConfig:
             "help": "0: pack only short variants (own tokens at most max(32, a quarter of the shared prefix)); long "
             "ones get rows of their own, shared by variants nested in a longer one (paraphrased prefixes). Above 0: "
             "pack long variants too (step removal, paraphrase, filler, mistakes) while the row (prompt + chain + "
-            "every packed variant's own tokens + answer decode) stays within this many tokens. "
-            "Experimental: 2.9x slower on CPU (eager attention is quadratic in the row); on one H200 run, 4.83 s "
-            "against 5.23 s for the default (docs/performance.md)."
+            "every packed variant's own tokens + answer decode) stays within this many tokens: fewer rows, but "
+            "attention cost grows with the row's length. Experimental (docs/performance.md)."
         },
     )
     compile_generation: bool | None = field(
@@ -157,9 +170,8 @@ class FaithConfig:
         default=False,
         metadata={
             "help": "Decode the forced answers of long variants (filler, paraphrase, step removal, mistakes) with "
-            "generate and the static-shape path of compile_generation instead of the packed tree decode: one more "
-            "compiled shape per run (scoring_batch_size rows). Experimental: one H200 run measured it against the "
-            "tree decode before the latter's masks moved to the device (docs/performance.md)."
+            "generate and the static-shape path of compile_generation instead of the packed tree decode; adds one "
+            "compiled shape (scoring_batch_size rows) and its warm-up. Experimental (docs/performance.md)."
         },
     )
     prompt_bucket: int = field(
@@ -177,7 +189,13 @@ class FaithConfig:
     output_subdir: str = field(
         default="faithcb", metadata={"help": "Folder under the trainer's output_dir for per-example JSONL."}
     )
-    log_prefix: str = field(default="faith", metadata={"help": "Prefix of every logged metric key."})
+    log_prefix: str = field(
+        default="faith",
+        metadata={
+            "help": "Prefix of every logged metric key (W&B sections: <prefix>, <prefix>_drift, <prefix>_detail, "
+            "<prefix>_interval)."
+        },
+    )
     wandb_media: bool = field(
         default=True, metadata={"help": "Log early-answering curves and a sample table to W&B when it is active."}
     )

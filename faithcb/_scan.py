@@ -31,7 +31,7 @@ from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
-from ._sinks import JsonlSink, early_answer_curve, wandb_media
+from ._sinks import JsonlSink, define_wandb_sections, early_answer_curve, wandb_figures, wandb_media
 from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,6 @@ def _start_wandb(*, project: str | None, name: str | None, config: dict[str, Any
         mode=wandb_mode(),
     )
     run.define_metric(STEP_KEY)
-    run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
     return run
 
 
@@ -435,7 +434,9 @@ def scan_checkpoints(
             result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **post.metrics})
             curves.append((ckpt.step, early_answer_curve(round_result.records)))
             if run is not None:
-                payload: dict[str, Any] = {STEP_KEY: ckpt.step, **post.logs}
+                figures = wandb_figures(post.metrics, config.log_prefix)  # the callback's W&B sections
+                define_wandb_sections(run, figures, config.log_prefix, STEP_KEY)
+                payload: dict[str, Any] = {STEP_KEY: ckpt.step, **figures}
                 if config.wandb_media:
                     try:
                         payload.update(

@@ -1,17 +1,64 @@
-"""Where round results go besides the trainer's log stream: JSONL on disk and W&B media."""
+"""Where round results go besides the trainer's log stream: JSONL on disk and W&B.
+
+W&B layout (one section per first key component; `prefix` is `FaithConfig.log_prefix`):
+
+- `faith/...`: the headline figures (`HEADLINE_FIGURES`, defined and logged first), the
+  early-answering curve family and the sample-chain table;
+- `faith_drift/...`: every drift against the baseline round (`.../delta`);
+- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`);
+- `faith_detail/...`: everything else: splits by correctness, chance-corrected and
+  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`, ...).
+
+Every key is plotted against `train/global_step` (the callback) or `checkpoint/step` (scans).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 CURVE_GRID = [i / 10 for i in range(11)]
+
+#: The figures a dashboard shows first, in this order (those a round produced). The rest of a
+#: round's figures go to the drift and detail sections.
+HEADLINE_FIGURES = (
+    "valid",
+    "score",
+    "accuracy",
+    "cot_lift",
+    "early_answer/aoc",
+    "post_conclusion/tail_fraction",
+    "filler/match",
+    "paraphrase/match",
+    "mistake/match",
+    "step_necessity",
+    "info_gain/total_bits",
+)
+DRIFT_SECTION_SUFFIX = "_drift"
+DETAIL_SECTION_SUFFIX = "_detail"
+INTERVAL_SECTION_SUFFIX = "_interval"
+_INTERVAL_ENDINGS = ("/ci_low", "/ci_high", "/stderr")
+# Keys whose step axis a W&B run (by id) already has from `define_wandb_sections`.
+_DEFINED: dict[str, set[str]] = {}
+#: Short names of the headline figures in the console line of a round.
+CONSOLE_NAMES = {
+    "score": "score",
+    "accuracy": "acc",
+    "cot_lift": "cot_lift",
+    "early_answer/aoc": "aoc",
+    "post_conclusion/tail_fraction": "tail",
+    "filler/match": "filler",
+    "paraphrase/match": "paraphrase",
+    "mistake/match": "mistake",
+    "step_necessity": "necessity",
+    "info_gain/total_bits": "info_bits",
+}
 
 
 class JsonlSink:
@@ -152,9 +199,10 @@ def wandb_media(
     payload: dict[str, Any] = {}
     drawn = [(s, c) for s, c in curves if any(v is not None for v in c)]
     if drawn:
+        # A point no example could give stays out of its line (never drawn as 0).
         payload[f"{prefix}/early_answer_curves"] = wandb.plot.line_series(
-            xs=CURVE_GRID,
-            ys=[[0.0 if v is None else v for v in c] for _, c in drawn],
+            xs=[[x for x, v in zip(CURVE_GRID, c) if v is not None] for _, c in drawn],
+            ys=[[v for v in c if v is not None] for _, c in drawn],
             keys=[f"{curve_label} {s}" for s, _ in drawn],
             title="Early answering: same answer as with the full chain",
             xname="share of chain kept",
@@ -166,18 +214,78 @@ def wandb_media(
     return payload
 
 
-def log_wandb_media(
+def wandb_key(name: str, prefix: str) -> str:
+    """W&B key of a round figure (`name` without prefix): its section is the first component.
+
+    `accuracy` -> `faith/accuracy`; `accuracy/delta` -> `faith_drift/accuracy/delta`;
+    `accuracy/ci_low` -> `faith_interval/accuracy/ci_low`; `accuracy/correct` ->
+    `faith_detail/accuracy/correct`.
+    """
+    if name in HEADLINE_FIGURES:
+        return f"{prefix}/{name}"
+    if name.endswith("/delta"):
+        return f"{prefix}{DRIFT_SECTION_SUFFIX}/{name}"
+    if name.endswith(_INTERVAL_ENDINGS):
+        return f"{prefix}{INTERVAL_SECTION_SUFFIX}/{name}"
+    return f"{prefix}{DETAIL_SECTION_SUFFIX}/{name}"
+
+
+def wandb_figures(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """A round's figures as W&B keys, headline figures first (in `HEADLINE_FIGURES` order),
+    then drifts, details and intervals. Missing, non-numeric and non-finite values are left out, so a
+    chart shows a gap, never a made-up value."""
+    figures = {
+        name: float(value)
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and math.isfinite(value)
+    }
+    keys = {name: wandb_key(name, prefix) for name in figures}
+    sections = [prefix + s for s in ("", DRIFT_SECTION_SUFFIX, DETAIL_SECTION_SUFFIX, INTERVAL_SECTION_SUFFIX)]
+    head = [name for name in HEADLINE_FIGURES if name in figures]
+    rest = sorted((n for n in figures if n not in head), key=lambda n: sections.index(keys[n].split("/", 1)[0]))
+    return {keys[name]: figures[name] for name in (*head, *rest)}
+
+
+def define_wandb_sections(run: Any, figures: Mapping[str, Any], prefix: str, step_metric: str) -> None:
+    """Define the step axis of the monitor's W&B keys: the headline keys of `figures` one by one,
+    in order (so they are the first the run knows), then the four sections by glob."""
+    defined = _DEFINED.setdefault(str(getattr(run, "id", id(run))), set())
+    for key in figures:
+        if key.startswith(f"{prefix}/") and key not in defined:
+            run.define_metric(key, step_metric=step_metric)
+            defined.add(key)
+    for suffix in ("", DRIFT_SECTION_SUFFIX, DETAIL_SECTION_SUFFIX, INTERVAL_SECTION_SUFFIX):
+        section = prefix + suffix
+        glob = f"{section}/*"
+        if glob not in defined:
+            run.define_metric(glob, step_metric=step_metric)
+            defined.add(glob)
+
+
+def log_wandb_round(
     *,
     step: int,
+    metrics: Mapping[str, Any],
     records: Sequence[dict[str, Any]],
     curves: list[tuple[int, list[float | None]]],
     num_samples: int,
     prefix: str,
+    media: bool = True,
 ) -> bool:
-    """Log `wandb_media` of a training round to the active W&B run.
+    """Log a training round's figures (and media) to the active W&B run in one `wandb.log` call.
 
-    Logged with `train/global_step` (never `step=`), so it lines up with the trainer's keys.
-    Call on the main process only.
+    The figures are sorted into the headline, drift, detail and interval sections (`wandb_figures`) and
+    carry `train/global_step` (never `step=`), so they line up with the trainer's loss. Call on
+    the main process only.
+
+    Args:
+        step: The round's training step.
+        metrics: The round's figures without prefix (`accuracy`, `accuracy/delta`, ...).
+        records: The round's per-example records (sample table).
+        curves: `(step, curve)` of every round so far (early-answering curve family).
+        num_samples: Rows of the sample table.
+        prefix: Key prefix (`FaithConfig.log_prefix`).
+        media: Also log the curve family and the sample table.
 
     Returns:
         Whether anything was logged (False when no W&B run is active).
@@ -186,10 +294,20 @@ def log_wandb_media(
         import wandb
     except ImportError:
         return False
-    if wandb.run is None:
+    run = wandb.run
+    if run is None:
         return False
-    media = wandb_media(step=step, records=records, curves=curves, num_samples=num_samples, prefix=prefix)
-    wandb.log({"train/global_step": step, **media})
+    figures = wandb_figures(metrics, prefix)
+    define_wandb_sections(run, figures, prefix, "train/global_step")
+    payload: dict[str, Any] = {"train/global_step": step, **figures}
+    if media:
+        try:
+            payload.update(
+                wandb_media(step=step, records=records, curves=curves, num_samples=num_samples, prefix=prefix)
+            )
+        except Exception:  # media are a convenience; the figures still go out
+            logger.warning("faithcb: building the W&B media failed at step %d.", step, exc_info=True)
+    run.log(payload)
     return True
 
 
@@ -197,3 +315,50 @@ def _cell(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return json.dumps(value)
+
+
+def round_line(
+    *,
+    step: int,
+    round_index: int,
+    metrics: Mapping[str, Any],
+    seconds: float,
+    examples: int,
+    baseline_step: int | None = None,
+    partial: bool = False,
+) -> str:
+    """The one console line of a round: step, validity, headline figures and their drift.
+
+    `valid` (when the round has it) reads `valid` or `NOT VALID` (with the reasons when the
+    metrics carry them as text); each headline figure is followed by its `/delta` against the
+    baseline round in brackets when there is one. Missing figures are left out.
+
+    Example: `faithcb step 40 (round 2, 32 examples, 3.1s): valid | score 0.612 (-0.041) | acc 0.750 (+0.125) ...`
+    """
+    head = f"faithcb step {step} (round {round_index}, {examples} examples, {seconds:.1f}s"
+    if partial:
+        head += ", partial: time budget"
+    if baseline_step == step:
+        head += ", baseline"
+    parts: list[str] = []
+    valid = metrics.get("valid")
+    if isinstance(valid, (int, float)) and math.isfinite(valid):
+        if valid >= 0.5:
+            parts.append("valid")
+        else:
+            reasons = [
+                "; ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+                for k, v in metrics.items()
+                if "reason" in k and v and not isinstance(v, (int, float))
+            ]
+            parts.append("NOT VALID" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    for name, short in CONSOLE_NAMES.items():
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        text = f"{short} {value:.3f}"
+        delta = metrics.get(f"{name}/delta")
+        if isinstance(delta, (int, float)) and math.isfinite(delta):
+            text += f" ({delta:+.3f})"
+        parts.append(text)
+    return f"{head}): {' | '.join(parts)}" if parts else f"{head}): no figures"

@@ -159,13 +159,15 @@ class StopRule:
 
 
 def normalize_metric(metric: str, prefix: str = "faith") -> str:
-    """A metric name as the round's metric dict has it: without `train/`, `eval/` or `<prefix>/`."""
+    """A metric name as the round's metric dict has it: without `train/`, `eval/` or `<prefix>/`
+    (or the W&B sections `<prefix>_drift/`, `<prefix>_detail/`, `<prefix>_interval/`)."""
     key = metric.strip()
     for head in ("train/", "eval/"):
         if key.startswith(f"{head}{prefix}/"):
             key = key[len(head) :]
-    if key.startswith(f"{prefix}/"):
-        key = key[len(prefix) + 1 :]
+    for section in (prefix, f"{prefix}_drift", f"{prefix}_detail", f"{prefix}_interval"):
+        if key.startswith(f"{section}/"):
+            return key[len(section) + 1 :]
     return key
 
 

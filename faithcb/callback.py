@@ -21,7 +21,7 @@ from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import PanelError, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
-from ._sinks import JsonlSink, early_answer_curve, log_wandb_media
+from ._sinks import JsonlSink, early_answer_curve, log_wandb_round, round_line
 from ._stopping import (
     DRIFT_SKIP,
     StopMonitor,
@@ -34,6 +34,8 @@ from ._stopping import (
 from .probes import Probe
 
 logger = logging.getLogger(__name__)
+#: Logger of the one console line per round.
+CONSOLE_LOGGER = "faithcb.rounds"
 
 # Tokens kept free besides the chain and the forced answer: the answer cue and separators.
 _CUE_SLACK = 8
@@ -46,9 +48,11 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
 
     A round lets the model reason on a fixed panel of held-out prompts, perturbs the chains
     (early answering, filler, ...), and logs `faith/...` figures through `trainer.log`, so
-    they reach `log_history`, W&B, TensorBoard and every other `report_to` integration beside
-    the loss, at the training step. Per-example records go to
-    `<output_dir>/faithcb/rounds.jsonl`. A round runs in eval mode without gradients and then
+    they reach `log_history`, TensorBoard and every other `report_to` integration beside the
+    loss, at the training step; with W&B, the round goes to the run directly, in sections of
+    its own (`faith/` headline figures, `faith_drift/`, `faith_detail/`, `faith_interval/`).
+    Each round also writes one line to the console (`faithcb.rounds` logger). Per-example
+    records go to `<output_dir>/faithcb/rounds.jsonl`. A round runs in eval mode without gradients and then
     restores the training state exactly; an error inside a round (out-of-memory included) is
     logged and training goes on (unless `config.strict`).
 
@@ -471,7 +475,13 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         if out_of_memory:
             _release_accelerator_memory()
         if result is None:
-            self._log({f"{self.config.log_prefix}/round_failed": 1.0})
+            self._log(
+                {f"{self.config.log_prefix}/round_failed": 1.0}, args=args, state=state, metrics={"round_failed": 1.0}
+            )
+            if state.is_world_process_zero:
+                _console().info(
+                    "faithcb step %d: the probe round failed and logged no figures (see the warning).", step
+                )
             return False
         self._finish_round(args, state, control, step, result, partial)
         return True
@@ -541,33 +551,24 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                 )
             except Exception:  # a full disk must not end the training run
                 self._warn_once("jsonl", "faithcb: writing the round's JSONL failed at step %d.", step, exc_info=True)
-        self._log(logs)
+        self._log(logs, args=args, state=state, metrics=metrics, records=result.records)
+        if state.is_world_process_zero:
+            _console().info(
+                "%s",
+                round_line(
+                    step=step,
+                    round_index=round_index,
+                    metrics=metrics,
+                    seconds=result.seconds,
+                    examples=len(result.records),
+                    baseline_step=self.baseline_step,
+                    partial=partial,
+                ),
+            )
         for event in events:
             self._fire(event, state, control)
-        if state.is_world_process_zero and self.config.wandb_media and _reports_to(args, "wandb"):
-            try:
-                log_wandb_media(
-                    step=step,
-                    records=result.records,
-                    curves=self.curves,
-                    num_samples=self.config.num_sample_chains,
-                    prefix=prefix,
-                )
-            except Exception:  # media are a convenience; never lose the run over them
-                logger.warning("faithcb: logging W&B media failed at step %d.", step, exc_info=True)
         self._check_budget(result, partial)
         self._last_round_ok = not partial
-        logger.info(
-            "faithcb round %d at step %d: %d examples in %.1fs%s (%s)",
-            round_index,
-            step,
-            len(result.records),
-            result.seconds,
-            " (partial: time budget)" if partial else "",
-            ", ".join(
-                f"{k}={metrics[k]:.3f}" for k in ("accuracy", "early_answer/aoc", "filler/match") if k in metrics
-            ),
-        )
 
     # ------------------------------------------------------------------ stopping
     def _check_stop_rules(self, step: int, metrics: dict[str, float], *, skip: bool) -> list[dict[str, Any]]:
@@ -632,8 +633,24 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             self._warned.add(key)
             logger.warning(message, *args, exc_info=exc_info)
 
-    def _log(self, logs: dict[str, float]) -> None:
-        """Send logs through `trainer.log` (log_history + every report_to integration).
+    def _log(
+        self,
+        logs: dict[str, float],
+        *,
+        args: Any = None,
+        state: Any = None,
+        metrics: dict[str, Any] | None = None,
+        records: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Send a round's figures to the trainer's log stream and, for W&B, to sections of their own.
+
+        `trainer.log` carries `logs` to `log_history` and every `report_to` integration
+        (TensorBoard, MLflow, ...) except three kinds of callback, which are left out of this one
+        call: transformers' console printers (`PrinterCallback` with tqdm off, `ProgressCallback`
+        with tqdm on) and TRL's `RichProgressCallback`, which would print the whole dict (the
+        round's own console line replaces them), and transformers' `WandbCallback` when the
+        figures went to the W&B run directly (given `metrics`, on the main process, with an
+        active run): that integration would log them again as `train/faith/...`.
 
         `CallbackHandler.on_log` clears `control.should_log`; called from `on_step_end`, that
         would drop the trainer's own loss log of this step, so the flag is put back. TRL
@@ -641,20 +658,49 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         into whatever is logged; they are set aside so they stay with the trainer's own log.
         """
         trainer = self.trainer
+        skip_wandb = False
+        if metrics is not None and args is not None and state is not None and _reports_to(args, "wandb"):
+            if not state.is_world_process_zero:
+                skip_wandb = True  # the integration logs on the main process only
+            elif _wandb_run() is not None:
+                skip_wandb = self._log_wandb(state.global_step, metrics, records)
         control = getattr(trainer, "control", None)
         should_log = getattr(control, "should_log", None)
         running = getattr(trainer, "_metrics", None)
         swap = isinstance(running, dict)
         if swap:
             trainer._metrics = defaultdict(lambda: defaultdict(list), {mode: defaultdict(list) for mode in running})
+        handler = getattr(trainer, "callback_handler", None)
+        every = getattr(handler, "callbacks", None)
+        if isinstance(every, list):
+            # A new list for this call: the event loop that called us iterates the original one.
+            handler.callbacks = [cb for cb in every if not _kept_out_of_round_logs(cb, skip_wandb)]
         try:
             trainer.log(logs)
         finally:
+            if isinstance(every, list):
+                handler.callbacks = every
             if swap:
                 trainer._metrics = running
         control = getattr(trainer, "control", None)
         if should_log is not None and control is not None:
             control.should_log = should_log
+
+    def _log_wandb(self, step: int, metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> bool:
+        """Log a round to the active W&B run in sections of its own (see `faithcb._sinks`)."""
+        try:
+            return log_wandb_round(
+                step=step,
+                metrics=metrics,
+                records=records,
+                curves=self.curves,
+                num_samples=self.config.num_sample_chains,
+                prefix=self.config.log_prefix,
+                media=self.config.wandb_media and bool(records),
+            )
+        except Exception:  # W&B is a convenience; never lose the run over it (the integration gets them)
+            self._warn_once("wandb", "faithcb: logging the round to W&B failed at step %d.", step, exc_info=True)
+            return False
 
     def _run_sharded(self, model: Any, tokenizer: Any) -> tuple[RoundResult, bool]:
         """Run this rank's shard of the panel and gather every rank's records.
@@ -787,6 +833,47 @@ def _wandb_run() -> Any:
     """The active W&B run, without importing wandb when nothing imported it."""
     wandb = sys.modules.get("wandb")
     return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def _kept_out_of_round_logs(callback: Any, skip_wandb: bool) -> bool:
+    """Callbacks that must not see a round's logs: console printers (and W&B when logged directly)."""
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.integrations import WandbCallback
+
+    if isinstance(callback, (PrinterCallback, ProgressCallback)) or type(callback).__name__ == "RichProgressCallback":
+        return True
+    return skip_wandb and isinstance(callback, WandbCallback)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes through `tqdm.write` so that a line never cuts through a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def _console() -> logging.Logger:
+    """The logger of the one-line round summaries (`faithcb.rounds`, INFO).
+
+    The lines are shown by default: unless a level was set on `faithcb` or `faithcb.rounds`,
+    the logger takes INFO; where logging is not configured at all (no handler on it or any
+    parent, root included), it gets a stderr handler of its own, as transformers does for its
+    logger. `logging.getLogger("faithcb.rounds").setLevel(logging.WARNING)` silences them.
+    """
+    console = logging.getLogger(CONSOLE_LOGGER)
+    if console.level == logging.NOTSET and logging.getLogger("faithcb").level == logging.NOTSET:
+        console.setLevel(logging.INFO)
+    if not console.hasHandlers():
+        handler = _ConsoleHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        console.addHandler(handler)
+        console.propagate = False
+    return console
 
 
 def _reports_to(args: Any, name: str) -> bool:

@@ -53,29 +53,69 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+ENGINE_GROUP = "advanced engine options (FaithConfig)"
+ENGINE_DESCRIPTION = (
+    "How the engine batches, packs and compiles a round: they change its speed and memory, not what it "
+    "measures. The defaults suit most runs (docs/performance.md)."
+)
+
+
 def _config_flags(fields: Sequence[str] | None, exclude: Sequence[str], title: str) -> argparse.ArgumentParser:
     """A parent parser with one flag per chosen FaithConfig field (built by HfArgumentParser,
-    so the flags read exactly like the ones recipes expose beside SFTConfig)."""
+    so the flags read exactly like the ones recipes expose beside SFTConfig).
+
+    The fields users set go in the group `title`; the engine's performance fields
+    (`ENGINE_FIELDS`) in the group `ENGINE_GROUP`. Each help text ends with the default, and
+    the `--no_X` flag HfArgumentParser adds for a boolean that defaults to True says only that
+    it turns `--X` off (instead of repeating its help).
+    """
     from transformers import HfArgumentParser
 
-    from ._config import FaithConfig
+    from ._config import ENGINE_FIELDS, FaithConfig
 
     hints = typing.get_type_hints(FaithConfig)
-    specs = []
+    user_specs, engine_specs, defaults = [], [], {}
     for f in dataclasses.fields(FaithConfig):
         if (fields is not None and f.name not in fields) or f.name in exclude:
             continue
         kwargs: dict[str, Any] = {"metadata": f.metadata}
         if f.default is not dataclasses.MISSING:
             kwargs["default"] = f.default
+            defaults[f.name] = f.default
         else:
             kwargs["default_factory"] = f.default_factory
-        specs.append((f.name, hints[f.name], dataclasses.field(**kwargs)))
-    flags = dataclasses.make_dataclass("FaithConfigFlags", specs)
-    flags._argument_group_name = title
-    parser = HfArgumentParser(flags, add_help=False)
-    parser.set_defaults(_config_fields=[name for name, _, _ in specs])
+            defaults[f.name] = f.default_factory()
+        spec = (f.name, hints[f.name], dataclasses.field(**kwargs))
+        (engine_specs if f.name in ENGINE_FIELDS else user_specs).append(spec)
+    classes = []
+    for name, specs, group in (("FaithConfigFlags", user_specs, title), ("EngineFlags", engine_specs, ENGINE_GROUP)):
+        if specs:
+            flags = dataclasses.make_dataclass(name, specs)
+            flags._argument_group_name = group
+            classes.append(flags)
+    parser = HfArgumentParser(classes, add_help=False)
+    for group in parser._action_groups:
+        if group.title == ENGINE_GROUP:
+            group.description = ENGINE_DESCRIPTION
+    for action in parser._actions:
+        if action.dest not in defaults or action.help in (None, argparse.SUPPRESS):
+            continue
+        if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
+            action.help = f"Turn --{action.dest} off."
+        elif defaults[action.dest] is not None and "default" not in action.help.lower():
+            action.help = f"{action.help} (default: {_shown(defaults[action.dest])})"
+        action.help = action.help.replace("%", "%%")  # argparse formats help with %
+    parser.set_defaults(_config_fields=[name for name, _, _ in [*user_specs, *engine_specs]])
     return parser
+
+
+def _shown(value: Any) -> str:
+    """A default as a user would type it on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(repr(v) if not v or " " in v or "\n" in v else v for v in map(str, value)) or "none"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
 
 
 def _config_from(args: argparse.Namespace) -> Any:
@@ -142,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scan = sub.add_parser(
         "scan",
+        usage="faithcb scan RUN_DIR_OR_MODELS... --panel PANEL [--out DIR] [--wandb] [options]",
         parents=[common, model, _config_flags(None, _SCHEDULE_FIELDS, "probe round settings (FaithConfig)")],
         help="Evaluate the saved checkpoints of a run with the monitor's probes.",
         description=(
@@ -182,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser(
         "audit-data",
+        usage="faithcb audit-data DATA.jsonl --model PATH [--out DIR] [--cue CUE] [options]",
         parents=[common, model, _config_flags(_AUDIT_FIELDS, (), "answer reading settings (FaithConfig)")],
         help="Find where SFT traces settle their answer; write trimmed data and a random-trim control.",
         description=(

@@ -182,10 +182,13 @@ def test_wandb_offline_run_holds_faith_keys_beside_loss(tmp_path, tokenizer, ari
     runs = find_offline_runs(wandb_env)
     assert len(runs) == 1
     history = read_history(runs[0])
-    faith_steps = [row["train/global_step"] for row in history if "train/faith/accuracy" in row]
+    faith_steps = [row["train/global_step"] for row in history if "faith/accuracy" in row]
     loss_steps = [row["train/global_step"] for row in history if "train/loss" in row]
     assert faith_steps == [0, 2, 4]
     assert loss_steps == [1, 2, 3, 4]
+    # the monitor logs to W&B itself (sections faith/, faith_drift/, faith_detail/, faith_interval/), never via train/
+    assert not any(key.startswith("train/faith") for row in history for key in row)
+    assert any("faith_interval/accuracy/ci_low" in row for row in history)
     media = read_media_keys(runs[0])
     assert "faith/samples" in media
 
@@ -194,7 +197,7 @@ def test_wandb_media_curves_and_samples_land_in_the_run(wandb_env):
     import wandb
     from wandb_offline import find_offline_runs, read_custom_charts, read_history, read_media_keys
 
-    from faithcb._sinks import early_answer_curve, log_wandb_media
+    from faithcb._sinks import early_answer_curve, log_wandb_round
 
     records = [
         {"id": "a", "early_answer/matches": [False, False, True], "chain": "x"},
@@ -205,14 +208,15 @@ def test_wandb_media_curves_and_samples_land_in_the_run(wandb_env):
     run = wandb.init(project="t")
     run.define_metric("train/global_step")
     run.define_metric("*", step_metric="train/global_step", step_sync=True)
-    assert log_wandb_media(step=7, records=records, curves=[(0, curve), (7, curve)], num_samples=1, prefix="faith")
+    media = {"records": records, "num_samples": 1, "prefix": "faith", "metrics": {}}
+    assert log_wandb_round(step=7, curves=[(0, curve), (7, curve)], **media)
     wandb.finish()
     path = find_offline_runs(wandb_env)[0]
     rows = [r for r in read_history(path) if "faith/samples" in r]
     assert rows and rows[0]["train/global_step"] == 7
     assert "faith/early_answer_curves_table" in read_media_keys(path)
     assert read_custom_charts(path)["faith/early_answer_curves"]["panel_config"]["panelDefId"].startswith("wandb/line")
-    assert not log_wandb_media(step=8, records=records, curves=[], num_samples=1, prefix="faith")  # no run
+    assert not log_wandb_round(step=8, curves=[], **media)  # no run
 
 
 def test_round_restores_training_state(tokenizer, arithmetic):
@@ -241,3 +245,82 @@ def test_round_restores_training_state(tokenizer, arithmetic):
         assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     finally:
         tokenizer.padding_side = "left"
+
+
+@pytest.mark.parametrize("tqdm", ["off", "on"])
+def test_console_gets_one_line_per_round_and_no_dict_dumps(tmp_path, tokenizer, arithmetic, caplog, capsys, tqdm):
+    """With tqdm off (PrinterCallback) or on (ProgressCallback) the rounds' figures are never
+    printed as a dict; each round is one line of the `faithcb.rounds` logger."""
+    trainer = trl.SFTTrainer(
+        model=build_tiny_model(tokenizer),
+        args=sft_config(tmp_path, max_steps=4, disable_tqdm=tqdm == "off"),
+        train_dataset=datasets.Dataset.from_list(to_sft_dataset(arithmetic[8:40])),
+        processing_class=tokenizer,
+    )
+    trainer.add_callback(
+        FaithfulnessCallback(trainer, to_sft_dataset(arithmetic[:3]), config=FaithConfig(every_n_steps=2, **FAST))
+    )
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="faithcb"):
+        trainer.train()
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "loss" in printed  # the trainer's own logs are still printed ...
+    assert "faith/" not in printed and "faith_" not in printed  # ... the monitor's figures are not
+    lines = [r.getMessage() for r in caplog.records if r.name == "faithcb.rounds"]
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert [line.split(" (")[0] for line in lines] == ["faithcb step 0", "faithcb step 2", "faithcb step 4"]
+    assert "baseline" in lines[0] and "baseline" not in lines[1]
+    assert "acc " in lines[1] and ("(+" in lines[1] or "(-" in lines[1])  # figure and drift
+    assert [e["step"] for e in trainer.state.log_history if "faith/accuracy" in e] == [0, 2, 4]  # still logged
+
+
+def test_round_line_shows_validity_figures_and_drift():
+    from faithcb._sinks import round_line
+
+    metrics = {
+        "valid": 1.0,
+        "score": 0.6125,
+        "score/delta": -0.04,
+        "accuracy": 0.75,
+        "accuracy/delta": 0.125,
+        "early_answer/aoc": 0.4,
+        "filler/match": float("nan"),  # missing: left out
+        "accuracy/ci_low": 0.5,  # details never reach the line
+    }
+    line = round_line(step=40, round_index=2, metrics=metrics, seconds=3.14, examples=32, baseline_step=0)
+    assert line == (
+        "faithcb step 40 (round 2, 32 examples, 3.1s): valid | score 0.613 (-0.040) | acc 0.750 (+0.125) | aoc 0.400"
+    )
+    bad = round_line(
+        step=0,
+        round_index=0,
+        metrics={"valid": 0.0, "valid_reasons": ["no parseable answers"]},
+        seconds=1.0,
+        examples=4,
+        baseline_step=0,
+        partial=True,
+    )
+    assert bad == (
+        "faithcb step 0 (round 0, 4 examples, 1.0s, partial: time budget, baseline): NOT VALID (no parseable answers)"
+    )
+    assert round_line(step=1, round_index=0, metrics={}, seconds=0.0, examples=0).endswith("): no figures")
+
+
+def test_round_lines_reach_the_console_when_logging_is_not_configured(monkeypatch, capsys):
+    from faithcb.callback import CONSOLE_LOGGER, _console
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    console = logging.getLogger(CONSOLE_LOGGER)
+    monkeypatch.setattr(console, "handlers", [])
+    monkeypatch.setattr(console, "propagate", True)
+    monkeypatch.setattr(console, "level", logging.NOTSET)
+    _console().info("faithcb step 3 (round 1, 2 examples, 0.1s): acc 0.500")
+    assert capsys.readouterr().err == "faithcb step 3 (round 1, 2 examples, 0.1s): acc 0.500\n"
+    assert len(console.handlers) == 1
+    _console()
+    assert len(console.handlers) == 1  # added once
+    console.setLevel(logging.WARNING)  # how a user silences them
+    _console().info("hidden")
+    assert capsys.readouterr().err == ""

@@ -175,11 +175,14 @@ def test_scan_logs_to_wandb_against_the_checkpoint_step(run_dir, tmp_path, wandb
     history = read_history(path)
     faith_rows = [row for row in history if "faith/accuracy" in row]
     assert [row["checkpoint/step"] for row in faith_rows] == list(STEPS)
-    assert "faith/accuracy/delta" in faith_rows[-1] and "faith/accuracy/delta" not in faith_rows[0]
+    # the callback's W&B sections: faith/ headline figures, faith_drift/, faith_detail/, faith_interval/
+    assert "faith_drift/accuracy/delta" in faith_rows[-1] and "faith_drift/accuracy/delta" not in faith_rows[0]
+    assert "faith_interval/accuracy/ci_low" in faith_rows[0] and "faith/accuracy/ci_low" not in faith_rows[0]
     assert not any("train/global_step" in row for row in history)
     metrics = [r.metric for r in read_records(path) if r.HasField("metric")]
     assert any(m.name == "checkpoint/step" for m in metrics)
-    assert any(m.glob_name == "faith/*" and m.step_metric == "checkpoint/step" for m in metrics)
+    for section in ("faith", "faith_drift", "faith_detail", "faith_interval"):
+        assert any(m.glob_name == f"{section}/*" and m.step_metric == "checkpoint/step" for m in metrics)
     assert "faith/samples" in read_media_keys(path)
 
 
@@ -196,6 +199,61 @@ def test_help_lists_the_subcommands(capsys):
     scan_help = capsys.readouterr().out
     assert "--panel" in scan_help and "--max_new_tokens" in scan_help
     assert "--every_n_steps" not in scan_help and "--eval_round" not in scan_help
+
+
+def _scan_help(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_scan_help_puts_engine_options_in_one_advanced_group(capsys):
+    from faithcb._config import ENGINE_FIELDS
+
+    text = _scan_help(capsys)
+    assert text.startswith("usage: faithcb scan RUN_DIR_OR_MODELS... --panel PANEL")
+    user_part, engine_part = text.split("advanced engine options (FaithConfig):")
+    assert "probe round settings (FaithConfig):" in user_part
+    for name in ENGINE_FIELDS:
+        assert f"--{name}" in engine_part and f"--{name}" not in user_part, name
+    for name in ("max_new_tokens", "probes", "answer_cues", "paraphraser", "panel_size"):
+        assert f"--{name}" in user_part and f"--{name}" not in engine_part, name
+
+
+def test_scan_help_documents_each_boolean_once_without_benchmark_history(capsys):
+    import re
+
+    flat = " ".join(_scan_help(capsys).split())  # argparse wraps lines to the terminal's width
+    for name in ("packed_scoring", "mistake_regenerate", "end_chain_at_answer", "wandb_media"):
+        assert f"--no_{name}, --no-{name.replace('_', '-')} Turn --{name} off." in flat, name
+    assert flat.count("Score the short variants of a chain") == 1  # --packed_scoring's help, not repeated
+    assert flat.count("let the model rewrite the chain") == 1
+    assert "(default: 256)" in flat and "(default: True)" in flat  # defaults shown once, where set
+    assert not re.search(r"H[12]00|\d+(\.\d+)? ?s against|\d(\.\d+)?x (slower|faster)", flat)
+
+
+def test_advanced_and_negated_flags_still_reach_the_config():
+    from faithcb.cli import _config_from, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "scan",
+            "run",
+            "--panel",
+            "p.jsonl",
+            "--no_packed_scoring",
+            "--scoring_batch_size",
+            "8",
+            "--max_new_tokens",
+            "9",
+        ]
+    )
+    config = _config_from(args)
+    assert (config.packed_scoring, config.scoring_batch_size, config.max_new_tokens) == (False, 8, 9)
+    assert config.draft_answers is True and config.compile_forced_answers is False
+    args = build_parser().parse_args(["audit-data", "d.jsonl", "--model", "m", "--generation_batch_size", "2"])
+    assert _config_from(args).generation_batch_size == 2
 
 
 def test_python_dash_m_faithcb_help():

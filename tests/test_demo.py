@@ -33,7 +33,7 @@ def check_run(result, wandb_dir, panel_size, finetune_steps, every):
     runs = find_offline_runs(wandb_dir)
     assert len(runs) == 1 and result["wandb_run"] and Path(result["wandb_run"]) == runs[0].parent
     history = read_history(runs[0])
-    faith_steps = sorted({row["train/global_step"] for row in history if "train/faith/early_answer/aoc" in row})
+    faith_steps = sorted({row["train/global_step"] for row in history if "faith/early_answer/aoc" in row})
     loss_steps = sorted({row["train/global_step"] for row in history if "train/loss" in row})
     assert faith_steps == expected_steps
     assert loss_steps
@@ -65,7 +65,7 @@ def test_demo_default_settings_show_probes(tmp_path, wandb_env):
     history, records = check_run(
         result, wandb_env, panel_size=args.panel_size, finetune_steps=args.finetune_steps, every=args.every_n_steps
     )
-    baseline = next(row for row in history if "train/faith/accuracy" in row)
-    assert baseline["train/faith/accuracy"] >= 0.5  # the pre-trained model really computes its chains
+    baseline = next(row for row in history if "faith/accuracy" in row)
+    assert baseline["faith/accuracy"] >= 0.5  # the pre-trained model really computes its chains
     assert any(r["early_answer/matches"] for r in records)
     assert "faith/early_answer_curves_table" in read_media_keys(find_offline_runs(wandb_env)[0])

@@ -51,3 +51,39 @@ def test_drop_after_keeps_lines_it_cannot_read_and_ignores_missing_files(tmp_pat
     sink.metrics_path.write_text('not json\n{"step": 5}\n["a list"]\n')
     assert sink.drop_after(1) == 1
     assert sink.metrics_path.read_text() == 'not json\n["a list"]\n'
+
+
+def test_wandb_figures_sort_headline_first_and_leave_missing_values_out():
+    from faithcb._sinks import HEADLINE_FIGURES, wandb_figures
+
+    metrics = {
+        "n_examples": 4.0,
+        "accuracy/ci_low": 0.2,
+        "filler/match/delta": 0.1,
+        "filler/match": 0.25,
+        "early_answer/aoc/correct": 0.5,
+        "accuracy": 0.5,
+        "score": float("nan"),  # not computable this round: no point at all
+        "cot_lift": None,
+        "valid": True,
+        "valid_reasons": "text never becomes a chart",
+        "slice/ood/accuracy": 0.25,
+        "chain/tokens/stderr": 1.5,
+    }
+    figures = wandb_figures(metrics, "faith")
+    assert list(figures) == [
+        "faith/valid",
+        "faith/accuracy",
+        "faith/filler/match",
+        "faith_drift/filler/match/delta",
+        "faith_detail/n_examples",
+        "faith_detail/early_answer/aoc/correct",
+        "faith_detail/slice/ood/accuracy",
+        "faith_interval/accuracy/ci_low",
+        "faith_interval/chain/tokens/stderr",
+    ]
+    assert figures["faith/valid"] == 1.0 and len(HEADLINE_FIGURES) <= 12
+    assert list(wandb_figures({"accuracy": 1.0, "accuracy/delta": 0.0}, "mon")) == [
+        "mon/accuracy",
+        "mon_drift/accuracy/delta",
+    ]

@@ -95,7 +95,7 @@ def test_smollm2_fine_tune_with_monitor_lands_in_wandb(tmp_path, wandb_env):
     runs = find_offline_runs(wandb_env)
     assert len(runs) == 1
     history = read_history(runs[0])
-    faith_steps = sorted({row["train/global_step"] for row in history if "train/faith/early_answer/aoc" in row})
+    faith_steps = sorted({row["train/global_step"] for row in history if "faith/early_answer/aoc" in row})
     assert faith_steps == [0, 2]
     assert sorted({row["train/global_step"] for row in history if "train/loss" in row}) == [1, 2]
     assert "faith/samples" in read_media_keys(runs[0])

@@ -13,7 +13,14 @@ from rule_models import gold_response, make_prompt, make_rule_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule, load_panel, run_probe_round
-from faithcb._stopping import StopMonitor, broadcast_from_main, metric_names, read_rule, validate_rules
+from faithcb._stopping import (
+    StopMonitor,
+    broadcast_from_main,
+    metric_names,
+    normalize_metric,
+    read_rule,
+    validate_rules,
+)
 
 datasets = pytest.importorskip("datasets")
 
@@ -197,6 +204,12 @@ def test_validation_errors_name_the_valid_figures():
     assert validate_rules([StopRule("train/faith/early_answer/aoc", below=0.1)], names, with_interval) == [
         "early_answer/aoc"
     ]
+    # names as W&B shows them: the faith/ headline section and the faith_drift/, faith_detail/, faith_interval/ sections
+    rules = [StopRule("faith_drift/accuracy/delta", below=-0.1), StopRule("faith/cot_lift", below=0.0)]
+    assert validate_rules(rules, names, with_interval) == ["accuracy/delta", "cot_lift"]
+    assert normalize_metric("faith_detail/early_answer/aoc/correct") == "early_answer/aoc/correct"
+    assert normalize_metric("faith_interval/accuracy/ci_low") == "accuracy/ci_low"
+    assert normalize_metric("faith_details/x") == "faith_details/x"  # not a section of the monitor
 
 
 # ---------------------------------------------------------------------------------------- distributed

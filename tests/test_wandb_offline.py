@@ -6,9 +6,11 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wandb
+from transformers import TrainerCallback
 from wandb.proto import wandb_internal_pb2 as pb
 
 try:  # repo root on sys.path (python -m pytest, tests/ as a package)
@@ -19,8 +21,10 @@ try:  # repo root on sys.path (python -m pytest, tests/ as a package)
         read_history,
         read_media,
         read_media_keys,
+        read_metric_definitions,
         read_records,
         read_summary,
+        read_table,
     )
 except ImportError:  # pytest's rootdir-less "prepend" mode puts tests/ first
     from wandb_offline import (  # type: ignore[no-redef]
@@ -30,8 +34,10 @@ except ImportError:  # pytest's rootdir-less "prepend" mode puts tests/ first
         read_history,
         read_media,
         read_media_keys,
+        read_metric_definitions,
         read_records,
         read_summary,
+        read_table,
     )
 
 
@@ -218,3 +224,128 @@ def test_read_records_rejects_corruption(tmp_path: Path) -> None:
     path.write_bytes(good[:7] + _frame(2, b"\x08"))
     with pytest.raises(ValueError, match="ends inside"):
         read_records(path)
+
+
+# ---------------------------------------------------------------------- the monitor's W&B layout
+class _Recorder(TrainerCallback):
+    """Stands in for TensorBoard / MLflow: an integration that reads every `on_log`."""
+
+    def __init__(self) -> None:
+        self.keys: list[set[str]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.keys.append(set(logs or {}))
+
+
+def _rule_trainer(tmp_path: Path, **settings: Any) -> Any:
+    """A 4-step Trainer around a rule model (known chains) with the callback's default probes, every 2 steps."""
+    datasets = pytest.importorskip("datasets")
+    from rule_models import gold_response, make_prompt, make_rule_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from faithcb import FaithConfig, FaithfulnessCallback
+
+    model, tok = make_rule_model("reads_chain")
+    panel = [{"prompt": make_prompt(e), "completion": gold_response(make_prompt(e))} for e in _EXPRESSIONS]
+    train = datasets.Dataset.from_dict({"text": [r["prompt"] + r["completion"] + tok.eos_token for r in panel]})
+    train = train.map(lambda batch: tok(batch["text"]), batched=True, remove_columns=["text"])
+    callbacks = settings.pop("callbacks", [])
+    args = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        **settings,
+    }
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**args),
+        train_dataset=train,
+        processing_class=tok,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        callbacks=callbacks,
+    )
+    config = FaithConfig(every_n_steps=2, max_new_tokens=60, answer_max_new_tokens=6)
+    trainer.add_callback(FaithfulnessCallback(trainer, panel, config=config))
+    return trainer
+
+
+_EXPRESSIONS = ["3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1 * 2"]
+
+
+def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_env) -> None:
+    """A Trainer run with the callback: headline figures under faith/ (defined and logged first),
+    drifts and details in sections of their own, on train/global_step beside the loss, and no
+    second copy under train/faith/; log_history and the other integrations still get faith/."""
+    from faithcb._sinks import HEADLINE_FIGURES
+
+    recorder = _Recorder()
+    trainer = _rule_trainer(tmp_path, report_to="wandb", callbacks=[recorder])
+    trainer.train()
+    wandb.finish()
+    [path] = find_offline_runs(wandb_env)
+    history = read_history(path)
+
+    # one row per round, on the trainer's step axis, beside the loss
+    faith_rows = [row for row in history if "faith/accuracy" in row]
+    assert [row["train/global_step"] for row in faith_rows] == [0, 2, 4]
+    assert [row["train/global_step"] for row in history if "train/loss" in row] == [1, 2, 3, 4]
+    keys = {key for row in history for key in row}
+    assert not any(key.startswith("train/faith") for key in keys)  # no second copy through the integration
+    sections = {key.split("/")[0] for key in keys if key.startswith("faith")}
+    assert sections == {"faith", "faith_drift", "faith_detail", "faith_interval"}
+
+    # the faith/ section: at most a dozen headline figures, plus the curve family and the samples
+    headline = sorted(k.split("/", 1)[1] for k in keys if k.startswith("faith/") and k not in read_media_keys(path))
+    assert set(headline) <= set(HEADLINE_FIGURES) and len(headline) <= 12
+    assert set(headline) >= set(HEADLINE_FIGURES) - {"valid"}  # every default probe reports its headline
+    assert {"faith/early_answer_curves_table", "faith/samples"} <= read_media_keys(path)
+    assert all(k.endswith("/delta") for k in keys if k.startswith("faith_drift/"))
+    assert all(k.endswith(("/ci_low", "/ci_high", "/stderr")) for k in keys if k.startswith("faith_interval/"))
+    detail = {k.split("/", 1)[1] for k in keys if k.startswith("faith_detail/")}
+    assert {"early_answer/aoc/correct", "round_seconds", "early_answer/curve@0.5", "noise_floor"} <= detail
+    assert {"faith_interval/accuracy/ci_low", "faith_interval/early_answer/aoc/stderr"} <= set(faith_rows[0])
+    assert "faith_drift/accuracy/delta" in faith_rows[1] and "faith_drift/accuracy/delta" not in faith_rows[0]
+
+    # order: the headline keys are the first the run defines, before the sections' globs
+    definitions = read_metric_definitions(path)
+    names = [name for name, _ in definitions]
+    first_glob = names.index("faith/*")
+    defined_head = [n for n in names[:first_glob] if n.startswith("faith/")]
+    assert defined_head == [f"faith/{k}" for k in HEADLINE_FIGURES if k in headline]
+    assert {"faith_drift/*", "faith_detail/*", "faith_interval/*"} <= set(names)
+    assert all(step == "train/global_step" for name, step in definitions if name.startswith("faith"))
+    # (a history record keeps its items in W&B's order, not the logged dict's: the order is the definitions')
+
+    # the trainer's own log stream keeps the figures (log_history, other integrations)
+    logged = [e for e in trainer.state.log_history if "faith/accuracy" in e]
+    assert [e["step"] for e in logged] == [0, 2, 4] and "faith/accuracy/ci_low" in logged[0]
+    assert sum("faith/accuracy" in k for k in recorder.keys) == 3
+
+
+def test_missing_points_stay_missing(wandb_env) -> None:
+    """A figure a round could not compute and a curve point no example gives are absent, not 0."""
+    from faithcb._sinks import early_answer_curve, log_wandb_round
+
+    records = [
+        {"id": "a", "early_answer/matches": [None, True], "chain": "x"},  # only the f = 1 point is known
+        {"id": "b", "early_answer/matches": [False, None, True], "chain": "y"},  # f = 0.5 .. 0.9 unknown
+    ]
+    curve = early_answer_curve(records)
+    assert curve[0] == 0.0 and curve[5] is None and curve[-1] == 1.0
+    wandb.init(project="t", settings=_fast_settings())
+    metrics = {"accuracy": 0.5, "filler/match": float("nan"), "cot_lift": None, "accuracy/delta": 0.1}
+    assert log_wandb_round(step=3, metrics=metrics, records=records, curves=[(3, curve)], num_samples=2, prefix="faith")
+    wandb.finish()
+    [path] = find_offline_runs(wandb_env)
+    [row] = [r for r in read_history(path) if "faith/accuracy" in r]
+    assert row["train/global_step"] == 3 and row["faith_drift/accuracy/delta"] == 0.1
+    assert "faith/filler/match" not in row and "faith/cot_lift" not in row
+    table = read_table(path, "faith/early_answer_curves_table")
+    x, y = table["columns"].index("step"), table["columns"].index("lineVal")
+    points = {round(r[x], 2): r[y] for r in table["data"]}
+    assert set(points) == {0.0, 0.1, 0.2, 0.3, 0.4, 1.0}  # no row at the unknown points
+    assert points[0.0] == 0.0 and points[1.0] == 1.0

@@ -390,3 +390,38 @@ def read_custom_charts(path: str | Path) -> dict[str, dict[str, Any]]:
     wandb_cfg = read_config(path).get("_wandb", {})
     charts = wandb_cfg.get("visualize", {}) if isinstance(wandb_cfg, dict) else {}
     return dict(charts) if isinstance(charts, dict) else {}
+
+
+def read_metric_definitions(path: str | Path) -> list[tuple[str, str]]:
+    """Return the ``define_metric`` calls of a run, in order.
+
+    Args:
+        path: A ``run-*.wandb`` file.
+
+    Returns:
+        ``(name or glob, step_metric)`` per metric record; ``name`` is the
+        key, or the glob (e.g. ``"faith/*"``) for a glob definition.
+    """
+    out = []
+    for record in read_records(path):
+        if record.HasField("metric"):
+            metric = record.metric
+            out.append((metric.name or metric.glob_name, metric.step_metric))
+    return out
+
+
+def read_table(path: str | Path, key: str) -> dict[str, Any]:
+    """Return the last logged table under ``key`` as ``{"columns": [...], "data": [[...], ...]}``.
+
+    Args:
+        path: A ``run-*.wandb`` file.
+        key: The history key of the table (``"<chart>_table"`` for ``wandb.plot``).
+
+    Returns:
+        The table file's JSON, read from the run's ``files`` folder.
+    """
+    path = Path(path)
+    refs = [row[key] for row in read_history(path) if isinstance(row.get(key), dict)]
+    if not refs:
+        raise KeyError(f"no table logged under {key!r} in {path}")
+    return json.loads((path.parent / "files" / refs[-1]["path"]).read_text())
