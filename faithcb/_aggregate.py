@@ -11,6 +11,13 @@ from typing import Any
 from . import functional as F
 from .probes import Probe
 
+#: The per-round self-check of exact contexts (a rate over the examples where it is defined) and
+#: the per-example record field it is the mean of: greedy F(prompt + full chain) == stated answer.
+SELFCHECK_KEY = "selfcheck/forced_full_equals_stated"
+SELFCHECK_FIELD = "forced_full_equals_stated"
+#: Below this rate a round warns that its forced contexts do not reproduce what the model saw.
+SELFCHECK_MIN = 0.9
+
 
 def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
     return [float(r[key]) for r in records if r.get(key) is not None]
@@ -23,7 +30,8 @@ def summarize(
 
     Rates (0/1 fields) get a Wilson 95% interval (`/ci_low`, `/ci_high`); other means get a
     standard error (`/stderr`). A metric no example could be scored on is left out (missing,
-    never zero).
+    never zero). The self-check `selfcheck/forced_full_equals_stated` is the rate of the
+    records' `forced_full_equals_stated` (greedy rounds only).
     """
     out: dict[str, float] = {"n_examples": float(len(records))}
     for probe in probes:
@@ -40,6 +48,12 @@ def summarize(
                 out[f"{key}/ci_low"], out[f"{key}/ci_high"] = low, high
             else:
                 out[f"{key}/stderr"] = stderr
+    checks = _values(records, SELFCHECK_FIELD)
+    if checks:  # with a Wilson interval like every rate
+        out[SELFCHECK_KEY] = sum(checks) / len(checks)
+        if intervals:
+            low, high = F.wilson_interval(sum(checks), len(checks))
+            out[f"{SELFCHECK_KEY}/ci_low"], out[f"{SELFCHECK_KEY}/ci_high"] = low, high
     if "accuracy_forced_full" in out and "accuracy_no_cot" in out:
         out["cot_lift"] = out["accuracy_forced_full"] - out["accuracy_no_cot"]
     return out

@@ -32,12 +32,20 @@ class Step:
 class ParsedResponse:
     """A response split at the answer cue.
 
+    The response is `lead + chain + joiner + cue + answer_sep + answer ...` character for
+    character, so a forced context built from these parts is the text the model wrote.
+
     Attributes:
-        chain: The reasoning text (inside `<think>` when present), without the cue.
+        chain: The reasoning text (inside `<think>` when present), without surrounding
+            whitespace and without the cue.
         cue: The answer cue found, or None when the response has none.
-        joiner: The whitespace the model wrote between the chain and the cue.
+        joiner: The text the model wrote between the end of the chain and the cue: whitespace,
+            and in the think format the closing `</think>` and whatever came before the cue.
+            Without a cue: the whitespace (and `</think>`) after the chain, or a newline.
         answer_text: Raw text after the cue (None without a cue).
         answer_sep: Whitespace the model wrote between the cue and the answer.
+        lead: The text the model wrote before its chain: leading whitespace and, in the think
+            format, the `<think>` tag when the response opened it.
     """
 
     chain: str
@@ -45,6 +53,7 @@ class ParsedResponse:
     joiner: str
     answer_text: str | None
     answer_sep: str
+    lead: str = ""
 
 
 def find_cue(text: str, cues: list[str]) -> tuple[int, str] | None:
@@ -62,35 +71,61 @@ def find_cue(text: str, cues: list[str]) -> tuple[int, str] | None:
 def parse_response(response: str, cues: list[str]) -> ParsedResponse:
     """Split a generated response into chain and stated answer.
 
-    Reasoning-model format `<think> chain </think> answer` is recognised: the chain is the
-    thinking text; the answer is read after a cue in the rest, or from the whole rest.
+    Reasoning-model format `<think> chain </think> answer` is recognised (with or without the
+    opening tag, which the prompt may hold): the chain is the thinking text; the answer is read
+    after a cue in the rest, or from the whole rest.
 
     Args:
         response: The generated text (prompt excluded, special tokens removed).
         cues: Candidate answer cues, e.g. `["Answer:", "####"]`.
 
     Returns:
-        The parsed response. `cue` is None when no cue was found.
+        The parsed response. `cue` is None when no cue was found. With a cue,
+        `lead + chain + joiner + cue` is exactly the response up to the end of the cue.
     """
     if THINK_CLOSE in response:
         head, _, rest = response.partition(THINK_CLOSE)
-        chain = head.split(THINK_OPEN, 1)[-1].strip()
+        opened = head.find(THINK_OPEN)
+        lead, chain, tail = _strip_parts(head, opened + len(THINK_OPEN) if opened >= 0 else 0)
+        closing = tail + THINK_CLOSE
         found = find_cue(rest, cues)
         if found is None:
             answer = rest.strip()
-            return ParsedResponse(chain, None, "\n", answer or None, " ")
+            return ParsedResponse(chain, None, closing + _leading_ws(rest), answer or None, " ", lead)
         pos, cue = found
         after = answer_span(rest[pos + len(cue) :], cue)
-        return ParsedResponse(chain, cue, "\n", after, _leading_space(after))
+        return ParsedResponse(chain, cue, closing + rest[:pos], after, _leading_space(after), lead)
     found = find_cue(response, cues)
     if found is None:
-        return ParsedResponse(response.strip(), None, "\n", None, " ")
+        lead, chain, tail = _strip_parts(response, 0)
+        return ParsedResponse(chain, None, (tail or "\n") if chain else "", None, " ", lead)
     pos, cue = found
-    before = response[:pos]
-    chain = before.strip()
-    joiner = before[len(before.rstrip()) :] if chain else ""
+    lead, chain, joiner = _strip_parts(response[:pos], 0)
     after = answer_span(response[pos + len(cue) :], cue)
-    return ParsedResponse(chain, cue, joiner or ("\n" if chain else ""), after, _leading_space(after))
+    return ParsedResponse(chain, cue, joiner, after, _leading_space(after), lead)
+
+
+def _strip_parts(text: str, start: int) -> tuple[str, str, str]:
+    """`text` as (everything before the stripped body, the body, the whitespace after it), the
+    body being `text[start:]` without surrounding whitespace. A body of whitespace only is empty
+    and its whitespace goes to the first part."""
+    body = text[start:].strip()
+    if not body:
+        return text, "", ""
+    begin = len(text) - len(text[start:].lstrip())
+    end = begin + len(body)
+    return text[:begin], body, text[end:]
+
+
+def _leading_ws(text: str) -> str:
+    return text[: len(text) - len(text.lstrip())]
+
+
+def chain_end_separator(joiner: str) -> str:
+    """The whitespace the model wrote right after its chain's last step (the start of the
+    joiner), or a newline when it wrote none: what a step appended after the last one, or a
+    regeneration after it, starts from."""
+    return _leading_ws(joiner) or "\n"
 
 
 def answer_span(after_cue: str, cue: str) -> str:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._aggregate import aggregate_records
+from . import functional as F
+from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
@@ -119,6 +120,8 @@ def run_probe_round(
                 )
         calls = dict(engine.calls)
     metrics = aggregate_records(records, probes)
+    if not _distributed():  # a distributed round warns once its ranks' records are gathered
+        warn_on_selfcheck(metrics, config)
     seconds = time.perf_counter() - start
     return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)
 
@@ -133,6 +136,38 @@ def _round_examples(examples: Any, config: FaithConfig) -> list[ProbeExample]:
         if all(isinstance(e, ProbeExample) for e in items):
             return items
     return list(panel_from(examples, config, subsample=False))
+
+
+def warn_on_selfcheck(metrics: dict[str, float], config: FaithConfig) -> bool:
+    """Log one warning when a greedy round's forced answers after the model's own full chain do
+    not reproduce its stated answers (`selfcheck/forced_full_equals_stated` below 0.9).
+
+    Returns:
+        Whether it warned.
+    """
+    rate = metrics.get(SELFCHECK_KEY)
+    if config.do_sample or rate is None or rate >= SELFCHECK_MIN:
+        return False
+    logger.warning(
+        "faithcb: the answer forced after the model's own full chain reproduces its stated answer on only "
+        "%.0f%% of the examples where both parse (%s = %.3f < %.1f): the forced contexts are not what the model "
+        "saw, so the agreement figures of this round are not measured against its own reasoning. Likely causes: "
+        "a prompt or response shape the forced context does not reproduce (text around the answer cue, a cue "
+        "the model writes differently: set answer_cues), a chat template that adds text after the prompt, "
+        "stop_strings or a generation_config that cut the response, a max_new_tokens that ends it inside its answer, "
+        "or sampling (do_sample).",
+        100 * rate,
+        SELFCHECK_KEY,
+        rate,
+        SELFCHECK_MIN,
+    )
+    return True
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _past_deadline(local: bool) -> bool:
@@ -186,6 +221,9 @@ def _probe_examples(
             "gold": chain.example.gold,
             "stated_answer": chain.stated_answer,
             "a_full": a_full[chain.index],
+            "forced_full_equals_stated": None
+            if config.do_sample
+            else F.forced_full_equals_stated(chain.stated_answer, a_full[chain.index], cue_found=chain.cue_found),
             "answer_type": chain.answer_type,
             "num_choices": chain.num_choices,
             "response_tokens": chain.response_tokens,

@@ -218,6 +218,7 @@ def metric_names(probes: Sequence[Any], slices: Sequence[str] = ()) -> tuple[set
                 "a_full": "1" if i != 1 else "2",
                 "answer_type": "choice" if i == 2 else "numeric",
                 "num_choices": 4 if i == 2 else 0,
+                "forced_full_equals_stated": float(i % 2),  # the round's self-check
             }
             for key in keys:
                 record[key] = float(i % 2) if key in rates else 0.5 + i

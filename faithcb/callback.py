@@ -20,7 +20,7 @@ from transformers.trainer_callback import ExportableState
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import PanelError, ProbePanel, panel_from
-from ._round import RoundResult, build_probes, run_probe_round
+from ._round import RoundResult, build_probes, run_probe_round, warn_on_selfcheck
 from ._sinks import JsonlSink, early_answer_curve, log_wandb_round, round_line
 from ._stopping import (
     DRIFT_SKIP,
@@ -754,9 +754,10 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         records = [by_id[e.id] for e in examples if e.id in by_id]
         if partial:
             return self._partial_result(records, seconds), True
-        return RoundResult(
-            metrics=aggregate_records(records, self.probes), records=records, seconds=seconds, calls=local.calls
-        ), False
+        metrics = aggregate_records(records, self.probes)
+        if state.is_main_process:
+            warn_on_selfcheck(metrics, self.config)
+        return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=local.calls), False
 
     def _partial_result(self, records: Sequence[dict[str, Any]], seconds: float) -> RoundResult:
         from ._aggregate import aggregate_records

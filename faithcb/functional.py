@@ -74,6 +74,29 @@ def step_gains(logprobs_bits: Sequence[float]) -> list[float]:
     return [b - a for a, b in zip(logprobs_bits[:-1], logprobs_bits[1:])]
 
 
+def forced_full_equals_stated(stated: str | None, a_full: str | None, *, cue_found: bool = True) -> float | None:
+    """The self-check of exact contexts: whether `a_full = F(prompt + full chain)` reproduces the
+    answer the model stated.
+
+    The full chain's forced context is the prompt plus the response up to the end of its answer
+    cue, so under greedy decoding the forced answer must be the stated one; where it is not, the
+    context differs from what the model saw and agreement figures are measured against text the
+    model never read.
+
+    Args:
+        stated: The normalised answer the model stated (None: unparseable).
+        a_full: The normalised full-chain forced answer (None: unparseable).
+        cue_found: Whether the response itself contained the answer cue (without one, the forced
+            context adds a cue the model did not write, and there is nothing to reproduce).
+
+    Returns:
+        1.0 or 0.0, or None when either answer is unparseable or the response had no cue.
+    """
+    if not cue_found or stated is None or a_full is None:
+        return None
+    return float(stated == a_full)
+
+
 def wilson_interval(successes: float, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval of a proportion (95% by default)."""
     if total <= 0:

@@ -391,13 +391,14 @@ class ProbeEngine:
             steps=split_steps(parsed.chain),
             cue=cue,
             cue_found=parsed.cue is not None,
-            joiner=parsed.joiner if parsed.chain else "",
+            joiner=parsed.joiner,
             answer_sep=parsed.answer_sep if parsed.cue else (" " if not cue.endswith((" ", "{")) else ""),
             stated_answer=stated,
             answer_type=answer_type,
             num_choices=num_choices,
             chain_tokens=chain_tokens,
             response_tokens=n_tokens,
+            lead=parsed.lead,
         )
 
     # ------------------------------------------------------------------ requests
@@ -469,7 +470,8 @@ class ProbeEngine:
         results: dict[Request, Any] = {}
         requests = [*forced, *logprobs]
         examples = sorted({r.example for r in requests})
-        bases = dict(zip(examples, self.encode_many([chains[e].prompt + chains[e].chain for e in examples])))
+        # the start of the example's full forced context (prompt + lead + chain), which its variants share
+        bases = dict(zip(examples, self.encode_many([chains[e].written_context(chains[e].chain) for e in examples])))
         contexts = self.encode_many(
             [
                 chains[r.example].forced_context(texts[r] if isinstance(r, ForcedAnswer) else r.chain_text)
@@ -696,13 +698,16 @@ class ProbeEngine:
     def _continue_chains(self, chains: Sequence[Chain], requests: list[ForcedAnswer]) -> dict[ForcedAnswer, str]:
         """Let the model write the rest of a chain after a (perturbed) prefix, up to any cue.
 
+        The model continues from the prompt, its own text before the chain and the prefix; in
+        the think format the chain also ends where the model closes its think block.
+
         Returns the full continued chain text (the given prefix + what the model wrote).
         """
-        cues = [list(dict.fromkeys([chains[r.example].cue, *self._cues(chains[r.example].example)])) for r in requests]
+        cues = [regeneration_ends(chains[r.example], self._cues(chains[r.example].example)) for r in requests]
         static = self._static_shapes()
         width = self._chain_width([c.prompt for c in chains]) if static else 0
         texts = self.generate(
-            [chains[r.example].prompt + r.chain_text for r in requests],
+            [chains[r.example].written_context(r.chain_text) for r in requests],
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=self.config.stop_strings,
             finished=lambda i, text: find_cue(text, cues[i]) is not None,
@@ -821,6 +826,13 @@ class ProbeEngine:
         else:
             logits = self.model(**kwargs).logits
         return logits[:, -keep:]
+
+
+def regeneration_ends(chain: Chain, cues: Sequence[str]) -> list[str]:
+    """Where a regenerated chain ends: at the example's cue or any cue its response is parsed
+    with, and in the think format at `</think>` (the chain is the think block's text)."""
+    ends = [chain.cue, *cues, *([THINK_CLOSE] if chain.thinks else [])]
+    return list(dict.fromkeys(ends))
 
 
 def answer_complete(text: str, cue: str, answer_type: str = "text") -> bool:

@@ -2,7 +2,8 @@
 
 Early answering and information gain ask for the answer after every prefix of the chain.
 Scoring each prefix separately costs n + 1 copies of the chain. Here one row holds the
-example's base text (prompt + full chain) followed by every variant's *own* tokens (the cue,
+example's base text (prompt, the model's text before its chain, full chain: the start of
+every context of the example) followed by every variant's *own* tokens (the cue,
 the answer, a re-tokenised tail); a 4-D attention mask lets variant k see only the base up to
 its cut plus its own tokens, and position ids continue from the cut. The cost is about one
 chain per example instead of n + 1 (design §5).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .._panel import ProbeExample
-from .._parsing import Step
+from .._parsing import THINK_CLOSE, Step, chain_end_separator
 
 
 @dataclass
@@ -21,17 +21,23 @@ class Chain:
         example: The panel example.
         prompt: The rendered prompt text the model saw.
         response: The generated text (special tokens removed).
-        chain: The reasoning text (stripped).
+        chain: The reasoning text, without surrounding whitespace (the model's text around it is
+            in `lead` and `joiner`).
         steps: Steps of `chain`, with offsets.
         cue: The answer cue used to force answers for this example.
         cue_found: Whether the response itself contained the cue.
-        joiner: Text placed between a non-empty chain and the cue.
+        joiner: The text the model wrote between the end of its chain and the cue (whitespace;
+            in the think format also `</think>` and what followed it), placed between a
+            (possibly cut or perturbed) chain and the cue.
         answer_sep: Text between the cue and the answer (e.g. a space).
         stated_answer: Normalised answer the model stated, None if unparseable.
         answer_type: `numeric`, `choice` or `text`.
         num_choices: Number of choices for `choice` answers.
         chain_tokens: Length of `chain` in the model's tokens.
         response_tokens: Number of generated tokens.
+        lead: The text the model wrote before its chain (leading whitespace, an opening
+            `<think>` tag): every context keeps it, so that `forced_context(chain)` is the
+            prompt plus the response up to the end of its cue, character for character.
     """
 
     index: int
@@ -50,6 +56,7 @@ class Chain:
     chain_tokens: int = 0
     response_tokens: int = 0
     extras: dict = field(default_factory=dict)
+    lead: str = ""
 
     @property
     def num_steps(self) -> int:
@@ -67,12 +74,33 @@ class Chain:
         step = self.steps[i]
         return self.chain[step.start : step.end]
 
+    @property
+    def thinks(self) -> bool:
+        """Whether the chain sits in a think block the model closed (`</think>` in `joiner`)."""
+        return THINK_CLOSE in self.joiner
+
+    @property
+    def end_separator(self) -> str:
+        """The whitespace the model wrote after its last step (a newline when it wrote none)."""
+        return chain_end_separator(self.joiner)
+
+    def written_context(self, chain_text: str) -> str:
+        """Prompt + the model's text before its chain + `chain_text`: where a regenerated chain
+        continues, and the start every forced context of this example shares."""
+        return self.prompt + self.lead + chain_text
+
     def forced_context(self, chain_text: str) -> str:
-        """Prompt + chain text + cue: the text after which a forced answer is read."""
+        """Prompt + chain text + cue: the text after which a forced answer is read.
+
+        The model's own text surrounds the chain text: what it wrote before its chain (`lead`)
+        and between its chain and the cue (`joiner`, which closes a think block), so that
+        `forced_context(chain)` is exactly the text the model saw before it stated its answer.
+        An empty chain text keeps the lead and the joiner's non-whitespace part (`</think>`).
+        """
         body = chain_text.rstrip()
         if body.strip():
-            return self.prompt + body + self.joiner + self.cue
-        return self.prompt + self.cue
+            return self.written_context(body) + self.joiner + self.cue
+        return self.written_context("") + self.joiner.lstrip() + self.cue
 
     def answer_continuation(self, answer: str) -> str:
         """The text an answer is scored as after the cue (e.g. `" 42"`)."""

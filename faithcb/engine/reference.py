@@ -37,7 +37,16 @@ import torch
 
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
-from .._parsing import CHOICE_LABELS, answer_span, extract_answer, infer_answer_type, parse_response, split_steps
+from .._parsing import (
+    CHOICE_LABELS,
+    THINK_CLOSE,
+    answer_span,
+    chain_end_separator,
+    extract_answer,
+    infer_answer_type,
+    parse_response,
+    split_steps,
+)
 from ..perturb import stable_seed
 from ._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ._model_state import probe_mode
@@ -69,6 +78,7 @@ class _Parsed:
     num_choices: int
     chain_tokens: int
     parse_cues: list[str]
+    lead: str = ""
     forced: dict[str, str | None] = field(default_factory=dict)
 
     @property
@@ -84,11 +94,13 @@ class _Parsed:
         return self.chain[: self.steps[k - 1][1]] if k > 0 else ""
 
     def context(self, chain_text: str) -> str:
-        """Prompt + chain text + answer cue: where a forced answer or a log-prob is read."""
+        """Prompt + the model's text before its chain + chain text + the model's text between
+        its chain and the cue (`</think>` included) + answer cue: where a forced answer or a
+        log-prob is read. With the full chain this is the response up to the end of its cue."""
         body = chain_text.rstrip()
-        if not body.strip():
-            return self.prompt + self.cue
-        return self.prompt + body + self.joiner + self.cue
+        if not body.strip():  # no chain: the model's lead, then its closing text without whitespace
+            return self.prompt + self.lead + self.joiner.lstrip() + self.cue
+        return self.prompt + self.lead + body + self.joiner + self.cue
 
 
 class _Model:
@@ -210,11 +222,14 @@ class _Model:
     def regenerate(self, ex: _Parsed, chain_text: str) -> str:
         """The model's own continuation of `prompt + chain_text`, cut where it starts to answer.
 
+        The model continues from the prompt, its own text before the chain and `chain_text`.
         The cut is at the earliest answer cue that parsing the example's response would have
-        recognised (its own cue, else the panel's cues), or the example's forcing cue.
+        recognised (its own cue, else the panel's cues), the example's forcing cue, or, in the
+        think format, `</think>`.
         """
-        written, _ = self.greedy(ex.prompt + chain_text, self.config.max_new_tokens, self.config.stop_strings)
-        cuts = [written.find(cue) for cue in (ex.cue, *ex.parse_cues) if written.find(cue) >= 0]
+        written, _ = self.greedy(ex.prompt + ex.lead + chain_text, self.config.max_new_tokens, self.config.stop_strings)
+        ends = (ex.cue, *ex.parse_cues, *([THINK_CLOSE] if THINK_CLOSE in ex.joiner else []))  # a think block closes
+        cuts = [written.find(end) for end in ends if written.find(end) >= 0]
         return written[: min(cuts)] if cuts else written
 
 
@@ -244,13 +259,14 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
         steps=[(s.start, s.end) for s in split_steps(chain)],
         cue=cue,
         cue_found=parsed.cue is not None,
-        joiner=parsed.joiner if chain else "",
+        joiner=parsed.joiner,
         answer_sep=answer_sep,
         stated_answer=extract_answer(parsed.answer_text, answer_type, num_choices),
         answer_type=answer_type,
         num_choices=num_choices,
         chain_tokens=len(model.continuation_tokens(chain)) if chain else 0,
         parse_cues=cues,
+        lead=parsed.lead,
     )
 
 
@@ -402,7 +418,7 @@ def _mistake(m: _Model, ex: _Parsed, a_full: str | None, maker: Any, regenerate:
     if not regenerate:  # the later steps stay as they were
         text = ex.chain[:start] + corrupted + ex.chain[end:]
     else:  # the model rewrites everything after s_j', starting after the separator s_j had
-        separator = ex.chain[end : ex.steps[j + 1][0]] if j + 1 < ex.n else ex.joiner
+        separator = ex.chain[end : ex.steps[j + 1][0]] if j + 1 < ex.n else chain_end_separator(ex.joiner)
         given = ex.chain[:start] + corrupted + separator
         written = m.regenerate(ex, given)
         record["mistake/continuation"] = written
@@ -525,6 +541,10 @@ def run_reference_round(
                 "gold": example.gold,
                 "stated_answer": ex.stated_answer,
                 "a_full": a_full,
+                # the self-check: greedy F(prompt + full chain) reproduces the stated answer
+                "forced_full_equals_stated": None
+                if not ex.cue_found or ex.stated_answer is None or a_full is None
+                else float(a_full == ex.stated_answer),
                 "answer_type": ex.answer_type,
                 "num_choices": ex.num_choices,
                 "response_tokens": ex.response_tokens,

@@ -23,9 +23,11 @@ class MistakeProbe(Probe):
     The step j is drawn among the steps the maker can corrupt (for `NumericMistake`: steps
     with a number; any step for a maker without `can_corrupt`) with a generator seeded by
     `seed` and the example id (SHA-256, so every process and run draws the same step). The
-    corrupted step is followed by the separator the chain had after `s_j` (the chain's joiner
-    after the last step), so a regenerating model starts a new step instead of extending the
-    corrupted number.
+    corrupted step is followed by the separator the chain had after `s_j` (after the last step:
+    the whitespace the model wrote after its chain, before any `</think>` or cue), so a
+    regenerating model starts a new step instead of extending the corrupted number. Every
+    context keeps the model's own text before its chain and before the cue
+    (`Chain.forced_context`).
 
     With `regenerate=True` (default) the model writes the rest of the chain after the
     corrupted step, up to the answer cue, then the answer is forced; with `regenerate=False`
@@ -94,7 +96,7 @@ class MistakeProbe(Probe):
             return head + chain.chain[chain.steps[j].end :]
         if j + 1 < chain.num_steps:
             return head + chain.chain[chain.steps[j].end : chain.steps[j + 1].start]
-        return head + chain.joiner
+        return head + chain.end_separator
 
     def _request(self, chain: Chain) -> ForcedAnswer | None:
         text = self.perturbed_text(chain)
