@@ -1,6 +1,7 @@
 """Probes: one small module each, registered by name."""
 
 from ._base import Probe, get_probe, list_probes, register_probe, same_answer
+from .control import ControlProbe
 from .core import CoreProbe
 from .early_answer import EarlyAnswerProbe
 from .filler import FillerProbe
@@ -10,6 +11,7 @@ from .paraphrase import ParaphraseProbe
 from .step_necessity import StepNecessityProbe
 
 __all__ = [
+    "ControlProbe",
     "CoreProbe",
     "EarlyAnswerProbe",
     "FillerProbe",
