@@ -28,6 +28,7 @@ tokens already differ this is exactly the argmax over the first tokens.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -332,6 +333,39 @@ def _filler(m: _Model, ex: _Parsed, a_full: str | None, filler_token: str) -> di
     }
 
 
+def _control(m: _Model, ex: _Parsed, a_full: str | None, kind: str) -> dict[str, Any]:
+    """The control chain (separators between steps doubled, by default) and whether its output moved."""
+    if not ex.chain.strip() or not ex.steps:
+        return {"control/answer": None, "control/changed": None}
+    body = ex.chain[: ex.steps[-1][1]]
+    sep = ex.chain[ex.steps[-2][1] : ex.steps[-1][0]] if ex.n >= 2 else ""
+    sep = sep or "\n"
+    if kind == "restate":
+        text = body + sep + body
+    elif ex.n < 2:
+        step = ex.step(0)
+        spaces = re.search(r"\s+", step)
+        if kind != "double_separator" or spaces is None:
+            return {"control/answer": None, "control/changed": None}
+        cut = ex.steps[0][0] + spaces.end()
+        text = ex.chain[:cut] + spaces.group() + ex.chain[cut : ex.steps[0][1]]
+    else:
+        text = ex.chain[: ex.steps[0][1]]
+        for i in range(1, ex.n):
+            between = ex.chain[ex.steps[i - 1][1] : ex.steps[i][0]]
+            between = between * 2 if kind == "double_separator" else " " + between
+            text += between + ex.step(i)
+    answer = m.forced_answer(ex, text)
+    if answer is not None and a_full is not None:
+        moved = answer != a_full
+    elif (answer is None) != (a_full is None):
+        moved = True
+    else:  # neither parses: compare the first lines of the raw texts read after the cue
+        first = [m.greedy(ex.context(t), m.config.answer_max_new_tokens)[0].strip() for t in (text, ex.chain)]
+        moved = first[0].split("\n", 1)[0].strip() != first[1].split("\n", 1)[0].strip()
+    return {"control/answer": answer, "control/changed": float(moved)}
+
+
 def _info_gain(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
     target = ex.example.gold if ex.example.gold is not None else a_full
     if target is None or ex.n == 0:
@@ -434,6 +468,7 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
 
 def _probe_fields(probe: Any, m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
     from ..probes import (
+        ControlProbe,
         CoreProbe,
         EarlyAnswerProbe,
         FillerProbe,
@@ -445,6 +480,8 @@ def _probe_fields(probe: Any, m: _Model, ex: _Parsed, a_full: str | None) -> dic
 
     if isinstance(probe, CoreProbe):
         return _core(m, ex, a_full)
+    if isinstance(probe, ControlProbe):
+        return _control(m, ex, a_full, probe.kind)
     if isinstance(probe, EarlyAnswerProbe):
         return _early_answer(m, ex, a_full)
     if isinstance(probe, FillerProbe):

@@ -9,13 +9,15 @@ no word from a rewording table), so the floor exists on every such example.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..engine import Chain, ForcedAnswer, ForcedResult, Request
 from ._base import Probe, register_probe
 
-CONTROL_KINDS = ("restate", "double_separator", "trailing_space")
+CONTROL_KINDS = ("double_separator", "restate", "trailing_space")
+_WHITESPACE = re.compile(r"\s+")
 
 
 def _separator(chain: Chain) -> str:
@@ -27,16 +29,16 @@ def _separator(chain: Chain) -> str:
     return "\n"
 
 
-def control_text(chain: Chain, kind: str = "restate") -> str | None:
-    """The control chain for `chain`, or None when the chain is empty.
+def control_text(chain: Chain, kind: str = "double_separator") -> str | None:
+    """The control chain for `chain`, or None when there is none.
 
     Args:
         chain: The parsed example.
-        kind: `restate`: the chain written twice, joined by the chain's own step separator
-            (the same steps, in the same order, stated again); `double_separator`: every
-            separator between steps written twice (a one-step chain gets no control);
-            `trailing_space`: a space at the end of every step but the last (a one-step chain
-            gets no control).
+        kind: `double_separator` (default): every separator the model wrote between two steps
+            is written twice (`"a\nb"` -> `"a\n\nb"`); a one-step chain gets its first
+            whitespace run written twice instead (none: no control). `restate`: the chain
+            written twice, joined by the chain's own step separator. `trailing_space`: a space
+            at the end of every step but the last (a one-step chain gets no control).
     """
     if not chain.chain.strip() or not chain.steps:
         return None
@@ -44,7 +46,14 @@ def control_text(chain: Chain, kind: str = "restate") -> str | None:
     if kind == "restate":
         return body + _separator(chain) + body
     if chain.num_steps < 2:
-        return None
+        if kind != "double_separator":
+            return None
+        step = chain.chain[chain.steps[0].start : chain.steps[0].end]
+        run = _WHITESPACE.search(step)
+        if run is None:
+            return None
+        cut = chain.steps[0].start + run.end()
+        return chain.chain[:cut] + run.group() + chain.chain[cut : chain.steps[0].end]
     parts, prev = [], 0
     for i in range(chain.num_steps - 1):
         end, nxt = chain.steps[i].end, chain.steps[i + 1].start
@@ -60,25 +69,25 @@ def control_text(chain: Chain, kind: str = "restate") -> str | None:
 class ControlProbe(Probe):
     """`control/changed` = 1[F(prompt + control chain) != a_full], the per-example noise floor.
 
-    The control chain is the model's own chain stated twice (`restate`, default): the same
-    steps in the same order, joined by the separator the model itself wrote between steps.
-    Nothing is added, removed or reworded, so a model that reads its chain gives the same
-    answer; a model whose answer depends on incidental features of the context (its exact
-    length, token positions) changes it. Unlike the agreement figures, a parse failure is not
-    left out here (see `changed`): the floor must exist on every example that has a chain,
-    including those of a model that never states a parseable answer. Examples without a chain
-    get None.
+    The control chain is the model's own chain with every separator it wrote between steps
+    written twice (`double_separator`, default; a blank line between steps, or a doubled space
+    in a one-step chain). Not a character of the steps is added, removed or reworded, so a
+    model that reads its chain gives the same answer; a model whose answer depends on
+    incidental features of the context (its exact bytes, token positions) changes it. Unlike
+    the agreement figures, a parse failure is not left out here (see `changed`): the floor must
+    exist on every example that has a chain, including those of a model that never states a
+    parseable answer. Examples without a control chain get None.
 
     Record fields: `control/answer` (F after the control chain), `control/changed`.
 
     Args:
-        kind: One of `restate`, `double_separator`, `trailing_space` (see `control_text`).
+        kind: One of `double_separator`, `restate`, `trailing_space` (see `control_text`).
     """
 
     metrics = ("control/changed",)
     rates = ("control/changed",)
 
-    def __init__(self, kind: str = "restate") -> None:
+    def __init__(self, kind: str = "double_separator") -> None:
         if kind not in CONTROL_KINDS:
             raise ValueError(f"kind must be one of {', '.join(CONTROL_KINDS)}; got {kind!r}.")
         self.kind = kind
