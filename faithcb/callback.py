@@ -31,6 +31,7 @@ from ._stopping import (
     metric_names,
     validate_rules,
 )
+from ._validity import invalid_reasons, invalid_warning
 from .probes import Probe
 
 logger = logging.getLogger(__name__)
@@ -528,14 +529,21 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             if isinstance(v, (int, float)) and v is not None and math.isfinite(v)
         }
         round_index = len(self.history)
+        reasons = invalid_reasons(result.metrics)
         self.history.append({"step": step, **metrics})
         self.curves.append((step, early_answer_curve(result.records)))
+        if reasons and state.is_world_process_zero:
+            logger.warning(invalid_warning(step, reasons))
         # Every rank takes the same decision (collective in distributed runs; before any main-only work).
-        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial)
+        # An unreadable round neither counts nor resets a stop rule.
+        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial or bool(reasons))
         if state.is_world_process_zero:
             try:
                 JsonlSink(Path(args.output_dir) / self.config.output_subdir).write(
-                    step=step, round_index=round_index, metrics=metrics, records=result.records
+                    step=step,
+                    round_index=round_index,
+                    metrics={**metrics, "invalid_reasons": reasons},
+                    records=result.records,
                 )
             except Exception:  # a full disk must not end the training run
                 self._warn_once("jsonl", "faithcb: writing the round's JSONL failed at step %d.", step, exc_info=True)
