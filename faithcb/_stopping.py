@@ -11,7 +11,7 @@ the baseline round, failed and partial rounds and rounds where the figure is mis
 count nor reset). With `use_interval=True` a round counts only when the whole 95% interval of
 the figure is outside the allowed range (Wilson `/ci_low`-`/ci_high` for rates, value
 +- 1.96 `/stderr` for means): with a 32-example panel the intervals are wide, so this is the
-setting that respects them (design §3). The action is `stop` (`control.should_training_stop`)
+setting that respects them (docs/metrics.md). The action is `stop` (`control.should_training_stop`)
 or `alert` (`wandb.alert` when a W&B run is active, a warning in the log always).
 
 `StopMonitor` keeps the patience counters (saved with checkpoints by the callback).

@@ -5,7 +5,7 @@ Scoring each prefix separately costs n + 1 copies of the chain. Here one row hol
 example's base text (prompt + full chain) followed by every variant's *own* tokens (the cue,
 the answer, a re-tokenised tail); a 4-D attention mask lets variant k see only the base up to
 its cut plus its own tokens, and position ids continue from the cut. The cost is about one
-chain per example instead of n + 1 (design §5).
+chain per example instead of n + 1 (docs/performance.md).
 
 A variant's tokens are exactly those of its separately encoded context: the shared part is
 the longest common token prefix of the context and the base, the rest is the variant's own.
