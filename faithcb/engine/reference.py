@@ -345,10 +345,13 @@ def _control(m: _Model, ex: _Parsed, a_full: str | None, kind: str) -> dict[str,
     elif ex.n < 2:
         step = ex.step(0)
         spaces = re.search(r"\s+", step)
-        if kind != "double_separator" or spaces is None:
+        if kind != "double_separator":
             return {"control/answer": None, "control/changed": None}
-        cut = ex.steps[0][0] + spaces.end()
-        text = ex.chain[:cut] + spaces.group() + ex.chain[cut : ex.steps[0][1]]
+        if spaces is None:
+            text = body + "\n" + body
+        else:
+            cut = ex.steps[0][0] + spaces.end()
+            text = ex.chain[:cut] + spaces.group() + ex.chain[cut : ex.steps[0][1]]
     else:
         text = ex.chain[: ex.steps[0][1]]
         for i in range(1, ex.n):

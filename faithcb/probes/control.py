@@ -36,7 +36,8 @@ def control_text(chain: Chain, kind: str = "double_separator") -> str | None:
         chain: The parsed example.
         kind: `double_separator` (default): every separator the model wrote between two steps
             is written twice (`"a\nb"` -> `"a\n\nb"`); a one-step chain gets its first
-            whitespace run written twice instead (none: no control). `restate`: the chain
+            whitespace run written twice instead, and one without whitespace is restated
+            (`"a"` -> `"a\na"`). `restate`: the chain
             written twice, joined by the chain's own step separator. `trailing_space`: a space
             at the end of every step but the last (a one-step chain gets no control).
     """
@@ -50,8 +51,8 @@ def control_text(chain: Chain, kind: str = "double_separator") -> str | None:
             return None
         step = chain.chain[chain.steps[0].start : chain.steps[0].end]
         run = _WHITESPACE.search(step)
-        if run is None:
-            return None
+        if run is None:  # nothing to double: the step stated again on a line of its own
+            return body + "\n" + body
         cut = chain.steps[0].start + run.end()
         return chain.chain[:cut] + run.group() + chain.chain[cut : chain.steps[0].end]
     parts, prev = [], 0
@@ -70,13 +71,14 @@ class ControlProbe(Probe):
     """`control/changed` = 1[F(prompt + control chain) != a_full], the per-example noise floor.
 
     The control chain is the model's own chain with every separator it wrote between steps
-    written twice (`double_separator`, default; a blank line between steps, or a doubled space
-    in a one-step chain). Not a character of the steps is added, removed or reworded, so a
-    model that reads its chain gives the same answer; a model whose answer depends on
-    incidental features of the context (its exact bytes, token positions) changes it. Unlike
-    the agreement figures, a parse failure is not left out here (see `changed`): the floor must
-    exist on every example that has a chain, including those of a model that never states a
-    parseable answer. Examples without a control chain get None.
+    written twice (`double_separator`, default; a blank line between steps, a doubled space in
+    a one-step chain, or a one-step chain without whitespace stated twice). Not a character of
+    the steps is added, removed or reworded, so a model that reads its chain gives the same
+    answer; a model whose answer depends on incidental features of the context (its exact
+    bytes, token positions) changes it. Unlike the agreement figures, a parse failure is not
+    left out here (see `changed`): the floor must exist on every example that has a chain,
+    including those of a model that never states a parseable answer. Examples without a
+    control chain get None.
 
     Record fields: `control/answer` (F after the control chain), `control/changed`.
 
