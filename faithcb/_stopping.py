@@ -39,6 +39,7 @@ LOWER_IS_BETTER = frozenset(
         "parse_fail_rate",
         "forced_parse_fail_rate",
         "noise_floor",
+        "control/changed",
         "round_seconds",
         "skipped_examples",
     }
@@ -70,7 +71,7 @@ class StopRule:
             in the bad direction (see `mode`). Not for `/delta` figures (they are drifts).
         mode: Which direction is good: `max` (higher is better), `min` (lower is better), or
             `auto`: `min` for `filler/match`, `mistake/match`, `post_conclusion/tail_fraction`,
-            the parse-failure rates, `noise_floor` and `round_seconds` (and their splits and
+            the parse-failure rates, `noise_floor`, `control/changed` and `round_seconds` (and their splits and
             slices), `max` for everything else. Only `max_drop` reads it.
         patience: Consecutive probe rounds in violation before the rule fires (>= 1).
         min_steps: Rounds at earlier optimizer steps are ignored.

@@ -308,8 +308,9 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
     def eval_figures(self, step: int, args: Any = None) -> dict[str, float]:
         """The `eval_faith_...` figures of the round at `step` (NaN score when it failed or was partial).
 
-        `eval_faith_score` is `faith/score` when the paraphrase probe runs (noise-floor corrected
-        summary), else `faith/early_answer/aoc`; which one is `self.score_key`. The figure named
+        `eval_faith_score` is `faith/score` (noise-floor corrected summary; the control probe
+        always runs) when the round can produce it, else `faith/early_answer/aoc`; which one is
+        `self.score_key`. It is NaN for a round that cannot be read (`faith/valid` = 0). The figure named
         by `metric_for_best_model` is always present (NaN when the round has no value), so
         transformers' best-model selection never meets a missing key.
         """
@@ -322,7 +323,8 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                 if _eval_eligible(key) and isinstance(value, (int, float)) and math.isfinite(value):
                     out[self.eval_key(key)] = float(value)
         if self.score_key is not None:
-            score = row.get(self.score_key) if row is not None else None
+            readable = row is not None and row.get("valid", 1.0) == 1.0  # an unreadable round is never the best
+            score = row.get(self.score_key) if readable else None
             ok = isinstance(score, (int, float)) and math.isfinite(score)
             out[f"{self._eval_prefix}score"] = float(score) if ok else math.nan
         wanted = _eval_name(getattr(args, "metric_for_best_model", None) or "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import datasets
 import pytest
@@ -171,6 +172,7 @@ def test_unreadable_round_warns_once_is_flagged_and_skipped_by_stop_rules(tmp_pa
     assert logged and all(h["faith/valid"] == 0.0 for h in logged)
     warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(warnings) == len(logged) and "answer_cues" in warnings[0]
+    assert callback.score_key == "score" and math.isnan(callback.eval_figures(2)["eval_faith_score"])  # never best
     lines = [json.loads(x) for x in (tmp_path / "out" / "faithcb" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["valid"] == 0.0 and line["invalid_reasons"] for line in lines)
 
