@@ -143,13 +143,12 @@ def chance_corrected(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 def aggregate_records(records: Sequence[dict[str, Any]], probes: Sequence[Probe]) -> dict[str, float]:
     """All panel metrics of a round (keys without the `faith/` prefix).
 
-    Besides the panel means: the noise floor, its coverage, the noise-floor corrected
-    indicators and `score`; `chain/with_steps`; `valid` (1 when the validity gates of
-    `faithcb._validity` pass, else 0); every agreement
-    metric split by whether the full-chain answer was correct (`<key>/correct`,
-    `<key>/incorrect`; Bentham et al. 2024); chance-corrected values on multiple-choice
-    examples; and, when the panel has several slices, every metric per slice under
-    `slice/<name>/`.
+    Besides the panel means: the noise floor and its coverage, the noise-floor corrected
+    indicators and `score`, `chain/with_steps`, `valid` (1 when the validity gates of
+    `faithcb._validity` pass, else 0), every agreement metric split by whether the full-chain
+    answer was correct (`<key>/correct`, `<key>/incorrect`; Bentham et al. 2024),
+    chance-corrected values on multiple-choice examples and, when the panel has several
+    slices, every metric per slice under `slice/<name>/`.
     """
     metrics = summarize(records, probes)
     metrics.update(with_steps(records))
