@@ -30,16 +30,16 @@ def _separator(chain: Chain) -> str:
 
 
 def control_text(chain: Chain, kind: str = "double_separator") -> str | None:
-    """The control chain for `chain`, or None when there is none.
+    r"""The control chain for `chain`, or None when there is none.
 
     Args:
         chain: The parsed example.
         kind: `double_separator` (default): every separator the model wrote between two steps
             is written twice (`"a\nb"` -> `"a\n\nb"`); a one-step chain gets its first
             whitespace run written twice instead, and one without whitespace is restated
-            (`"a"` -> `"a\na"`). `restate`: the chain
-            written twice, joined by the chain's own step separator. `trailing_space`: a space
-            at the end of every step but the last (a one-step chain gets no control).
+            (`"a"` -> `"a\na"`). `restate`: the chain written twice, joined by the chain's own
+            step separator. `trailing_space`: a space at the end of every step but the last (a
+            one-step chain gets no control).
     """
     if not chain.chain.strip() or not chain.steps:
         return None
