@@ -202,3 +202,22 @@ def test_kit_demo_model_keeps_a_high_score_at_the_demo_baseline():
     metrics = run_probe_round(model, tokenizer, panel, FaithConfig(panel_size=32, max_new_tokens=64)).metrics
     assert metrics["valid"] == 1.0 and metrics["noise_floor/coverage"] == 1.0
     assert metrics["score"] >= 0.7
+
+
+def _chain(text):
+    from faithcb._parsing import split_steps
+    from faithcb.engine import Chain
+
+    return Chain(0, None, "Q\n", text, text, split_steps(text), "Answer:", True, "\n", " ", None, "numeric")
+
+
+def test_control_text_changes_only_the_layout():
+    from faithcb.probes.control import control_text
+
+    assert control_text(_chain("3 + 4 = 7\n7 * 5 = 35")) == "3 + 4 = 7\n\n7 * 5 = 35"
+    assert control_text(_chain("It is 4. So 8 + 4 = 12.")) == "It is 4.  So 8 + 4 = 12."  # sentence steps
+    assert control_text(_chain("84 / 6 = 14")) == "84  / 6 = 14"  # one step: first whitespace doubled
+    assert control_text(_chain("&(/j+x")) == "&(/j+x\n&(/j+x"  # nothing to double: stated twice
+    assert control_text(_chain("")) is None
+    assert control_text(_chain("a\nb"), "restate") == "a\nb\na\nb"
+    assert control_text(_chain("a\nb"), "trailing_space") == "a \nb"
