@@ -1,7 +1,7 @@
 """Text work on responses: chain / answer split, step splitting, answer extraction.
 
 Pure functions, no model. Steps keep character offsets into the chain so that a prefix of
-k steps is an exact substring of what the model wrote (design §2).
+k steps is an exact substring of what the model wrote.
 """
 
 from __future__ import annotations

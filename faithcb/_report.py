@@ -33,6 +33,7 @@ from typing import Any
 
 from ._jsonl import iter_jsonl
 from ._sinks import CURVE_GRID, early_answer_curve
+from ._validity import invalid_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -400,6 +401,14 @@ def plot_slices(run: RunData, slices: Sequence[str], path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------- HTML
+def round_reasons(metrics: dict[str, Any]) -> list[str]:
+    """Why a logged round cannot be read: the reasons it logged, else the gates on its figures."""
+    logged = metrics.get("invalid_reasons")
+    if isinstance(logged, list):
+        return [str(r) for r in logged]
+    return invalid_reasons({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
 def _fmt(value: float) -> str:
     if not math.isfinite(value):
         return "—"
@@ -450,6 +459,7 @@ figcaption { font-size: 0.85em; color: #444; max-width: 770px; }
 .chain pre { background: #f7f7f7; padding: 0.5em; white-space: pre-wrap; font-size: 0.85em; }
 details summary { cursor: pointer; font-weight: 600; margin: 0.4em 0; }
 .meta { color: #555; font-size: 0.9em; }
+.banner { background: #fff3cd; border: 1px solid #e0b400; padding: 0.6em 1em; }
 """
 
 
@@ -572,13 +582,29 @@ def render_html(
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(" · ".join(m for m in meta if m))}</p>',
         f"<h2>Last round (step {run.steps[-1]})</h2>",
-        "<table><tr><th>metric</th><th>value</th><th>95% interval</th><th>baseline</th>"
-        "<th>drift vs baseline</th><th>reading</th></tr>",
     ]
-    for row in last_round_table(run):
-        cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in ("metric", "value", "interval", "baseline"))
-        parts.append(f"<tr>{cells}<td>{html.escape(row['delta'])}</td><td>{html.escape(row['meaning'])}</td></tr>")
-    parts.append("</table>")
+    reasons = round_reasons(last)
+    if reasons:
+        parts.append(
+            "<div class='banner'><b>This round cannot be read (faith/valid = 0); its figures are not shown.</b><ul>"
+        )
+        parts.extend(f"<li>{html.escape(reason)}</li>" for reason in reasons)
+        parts.append("</ul></div>")
+    else:
+        parts.append(
+            "<table><tr><th>metric</th><th>value</th><th>95% interval</th><th>baseline</th>"
+            "<th>drift vs baseline</th><th>reading</th></tr>"
+        )
+        for row in last_round_table(run):
+            cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in ("metric", "value", "interval", "baseline"))
+            parts.append(f"<tr>{cells}<td>{html.escape(row['delta'])}</td><td>{html.escape(row['meaning'])}</td></tr>")
+        parts.append("</table>")
+    unreadable = [str(step) for step, m in zip(run.steps, run.metrics) if round_reasons(m)]
+    if unreadable:
+        parts.append(
+            f"<p class='banner'>Unreadable rounds (faith/valid = 0) at {run.step_label}s {', '.join(unreadable)}: "
+            "their figures in the plots below are not meaningful.</p>"
+        )
     parts.append(
         "<p class='meta'>Intervals: Wilson 95% for rates, ±1.96 standard errors for means. Agreement rates rise "
         "with accuracy alone; read them beside the accuracy curve (right axis).</p>"

@@ -14,8 +14,9 @@ from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
+from ._validity import invalid_reasons
 from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
-from .probes import FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
+from .probes import ControlProbe, FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class RoundResult:
     """What one probe round produced.
 
     Attributes:
-        metrics: Panel-level figures, keys without the `faith/` prefix.
+        metrics: Panel-level figures, keys without the `faith/` prefix (`valid` is 1 when the
+            figures can be read; `invalid_reasons` says why not).
         records: One JSON-serialisable dict per example.
         seconds: Wall time of the round.
         calls: Model calls made: `generate` calls, `forward` passes (a packed batch's prefill
@@ -37,11 +39,27 @@ class RoundResult:
     seconds: float
     calls: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def valid(self) -> bool:
+        """Whether the round's figures can be read (see `invalid_reasons`)."""
+        return not self.invalid_reasons
+
+    @property
+    def invalid_reasons(self) -> list[str]:
+        """Why the round's figures cannot be read, each with what to change (empty: they can)."""
+        return invalid_reasons(self.metrics)
+
 
 def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = None) -> list[Probe]:
-    """The round's probes: the always-on core probe, then the configured ones."""
+    """The round's probes: the always-on core and control probes, then the configured ones.
+
+    The control probe (the meaning-preserving control behind the noise floor) always runs: the
+    floor is what `score` and the `/adj` figures are read against.
+    """
     chosen = list(probes) if probes is not None else list(config.probes)
     built: list[Probe] = [get_probe("core")]
+    if not any(item == "control" or isinstance(item, ControlProbe) for item in chosen):
+        built.append(ControlProbe())
     for item in chosen:
         if item == "core":
             continue

@@ -33,6 +33,7 @@ from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, early_answer_curve, wandb_figures, wandb_media
 from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
+from ._validity import invalid_reasons, invalid_warning
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +431,15 @@ def scan_checkpoints(
                 round_result.metrics, round_result.seconds, baseline, config.log_prefix, partial=partial
             )
             baseline = post.baseline
-            sink.write(step=ckpt.step, round_index=round_index, metrics=post.metrics, records=round_result.records)
+            reasons = invalid_reasons(round_result.metrics)
+            if reasons:
+                logger.warning(invalid_warning(ckpt.step, reasons))
+            sink.write(
+                step=ckpt.step,
+                round_index=round_index,
+                metrics={**post.metrics, "invalid_reasons": reasons},
+                records=round_result.records,
+            )
             result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **post.metrics})
             curves.append((ckpt.step, early_answer_curve(round_result.records)))
             if run is not None:

@@ -11,7 +11,7 @@ the baseline round, failed and partial rounds and rounds where the figure is mis
 count nor reset). With `use_interval=True` a round counts only when the whole 95% interval of
 the figure is outside the allowed range (Wilson `/ci_low`-`/ci_high` for rates, value
 +- 1.96 `/stderr` for means): with a 32-example panel the intervals are wide, so this is the
-setting that respects them (design §3). The action is `stop` (`control.should_training_stop`)
+setting that respects them (docs/metrics.md). The action is `stop` (`control.should_training_stop`)
 or `alert` (`wandb.alert` when a W&B run is active, a warning in the log always).
 
 `StopMonitor` keeps the patience counters (saved with checkpoints by the callback).
@@ -41,6 +41,7 @@ LOWER_IS_BETTER = frozenset(
         "parse_fail_rate",
         "forced_parse_fail_rate",
         "noise_floor",
+        "control/changed",
         "round_seconds",
         "skipped_examples",
     }
@@ -72,7 +73,7 @@ class StopRule:
             in the bad direction (see `mode`). Not for `/delta` figures (they are drifts).
         mode: Which direction is good: `max` (higher is better), `min` (lower is better), or
             `auto`: `min` for `filler/match`, `mistake/match`, `post_conclusion/tail_fraction`,
-            the parse-failure rates, `noise_floor` and `round_seconds` (and their splits and
+            the parse-failure rates, `noise_floor`, `control/changed` and `round_seconds` (and their splits and
             slices), `max` for everything else. Only `max_drop` reads it.
         patience: Consecutive probe rounds in violation before the rule fires (>= 1).
         min_steps: Rounds at earlier optimizer steps are ignored.

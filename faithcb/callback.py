@@ -31,6 +31,7 @@ from ._stopping import (
     metric_names,
     validate_rules,
 )
+from ._validity import invalid_reasons, invalid_warning
 from .probes import Probe
 
 logger = logging.getLogger(__name__)
@@ -313,8 +314,9 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
     def eval_figures(self, step: int, args: Any = None) -> dict[str, float]:
         """The `eval_faith_...` figures of the round at `step` (NaN score when it failed or was partial).
 
-        `eval_faith_score` is `faith/score` when the paraphrase probe runs (noise-floor corrected
-        summary), else `faith/early_answer/aoc`; which one is `self.score_key`. The figure named
+        `eval_faith_score` is `faith/score` (noise-floor corrected summary; the control probe
+        always runs) when the round can produce it, else `faith/early_answer/aoc`; which one is
+        `self.score_key`. It is NaN for a round that cannot be read (`faith/valid` = 0). The figure named
         by `metric_for_best_model` is always present (NaN when the round has no value), so
         transformers' best-model selection never meets a missing key.
         """
@@ -327,7 +329,8 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
                 if _eval_eligible(key) and isinstance(value, (int, float)) and math.isfinite(value):
                     out[self.eval_key(key)] = float(value)
         if self.score_key is not None:
-            score = row.get(self.score_key) if row is not None else None
+            readable = row is not None and row.get("valid", 1.0) == 1.0  # an unreadable round is never the best
+            score = row.get(self.score_key) if readable else None
             ok = isinstance(score, (int, float)) and math.isfinite(score)
             out[f"{self._eval_prefix}score"] = float(score) if ok else math.nan
         wanted = _eval_name(getattr(args, "metric_for_best_model", None) or "")
@@ -540,14 +543,21 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             if isinstance(v, (int, float)) and v is not None and math.isfinite(v)
         }
         round_index = len(self.history)
+        reasons = invalid_reasons(result.metrics)
         self.history.append({"step": step, **metrics})
         self.curves.append((step, early_answer_curve(result.records)))
+        if reasons and state.is_world_process_zero:
+            logger.warning(invalid_warning(step, reasons))
         # Every rank takes the same decision (collective in distributed runs; before any main-only work).
-        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial)
+        # An unreadable round neither counts nor resets a stop rule.
+        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial or bool(reasons))
         if state.is_world_process_zero:
             try:
                 JsonlSink(Path(args.output_dir) / self.config.output_subdir).write(
-                    step=step, round_index=round_index, metrics=metrics, records=result.records
+                    step=step,
+                    round_index=round_index,
+                    metrics={**metrics, "invalid_reasons": reasons},
+                    records=result.records,
                 )
             except Exception:  # a full disk must not end the training run
                 self._warn_once("jsonl", "faithcb: writing the round's JSONL failed at step %d.", step, exc_info=True)

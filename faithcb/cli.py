@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._validity import invalid_reasons
+
 logger = logging.getLogger(__name__)
 
 #: FaithConfig fields that are about the training schedule or the callback, not a round.
@@ -287,9 +289,17 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     )
     print(f"Scanned {len(result.history)} checkpoints (steps {', '.join(str(c.step) for c in checkpoints)}).")
     last = result.history[-1]
+    reasons = invalid_reasons(last)
     figures = [f"{k}={last[k]:.3f}" for k in _MAIN_KEYS if last.get(k) is not None]
-    if figures:
+    unreadable = [h["step"] for h in result.history if invalid_reasons(h)]
+    if reasons:
+        print("LAST CHECKPOINT CANNOT BE READ (faith/valid = 0); its figures are not shown:")
+        for reason in reasons:
+            print(f"  - {reason}")
+    elif figures:
         print(f"Last checkpoint: {', '.join(figures)}")
+    if unreadable:
+        print(f"Unreadable rounds (valid = 0) at steps: {', '.join(str(s) for s in unreadable)}")
     print(f"Per-example records: {out / 'rounds.jsonl'}")
     print(f"Panel figures:       {out / 'metrics.jsonl'}")
     if result.wandb_dir:

@@ -1,4 +1,4 @@
-"""Pure metric math (no model, no torch): the definitions of design §3 as functions.
+"""Pure metric math (no model, no torch): the definitions of docs/metrics.md as functions.
 
 Inputs are per-example agreement sequences and log-probs; `None` marks a parse failure,
 which is left out, never counted as a changed answer.

@@ -366,3 +366,18 @@ def test_bad_inputs_end_with_one_line_and_exit_2(run_dir, tmp_path, capsys, monk
         assert "Traceback" not in err, name
         assert lines[0].startswith(f"faithcb {argv[0]}: error: "), (name, err)
         assert message in lines[0], (name, err)
+
+
+def test_scan_shows_an_unreadable_checkpoint_as_a_banner(run_dir, tmp_path, capsys, caplog):
+    """The untrained checkpoint-0 never states a parseable answer: no figures, the reasons instead."""
+    root, panel = run_dir
+    out = tmp_path / "scan0"
+    with caplog.at_level("WARNING", logger="faithcb"):
+        rc = main(["scan", str(root / "checkpoint-0"), "--panel", str(panel), "--out", str(out), *FAST])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "CANNOT BE READ" in captured.out and "answer_cues" in captured.out
+    assert "Last checkpoint:" not in captured.out and "accuracy=" not in captured.out
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)
+    (line,) = read_jsonl(out / "metrics.jsonl")
+    assert line["valid"] == 0.0 and line["invalid_reasons"]

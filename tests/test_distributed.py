@@ -1,7 +1,7 @@
 """Multi-process runs: two torchrun ranks (gloo, CPU) give exactly the single-process figures.
 
 Here `accelerate launch --cpu --num_processes 2` runs ONE process; `torchrun --standalone
---nproc_per_node 2` runs two (design §7), so the tests launch `tests/_dist_worker.py` with
+--nproc_per_node 2` runs two, so the tests launch `tests/_dist_worker.py` with
 torchrun in a subprocess. Exact comparison: learning_rate=0 (every round sees the step-0
 weights), greedy decoding, batch size 1 for generation and scoring (no batch-dependent
 padding), one thread per process. The 5-example panel is split [0, 1, 2] / [3, 4, 4-pad].

@@ -231,7 +231,14 @@ def test_probes_are_registered_and_built_from_config():
     mistake = next(p for p in built if isinstance(p, MistakeProbe))
     assert mistake.regenerate is False and mistake.seed == 5 and mistake.maker.seed == 5
     assert isinstance(next(p for p in built if isinstance(p, ParaphraseProbe)).paraphraser, RuleParaphraser)
-    assert [p.name for p in build_probes(FaithConfig())] == ["core", "early_answer", "filler", "info_gain", *PROBES]
+    assert [p.name for p in build_probes(FaithConfig())] == [
+        "core",
+        "control",
+        "early_answer",
+        "filler",
+        "info_gain",
+        *PROBES,
+    ]
 
 
 def test_mistake_step_choice_is_seeded_by_example_id():
@@ -307,7 +314,7 @@ def test_noisy_model_is_unstable_under_paraphrase(panel):
     assert m["paraphrase/match"] < 0.3
     assert m["paraphrase/reworded"] == 1.0
     # raw mistake and step figures read as "faithful" on this model: the noise floor
-    # (1 - paraphrase/match) is what tells it apart (design §3)
+    # (1 - paraphrase/match) is what tells it apart (docs/metrics.md)
     assert m["mistake/match"] < 0.3 and m["step_necessity"] > 0.7
 
 

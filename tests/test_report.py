@@ -192,3 +192,23 @@ def test_locate_run_data_finds_the_usual_places(tmp_path):
         assert locate_run_data(tmp_path / sub) == folder
         assert locate_run_data(folder / "metrics.jsonl") == folder
     assert set(MAIN_METRICS) >= {"accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match"}
+
+
+def test_unreadable_last_round_is_a_banner_not_figures(tmp_path):
+    """A round whose answers never parsed shows its reasons, not an accuracy of 0.000 as a figure."""
+    data = tmp_path / "run" / "faithcb"
+    data.mkdir(parents=True)
+    readable = {"step": 0, "round": 0, "n_examples": 8.0, "accuracy": 0.5, "parse_fail_rate": 0.0, "valid": 1.0}
+    logged = {"step": 10, "round": 1, "n_examples": 8.0, "accuracy": 0.0, "early_answer/aoc": 1.0}
+    logged.update({"parse_fail_rate": 1.0, "valid": 0.0, "invalid_reasons": ["stated answers unparseable: fix it"]})
+    older = {"step": 20, "round": 2, "n_examples": 8.0, "accuracy": 0.0, "parse_fail_rate": 1.0}  # no valid key
+    (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (readable, logged, older)))
+    page = write_report(data / "metrics.jsonl", tmp_path / "rep").html.read_text()
+    assert "cannot be read" in page and "answer_cues" in page  # the last round's reasons, from its figures
+    assert "<th>95% interval</th>" not in page  # no table of its figures
+    assert "steps 10, 20" in page  # every unreadable round is named
+    logged_only = tmp_path / "run2" / "faithcb"
+    logged_only.mkdir(parents=True)
+    (logged_only / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (readable, logged)))
+    page = write_report(logged_only / "metrics.jsonl", tmp_path / "rep2").html.read_text()
+    assert "stated answers unparseable: fix it" in page  # the reasons the round logged

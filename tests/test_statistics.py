@@ -1,4 +1,4 @@
-"""Noise-floor correction, summary score, chance correction, slices (design §3)."""
+"""Noise-floor correction, summary score, chance correction, slices (docs/metrics.md)."""
 
 import pytest
 from rule_models import gold_response, make_prompt, make_rule_model

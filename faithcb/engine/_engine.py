@@ -2,7 +2,7 @@
 
 One round = one batched generation of chains, then every probe's requests run together:
 de-duplicated, sorted by length, left-padded, with logits kept only where answers are read
-(design §5). `faithcb.engine.reference` holds a one-at-a-time version for cross-checking.
+(docs/performance.md). `faithcb.engine.reference` holds a one-at-a-time version for cross-checking.
 """
 
 from __future__ import annotations

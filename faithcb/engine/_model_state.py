@@ -1,4 +1,4 @@
-"""Enter probe mode and restore exactly what the training loop had (design §6)."""
+"""Enter probe mode and restore exactly what the training loop had."""
 
 from __future__ import annotations
 

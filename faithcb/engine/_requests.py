@@ -1,6 +1,6 @@
 """What probes ask of the engine, and the parsed chain they ask it about.
 
-Probes never call the model (design §1). They describe *variants* as requests; the engine
+Probes never call the model. They describe *variants* as requests; the engine
 runs every request of a round together, de-duplicated, batched and sorted by length.
 """
 

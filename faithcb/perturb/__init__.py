@@ -1,4 +1,4 @@
-"""Perturbation sources for the probes: paraphrasers and mistake makers (design §4).
+"""Perturbation sources for the probes: paraphrasers and mistake makers.
 
 Every source has the batch API `__call__(texts: list[str]) -> list[str]`; probes collect the
 texts of a whole round and ask once (`Probe.prepare`). Model-based sources keep a frozen

@@ -1,4 +1,4 @@
-"""Mistake makers: corrupt one reasoning step (design §4; Lanham et al. 2023, "adding mistakes").
+"""Mistake makers: corrupt one reasoning step (Lanham et al. 2023, "adding mistakes").
 
 All have the batch API `__call__(texts: list[str]) -> list[str]` (one corrupted step per step
 text) and may have `can_corrupt(text) -> bool`, which the mistake probe uses to choose only

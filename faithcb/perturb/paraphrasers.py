@@ -1,4 +1,4 @@
-"""Paraphrasers: rewrite reasoning text with the same meaning (design §4).
+"""Paraphrasers: rewrite reasoning text with the same meaning.
 
 Three kinds, all with the batch API `__call__(texts: list[str]) -> list[str]`:
 

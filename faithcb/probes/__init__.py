@@ -2,6 +2,7 @@
 
 from ._base import Probe, get_probe, list_probes, register_probe, same_answer
 from .consistency import ConsistencyProbe
+from .control import ControlProbe
 from .core import CoreProbe
 from .early_answer import EarlyAnswerProbe
 from .filler import FillerProbe
@@ -12,6 +13,7 @@ from .step_necessity import StepNecessityProbe
 
 __all__ = [
     "ConsistencyProbe",
+    "ControlProbe",
     "CoreProbe",
     "EarlyAnswerProbe",
     "FillerProbe",

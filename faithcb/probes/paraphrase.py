@@ -4,7 +4,7 @@ For k = 1..n-1, `F(prompt + P(s_1..s_k))` is compared with the control `F(prompt
 the unparaphrased prefix of the same length. The step that states the answer (k = n) is never
 paraphrased (Lanham et al., footnote 3). A model whose answers move under a rewording of the
 same reasoning is unstable, not faithful: `1 - paraphrase/match` is the noise floor that
-corrects the other figures (design §3).
+corrects the other figures where the control probe cannot be read (docs/metrics.md).
 """
 
 from __future__ import annotations
