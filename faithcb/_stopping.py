@@ -46,6 +46,20 @@ LOWER_IS_BETTER = frozenset(
         "skipped_examples",
     }
 )
+# Figures a stop rule still reads in a round whose faithfulness figures cannot be read: what the
+# validity gates are made of, and the round's cost (a rule on parse failures must see them).
+DIAGNOSTICS = frozenset(
+    {
+        "valid",
+        "parse_fail_rate",
+        "forced_parse_fail_rate",
+        "chain/with_steps",
+        "noise_floor/coverage",
+        "selfcheck/forced_full_equals_stated",
+        "round_seconds",
+        "skipped_examples",
+    }
+)
 _BASE_SUFFIXES = ("/delta", "/correct", "/incorrect", "/chance_corrected")
 _ACTIONS = ("stop", "alert")
 _MODES = ("auto", "max", "min")
@@ -363,12 +377,26 @@ class StopMonitor:
         self.fired = [False] * len(self.rules)
 
     def update(
-        self, step: int, metrics: Mapping[str, float], baseline: Mapping[str, float] | None
+        self,
+        step: int,
+        metrics: Mapping[str, float],
+        baseline: Mapping[str, float] | None,
+        *,
+        readable: bool = True,
     ) -> list[dict[str, Any]]:
-        """Feed one (complete, non-baseline) round; returns the rules that fire now, as events."""
+        """Feed one (complete, non-baseline) round; returns the rules that fire now, as events.
+
+        Args:
+            step: The round's step.
+            metrics: Its figures.
+            baseline: The baseline round's figures.
+            readable: Whether the round's figures can be read (`faith/valid`); an unreadable
+                round feeds only the rules on `DIAGNOSTICS` (the others neither count it nor
+                reset their patience).
+        """
         events = []
         for i, (rule, key) in enumerate(zip(self.rules, self.keys)):
-            if step < rule.min_steps:
+            if step < rule.min_steps or not (readable or base_metric(key) in DIAGNOSTICS):
                 continue
             reading = read_rule(rule, key, metrics, baseline)
             if reading is None:

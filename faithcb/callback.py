@@ -549,8 +549,8 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         if reasons and state.is_world_process_zero:
             logger.warning(invalid_warning(step, reasons))
         # Every rank takes the same decision (collective in distributed runs; before any main-only work).
-        # An unreadable round neither counts nor resets a stop rule.
-        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial or bool(reasons))
+        # An unreadable round neither counts nor resets a stop rule, except rules on its diagnostics.
+        events = self._check_stop_rules(step, metrics, skip=is_baseline or partial, readable=not reasons)
         if state.is_world_process_zero:
             try:
                 JsonlSink(Path(args.output_dir) / self.config.output_subdir).write(
@@ -581,10 +581,12 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         self._last_round_ok = not partial
 
     # ------------------------------------------------------------------ stopping
-    def _check_stop_rules(self, step: int, metrics: dict[str, float], *, skip: bool) -> list[dict[str, Any]]:
+    def _check_stop_rules(
+        self, step: int, metrics: dict[str, float], *, skip: bool, readable: bool = True
+    ) -> list[dict[str, Any]]:
         if not self.stop_rules:
             return []
-        events = [] if skip else self._stopper.update(step, metrics, self.baseline)
+        events = [] if skip else self._stopper.update(step, metrics, self.baseline, readable=readable)
         # The figures are gathered, so every rank computed the same; the main process's word is
         # broadcast anyway, so that counters and decisions can never diverge.
         decision = broadcast_from_main({"stopping": self._stopper.state(), "events": events})
@@ -765,7 +767,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         if partial:
             return self._partial_result(records, seconds), True
         metrics = aggregate_records(records, self.probes)
-        if state.is_main_process:
+        if state.process_index == 0:  # one warning per round, after the gather
             warn_on_selfcheck(metrics, self.config)
         return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=local.calls), False
 

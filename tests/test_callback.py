@@ -7,8 +7,7 @@ import logging
 
 import pytest
 import torch
-from trainer_helpers import tiny_sft_config
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from trainer_helpers import tiny_lm_trainer, tiny_sft_config
 
 from faithcb import FaithConfig, FaithfulnessCallback, PanelError, Probe, register_probe
 from faithcb.synthetic import build_tiny_model, to_conversational, to_sft_dataset, to_text_dataset
@@ -74,29 +73,7 @@ def test_plain_trainer_with_jsonl_panel(tmp_path, tokenizer, arithmetic):
         "\n".join(json.dumps({"question": e["prompt"][3:-1], "answer": e["completion"]}) for e in arithmetic[:3])
     )
 
-    def encode(batch):
-        return tokenizer([t + tokenizer.eos_token for t in batch["text"]])
-
-    train = datasets.Dataset.from_list(to_text_dataset(arithmetic[8:40])).map(
-        encode, batched=True, remove_columns=["text"]
-    )
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=build_tiny_model(tokenizer),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-    )
+    trainer = tiny_lm_trainer(tokenizer, tmp_path, arithmetic[8:40], build_tiny_model(tokenizer), max_steps=3)
     config = FaithConfig(every_n_steps=3, prompt_template="Q: {question}\n", **FAST)
     trainer.add_callback(FaithfulnessCallback(trainer, panel_path, config=config))
     trainer.train()

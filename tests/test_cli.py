@@ -305,7 +305,7 @@ def _bad_inputs(tmp: Path, run_dir: tuple[Path, Path]) -> dict[str, tuple[list[s
         "scan_bad_setting": ([*scan, ckpt, "--max_new_tokens", "0"], "invalid setting: max_new_tokens must be"),
         "scan_misspelt_probe": (
             [*scan, ckpt, "--probes", "early_answer", "fillr"],
-            "invalid setting: probes: unknown probe 'fillr' (did you mean 'filler'?); registered probes: core,",
+            "invalid setting: probes: unknown probe 'fillr' (did you mean 'filler'?); registered probes: ",
         ),
         "scan_bad_answer_type": ([*scan, ckpt, "--answer_type", "num"], "answer_type must be one of auto, numeric"),
         "scan_bad_device": ([*scan, ckpt, "--device", "gpu"], "invalid setting: --device 'gpu' is not a torch device"),

@@ -18,6 +18,20 @@ from typing import Any
 
 import pytest
 import torch
+from rule_models import (
+    ANSWER_CUE,
+    EOS_ID,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    VOCAB,
+    RuleLM,
+    RuleLMConfig,
+    char_tokenizer,
+    gold_chain,
+    rule_answer,
+    rule_next_piece,
+    true_value,
+)
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb._aggregate import SELFCHECK_KEY
@@ -26,37 +40,6 @@ from faithcb.engine import ProbeEngine, run_reference_round
 from faithcb.probes import FillerProbe, MistakeProbe
 from faithcb.probes.step_necessity import chain_without_step
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
-
-try:
-    from tests.rule_models import (
-        ANSWER_CUE,
-        EOS_ID,
-        SPECIAL_TOKENS,
-        UNK_ID,
-        VOCAB,
-        RuleLM,
-        RuleLMConfig,
-        char_tokenizer,
-        gold_chain,
-        rule_answer,
-        rule_next_piece,
-        true_value,
-    )
-except ImportError:  # pytest run from inside tests/
-    from rule_models import (
-        ANSWER_CUE,
-        EOS_ID,
-        SPECIAL_TOKENS,
-        UNK_ID,
-        VOCAB,
-        RuleLM,
-        RuleLMConfig,
-        char_tokenizer,
-        gold_chain,
-        rule_answer,
-        rule_next_piece,
-        true_value,
-    )
 
 ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 EXPRS = ("3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1")

@@ -6,17 +6,16 @@ import json
 import logging
 import math
 
-import datasets
 import pytest
 import torch
 from rule_models import gold_response, make_prompt, make_rule_model
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from trainer_helpers import tiny_lm_trainer
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule, load_panel, run_probe_round
 from faithcb._aggregate import noise_corrected, noise_floor
 from faithcb._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
 from faithcb.engine.reference import run_reference_round
-from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, to_text_dataset
+from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples
 
 EXPRESSIONS = ["3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1 * 2", "7 * 2 - 5 + 3", "6 - 1 * 7"]
 
@@ -140,34 +139,17 @@ def test_gates_name_what_to_change():
 def test_unreadable_round_warns_once_is_flagged_and_skipped_by_stop_rules(tmp_path, tokenizer, caplog):
     """An untrained model never states a parseable answer: accuracy 0 must not read as a figure."""
     arithmetic = make_arithmetic_examples(24, seed=3)
-    train = datasets.Dataset.from_list(to_text_dataset(arithmetic[4:])).map(
-        lambda b: tokenizer([t + tokenizer.eos_token for t in b["text"]]), batched=True, remove_columns=["text"]
-    )
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=build_tiny_model(tokenizer),
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-    )
+    trainer = tiny_lm_trainer(tokenizer, tmp_path, arithmetic[4:], build_tiny_model(tokenizer), max_steps=2)
     panel = [{"prompt": e["prompt"], "completion": e["completion"]} for e in arithmetic[:3]]
     config = FaithConfig(every_n_steps=1, max_new_tokens=12, answer_max_new_tokens=4, probes=["early_answer"])
-    callback = FaithfulnessCallback(trainer, panel, config=config, stop_rules=[StopRule("accuracy", below=0.5)])
+    rules = [StopRule("accuracy", below=0.5), StopRule("parse_fail_rate", above=0.5, patience=2, action="alert")]
+    callback = FaithfulnessCallback(trainer, panel, config=config, stop_rules=rules)
     trainer.add_callback(callback)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         trainer.train()
     assert trainer.state.global_step == 2  # the rule would have stopped at step 1 on a readable round
-    assert not callback.stop_events
+    # a rule on a diagnostic still reads unreadable rounds: parse failures at steps 1 and 2
+    assert [(e["step"], e["metric"]) for e in callback.stop_events] == [(2, "faith/parse_fail_rate")]
     logged = [h for h in trainer.state.log_history if "faith/valid" in h]
     assert logged and all(h["faith/valid"] == 0.0 for h in logged)
     warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]

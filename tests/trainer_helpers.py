@@ -22,6 +22,36 @@ TINY_SFT = {
 }
 
 
+def tiny_lm_trainer(tokenizer: Any, tmp_path: Path, examples: list[dict], model: Any, *, max_steps: int):
+    """A plain `transformers.Trainer` of a few quiet CPU steps of language modelling on the
+    kit's examples (as text rows, each ending with EOS), writing to `tmp_path/out`."""
+    import datasets
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from faithcb.synthetic import to_text_dataset
+
+    train = datasets.Dataset.from_list(to_text_dataset(examples)).map(
+        lambda batch: tokenizer([t + tokenizer.eos_token for t in batch["text"]]), batched=True, remove_columns=["text"]
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+
+
 def tiny_sft_config(tmp_path: Path, **overrides: Any):
     """`trl.SFTConfig` of a few-step CPU run writing to `tmp_path/out` (overrides win)."""
     import trl
