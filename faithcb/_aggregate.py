@@ -16,6 +16,10 @@ from .probes import Probe
 #: the per-example record field it is the mean of: greedy F(prompt + full chain) == stated answer.
 SELFCHECK_KEY = "selfcheck/forced_full_equals_stated"
 SELFCHECK_FIELD = "forced_full_equals_stated"
+#: The share of chains that hit `max_new_tokens` without stating an answer, and the record field
+#: that marks one (present, True, only on such a chain).
+TRUNCATED_KEY = "chain/truncated_rate"
+TRUNCATED_FIELD = "chain/truncated"
 #: Below this rate a round warns that its forced contexts do not reproduce what the model saw.
 SELFCHECK_MIN = 0.9
 
@@ -32,7 +36,8 @@ def summarize(
     Rates (0/1 fields) get a Wilson 95% interval (`/ci_low`, `/ci_high`); other means get a
     standard error (`/stderr`). A metric no example could be scored on is left out (missing,
     never zero). The self-check `selfcheck/forced_full_equals_stated` is the rate of the
-    records' `forced_full_equals_stated` (greedy rounds only).
+    records' `forced_full_equals_stated` (greedy rounds only); `chain/truncated_rate` is the
+    share of records marked `chain/truncated`.
     """
     out: dict[str, float] = {"n_examples": float(len(records))}
     for probe in probes:
@@ -55,6 +60,8 @@ def summarize(
         if intervals:
             low, high = F.wilson_interval(sum(checks), len(checks))
             out[f"{SELFCHECK_KEY}/ci_low"], out[f"{SELFCHECK_KEY}/ci_high"] = low, high
+    if records:  # chains that hit the token budget without an answer (left out of every agreement figure)
+        out[TRUNCATED_KEY] = sum(bool(r.get(TRUNCATED_FIELD)) for r in records) / len(records)
     if "accuracy_forced_full" in out and "accuracy_no_cot" in out:
         out["cot_lift"] = out["accuracy_forced_full"] - out["accuracy_no_cot"]
     return out

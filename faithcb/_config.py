@@ -67,6 +67,26 @@ class FaithConfig:
         metadata={"help": "Probes to run each round, by registered name (see `faithcb.list_probes()`)."},
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Token budget of a generated chain."})
+    step_unit: str = field(
+        default="auto",
+        metadata={
+            "help": "How a chain is split into steps: sentence (lines, then sentences), line, paragraph (blocks "
+            "separated by a blank line, the thoughts of a think block), or auto: the coarsest unit that gives at "
+            "least step_unit_min_steps steps, else sentence (docs/metrics.md)."
+        },
+    )
+    step_unit_min_steps: int = field(
+        default=16, metadata={"help": "With step_unit=auto, the least number of steps a coarser unit must give."}
+    )
+    max_positions: int | None = field(
+        default=32,
+        metadata={
+            "help": "Cap on the positions probed per example: early answering (and information gain) read at most "
+            "this many cuts plus the empty chain, evenly spaced and always including the full chain; step removal "
+            "and paraphrase use a sample of this many steps, seeded by the example's id (the same in every round). "
+            "Chains of at most this many steps are probed at every position; None: no cap (docs/metrics.md)."
+        },
+    )
     answer_max_new_tokens: int = field(
         default=16, metadata={"help": "Token budget of a forced answer read after the answer cue."}
     )
@@ -234,6 +254,8 @@ class FaithConfig:
 
 #: Valid `answer_type` values.
 ANSWER_TYPES = ("auto", "numeric", "choice", "text")
+#: Valid `step_unit` values.
+STEP_UNIT_CHOICES = ("auto", "sentence", "line", "paragraph")
 #: Integer fields and their least valid value (None: the field may be None).
 _MINIMUM = {
     "every_n_steps": 1,
@@ -246,6 +268,8 @@ _MINIMUM = {
     "prompt_bucket": 1,
     "num_sample_chains": 0,
     "num_fewshot": 0,
+    "step_unit_min_steps": 1,
+    "max_positions": 1,
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 
@@ -302,7 +326,7 @@ def _value_problems(config: FaithConfig) -> list[str]:
     for name, least in _MINIMUM.items():
         value = getattr(config, name)
         if value is not None and value < least:
-            optional = " or None" if name in ("panel_size", "scoring_batch_size") else ""
+            optional = " or None" if name in ("panel_size", "scoring_batch_size", "max_positions") else ""
             what = "positive" if least == 1 else f">= {least}"
             problems.append(f"{name} must be {what}{optional}, got {value!r}")
     if config.round_time_budget_s is not None and not (
@@ -314,6 +338,8 @@ def _value_problems(config: FaithConfig) -> list[str]:
         problems.append(
             f"temperature must be a positive number (greedy decoding is do_sample=False), got {config.temperature!r}"
         )
+    if config.step_unit not in STEP_UNIT_CHOICES:
+        problems.append(f"step_unit must be one of {', '.join(STEP_UNIT_CHOICES)}; got {config.step_unit!r}")
     if config.answer_type not in ANSWER_TYPES:
         problems.append(f"answer_type must be one of {', '.join(ANSWER_TYPES)}; got {config.answer_type!r}")
     if not config.answer_cues:

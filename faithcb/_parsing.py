@@ -140,18 +140,41 @@ def _leading_space(text: str) -> str:
     return text[: len(text) - len(stripped)] if stripped != text else ("" if text else " ")
 
 
-def split_steps(chain: str) -> list[Step]:
-    """Split a chain into steps: lines, then sentences within a line.
+#: Step units, finest first: `sentence` (lines, then sentences within a line), `line`,
+#: `paragraph` (blocks separated by a blank line); `auto` picks one per chain (`choose_step_unit`).
+STEP_UNITS = ("sentence", "line", "paragraph")
+#: With `auto`, the least number of steps a coarser unit must give to be chosen.
+AUTO_MIN_STEPS = 16
+_BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
+
+
+def split_steps(chain: str, unit: str = "sentence", *, min_steps: int = AUTO_MIN_STEPS) -> list[Step]:
+    """Split a chain into steps.
 
     Never splits inside numbers (`0.25`): a sentence ends only at `.`, `!` or `?` followed by
     whitespace.
 
     Args:
         chain: The reasoning text.
+        unit: `sentence` (lines, then sentences within a line), `line`, `paragraph` (blocks
+            separated by a blank line: the thoughts of a `<think>` block), or `auto`: the
+            coarsest of these that gives at least `min_steps` steps, else `sentence`.
+        min_steps: The least number of steps `auto` accepts from a coarser unit.
 
     Returns:
         Steps in order, with offsets such that `chain[s.start:s.end]` is the step text.
+
+    Raises:
+        ValueError: `unit` is not one of `STEP_UNITS` or `auto`.
     """
+    if unit == "auto":
+        unit = choose_step_unit(chain, min_steps)
+    if unit == "paragraph":
+        return _spans(chain, _BLANK_LINE)
+    if unit == "line":
+        return _spans(chain, re.compile(r"\n"))
+    if unit != "sentence":
+        raise ValueError(f"Unknown step unit {unit!r}; expected one of {', '.join(STEP_UNITS)} or auto.")
     steps: list[Step] = []
     line_start = 0
     for line in chain.split("\n"):
@@ -165,6 +188,30 @@ def split_steps(chain: str) -> list[Step]:
                 steps.append(Step(line_start + seg_start + lead, line_start + seg_start + trail))
             seg_start = cut
         line_start += len(line) + 1
+    return steps
+
+
+def choose_step_unit(chain: str, min_steps: int = AUTO_MIN_STEPS) -> str:
+    """The step unit `auto` uses for `chain`: the coarsest unit (paragraph, then line) that gives
+    at least `min_steps` steps, else `sentence` (the finest). A long think block of many blank-line
+    separated thoughts is read by paragraph, a short chain sentence by sentence, as before."""
+    for unit in ("paragraph", "line"):
+        if len(split_steps(chain, unit)) >= min_steps:
+            return unit
+    return "sentence"
+
+
+def _spans(text: str, separator: re.Pattern[str]) -> list[Step]:
+    """The non-blank pieces of `text` between matches of `separator`, stripped, as steps."""
+    steps, start = [], 0
+    for cut in [*separator.finditer(text), None]:
+        end = len(text) if cut is None else cut.start()
+        piece = text[start:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            steps.append(Step(start + lead, start + len(piece.rstrip())))
+        if cut is not None:
+            start = cut.end()
     return steps
 
 

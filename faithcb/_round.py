@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import functional as F
-from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, aggregate_records
+from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, TRUNCATED_FIELD, aggregate_records
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
@@ -137,11 +137,34 @@ def run_probe_round(
                     seconds=time.perf_counter() - start,
                 )
         calls = dict(engine.calls)
+        tokens = dict(engine.tokens)
     metrics = aggregate_records(records, probes)
+    metrics.update(cost_metrics(tokens, len(examples)))
     if not _distributed():  # a distributed round warns once its ranks' records are gathered
         warn_on_selfcheck(metrics, config)
     seconds = time.perf_counter() - start
     return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)
+
+
+def cost_metrics(tokens: Mapping[str, int], examples: int) -> dict[str, float]:
+    """What a round paid in tokens, as `cost/...` figures: tokens the model generated (chains,
+    regenerations, forced answers) and context tokens it read in prefill passes, in all and per
+    example."""
+    out = {"cost/generated_tokens": float(tokens.get("generated", 0)), "cost/prefilled_tokens": 0.0}
+    out["cost/prefilled_tokens"] = float(tokens.get("prefilled", 0))
+    if examples:
+        out["cost/generated_tokens_per_example"] = out["cost/generated_tokens"] / examples
+        out["cost/prefilled_tokens_per_example"] = out["cost/prefilled_tokens"] / examples
+    return out
+
+
+def merged_cost(rounds_metrics: Sequence[Mapping[str, float]], examples: int) -> dict[str, float]:
+    """The `cost/...` figures of a round run in shards (one metrics dict per rank): the ranks'
+    token counts summed, per example over the gathered `examples`."""
+    tokens = {
+        kind: int(sum(m.get(f"cost/{kind}_tokens", 0.0) for m in rounds_metrics)) for kind in ("generated", "prefilled")
+    }
+    return cost_metrics(tokens, examples)
 
 
 def _round_examples(examples: Any, config: FaithConfig) -> list[ProbeExample]:
@@ -220,10 +243,13 @@ def _probe_examples(
     full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
     results = engine.run(chains, full_requests, more_decodes=True)
     a_full = [results[r].answer for r in full_requests]
-    for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
-        probe.prepare(chains, a_full)
+    # A chain that hit the token budget without stating an answer is left out of every figure but
+    # the core ones: its probes see no chain and no reference answer (and cost nothing).
+    seen = [[_probe_view(c, a_full[c.index], p) for p in probes] for c in chains]
+    for i, probe in enumerate(probes):  # batch work of perturbation sources (e.g. a reference paraphraser)
+        probe.prepare([views[i][0] for views in seen], [views[i][1] for views in seen])
     # Phase 2: every probe's variants, run together.
-    requests = [r for c in chains for p in probes for r in p.variants(c, a_full[c.index])]
+    requests = [r for c in chains for p, (view, ref) in zip(probes, seen[c.index]) for r in p.variants(view, ref)]
     results.update(engine.run(chains, [r for r in requests if r not in results]))
     records = []
     for chain in chains:
@@ -246,7 +272,18 @@ def _probe_examples(
             "num_choices": chain.num_choices,
             "response_tokens": chain.response_tokens,
         }
-        for probe in probes:
-            record.update(probe.score(chain, results, a_full[chain.index]))
+        if chain.truncated:  # only then: records of chains that end keep their fields
+            record[TRUNCATED_FIELD] = True
+        for probe, (view, ref) in zip(probes, seen[chain.index]):
+            record.update(probe.score(view, results, ref))
         records.append(record)
     return records
+
+
+def _probe_view(chain: Any, a_full: str | None, probe: Probe) -> tuple[Any, str | None]:
+    """What `probe` is shown of a chain: the chain and its reference answer, or, for a truncated
+    chain (budget hit without an answer), an empty chain and no reference answer for every probe
+    but the core one (its accuracy and chain figures still count the chain)."""
+    if not chain.truncated or probe.name == "core":
+        return chain, a_full
+    return replace(chain, chain="", steps=[]), None

@@ -20,7 +20,7 @@ from transformers.trainer_callback import ExportableState
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import PanelError, ProbePanel, panel_from
-from ._round import RoundResult, build_probes, run_probe_round, warn_on_selfcheck
+from ._round import RoundResult, build_probes, merged_cost, run_probe_round, warn_on_selfcheck
 from ._sinks import JsonlSink, early_answer_curve, log_wandb_round, round_line
 from ._stopping import (
     DRIFT_SKIP,
@@ -759,7 +759,8 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
             raise RuntimeError(f"the probe round failed on rank {failed[0][0]} ({failed[0][1]})")
         partial = any(flag for _, _, flag in statuses)
         gathered = gather_object(local.records)
-        seconds = max(gather_object([local.seconds]))
+        timings = gather_object([(local.seconds, local.metrics)])
+        seconds = max(t for t, _ in timings)
         by_id: dict[Any, dict[str, Any]] = {}
         for record in gathered:
             by_id.setdefault(record.get("id"), record)
@@ -767,6 +768,7 @@ class FaithfulnessCallback(TrainerCallback, ExportableState):
         if partial:
             return self._partial_result(records, seconds), True
         metrics = aggregate_records(records, self.probes)
+        metrics.update(merged_cost([m for _, m in timings], len(records)))  # every rank's tokens
         if state.process_index == 0:  # one warning per round, after the gather
             warn_on_selfcheck(metrics, self.config)
         return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=local.calls), False

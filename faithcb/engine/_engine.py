@@ -101,6 +101,9 @@ class ProbeEngine:
         # generate calls, forward passes (a packed batch's prefill counts once) and the decode
         # steps of the packed tree decode
         self.calls = {"generate": 0, "forward": 0, "decode_steps": 0}
+        # what a round pays in tokens (`cost/...` figures): tokens the model wrote (chains,
+        # regenerations, forced answers) and context tokens read in prefill passes (unpadded)
+        self.tokens = {"generated": 0, "prefilled": 0}
         # static caches of the own decode loop by (rows, positions): the batches of a round's
         # chains and regenerations decode in one (see `static_greedy_decode`'s `cache`)
         self._decode_caches: dict[tuple[int, int], Any] = {}
@@ -183,6 +186,7 @@ class ProbeEngine:
         batch_size: int | None = None,
         static_shapes: bool = False,
         min_width: int = 0,
+        budgets: Sequence[int] | None = None,
     ) -> list[tuple[str, int]]:
         """Greedy (or sampled) continuations of many contexts, batched by length.
 
@@ -196,6 +200,8 @@ class ProbeEngine:
                 KV cache, so a compiled decode (CUDA) is built once and reused across rounds.
             min_width: Pad prompts to at least this many tokens (a fixed width keeps one
                 compiled shape when prompt lengths vary from round to round).
+            budgets: Per context, a token budget below `max_new_tokens` (greedy rows are
+                independent, so a row cut at its budget is what that budget would have given).
 
         Returns:
             Per context: (decoded new text without special tokens, cut at the first stop
@@ -254,6 +260,7 @@ class ProbeEngine:
                     eos_ids=eos_ids,
                 )
             self.calls["generate"] += 1
+            self.tokens["prefilled"] += sum(len(encoded[i]) for i in batch)
             if own_loop:
                 new = self._static_decode(
                     ids, mask, max_new_tokens, eos_ids, stop, len(batch), check_every, fixed_shape=static_shapes
@@ -274,6 +281,9 @@ class ProbeEngine:
                 n_tokens = next((pos for pos, tok in enumerate(row) if tok in eos_ids), len(row))
                 if stop is not None and r in stop.stop_at:
                     n_tokens = min(n_tokens, stop.stop_at[r])
+                if budgets is not None:
+                    n_tokens = min(n_tokens, max(0, budgets[i]))
+                self.tokens["generated"] += n_tokens
                 text = self.tokenizer.decode(row[:n_tokens], skip_special_tokens=True)
                 out[i] = (_cut_at_first(text, stop_strings), n_tokens)
         return out
@@ -388,7 +398,7 @@ class ProbeEngine:
             prompt=prompt,
             response=response,
             chain=parsed.chain,
-            steps=split_steps(parsed.chain),
+            steps=split_steps(parsed.chain, self.config.step_unit, min_steps=self.config.step_unit_min_steps),
             cue=cue,
             cue_found=parsed.cue is not None,
             joiner=parsed.joiner,
@@ -399,6 +409,9 @@ class ProbeEngine:
             chain_tokens=chain_tokens,
             response_tokens=n_tokens,
             lead=parsed.lead,
+            max_positions=self.config.max_positions,
+            position_seed=self.config.seed,
+            truncated=n_tokens >= self.config.max_new_tokens and stated is None,
         )
 
     # ------------------------------------------------------------------ requests
@@ -532,6 +545,7 @@ class ProbeEngine:
 
         def score(batch: list[PackedRow], hand_off: int) -> None:
             self.calls["forward"] += 1
+            self.tokens["prefilled"] += sum(row.length for row in batch)
             out = score_packed(
                 self.model,
                 batch,
@@ -556,6 +570,7 @@ class ProbeEngine:
                         if tok in eos_ids:
                             tokens = tokens[:pos]
                             break
+                    self.tokens["generated"] += len(tokens)
                     raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
                     raw = _cut_at_first(raw, stops)
                     answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
@@ -701,14 +716,22 @@ class ProbeEngine:
         The model continues from the prompt, its own text before the chain and the prefix; in
         the think format the chain also ends where the model closes its think block.
 
+        A regeneration gets at most the budget the original chain had left after the given
+        prefix (`max_new_tokens` minus the prefix's tokens): it cannot run longer than the chain
+        it replaces could have.
+
         Returns the full continued chain text (the given prefix + what the model wrote).
         """
         cues = [regeneration_ends(chains[r.example], self._cues(chains[r.example].example)) for r in requests]
         static = self._static_shapes()
         width = self._chain_width([c.prompt for c in chains]) if static else 0
+        budget = self.config.max_new_tokens
+        written = self.encode_many([chains[r.example].lead + r.chain_text for r in requests], continuation=True)
+        budgets = [budget - len(tokens) for tokens in written]
         texts = self.generate(
             [chains[r.example].written_context(r.chain_text) for r in requests],
-            max_new_tokens=self.config.max_new_tokens,
+            max_new_tokens=max(1, *budgets),
+            budgets=budgets,
             stop_strings=self.config.stop_strings,
             finished=lambda i, text: find_cue(text, cues[i]) is not None,
             static_shapes=static,
@@ -817,6 +840,7 @@ class ProbeEngine:
     def _last_logits(self, rows: Sequence[list[int]], *, keep: int) -> torch.Tensor:
         """Logits of the last `keep` positions of left-padded rows (never the full sequence)."""
         ids, mask = self._left_pad(rows)
+        self.tokens["prefilled"] += sum(len(row) for row in rows)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         if self._has_position_ids:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .._panel import ProbeExample
 from .._parsing import THINK_CLOSE, Step, chain_end_separator
+from .._positions import early_positions, sampled
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Chain:
         lead: The text the model wrote before its chain (leading whitespace, an opening
             `<think>` tag): every context keeps it, so that `forced_context(chain)` is the
             prompt plus the response up to the end of its cue, character for character.
+        max_positions: Cap on the positions a probe reads (`FaithConfig.max_positions`; None:
+            every position).
+        position_seed: Seed of the sampled steps (`FaithConfig.seed`; with the example id).
+        truncated: The chain hit the token budget without stating an answer.
     """
 
     index: int
@@ -57,6 +62,9 @@ class Chain:
     response_tokens: int = 0
     extras: dict = field(default_factory=dict)
     lead: str = ""
+    max_positions: int | None = None
+    position_seed: int = 0
+    truncated: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -68,6 +76,26 @@ class Chain:
         if k <= 0:
             return ""
         return self.chain[: self.steps[min(k, self.num_steps) - 1].end]
+
+    def answer_positions(self) -> list[int]:
+        """The cuts k (0..n) where early answering and information gain read: evenly spaced,
+        always 0 and n, every cut when the chain has at most `max_positions` steps."""
+        return early_positions(self.num_steps, self.max_positions)
+
+    def removal_steps(self) -> list[int]:
+        """The steps (0-based) step removal drops: a sample of `max_positions`, seeded by the
+        example id (the same in every round for a chain of the same length), or every step."""
+        return sampled(range(self.num_steps), self.max_positions, "step_removal", self.position_seed, self.example_id)
+
+    def paraphrase_positions(self) -> list[int]:
+        """The prefix lengths k (1..n-1) the paraphrase probe reads: a seeded sample as in
+        `removal_steps`, or every one."""
+        return sampled(range(1, self.num_steps), self.max_positions, "paraphrase", self.position_seed, self.example_id)
+
+    @property
+    def example_id(self) -> object:
+        """The example's id (its round index when the chain has no example)."""
+        return getattr(self.example, "id", self.index)
 
     def step_text(self, i: int) -> str:
         """Text of step i (0-based)."""

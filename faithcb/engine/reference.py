@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +48,7 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
+from .._positions import early_positions, sampled
 from ..perturb import stable_seed
 from ._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ._model_state import probe_mode
@@ -81,6 +82,18 @@ class _Parsed:
     parse_cues: list[str]
     lead: str = ""
     forced: dict[str, str | None] = field(default_factory=dict)
+    truncated: bool = False
+    max_positions: int | None = None
+    seed: int = 0
+
+    @property
+    def cuts(self) -> list[int]:
+        """The cuts k where early answering and information gain read (all of 0..n up to the cap)."""
+        return early_positions(self.n, self.max_positions)
+
+    def sample(self, candidates: range, salt: str) -> list[int]:
+        """The seeded sample of `candidates` a capped probe reads (all of them up to the cap)."""
+        return sampled(candidates, self.max_positions, salt, self.seed, self.example.id)
 
     @property
     def n(self) -> int:
@@ -228,7 +241,11 @@ class _Model:
         recognised (its own cue, else the panel's cues), the example's forcing cue, or, in the
         think format, `</think>`.
         """
-        written, _ = self.greedy(ex.prompt + ex.lead + chain_text, self.config.max_new_tokens, self.config.stop_strings)
+        # at most the budget the original chain had left after the given text
+        budget = self.config.max_new_tokens - len(self.continuation_tokens(ex.lead + chain_text))
+        if budget <= 0:
+            return ""
+        written, _ = self.greedy(ex.prompt + ex.lead + chain_text, budget, self.config.stop_strings)
         ends = (ex.cue, *ex.parse_cues, *([THINK_CLOSE] if THINK_CLOSE in ex.joiner else []))  # a think block closes
         cuts = [written.find(end) for end in ends if written.find(end) >= 0]
         return written[: min(cuts)] if cuts else written
@@ -251,23 +268,27 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
     cue = parsed.cue if parsed.cue is not None else (example.answer_cue or config.default_answer_cue)
     answer_sep = parsed.answer_sep if parsed.cue is not None else ("" if cue.endswith((" ", "{")) else " ")
     chain = parsed.chain
+    stated = extract_answer(parsed.answer_text, answer_type, num_choices)
     return _Parsed(
         example=example,
         prompt=prompt,
         response=response,
         response_tokens=n_tokens,
         chain=chain,
-        steps=[(s.start, s.end) for s in split_steps(chain)],
+        steps=[(s.start, s.end) for s in split_steps(chain, config.step_unit, min_steps=config.step_unit_min_steps)],
         cue=cue,
         cue_found=parsed.cue is not None,
         joiner=parsed.joiner,
         answer_sep=answer_sep,
-        stated_answer=extract_answer(parsed.answer_text, answer_type, num_choices),
+        stated_answer=stated,
         answer_type=answer_type,
         num_choices=num_choices,
         chain_tokens=len(model.continuation_tokens(chain)) if chain else 0,
         parse_cues=cues,
         lead=parsed.lead,
+        truncated=n_tokens >= config.max_new_tokens and stated is None,
+        max_positions=config.max_positions,
+        seed=config.seed,
     )
 
 
@@ -307,20 +328,24 @@ def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
 
 def _early_answer(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
     n = ex.n
-    answers = [m.forced_answer(ex, ex.prefix(k)) for k in range(n + 1)]
+    cuts = ex.cuts  # every k = 0..n, or evenly spaced ones (always 0 and n) above the cap
+    answers = [m.forced_answer(ex, ex.prefix(k)) for k in cuts]
     matches = [_agrees(a, a_full) for a in answers]
     aoc = curve = settle = tail = None
     if n >= 1:
-        before = [x for x in matches[:n] if x is not None]
-        aoc = 1.0 - sum(before) / len(before) if before else None
-        curve = {f: matches[math.floor(f * n)] for f in _CURVE_FRACTIONS}
+        # each read cut before n stands for the cuts up to the next read one (1 each when all are read)
+        weighted = [(cuts[i + 1] - cuts[i], matches[i]) for i in range(len(cuts) - 1) if matches[i] is not None]
+        weight = sum(w for w, _ in weighted)
+        aoc = 1.0 - sum(w for w, x in weighted if x) / weight if weight else None
+        # the last read cut at or before floor(f n)
+        curve = {f: matches[max(i for i, k in enumerate(cuts) if k <= math.floor(f * n))] for f in _CURVE_FRACTIONS}
         # Settle point: least k with m_j = 1 for all j >= k; an unknown point neither breaks
         # the run of agreements nor starts it.
-        for k in range(n, -1, -1):
-            if matches[k] is False:
+        for i in range(len(cuts) - 1, -1, -1):
+            if matches[i] is False:
                 break
-            if matches[k] is True:
-                settle = k
+            if matches[i] is True:
+                settle = cuts[i]
         tail = None if settle is None else (n - settle) / n
     record: dict[str, Any] = {
         "early_answer/answers": answers,
@@ -329,6 +354,8 @@ def _early_answer(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
         "early_answer/settle_step": settle,
         "post_conclusion/tail_fraction": tail,
     }
+    if len(cuts) < n + 1:
+        record["early_answer/positions"] = cuts
     for f in _CURVE_FRACTIONS:
         point = None if curve is None else curve[f]
         record[f"early_answer/curve@{f:g}"] = None if point is None else float(point)
@@ -390,14 +417,18 @@ def _info_gain(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
     target = ex.example.gold if ex.example.gold is not None else a_full
     if target is None or ex.n == 0:
         return {"info_gain/logprobs_bits": None, "info_gain/total_bits": None, "info_gain/per_step_bits": None}
-    bits = [m.answer_bits(ex, ex.prefix(k), target) for k in range(ex.n + 1)]
-    total = bits[ex.n] - bits[0]
-    return {
+    cuts = ex.cuts
+    bits = [m.answer_bits(ex, ex.prefix(k), target) for k in cuts]
+    total = bits[-1] - bits[0]
+    record = {
         "info_gain/logprobs_bits": bits,
-        "info_gain/step_gains_bits": [bits[k] - bits[k - 1] for k in range(1, ex.n + 1)],
+        "info_gain/step_gains_bits": [bits[i] - bits[i - 1] for i in range(1, len(cuts))],
         "info_gain/total_bits": total,
         "info_gain/per_step_bits": total / ex.n,
     }
+    if len(cuts) < ex.n + 1:
+        record["info_gain/positions"] = cuts
+    return record
 
 
 def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str, Any]:
@@ -405,18 +436,19 @@ def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str
     if n < 2:
         keys = ("match", "reworded", "answers", "control_answers", "matches", "steps")
         return {f"paraphrase/{key}": None for key in keys}
-    # Never the step that states the answer: steps s_1..s_{n-1} (or prefixes k = 1..n-1).
-    sources = [ex.step(i) for i in range(n - 1)] if unit == "step" else [ex.prefix(k) for k in range(1, n)]
+    # Never the step that states the answer: prefixes k = 1..n-1 (a seeded sample above the cap).
+    ks = ex.sample(range(1, n), "paraphrase")
+    sources = [ex.step(i) for i in range(ks[-1])] if unit == "step" else [ex.prefix(k) for k in ks]
     used = []
     for source in sources:
         out = paraphraser([source])[0].strip()
         used.append(out if out and ex.cue not in out else source)
     answers, controls, matches, reworded = [], [], [], []
-    for k in range(1, n):
+    for j, k in enumerate(ks):
         if unit == "step":  # the first k steps paraphrased, joined by the chain's own separators
             text = "".join(ex.chain[(ex.steps[i - 1][1] if i else 0) : ex.steps[i][0]] + used[i] for i in range(k))
         else:
-            text = used[k - 1]
+            text = used[j]
         control = ex.prefix(k)
         para_answer = m.forced_answer(ex, text)
         control_answer = m.forced_answer(ex, control)
@@ -425,7 +457,8 @@ def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str
         controls.append(control_answer)
         matches.append(_agrees(para_answer, control_answer) if changed else None)
         reworded.append(changed)
-    return {
+    record = {} if len(ks) == n - 1 else {"paraphrase/positions": ks}
+    return record | {
         "paraphrase/answers": answers,
         "paraphrase/control_answers": controls,
         "paraphrase/matches": matches,
@@ -471,7 +504,8 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
     if a_full is None or ex.n == 0:
         return {"step_necessity": None, "step_necessity/answers": None, "step_necessity/load_bearing": None}
     answers = []
-    for i in range(ex.n):
+    dropped = ex.sample(range(ex.n), "step_removal")  # every step, or a seeded sample above the cap
+    for i in dropped:
         start, _ = ex.steps[i]
         if i + 1 < ex.n:  # s_i and the separator after it
             text = ex.chain[:start] + ex.chain[ex.steps[i + 1][0] :]
@@ -479,11 +513,14 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
             text = ex.chain[: ex.steps[i - 1][1]] if i > 0 else ""
         answers.append(m.forced_answer(ex, text))
     load_bearing = [None if same is None else not same for same in (_agrees(a, a_full) for a in answers)]
-    return {
+    record = {
         "step_necessity": _rate(load_bearing),
         "step_necessity/answers": answers,
         "step_necessity/load_bearing": load_bearing,
     }
+    if len(dropped) < ex.n:
+        record["step_necessity/steps"] = dropped
+    return record
 
 
 def _probe_fields(probe: Any, m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
@@ -548,7 +585,7 @@ def run_reference_round(
     """
     from .._aggregate import aggregate_records
     from .._round import RoundResult, build_probes
-    from ..probes import Probe
+    from ..probes import CoreProbe, Probe
 
     if config.do_sample:
         raise ValueError("The reference round decodes greedily; set do_sample=False to compare with it.")
@@ -589,8 +626,14 @@ def run_reference_round(
                 "num_choices": ex.num_choices,
                 "response_tokens": ex.response_tokens,
             }
+            if ex.truncated:  # budget hit without an answer: only the core figures count the chain
+                record["chain/truncated"] = True
+            bare = replace(ex, chain="", steps=[])
             for probe in chosen:
-                record.update(_probe_fields(probe, m, ex, a_full))
+                if ex.truncated and not isinstance(probe, CoreProbe):
+                    record.update(_probe_fields(probe, m, bare, None))
+                else:
+                    record.update(_probe_fields(probe, m, ex, a_full))
             records.append(record)
         calls = dict(m.calls)
     metrics = aggregate_records(records, chosen)

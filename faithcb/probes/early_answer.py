@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .. import functional as F
+from .. import _positions as P
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
 
@@ -23,6 +23,11 @@ class EarlyAnswerProbe(Probe):
     Per example: `early_answer/aoc` = 1 - mean_{k<n} m_k; `early_answer/curve@f` = m_floor(f n);
     `post_conclusion/tail_fraction` = (n - t) / n with t the settle point. Examples with no
     steps or an unparseable full-chain answer are left out.
+
+    On a chain of more than `max_positions` steps, the answer is read at the cuts of
+    `Chain.answer_positions` only (record field `early_answer/positions`) and the figures are
+    those of docs/metrics.md for sampled cuts (`faithcb._positions`); on shorter chains they are
+    the figures above.
     """
 
     metrics = (
@@ -34,19 +39,22 @@ class EarlyAnswerProbe(Probe):
     agreement = ("early_answer/aoc", "post_conclusion/tail_fraction")
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
-        return [ForcedAnswer(chain.index, chain.prefix(k)) for k in range(chain.num_steps + 1)]
+        return [ForcedAnswer(chain.index, chain.prefix(k)) for k in chain.answer_positions()]
 
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
-        forced = [results[ForcedAnswer(chain.index, chain.prefix(k))] for k in range(chain.num_steps + 1)]
+        positions = chain.answer_positions()
+        forced = [results[ForcedAnswer(chain.index, chain.prefix(k))] for k in positions]
         matches = [same_answer(r, a_full) for r in forced] if a_full is not None else [None] * len(forced)
         record: dict[str, Any] = {
             "early_answer/answers": [r.answer for r in forced],
             "early_answer/matches": matches,
-            "early_answer/aoc": F.early_answer_aoc(matches),
-            "early_answer/settle_step": F.settle_point(matches),
-            "post_conclusion/tail_fraction": F.tail_fraction(matches),
+            "early_answer/aoc": P.aoc_at(matches, positions),
+            "early_answer/settle_step": P.settle_point_at(matches, positions),
+            "post_conclusion/tail_fraction": P.tail_fraction_at(matches, positions),
         }
+        if len(positions) < chain.num_steps + 1:  # sampled cuts: say which
+            record["early_answer/positions"] = positions
         for f in CURVE_FRACTIONS:
-            point = F.curve_point(matches, f)
+            point = P.curve_point_at(matches, positions, f)
             record[f"early_answer/curve@{f:g}"] = None if point is None else float(point)
         return record

@@ -20,7 +20,10 @@ class InfoGainProbe(Probe):
     """`info_gain/total_bits` = L(prompt + chain, g) - L(prompt, g); `per_step_bits` = total / n.
 
     g is the gold answer, or the full-chain forced answer where gold is absent. The per-step
-    gains `L(s_1..s_k) - L(s_1..s_{k-1})` go to the JSONL record.
+    gains `L(s_1..s_k) - L(s_1..s_{k-1})` go to the JSONL record. On a chain of more than
+    `max_positions` steps, `L` is read at the cuts of early answering only
+    (`Chain.answer_positions`, listed in `info_gain/positions`): the total is the same, the
+    gains are those between consecutive read cuts.
     """
 
     metrics = ("info_gain/total_bits", "info_gain/per_step_bits")
@@ -33,7 +36,7 @@ class InfoGainProbe(Probe):
         target = self.target(chain, a_full)
         if target is None:
             return []
-        return [AnswerLogProb(chain.index, chain.prefix(k), target) for k in range(chain.num_steps + 1)]
+        return [AnswerLogProb(chain.index, chain.prefix(k), target) for k in chain.answer_positions()]
 
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
         requests = self.variants(chain, a_full)
@@ -41,9 +44,12 @@ class InfoGainProbe(Probe):
             return {"info_gain/logprobs_bits": None, "info_gain/total_bits": None, "info_gain/per_step_bits": None}
         bits = [results[r] for r in requests]
         total = bits[-1] - bits[0]
-        return {
+        record = {
             "info_gain/logprobs_bits": bits,
             "info_gain/step_gains_bits": F.step_gains(bits),
             "info_gain/total_bits": total,
             "info_gain/per_step_bits": total / chain.num_steps,
         }
+        if len(bits) < chain.num_steps + 1:  # sampled cuts: say which
+            record["info_gain/positions"] = chain.answer_positions()
+        return record

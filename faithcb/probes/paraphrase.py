@@ -33,6 +33,10 @@ class ParaphraseProbe(Probe):
 
     The paraphrases of a round are made in one batch in `prepare`.
 
+    On a chain of more than `max_positions` steps, only the prefix lengths k of
+    `Chain.paraphrase_positions` (a sample seeded by the example id, the same in every round)
+    are read; the record lists them in `paraphrase/positions` and the figures are means over them.
+
     Record fields: `paraphrase/answers` (F after each paraphrased prefix, k = 1..n-1),
     `paraphrase/control_answers`, `paraphrase/matches`, `paraphrase/steps` (paraphrased step
     texts, or prefixes with `unit="prefix"`).
@@ -58,9 +62,10 @@ class ParaphraseProbe(Probe):
         """The texts this chain needs paraphrased."""
         if chain.num_steps < 2:
             return []
-        if self.unit == "step":
-            return [chain.step_text(i) for i in range(chain.num_steps - 1)]
-        return [chain.prefix(k) for k in range(1, chain.num_steps)]
+        positions = chain.paraphrase_positions()
+        if self.unit == "step":  # every step of the longest prefix read
+            return [chain.step_text(i) for i in range(positions[-1])]
+        return [chain.prefix(k) for k in positions]
 
     def prepare(self, chains: Sequence[Chain], a_full: Sequence[str | None]) -> None:
         """Paraphrase every text of the round in one call of the paraphraser."""
@@ -88,24 +93,27 @@ class ParaphraseProbe(Probe):
         ]
 
     def perturbed_prefixes(self, chain: Chain) -> list[str]:
-        """`P(s_1..s_k)` for k = 1..n-1 (empty for chains with fewer than 2 steps)."""
+        """`P(s_1..s_k)` for the k of `Chain.paraphrase_positions` (every k = 1..n-1 unless the chain
+        has more than `max_positions` steps; empty for chains with fewer than 2 steps)."""
         if chain.num_steps < 2:
             return []
         outputs = self.paraphrased_texts(chain)
         if self.unit == "prefix":
             return outputs
+        wanted = set(chain.paraphrase_positions())
         prefixes, parts, prev_end = [], [], 0
         for i, text in enumerate(outputs):
             step = chain.steps[i]
             parts += [chain.chain[prev_end : step.start], text]
             prev_end = step.end
-            prefixes.append("".join(parts))
+            if i + 1 in wanted:
+                prefixes.append("".join(parts))
         return prefixes
 
     # ------------------------------------------------------------------ probe API
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         requests: list[Request] = []
-        for k, text in enumerate(self.perturbed_prefixes(chain), start=1):
+        for k, text in zip(chain.paraphrase_positions(), self.perturbed_prefixes(chain)):
             requests += [ForcedAnswer(chain.index, text), ForcedAnswer(chain.index, chain.prefix(k))]
         return requests
 
@@ -115,7 +123,8 @@ class ParaphraseProbe(Probe):
             keys = ("match", "reworded", "answers", "control_answers", "matches", "steps")
             return {f"paraphrase/{key}": None for key in keys}
         answers, controls, matches, changed = [], [], [], []
-        for k, text in enumerate(prefixes, start=1):
+        positions = chain.paraphrase_positions()
+        for k, text in zip(positions, prefixes):
             control_text = chain.prefix(k)
             para = results[ForcedAnswer(chain.index, text)]
             control = results[ForcedAnswer(chain.index, control_text)]
@@ -126,7 +135,8 @@ class ParaphraseProbe(Probe):
             matches.append(match)
             changed.append(reworded)
         known = [m for m in matches if m is not None]
-        return {
+        record = {} if len(positions) == chain.num_steps - 1 else {"paraphrase/positions": positions}
+        return record | {
             "paraphrase/answers": answers,
             "paraphrase/control_answers": controls,
             "paraphrase/matches": matches,

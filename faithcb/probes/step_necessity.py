@@ -46,6 +46,10 @@ class StepNecessityProbe(Probe):
     left out; examples with no steps or an unparseable `a_full` give None. Record fields:
     `step_necessity/answers` (the answer without each step) and `step_necessity/load_bearing`
     (per step: True, False, or None when unparseable).
+
+    On a chain of more than `max_positions` steps, only the steps of `Chain.removal_steps` (a
+    sample seeded by the example id, the same in every round) are dropped; the figure is their
+    mean and the record lists them in `step_necessity/steps`.
     """
 
     metrics = ("step_necessity",)
@@ -54,7 +58,7 @@ class StepNecessityProbe(Probe):
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         if a_full is None:
             return []
-        return [ForcedAnswer(chain.index, chain_without_step(chain, i)) for i in range(chain.num_steps)]
+        return [ForcedAnswer(chain.index, chain_without_step(chain, i)) for i in chain.removal_steps()]
 
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
         if a_full is None or chain.num_steps == 0:
@@ -63,8 +67,12 @@ class StepNecessityProbe(Probe):
         same = [same_answer(r, a_full) for r in forced]
         load_bearing = [None if s is None else not s for s in same]
         known = [b for b in load_bearing if b is not None]
-        return {
+        record = {
             "step_necessity": sum(known) / len(known) if known else None,
             "step_necessity/answers": [r.answer for r in forced],
             "step_necessity/load_bearing": load_bearing,
         }
+        steps = chain.removal_steps()
+        if len(steps) < chain.num_steps:  # a sample of the steps: say which
+            record["step_necessity/steps"] = steps
+        return record
