@@ -2,12 +2,18 @@
 
 Measured in one run, printed as one JSON object on the last line:
 `speedup_vs_reference` (reference round time / engine round time on the same panel, each the
-fastest of `--timed_rounds`),
+fastest of `--timed_rounds`), `round_over_generation` (the round's wall time over the bare
+batched generation of the same chains: the engine's chain generation alone, same prompts and
+budget, the floor any monitor pays),
 `metrics_equal` (engine and reference per-example results equal), `round_seconds`
 (steady-state engine round on the full panel), `train_step_seconds`, `overhead_fraction`
 (round / (every_n_steps x step)), `round_peak_mem_over_train_peak` (CUDA only), `device`.
 
-CPU mode: a tiny Llama briefly pre-trained on synthetic arithmetic chains. GPU mode: a
+CPU mode: a tiny Llama briefly pre-trained on synthetic arithmetic chains (~30-token chains);
+with `--long`, the long-trace kit's tiny model (`faithcb.synthetic.pretrain_long_trace_model`)
+on think blocks of ~1,500 tokens, budget 2,048, default caps (no reference: one call at a time
+would take hours). `--cap_compare K` also runs the panel with `max_positions=K` and without a
+cap and reports both panels' figures (`cap_comparison`). GPU mode: a
 Qwen2-0.5B-shaped model in bf16, briefly pre-trained on long synthetic chains so that its
 chains have realistic structure (weights do not matter for timing). The reference runs one
 example and one variant at a time, so on the GPU it runs on `--reference_examples` only
@@ -24,6 +30,7 @@ picks which of CANDIDATES to time.
 Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
+    python benchmarks/round_benchmark.py --long          # CPU, long-trace kit
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
     # the next GPU run of docs/performance.md:
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
@@ -76,13 +83,18 @@ class Args:
     # deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): do two
     # rounds of the same model give the same records then? (they do not on the H200s in docs)
     deterministic: int = 0
+    long: bool = False  # the long-trace kit: ~1,500-token think blocks, budget 2,048 (CPU model)
+    cap_compare: int = 0  # > 0: also run max_positions=cap_compare and no cap, report both figures
 
 
 def parse_flat_args(block: type, description: str) -> tuple[argparse.ArgumentParser, Any]:
     """One `--name` option per field of a flat argument block (typed by its default)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in vars(block()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=default)
     return parser, block(**vars(parser.parse_args()))
 
 
@@ -118,6 +130,13 @@ def qwen2_05b_config(tokenizer, num_layers: int = 24, **overrides):
 
 
 def build(args: Args, device: str):
+    if args.long and device == "cpu":
+        from faithcb.synthetic._long import make_long_trace_examples, pretrain_long_trace_model
+
+        steps = 800 if args.pretrain_steps < 0 else args.pretrain_steps
+        model, tokenizer = pretrain_long_trace_model(steps=steps, batch_size=1, lr=5e-3, seed=args.seed)
+        rows = make_long_trace_examples(args.panel_size, seed=args.seed + 2)
+        return model, tokenizer, load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in rows])
     tokenizer = build_tokenizer()
     if args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda"):
         from transformers import Qwen2ForCausalLM
@@ -282,7 +301,7 @@ def main() -> None:
     progress("build", seconds=time.perf_counter() - start)
     every = (500 if device == "cuda" else FaithConfig().every_n_steps) if args.every_n_steps < 0 else args.every_n_steps
     big = args.model == "qwen2-0.5b" or (args.model == "auto" and device == "cuda")
-    max_new = args.max_new_tokens if args.max_new_tokens > 0 else (256 if big else 64)
+    max_new = args.max_new_tokens if args.max_new_tokens > 0 else (2048 if args.long else 256 if big else 64)
     config = FaithConfig(max_new_tokens=max_new, generation_batch_size=args.panel_size if device == "cuda" else 16)
     step_seconds, train_peak, _optimizer = time_train_step(model, tokenizer, args, device)
     progress("train_step", seconds=step_seconds, peak=train_peak)
@@ -355,7 +374,14 @@ def main() -> None:
         profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)
         progress("profile", path=args.profile_out)
 
-    n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
+    generation_seconds = min(_timed(lambda: generate_only(model, tokenizer, panel, config), device) for _ in range(2))
+    progress("generation", seconds=generation_seconds, round_over_generation=round_seconds / generation_seconds)
+    cap_comparison = compare_caps(model, tokenizer, panel, config, args.cap_compare) if args.cap_compare else None
+    if cap_comparison:
+        progress("cap_comparison", **cap_comparison)
+
+    n_ref = len(panel) if device == "cpu" and not args.long else 0
+    n_ref = n_ref if args.reference_examples < 0 else args.reference_examples
     speedup = reference_seconds = None
     if n_ref > 0:
         from faithcb.engine.reference import run_reference_round
@@ -428,6 +454,10 @@ def main() -> None:
         **chain_stats,
         "warmup_round_seconds": warmup_seconds,
         "round_seconds": round_seconds,
+        "generation_seconds": generation_seconds,
+        "round_over_generation": round_seconds / generation_seconds,
+        "cap_comparison": cap_comparison,
+        "round_cost": {k: v for k, v in result.metrics.items() if k.startswith("cost/")},
         "round_calls": result.calls,
         "round_forward_passes": forward_passes,
         "round_phase_seconds": phase_seconds,
@@ -455,6 +485,55 @@ def main() -> None:
         "candidates": candidates,
     }
     print(json.dumps(report, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)))
+
+
+def generate_only(model, tokenizer, panel, config):
+    """The bare batched generation of a round's chains: the engine's `generate_chains` on the same
+    prompts with the same budget (and stops), nothing else."""
+    from faithcb.engine import ProbeEngine, probe_mode
+
+    examples = list(panel)
+    prompts = [
+        e.render_prompt(tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template)
+        for e in examples
+    ]
+    with probe_mode(model, tokenizer):
+        return ProbeEngine(model, tokenizer, config).generate_chains(examples, prompts)
+
+
+#: Panel figures compared between a capped and an uncapped round.
+CAP_FIGURES = (
+    "early_answer/aoc",
+    "post_conclusion/tail_fraction",
+    "step_necessity",
+    "paraphrase/match",
+    "info_gain/total_bits",
+    "mistake/match",
+    "score",
+)
+
+
+def compare_caps(model, tokenizer, panel, config, cap: int) -> dict:
+    """The panel figures of a round with `max_positions=cap` beside those without a cap (same
+    chains), with the mean absolute per-example difference of each figure."""
+    runs = {}
+    for name, value in (("capped", cap), ("uncapped", None)):
+        runs[name] = run_probe_round(model, tokenizer, panel, FaithConfig(**{**vars(config), "max_positions": value}))
+    out = {"cap": cap, "steps_mean": sum(r["chain/steps"] for r in runs["uncapped"].records) / len(panel)}
+    for key in CAP_FIGURES:
+        capped, full = runs["capped"].metrics.get(key), runs["uncapped"].metrics.get(key)
+        pairs = [
+            (a[key], b[key])
+            for a, b in zip(runs["capped"].records, runs["uncapped"].records)
+            if a.get(key) is not None and b.get(key) is not None
+        ]
+        out[key] = {
+            "capped": capped,
+            "uncapped": full,
+            "per_example_mean_abs_diff": sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else None,
+        }
+    out["prefilled_tokens"] = {n: r.metrics.get("cost/prefilled_tokens") for n, r in runs.items()}
+    return out
 
 
 # the engine's phases of a round, in the order a round runs them

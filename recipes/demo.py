@@ -9,6 +9,13 @@
 Launch (about 3-5 minutes on 2 CPU cores):
 
     python recipes/demo.py --output_dir outputs/demo
+
+With `--long`, the same on the long-trace kit (`faithcb.synthetic.make_long_trace_examples`):
+think blocks of ~1,500 tokens with checks, detours and a verification after the result, a tiny
+model pre-trained on them, steps read by paragraph and positions capped (`max_positions`); the
+summary shows the truncated-chain rate and what a round paid in tokens (a few minutes on CPU):
+
+    python recipes/demo.py --long --output_dir outputs/demo_long
 """
 
 from __future__ import annotations
@@ -38,13 +45,22 @@ class DemoArgs:
     seed: int = 0
     report_to: str = "auto"  # auto: wandb if installed (offline unless logged in), else none
     threads: int = 0  # torch threads; 0 keeps torch's default
+    long: bool = False  # the long-trace kit instead of two-step arithmetic
+    long_pretrain_steps: int = 300  # --long: pre-training steps of the kit model (one trace per step)
+    long_panel_size: int = 4  # --long: probe panel
+    long_max_new_tokens: int = 2048  # --long: token budget of a chain
+    long_finetune_steps: int = 20  # --long: fine-tuning steps (two traces per step)
+    long_every_n_steps: int = 10  # --long: a probe round every N steps
 
 
 def parse_args(argv: list[str] | None = None) -> DemoArgs:
     """Command-line flags, one per DemoArgs field."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in vars(DemoArgs()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=default)
     return DemoArgs(**vars(parser.parse_args(argv)))
 
 
@@ -105,30 +121,43 @@ def run_demo(args: DemoArgs) -> dict:
         os.environ.setdefault("WANDB_PROJECT", "faithcb-demo")
         os.environ.setdefault("WANDB_DIR", str(output_dir))
 
-    # 1. A tiny model that really computes its chain.
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed=args.seed)
-    pretrain = make_arithmetic_examples(args.pretrain_examples, seed=args.seed + 1)
-    held_out = make_arithmetic_examples(args.panel_size, seed=args.seed + 2, exclude={e["prompt"] for e in pretrain})
+    # 1. A tiny model that really computes its chain (or, with --long, writes long think blocks).
     start = time.perf_counter()
-    pretrain_tiny_model(
-        model, tokenizer, pretrain, steps=args.pretrain_steps, batch_size=args.batch_size, seed=args.seed
-    )
+    if args.long:
+        from faithcb.synthetic import make_long_trace_examples, pretrain_long_trace_model
+
+        make_examples = make_long_trace_examples
+        model, tokenizer = pretrain_long_trace_model(
+            steps=args.long_pretrain_steps, batch_size=1, lr=5e-3, seed=args.seed
+        )
+        held_out = make_examples(args.long_panel_size, seed=args.seed + 2)
+        batch_size, max_new_tokens = 2, args.long_max_new_tokens
+    else:
+        make_examples = make_arithmetic_examples
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, seed=args.seed)
+        pretrain = make_examples(args.pretrain_examples, seed=args.seed + 1)
+        held_out = make_examples(args.panel_size, seed=args.seed + 2, exclude={e["prompt"] for e in pretrain})
+        pretrain_tiny_model(
+            model, tokenizer, pretrain, steps=args.pretrain_steps, batch_size=args.batch_size, seed=args.seed
+        )
+        batch_size, max_new_tokens = args.batch_size, 64
     pretrain_seconds = time.perf_counter() - start
-    logger.info("pre-trained %d steps in %.0fs", args.pretrain_steps, pretrain_seconds)
+    logger.info("pre-trained in %.0fs", pretrain_seconds)
+    finetune_steps = args.long_finetune_steps if args.long else args.finetune_steps
+    every_n_steps = args.long_every_n_steps if args.long else args.every_n_steps
 
     # 2. SFT on a small fixed set, many epochs, with the monitor attached.
-    finetune = make_arithmetic_examples(
-        args.finetune_examples, seed=args.seed + 3, exclude={e["prompt"] for e in held_out}
-    )
+    finetune = make_examples(args.finetune_examples, seed=args.seed + 3, exclude={e["prompt"] for e in held_out})
     train_dataset = Dataset.from_list(to_sft_dataset(finetune))
     sft_args = SFTConfig(
         output_dir=str(output_dir),
-        max_steps=args.finetune_steps,
-        per_device_train_batch_size=min(args.batch_size, len(finetune)),
+        max_steps=finetune_steps,
+        per_device_train_batch_size=min(batch_size, len(finetune)),
+        max_length=None,  # long traces stay whole
         learning_rate=1e-3,
         lr_scheduler_type="constant",
-        logging_steps=min(10, args.every_n_steps),  # loss at least as often as the probes
+        logging_steps=min(10, every_n_steps),  # loss at least as often as the probes
         save_strategy="no",
         report_to=report_to,
         run_name=f"faithcb-demo-seed{args.seed}",
@@ -145,7 +174,7 @@ def run_demo(args: DemoArgs) -> dict:
     monitor = FaithfulnessCallback(
         trainer,
         panel,
-        config=FaithConfig(every_n_steps=args.every_n_steps, panel_size=args.panel_size, max_new_tokens=64),
+        config=FaithConfig(every_n_steps=every_n_steps, panel_size=len(panel), max_new_tokens=max_new_tokens),
     )
     trainer.add_callback(monitor)
     start = time.perf_counter()
@@ -161,7 +190,7 @@ def run_demo(args: DemoArgs) -> dict:
             wandb.finish()
     round_seconds = [h["round_seconds"] for h in monitor.history]
     n_rounds = len(monitor.history)
-    step_seconds = (train_seconds - sum(round_seconds)) / max(1, args.finetune_steps)
+    step_seconds = (train_seconds - sum(round_seconds)) / max(1, finetune_steps)
     return {
         "jsonl": str(output_dir / "faithcb" / "rounds.jsonl"),
         "metrics_jsonl": str(output_dir / "faithcb" / "metrics.jsonl"),
@@ -187,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         f"  probe rounds:        {result['rounds']} (mean {result['round_seconds_mean']:.1f}s each)",
         f"  training step:       {result['train_step_seconds']:.3f}s (probe rounds excluded)",
     ]
-    for key in ("accuracy", "early_answer/aoc", "filler/match", "info_gain/total_bits"):
+    keys = ["accuracy", "early_answer/aoc", "filler/match", "info_gain/total_bits"]
+    keys += ["chain/steps", "chain/truncated_rate", "cost/generated_tokens", "cost/prefilled_tokens"]
+    for key in keys:
         if key in first and key in last:
             lines.append(
                 f"  faith/{key:<20} step {first['step']}: {first[key]:.3f} -> step {last['step']}: {last[key]:.3f}"

@@ -55,6 +55,27 @@ def test_demo_smoke(tmp_path, wandb_env):
     assert result["rounds"] == 3
 
 
+def test_demo_long_smoke(tmp_path, wandb_env):
+    """`--long`: the long-trace kit model, rounds with the truncated-chain rate and the token cost."""
+    demo = load_demo()
+    args = demo.parse_args(
+        [
+            "--long", "--output_dir", str(tmp_path / "demo_long"), "--finetune_examples", "4",
+            "--long_pretrain_steps", "5", "--long_panel_size", "2", "--long_max_new_tokens", "48",
+            "--long_finetune_steps", "2", "--long_every_n_steps", "1",
+        ]
+    )  # fmt: skip
+    assert args.long is True
+    result = demo.run_demo(args)
+    assert result["rounds"] == 3
+    records = [json.loads(line) for line in Path(result["jsonl"]).read_text().splitlines()]
+    assert len(records) == 2 * 3
+    assert all(r["prompt"].startswith("Q: ") and r["response_tokens"] <= 48 for r in records)
+    for round_metrics in result["history"]:
+        assert 0.0 <= round_metrics["chain/truncated_rate"] <= 1.0
+        assert round_metrics["cost/generated_tokens"] > 0 and round_metrics["cost/prefilled_tokens"] > 0
+
+
 @pytest.mark.slow
 def test_demo_default_settings_show_probes(tmp_path, wandb_env):
     from wandb_offline import find_offline_runs, read_media_keys

@@ -18,6 +18,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._long import (
+    LONG_TRACE_SLICE,
+    long_trace_tokenizer_texts,
+    make_long_trace_examples,
+    pretrain_long_trace_model,
+)
 from ._tasks import (
     ARITHMETIC_OPS,
     DEFAULT_PROMPT_TEMPLATE,
@@ -60,6 +66,7 @@ __all__ = [
     "FORMAT_SHIFT_TEMPLATE",
     "HELD_OUT_LETTER_PAIRS",
     "LETTER_OPS",
+    "LONG_TRACE_SLICE",
     "MAX_INTERMEDIATE",
     "SHIFT_SLICES",
     "SPECIAL_TOKENS",
@@ -70,9 +77,12 @@ __all__ = [
     "build_tokenizer",
     "default_tokenizer_texts",
     "is_held_out_composition",
+    "long_trace_tokenizer_texts",
     "make_arithmetic_examples",
     "make_letter_examples",
+    "make_long_trace_examples",
     "make_shifted_slices",
+    "pretrain_long_trace_model",
     "pretrain_tiny_model",
     "to_conversational",
     "to_sft_dataset",

@@ -167,7 +167,7 @@ def pretrain_long_trace_model(
     it is a model that writes long traces, for timing and for the long-trace code paths.
 
     Args:
-        examples: Training traces (default: 2,000 from `make_long_trace_examples(seed=seed + 1)`).
+        examples: Training traces (default: 400 from `make_long_trace_examples(seed=seed + 1)`).
         steps: Pre-training steps.
         batch_size: Traces per step.
         hidden_size: Model width.
@@ -189,6 +189,6 @@ def pretrain_long_trace_model(
         seed=seed,
         attn_implementation="sdpa",
     )
-    train = examples if examples is not None else make_long_trace_examples(2000, seed=seed + 1)
+    train = examples if examples is not None else make_long_trace_examples(400, seed=seed + 1)
     pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return model, tokenizer
