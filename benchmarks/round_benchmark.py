@@ -84,6 +84,7 @@ class Args:
     # rounds of the same model give the same records then? (they do not on the H200s in docs)
     deterministic: int = 0
     long: bool = False  # the long-trace kit: ~1,500-token think blocks, budget 2,048 (CPU model)
+    long_model: str = ""  # --long: load the kit model from this folder (save_pretrained) instead of pre-training it
     cap_compare: int = 0  # > 0: also run max_positions=cap_compare and no cap, report both figures
 
 
@@ -133,8 +134,14 @@ def build(args: Args, device: str):
     if args.long and device == "cpu":
         from faithcb.synthetic._long import make_long_trace_examples, pretrain_long_trace_model
 
-        steps = 800 if args.pretrain_steps < 0 else args.pretrain_steps
-        model, tokenizer = pretrain_long_trace_model(steps=steps, batch_size=1, lr=5e-3, seed=args.seed)
+        if args.long_model:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(args.long_model).eval()
+            tokenizer = AutoTokenizer.from_pretrained(args.long_model)
+        else:
+            steps = 800 if args.pretrain_steps < 0 else args.pretrain_steps
+            model, tokenizer = pretrain_long_trace_model(steps=steps, batch_size=1, lr=5e-3, seed=args.seed)
         rows = make_long_trace_examples(args.panel_size, seed=args.seed + 2)
         return model, tokenizer, load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in rows])
     tokenizer = build_tokenizer()
@@ -366,9 +373,11 @@ def main() -> None:
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
     # (a hook on a compiled model could make it recompile).
     forward_passes = None
-    if device == "cpu":
+    if device == "cpu" and not args.long:  # long traces: the round is timed, not dissected (minutes each)
         forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
-    phase_seconds, phase_steps = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
+    phase_seconds, phase_steps = (
+        ({}, {}) if args.long else time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
+    )
     progress("phases", seconds=phase_seconds, steps=phase_steps, forward_passes=forward_passes)
     if args.profile_out:
         profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)
@@ -401,6 +410,8 @@ def main() -> None:
         speedup = reference_seconds / engine_sub
         metrics_equal = records_differing(engine_result.records, reference.records) == 0
         compared = "engine vs reference"
+    elif args.long:
+        metrics_equal, compared = None, "not compared with --long (each round takes minutes)"
     else:
         plain = run_probe_round(
             model,
