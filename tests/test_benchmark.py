@@ -38,6 +38,9 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert report["deterministic"] is True
     assert report["metrics_equal"] is True  # engine and reference agree on the same panel
     assert report["speedup_vs_reference"] > 0 and report["round_seconds"] > 0
+    # a round over the bare generation of the same chains (which it contains: at least 1)
+    assert report["round_over_generation"] == report["round_seconds"] / report["generation_seconds"]
+    assert report["generation_seconds"] > 0 and report["round_cost"]["cost/generated_tokens"] > 0
     assert report["overhead_fraction"] == report["round_seconds"] / (50 * report["train_step_seconds"])
     assert set(report["candidates"]) == {
         "same_settings_again",

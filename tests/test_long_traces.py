@@ -98,7 +98,7 @@ def test_long_trace_kit_is_read_by_paragraph():
         assert len(e["steps"]) >= 16
         assert any(s.startswith("Wait, let me check") for s in e["steps"])
         assert e["steps"][-1] == f"Everything checks out: {e['answer']}."  # verification after the result
-        assert 900 <= len(e["prompt"] + e["completion"]) <= 2600  # one token per character with the kit tokenizer
+        assert 700 <= len(e["prompt"] + e["completion"]) <= 2048  # one token per character with the kit tokenizer
 
 
 # ---------------------------------------------------------------------- 2. bounded positions (pure)

@@ -126,7 +126,8 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     for a, b in zip(eager.records, static.records, strict=True):
         assert_same_record(a, b)
     for key, value in eager.metrics.items():
-        assert static.metrics[key] == pytest.approx(value, abs=1e-3), key
+        if not key.startswith("cost/"):  # what each path pays in tokens
+            assert static.metrics[key] == pytest.approx(value, abs=1e-3), key
 
 
 @pytest.fixture(scope="module")

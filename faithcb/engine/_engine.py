@@ -730,7 +730,8 @@ class ProbeEngine:
         budgets = [budget - len(tokens) for tokens in written]
         texts = self.generate(
             [chains[r.example].written_context(r.chain_text) for r in requests],
-            max_new_tokens=max(1, *budgets),
+            # the static-shape path keeps the chains' decode shape (one compiled graph); rows are cut at their budget
+            max_new_tokens=budget if static else max(1, *budgets),
             budgets=budgets,
             stop_strings=self.config.stop_strings,
             finished=lambda i, text: find_cue(text, cues[i]) is not None,

@@ -8,7 +8,7 @@ steps, capped positions, token budgets) runs on a CPU in tests and in `recipes/d
 
     {
         "prompt": "Q: 3 + 4 * 5\\n",
-        "completion": "<think>\\nLet me work out 3 + 4 * 5 ...\\n\\nFirst, 3 + 4 = 7.\\n\\n"
+        "completion": "<think>\\nLet me work out 3 + 4 * 5. ...\\n\\nStep 1 of 2: 3 + 4 = 7.\\n\\n"
                       "Wait, let me check that: 7 - 4 = 3. Yes, 7 is right.\\n\\n ... </think>\\nAnswer: 35",
         "answer": "35",
         "chain": "<think>...</think>",
@@ -17,7 +17,7 @@ steps, capped positions, token budgets) runs on a CPU in tests and in `recipes/d
     }
 
 With the kit's character-level tokenizer (`build_tokenizer(long_trace_tokenizer_texts())`),
-a trace of 8-12 operations is about 1,000-2,000 tokens. No cue phrase (`Answer:`, `The answer
+a trace of 6-10 operations is about 750-2,000 tokens (1,350 on average). No cue phrase (`Answer:`, `The answer
 is`) appears inside the think block, so the trace is read as one chain.
 """
 
@@ -40,7 +40,6 @@ __all__ = ["LONG_TRACE_SLICE", "long_trace_tokenizer_texts", "make_long_trace_ex
 
 #: The `slice` tag of long-trace examples.
 LONG_TRACE_SLICE = "long_trace"
-_ORDINALS = ("First", "Next", "Then", "After that", "Now")
 _INVERSE = {"+": "-", "-": "+"}
 
 
@@ -62,19 +61,24 @@ def _detour(acc: int, op: str, operand: int, result: int, rng: random.Random) ->
 
 
 def _trace(expr: str, start: int, ops: list[tuple[str, int]], rng: random.Random) -> tuple[list[str], int]:
-    paragraphs = [f"Let me work out {expr} one operation at a time, from left to right.", f"I start with {start}."]
+    # every paragraph says where it is ("Step 3 of 9", "check 3 of 9"), so a small model that
+    # copies and counts can end the trace where it should
+    count = len(ops)
+    paragraphs = [
+        f"Let me work out {expr}. It has {count} operations; I take them one at a time, from left to right.",
+        f"I start with {start}.",
+    ]
     acc, lines = start, []
-    for i, (op, operand) in enumerate(ops):
+    for i, (op, operand) in enumerate(ops, start=1):
         result = _apply_arithmetic(acc, op, operand)
-        word = _ORDINALS[min(i, len(_ORDINALS) - 1)]
-        paragraphs.append(f"{word}, {acc} {op} {operand} = {result}.")
+        paragraphs.append(f"Step {i} of {count}: {acc} {op} {operand} = {result}.")
         if rng.random() < 0.7:
             paragraphs.append(_inverse_check(acc, op, operand, result))
         if rng.random() < 0.4:
             paragraphs.append(_detour(acc, op, operand, result, rng))
-        lines.append(f"{acc} {op} {operand} = {result}")
+        lines.append(f"Check {i} of {count}: {acc} {op} {operand} = {result}")
         acc = result
-    paragraphs.append(f"So the result is {acc}.")
+    paragraphs.append(f"All {count} steps are done, so the result is {acc}.")
     paragraphs.append("Let me verify everything once more before I answer.\n" + "\n".join(lines))
     paragraphs.append(f"Everything checks out: {acc}.")
     return paragraphs, acc
@@ -84,8 +88,8 @@ def make_long_trace_examples(
     n: int,
     *,
     seed: int = 0,
-    min_ops: int = 8,
-    max_ops: int = 12,
+    min_ops: int = 6,
+    max_ops: int = 10,
     max_operand: int = 9,
     exclude: Collection[str] = (),
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
