@@ -220,7 +220,8 @@ class _Recorder:
             result = out[0] if isinstance(out, tuple) else out  # (RoundResult, partial) in newer callbacks
             entry = recorder.rounds[-1]
             entry["gathered_ids"] = [r["id"] for r in result.records]
-            entry["metrics"] = dict(result.metrics)
+            # `cost/...` is what this run's ranks paid (a rank's padding duplicate included), not a figure
+            entry["metrics"] = {k: v for k, v in result.metrics.items() if "cost/" not in k}
             return out
 
         def write(self, **kwargs):
@@ -258,13 +259,18 @@ def failing_probe(rank: int) -> Any:
 
 
 def _strip_seconds(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in h.items() if k != "round_seconds"} for h in history]
+    # `cost/...` too: what the ranks paid in tokens (a padding duplicate included), unlike one process
+    return [{k: v for k, v in h.items() if k != "round_seconds" and "cost/" not in k} for h in history]
 
 
 def _faith_logs(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for entry in log_history:
-        faith = {k: v for k, v in entry.items() if k.startswith("faith/") and not k.endswith("round_seconds")}
+        faith = {
+            k: v
+            for k, v in entry.items()
+            if k.startswith("faith/") and not k.endswith("round_seconds") and "cost/" not in k
+        }
         if faith:
             out.append({"step": entry["step"], **faith})
     return out
@@ -383,6 +389,8 @@ def _run_trainer(
     trainer.train()
     state = callback.state()["attributes"]
     state["history"] = _strip_seconds(state["history"])
+    if isinstance(state.get("baseline"), dict):
+        state["baseline"] = _strip_seconds([state["baseline"]])[0]
     return {
         "rank": trainer.args.process_index,
         "world_size": trainer.args.world_size,
