@@ -41,14 +41,6 @@ _AUDIT_FIELDS = (
     "scoring_batch_size",
     "seed",
 )
-_MAIN_KEYS = (
-    "accuracy",
-    "early_answer/aoc",
-    "post_conclusion/tail_fraction",
-    "filler/match",
-    "info_gain/total_bits",
-    "score",
-)
 
 
 class CliError(Exception):
@@ -263,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- commands
 def _cmd_scan(args: argparse.Namespace) -> int:
     from ._scan import SCAN_SUBDIR, find_checkpoints, scan_checkpoints
+    from .probes._facts import summary_keys
 
     config = _config_from(args)
     _check_model_flags(args)
@@ -290,7 +283,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"Scanned {len(result.history)} checkpoints (steps {', '.join(str(c.step) for c in checkpoints)}).")
     last = result.history[-1]
     reasons = invalid_reasons(last)
-    figures = [f"{k}={last[k]:.3f}" for k in _MAIN_KEYS if last.get(k) is not None]
+    figures = [f"{k}={last[k]:.3f}" for k in summary_keys() if last.get(k) is not None]
     unreadable = [h["step"] for h in result.history if invalid_reasons(h)]
     if reasons:
         print("LAST CHECKPOINT CANNOT BE READ (faith/valid = 0); its figures are not shown:")
