@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._sinks import CURVE_GRID, early_answer_curve
 from ._validity import invalid_reasons
@@ -78,7 +79,7 @@ _PIXEL_RATIO = 2  # PNGs are drawn at twice their shown size, so they stay sharp
 SAMPLE_CHAINS = 3
 
 
-class ReportError(ValueError):
+class ReportError(FaithcbError, ValueError):
     """The run's files are missing, unreadable or malformed."""
 
 

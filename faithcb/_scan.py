@@ -28,7 +28,7 @@ from typing import Any
 
 from ._aggregate import aggregate_records
 from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
+from ._errors import FaithcbError, RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, early_answer_curve, wandb_figures, wandb_media
@@ -47,7 +47,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class ScanError(ValueError):
+class ScanError(FaithcbError, ValueError):
     """A scan cannot start or go on: a bad path, a folder without checkpoints, a bad checkpoint."""
 
 

@@ -11,6 +11,10 @@ faithcb check-model MODEL_DIR [--panel PANEL] [--examples N]
 checkpoints, unreadable or malformed files) end with one line on stderr and exit status 2;
 an unexpected error ends with one line and status 1 (`--debug` shows the traceback).
 See docs/cli.md.
+
+The commands' Python entry points are importable from here: `scan_checkpoints`,
+`find_checkpoints`, `postprocess_round` (scan), `write_report` (report), `audit_traces`
+(audit-data), `check_model` (check-model), with their errors.
 """
 
 from __future__ import annotations
@@ -25,7 +29,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._audit import AuditError, audit_traces
+from ._check_model import ModelCheck, check_model
+from ._errors import FaithcbError
+from ._report import ReportError, write_report
+from ._scan import ScanError, find_checkpoints, postprocess_round, scan_checkpoints
 from ._validity import invalid_reasons
+
+__all__ = [
+    "AuditError",
+    "CliError",
+    "ModelCheck",
+    "ReportError",
+    "ScanError",
+    "audit_traces",
+    "check_model",
+    "find_checkpoints",
+    "main",
+    "postprocess_round",
+    "scan_checkpoints",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +67,7 @@ _AUDIT_FIELDS = (
 )
 
 
-class CliError(Exception):
+class CliError(FaithcbError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
