@@ -65,11 +65,10 @@ def gap_reasons() -> dict[str, str]:
     return {f.key: f.gap for f in registered_figures() if f.gap}
 
 
-#: The built-in main metrics (`main_metrics()` reads the live registry).
+# Snapshots of the registry when this module is imported (the built-in probes' figures); the
+# report itself calls the functions above, which read the live registry.
 MAIN_METRICS: dict[str, tuple[str, str]] = main_metrics()
-#: The built-in metrics in [0, 1] (`unit_metrics()` reads the live registry).
 UNIT_METRICS = unit_metrics()
-#: The built-in metrics drawn per slice (`slice_metrics()` reads the live registry).
 SLICE_METRICS = slice_metrics()
 
 _Z95 = 1.959963984540054

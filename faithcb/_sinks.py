@@ -41,7 +41,8 @@ def console_names() -> dict[str, str]:
     return {f.key: f.console for f in headline_figures() if f.console}
 
 
-#: The headline figures of the built-in probes (`headline_keys()` reads the live registry).
+#: The headline figures when this module is imported (the built-in probes'); the sinks call
+#: `headline_keys()`, which reads the live registry.
 HEADLINE_FIGURES = headline_keys()
 DRIFT_SECTION_SUFFIX = "_drift"
 DETAIL_SECTION_SUFFIX = "_detail"
@@ -49,8 +50,8 @@ INTERVAL_SECTION_SUFFIX = "_interval"
 _INTERVAL_ENDINGS = ("/ci_low", "/ci_high", "/stderr")
 # Keys whose step axis a W&B run (by id) already has from `define_wandb_sections`.
 _DEFINED: dict[str, set[str]] = {}
-#: Short names of the built-in headline figures in the console line (`console_names()` reads the
-#: live registry).
+#: Short names in the console line when this module is imported; `round_line` calls
+#: `console_names()`, which reads the live registry.
 CONSOLE_NAMES = console_names()
 
 
