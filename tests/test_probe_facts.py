@@ -196,3 +196,19 @@ def test_score_reads_the_declared_indicators(toy_probe):
     assert metrics[TOY] == 0.5 and metrics["toy/independence"] == 0.5
     assert metrics["score"] == metrics["toy/independence/adj"] == 0.5
     assert (metrics[f"{TOY}/ci_low"], metrics[f"{TOY}/ci_high"]) == F.wilson_interval(2, 4)  # a rate
+
+
+def test_a_subclass_of_a_registered_probe_shares_its_figure_facts():
+    from faithcb.probes import FillerProbe, registered_figures
+
+    @register_probe("toy_filler")
+    class ToyFiller(FillerProbe):
+        pass
+
+    try:
+        keys = [f.key for f in registered_figures()]
+        assert keys.count("filler/match") == 1  # once: score, headline and report are unchanged
+        built = build_probes(FaithConfig(probes=["toy_filler"], filler_token=" ~"))[-1]
+        assert built.name == "toy_filler" and built.filler_token == " ~"  # the parent's from_config
+    finally:
+        unregister_probe("toy_filler")

@@ -97,9 +97,12 @@ def register_probe(name: str) -> Callable[[type[Probe]], type[Probe]]:
     """Class decorator: make a probe constructible by name (`get_probe(name)`) and its `figures`
     known to every reader of a round (aggregation, stop rules, report, W&B, console, CLI).
 
+    A figure key belongs to one set of facts: a probe may declare a key another probe declares
+    only with the same facts (a subclass of a registered probe inherits its figures).
+
     Raises:
-        ValueError: The name is taken, or a figure key is declared by another probe (or is a
-            round figure) already.
+        ValueError: The name is taken, or a figure key is declared with other facts by another
+            probe (or is a round figure) already.
     """
 
     def wrap(cls: type[Probe]) -> type[Probe]:
@@ -108,10 +111,15 @@ def register_probe(name: str) -> Callable[[type[Probe]], type[Probe]]:
         figures = tuple(getattr(cls, "figures", ()))
         if not all(isinstance(f, Figure) for f in figures):
             raise ValueError(f"Probe {name!r}: figures must hold Figure objects.")
-        taken = {f.key: owner for owner, f in _owned_figures()}
-        clash = [f"{f.key!r} (declared by {taken[f.key]})" for f in figures if f.key in taken]
+        taken: dict[str, tuple[str, Figure]] = {}
+        for owner, figure in _owned_figures():
+            taken.setdefault(figure.key, (owner, figure))
+        clash = [f"{f.key!r} (declared by {taken[f.key][0]})" for f in figures if taken.get(f.key, (0, f))[1] != f]
         if clash or len({f.key for f in figures}) != len(figures):
-            raise ValueError(f"Probe {name!r} declares figures twice: {', '.join(clash) or 'within its own figures'}.")
+            raise ValueError(
+                f"Probe {name!r} declares figures with other facts than before: "
+                f"{', '.join(clash) or 'a key twice within its own figures'}."
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -140,9 +148,12 @@ def _owned_figures() -> list[tuple[str, Figure]]:
 
 
 def registered_figures() -> list[Figure]:
-    """The facts of every figure a round can log: the round's own figures, then those of every
-    registered probe (probes in name order, each in its declared order)."""
-    return [f for _, f in _owned_figures()]
+    """The facts of every figure a round can log, each key once: the round's own figures, then
+    those of every registered probe (probes in name order, each in its declared order)."""
+    first: dict[str, Figure] = {}
+    for _, figure in _owned_figures():
+        first.setdefault(figure.key, figure)
+    return list(first.values())
 
 
 def list_probes() -> list[str]:
