@@ -469,6 +469,8 @@ def main() -> None:
         "round_over_generation": round_seconds / generation_seconds,
         "cap_comparison": cap_comparison,
         "round_cost": {k: v for k, v in result.metrics.items() if k.startswith("cost/")},
+        # chains that hit the budget without an answer skip every probe: read the ratio with it
+        "chain_truncated_rate": result.metrics.get("chain/truncated_rate"),
         "round_calls": result.calls,
         "round_forward_passes": forward_passes,
         "round_phase_seconds": phase_seconds,
