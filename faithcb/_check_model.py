@@ -13,16 +13,15 @@ or, from the shell, `faithcb check-model MODEL_DIR` (docs/cli.md).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import FaithConfig
 from ._round import run_probe_round
+from .engine import EngineOptions
 
 __all__ = ["ModelCheck", "check_model", "records_differ"]
 
@@ -105,19 +104,6 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-@contextlib.contextmanager
-def _plain_passes() -> Iterator[None]:
-    """Within the block, greedy chains decode with `generate` (the own loop is off)."""
-    from .engine import _static_decode
-
-    before = _static_decode.STATIC_DECODE
-    _static_decode.STATIC_DECODE = False
-    try:
-        yield
-    finally:
-        _static_decode.STATIC_DECODE = before
-
-
 def check_model(
     model: Any,
     tokenizer: Any,
@@ -165,8 +151,8 @@ def check_model(
     fast = run_probe_round(model, tokenizer, panel, fast_config)
     check.fast_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with _plain_passes():
-        plain = run_probe_round(model, tokenizer, panel, plain_config)
+    # greedy chains decode with `generate` (the own loop is off)
+    plain = run_probe_round(model, tokenizer, panel, plain_config, engine_options=EngineOptions(static_decode=False))
     check.plain_seconds = time.perf_counter() - start
     check.differing = records_differ(fast.records, plain.records)
     return check
