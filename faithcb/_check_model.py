@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import FaithConfig
+from ._panel import load_panel
 from ._round import run_probe_round
 from .engine import EngineOptions
+from .engine._packed import attention_windows, packing_supported
+from .engine._static_decode import static_decode_supported
+from .engine._wrappers import _unwrap
+from .synthetic import make_arithmetic_examples, to_sft_dataset
 
 __all__ = ["ModelCheck", "check_model", "records_differ"]
 
@@ -126,12 +131,6 @@ def check_model(
     Returns:
         What the model takes and whether both rounds gave the same records.
     """
-    from ._panel import load_panel
-    from .engine._packed import attention_windows, packing_supported
-    from .engine._static_decode import static_decode_supported
-    from .engine._wrappers import _unwrap
-    from .synthetic import make_arithmetic_examples, to_sft_dataset
-
     if panel is None:
         panel = to_sft_dataset(make_arithmetic_examples(examples, seed=0))
     panel = load_panel(panel)

@@ -101,7 +101,7 @@ def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monke
     monkeypatch.setattr(TextStop, "settle", lambda self, tokens: reads.append(1) or settle(self, tokens))
     every_step = run_generate(engine)
     reads_every_step, reads[:] = len(reads), []
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: check_every)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: check_every)
     assert run_generate(engine) == every_step
     assert len(reads) < reads_every_step / 2  # fewer reads of the text (each one waits for a GPU)
     assert run_generate(engine, static_shapes=True) == every_step  # with padding rows, a static cache
@@ -113,7 +113,7 @@ def test_engine_generate_reads_the_steps_after_the_last_read(engine, monkeypatch
     """Budgets that end between two reads: a row whose text met its condition in the last,
     unread steps is still cut where it first met it."""
     every_step = {n: run_generate(engine, max_new_tokens=n) for n in range(5, 17)}
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: 4)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: 4)
     for n, expected in every_step.items():
         assert run_generate(engine, max_new_tokens=n) == expected, n
     # some row met its condition in the unread steps (n - n % 4, n] of some budget n
@@ -151,7 +151,7 @@ def test_deferred_stop_flag_gives_the_same_rows(engine, monkeypatch):
     monkeypatch.setattr(generation_utils.torch, "Event", _HostEvent)
     monkeypatch.setattr(check, "is_supported", staticmethod(lambda *args, **kwargs: True))
     monkeypatch.setattr(check, "__init__", counting_init)
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: 4)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: 4)
     assert run_generate(engine) == every_step
     assert runs  # the deferred check did run
 
