@@ -25,7 +25,7 @@ Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
-    # the next GPU run of docs/performance.md:
+    # a GPU run with a profile and some of the candidates:
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
         --profile_out profile.txt \
         --candidate_names same_settings_again,repeated_kv_heads,reads_waited_for,long_variants_one_per_row
@@ -75,7 +75,7 @@ class Args:
     candidate_names: str = ""  # comma-separated subset of CANDIDATES ("" = all)
     seed: int = 0
     # deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): do two
-    # rounds of the same model give the same records then? (they do not on the H200s in docs)
+    # rounds of the same model give the same records then? (docs/performance.md: not always on GPUs)
     deterministic: int = 0
 
 

@@ -261,7 +261,8 @@ def _cache_name(model: Any) -> str:
     """transformers >= 5.2x names the KV cache argument `cache`; earlier ones `past_key_values`.
     Read off the model under any wrapper: a wrapper's `**kwargs` hide the name, and the old
     one is deprecated (a warning per call site, removed in transformers 5.40). Looked up once
-    per forward function (`inspect.signature` takes ~0.2 ms, and a round makes ~100 passes)."""
+    per forward function (`inspect.signature` is slow next to the rest of a pass's host work,
+    and a round makes many passes)."""
     forward = _unwrap(model).forward
     function = getattr(forward, "__func__", forward)
     try:
