@@ -99,5 +99,5 @@ def test_framework_patches_leave_everything_alone_when_switched_off_or_off_cuda(
     cpu = torch.device("cpu")
     with framework_patches(EngineOptions(), cpu, GENERATE, PACKED_PASS):
         assert framework_state() == before
-    with pytest.raises(ValueError, match="Unknown framework patch use"), framework_patches(EngineOptions(), cpu, "sdpa"):
+    with pytest.raises(ValueError, match="Unknown framework patch"), framework_patches(EngineOptions(), cpu, "sdpa"):
         pass
