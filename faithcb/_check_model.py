@@ -26,7 +26,6 @@ from .engine import EngineOptions
 from .engine._packed import attention_windows, packing_supported
 from .engine._static_decode import static_decode_supported
 from .engine._wrappers import _unwrap
-from .synthetic import make_arithmetic_examples, to_sft_dataset
 
 __all__ = ["ModelCheck", "check_model", "records_differ"]
 
@@ -131,6 +130,8 @@ def check_model(
     Returns:
         What the model takes and whether both rounds gave the same records.
     """
+    from .synthetic import make_arithmetic_examples, to_sft_dataset  # the default panel only
+
     if panel is None:
         panel = to_sft_dataset(make_arithmetic_examples(examples, seed=0))
     panel = load_panel(panel)
