@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import faithcb
 
 ROOT = Path(faithcb.__file__).parent
@@ -116,9 +118,10 @@ def test_the_engine_imports_nothing_that_builds_on_it():
     assert not outside, f"engine modules import modules that build on the engine: {outside}"
 
 
+@pytest.mark.slow  # about a minute on two cores: every module imports the whole package again
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """One child interpreter imports each module with no faithcb module loaded before it (the
-    third-party libraries stay loaded, which keeps this fast)."""
+    third-party libraries stay loaded)."""
     script = """
 import importlib, sys, traceback
 failures = []
