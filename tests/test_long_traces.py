@@ -20,9 +20,9 @@ from faithcb._positions import (
     tail_fraction_at,
 )
 from faithcb.engine import ForcedAnswer, ProbeEngine
-from faithcb.engine.reference import run_reference_round
 from faithcb.synthetic import make_arithmetic_examples
 from faithcb.synthetic._long import LONG_TRACE_SLICE, make_long_trace_examples
+from faithcb.testing import run_reference_round
 
 THINK_TRACE = """<think>
 Okay, the user wants 12 * 3 + 4. Let me think. First 12 * 3. That is 36.
