@@ -3,7 +3,8 @@
 - the tokenizer and the panel fitted to the model's context;
 - the round's figures into the trainer's log stream (`log_beside_training`), W&B alerts and
   summaries, the one console line per round;
-- the callback's place before `EarlyStoppingCallback`.
+- the callback's place before `EarlyStoppingCallback`;
+- the monitor's state in `TrainerState.stateful_callbacks`, which checkpoints carry.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ logger = logging.getLogger(__name__)
 #: Logger of the one console line per round.
 CONSOLE_LOGGER = "faithcb.rounds"
 
+#: Key of the monitors' states in `TrainerState.stateful_callbacks` (a list: one per callback instance).
+STATE_KEY = "faithcb"
+# Where versions that saved through transformers' `ExportableState` put it (read on resume).
+_LEGACY_STATE_KEY = "FaithfulnessCallback"
 # Tokens kept free besides the chain and the forced answer: the answer cue and separators.
 _CUE_SLACK = 8
 
@@ -138,6 +143,39 @@ def place_before_early_stopping(trainer: Any, callback: Any) -> None:
         callbacks.pop(mine)
         callbacks.insert(first, callback)
         logger.info("faithcb: placed FaithfulnessCallback before EarlyStoppingCallback (it adds eval_faith_*).")
+
+
+# ---------------------------------------------------------------------- checkpointed state
+def save_monitor_state(state: Any, slot: int, monitor_state: dict[str, Any]) -> None:
+    """Put a monitor's state into `state.stateful_callbacks[STATE_KEY][slot]`.
+
+    transformers writes `stateful_callbacks` into every checkpoint's `trainer_state.json` and
+    loads it back on resume. The callback cannot be re-created from JSON (it holds the trainer
+    and the panel), so it is no `ExportableState` (transformers would rebuild those from their
+    saved arguments): it keeps an entry of its own, updated after every round (its state
+    changes nowhere else), and reads it back in `on_train_begin` (`saved_monitor_state`).
+    """
+    stateful = getattr(state, "stateful_callbacks", None)
+    if not isinstance(stateful, dict):
+        return
+    saved = stateful.get(STATE_KEY)
+    slots = list(saved) if isinstance(saved, list) else []
+    slots.extend([None] * (slot + 1 - len(slots)))
+    slots[slot] = monitor_state
+    stateful[STATE_KEY] = slots
+
+
+def saved_monitor_state(state: Any, slot: int) -> dict[str, Any] | None:
+    """The monitor state `save_monitor_state` left in a resumed TrainerState, if any."""
+    stateful = getattr(state, "stateful_callbacks", None)
+    if not isinstance(stateful, dict):
+        return None
+    saved = stateful.get(STATE_KEY)
+    stored = saved[slot] if isinstance(saved, list) and slot < len(saved) else None
+    legacy = stateful.pop(_LEGACY_STATE_KEY, None)  # dropped: later checkpoints carry the new entry only
+    if stored is None and isinstance(legacy, dict):
+        stored = legacy.get("attributes")
+    return stored if isinstance(stored, dict) and "history" in stored else None
 
 
 # ---------------------------------------------------------------------- the log stream

@@ -30,17 +30,14 @@ from ._trainer_glue import (
     place_before_early_stopping,
     report_rule_to_wandb,
     reports_to,
+    save_monitor_state,
+    saved_monitor_state,
     trainer_tokenizer,
     wandb_run,
 )
 from .probes import Probe
 
 logger = logging.getLogger(__name__)
-
-#: Key of the monitors' states in `TrainerState.stateful_callbacks` (one entry per callback instance).
-STATE_KEY = "faithcb"
-# Where versions that saved through transformers' `ExportableState` put it (read on resume).
-_LEGACY_STATE_KEY = "FaithfulnessCallback"
 
 
 class FaithfulnessCallback(TrainerCallback):
@@ -338,7 +335,7 @@ class FaithfulnessCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ resume
     def _resume(self, args: Any, state: Any) -> None:
-        stored = self._stored_state(state)
+        stored = saved_monitor_state(state, self._slot())
         if stored is not None:
             self.monitor.load_state(stored)
             logger.info(
@@ -374,36 +371,8 @@ class FaithfulnessCallback(TrainerCallback):
         mine = [cb for cb in callbacks if isinstance(cb, FaithfulnessCallback)]
         return next((i for i, cb in enumerate(mine) if cb is self), 0)
 
-    def _stored_state(self, state: Any) -> dict[str, Any] | None:
-        """This callback's saved state in a resumed TrainerState's `stateful_callbacks`, if any."""
-        stateful = getattr(state, "stateful_callbacks", None)
-        if not isinstance(stateful, dict):
-            return None
-        saved, slot = stateful.get(STATE_KEY), self._slot()
-        stored = saved[slot] if isinstance(saved, list) and slot < len(saved) else None
-        legacy = stateful.pop(_LEGACY_STATE_KEY, None)
-        if stored is None and isinstance(legacy, dict):
-            stored = legacy.get("attributes")
-        return stored if isinstance(stored, dict) and "history" in stored else None
-
     def _save_state(self, state: Any) -> None:
-        """Keep this callback's entry in `state.stateful_callbacks` current.
-
-        transformers writes `stateful_callbacks` into every checkpoint's `trainer_state.json`
-        and loads it back on resume. This callback cannot be re-created from JSON (it holds the
-        trainer and the panel), so it is no `ExportableState`: it keeps an entry of its own,
-        updated after every round (the state changes nowhere else), and reads it back in
-        `on_train_begin`.
-        """
-        stateful = getattr(state, "stateful_callbacks", None)
-        if not isinstance(stateful, dict):
-            return
-        saved = stateful.get(STATE_KEY)
-        slots = list(saved) if isinstance(saved, list) else []
-        slot = self._slot()
-        slots.extend([None] * (slot + 1 - len(slots)))
-        slots[slot] = self.monitor.to_state()
-        stateful[STATE_KEY] = slots
+        save_monitor_state(state, self._slot(), self.monitor.to_state())
 
 
 def _best_metric(args: Any) -> str | None:
