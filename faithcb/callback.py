@@ -158,9 +158,7 @@ class FaithfulnessCallback(TrainerCallback):
     stop_events = property(lambda self: self.monitor.stop_events, doc="Stop and alert rules that fired.")
     stopping = property(lambda self: self.monitor.stopper.state(), doc="Patience counters of the stop rules.")
     failures = property(lambda self: self.monitor.failures, doc="Failed rounds counted by cause.")
-    last_result = property(lambda self: self.monitor.last_result, doc="The latest round that produced figures.")
     score_key = property(lambda self: self.monitor.score_key, doc="The figure behind `eval_faith_score`.")
-    metric_names = property(lambda self: self.monitor.metric_names, doc="Every figure a round can log.")
 
     def state(self) -> dict[str, Any]:
         """Resumable state: baseline, history, curves, stop-rule counters and events (JSON-able)."""
