@@ -23,7 +23,7 @@ from typing import Any
 from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._execution import partial_round, release_accelerator_memory
-from ._monitor import Monitor
+from ._monitor import Monitor, RoundOutcome
 from ._monitor import postprocess_round as postprocess_round  # public as faithcb.postprocess_round
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import build_probes, run_probe_round
@@ -279,14 +279,7 @@ def scan_checkpoints(
     panel = panel_from(panel, config)
     logger.info("faithcb scan: %s", panel.describe())
     out = Path(out_dir)
-    sink = JsonlSink(out)
-    if out.exists() and not out.is_dir():
-        raise ScanError(f"Output path exists and is not a folder: {out}")
-    existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
-    if existing and not overwrite:
-        raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
-    for path in existing:
-        path.unlink()
+    sink = _empty_sink(out, overwrite)
     shared_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     if shared_tokenizer is None:
         missing = [str(c.path) for c in checkpoints if not _has_tokenizer(c.path)]
@@ -343,24 +336,7 @@ def scan_checkpoints(
             )
             result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **outcome.metrics})
             if run is not None:
-                figures = wandb_figures(outcome.metrics, config.log_prefix)  # the callback's W&B sections
-                define_wandb_sections(run, figures, config.log_prefix, STEP_KEY)
-                payload: dict[str, Any] = {STEP_KEY: ckpt.step, **figures}
-                if config.wandb_media:
-                    try:
-                        payload.update(
-                            wandb_media(
-                                step=ckpt.step,
-                                records=round_result.records,
-                                curves=monitor.curves,
-                                num_samples=config.num_sample_chains,
-                                prefix=config.log_prefix,
-                                curve_label="checkpoint",
-                            )
-                        )
-                    except Exception:  # media are a convenience; never lose the scan over them
-                        logger.warning("faithcb scan: W&B media failed at step %d.", ckpt.step, exc_info=True)
-                run.log(payload)
+                _log_wandb(run, outcome, round_result.records, monitor.curves, config)
             logger.info(
                 "faithcb scan: checkpoint %s (step %d): %d examples in %.1fs (%s)",
                 ckpt.path,
@@ -381,3 +357,40 @@ def scan_checkpoints(
                 result.wandb_dir = str(Path(run.dir).parent)
             run.finish(exit_code=exit_code)
     return result
+
+
+def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
+    """The scan's JSONL files in `out`, refusing (or with `overwrite`, removing) an earlier scan's."""
+    sink = JsonlSink(out)
+    if out.exists() and not out.is_dir():
+        raise ScanError(f"Output path exists and is not a folder: {out}")
+    existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
+    if existing and not overwrite:
+        raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
+    for path in existing:
+        path.unlink()
+    return sink
+
+
+def _log_wandb(
+    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], curves: list, config: FaithConfig
+) -> None:
+    """One checkpoint's round in the callback's W&B sections, at `checkpoint/step`."""
+    figures = wandb_figures(outcome.metrics, config.log_prefix)
+    define_wandb_sections(run, figures, config.log_prefix, STEP_KEY)
+    payload: dict[str, Any] = {STEP_KEY: outcome.step, **figures}
+    if config.wandb_media:
+        try:
+            payload.update(
+                wandb_media(
+                    step=outcome.step,
+                    records=records,
+                    curves=curves,
+                    num_samples=config.num_sample_chains,
+                    prefix=config.log_prefix,
+                    curve_label="checkpoint",
+                )
+            )
+        except Exception:  # media are a convenience; never lose the scan over them
+            logger.warning("faithcb scan: W&B media failed at step %d.", outcome.step, exc_info=True)
+    run.log(payload)
