@@ -1,8 +1,7 @@
 """What `FaithfulnessCallback` needs from the trainer around it, kept out of the event adapter.
 
 - the tokenizer and the panel fitted to the model's context;
-- the round's figures into the trainer's log stream (`log_beside_training`), W&B alerts and
-  summaries, the one console line per round;
+- the round's figures into the trainer's log stream (`log_beside_training`);
 - the callback's place before `EarlyStoppingCallback`;
 - the monitor's state in `TrainerState.stateful_callbacks`, which checkpoints carry.
 """
@@ -10,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections import defaultdict
 from typing import Any
 
@@ -20,8 +18,6 @@ from ._config import FaithConfig
 from ._panel import PanelError, ProbePanel
 
 logger = logging.getLogger(__name__)
-#: Logger of the one console line per round.
-CONSOLE_LOGGER = "faithcb.rounds"
 
 #: Key of the monitors' states in `TrainerState.stateful_callbacks` (a list: one per callback instance).
 STATE_KEY = "faithcb"
@@ -226,66 +222,3 @@ def _kept_out_of_round_logs(callback: Any, leave_out_wandb: bool) -> bool:
     if isinstance(callback, (PrinterCallback, ProgressCallback)) or type(callback).__name__ == "RichProgressCallback":
         return True
     return leave_out_wandb and isinstance(callback, WandbCallback)
-
-
-def reports_to(args: Any, name: str) -> bool:
-    """Whether `TrainingArguments.report_to` names this integration (or `all`)."""
-    report_to = getattr(args, "report_to", None) or []
-    if isinstance(report_to, str):
-        report_to = [report_to]
-    return name in report_to or "all" in report_to
-
-
-def wandb_run() -> Any:
-    """The active W&B run, without importing wandb when nothing imported it."""
-    wandb = sys.modules.get("wandb")
-    return getattr(wandb, "run", None) if wandb is not None else None
-
-
-def report_rule_to_wandb(event: dict[str, Any], text: str, prefix: str) -> None:
-    """A fired rule on the active W&B run: the run summary for a stop, `wandb.alert` for an alert."""
-    run = wandb_run()
-    if run is None:
-        return
-    try:
-        if event["action"] == "stop":
-            run.summary[f"{prefix}/stopped_by"] = event["rule"]
-            run.summary[f"{prefix}/stopped_at_step"] = event["step"]
-        else:
-            import wandb
-
-            wandb.alert(title=f"faithcb: {event['rule']}", text=text, level=wandb.AlertLevel.WARN)
-    except Exception:
-        logger.warning("faithcb: reporting the rule to W&B failed.", exc_info=True)
-
-
-# ---------------------------------------------------------------------- console
-class _ConsoleHandler(logging.StreamHandler):
-    """Writes through `tqdm.write` so that a line never cuts through a progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm.auto import tqdm
-
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-def console() -> logging.Logger:
-    """The logger of the one-line round summaries (`faithcb.rounds`, INFO).
-
-    The lines are shown by default: unless a level was set on `faithcb` or `faithcb.rounds`,
-    the logger takes INFO; where logging is not configured at all (no handler on it or any
-    parent, root included), it gets a stderr handler of its own, as transformers does for its
-    logger. `logging.getLogger("faithcb.rounds").setLevel(logging.WARNING)` silences them.
-    """
-    rounds = logging.getLogger(CONSOLE_LOGGER)
-    if rounds.level == logging.NOTSET and logging.getLogger("faithcb").level == logging.NOTSET:
-        rounds.setLevel(logging.INFO)
-    if not rounds.hasHandlers():
-        handler = _ConsoleHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        rounds.addHandler(handler)
-        rounds.propagate = False
-    return rounds

@@ -2,8 +2,9 @@
 
 A thin adapter from transformers' callback events to a `Monitor` (`faithcb._monitor`), which
 owns the run's rounds: baseline, history, drift, stop decisions and their state. The round
-itself runs in `faithcb._execution` (sharded over ranks, aggregated once); the trainer's log
-stream, W&B and the console line are reached through `faithcb._trainer_glue`.
+itself runs in `faithcb._execution` (sharded over ranks, aggregated once), its figures go out
+through `faithcb._publish` (JSONL, the trainer's log stream, W&B, the console), and the rest of
+what the trainer asks of a callback is in `faithcb._trainer_glue`.
 """
 
 from __future__ import annotations
@@ -18,22 +19,17 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from ._config import FaithConfig
 from ._execution import is_out_of_memory, release_accelerator_memory, run_sharded_round
-from ._monitor import Monitor, RoundOutcome
+from ._monitor import Monitor
 from ._panel import ProbePanel, panel_from
+from ._publish import RoundPublisher
 from ._round import RoundResult, build_probes
-from ._sinks import JsonlSink, log_wandb_round, round_line
-from ._stopping import StopRule, format_event
+from ._stopping import StopRule
 from ._trainer_glue import (
-    console,
     fit_panel,
-    log_beside_training,
     place_before_early_stopping,
-    report_rule_to_wandb,
-    reports_to,
     save_monitor_state,
     saved_monitor_state,
     trainer_tokenizer,
-    wandb_run,
 )
 from .probes import Probe
 
@@ -133,6 +129,7 @@ class FaithfulnessCallback(TrainerCallback):
             panel_size=len(self.panel),
         )
         self.monitor.check_best_model_metric(_best_metric(getattr(trainer, "args", None)))
+        self.publisher = RoundPublisher(trainer, self.config, self.monitor)
 
     @classmethod
     def attach(cls, trainer: Any, panel: Any, **kwargs: Any) -> FaithfulnessCallback:
@@ -203,7 +200,7 @@ class FaithfulnessCallback(TrainerCallback):
         metrics.update(figures)
         finite = {k: v for k, v in figures.items() if math.isfinite(v)}
         if finite:  # evaluate() logged before on_evaluate: send the faith figures on their own
-            self._log(finite)
+            self.publisher.log(finite)
         return control
 
     # ------------------------------------------------------------------ eval figures
@@ -247,13 +244,12 @@ class FaithfulnessCallback(TrainerCallback):
         if out_of_memory:  # outside the except block: the round's tensors died with its frames
             release_accelerator_memory()
         if result is None:
-            failed = {"round_failed": 1.0}
-            self._log({f"{self.config.log_prefix}/round_failed": 1.0}, args=args, state=state, metrics=failed)
-            if state.is_world_process_zero:
-                console().info("faithcb step %d: the probe round failed and logged no figures (see the warning).", step)
+            self.publisher.failed(step, args, state)
         else:
             outcome = self.monitor.observe(step, result, partial=partial, main=state.is_world_process_zero)
-            self._publish(outcome, result, args, state, control)
+            self.publisher.round(outcome, result, args, state)
+            for event in outcome.events:
+                self._fire(event, state, control)
         self._save_state(state)
         return result is not None
 
@@ -262,74 +258,11 @@ class FaithfulnessCallback(TrainerCallback):
         wrapped = getattr(self.trainer, "model_wrapped", None)  # FSDP1 root / DeepSpeed engine
         return run_sharded_round(model, tokenizer, self.panel, self.config, self.probes, wrapped_model=wrapped)
 
-    def _publish(self, outcome: RoundOutcome, result: RoundResult, args: Any, state: Any, control: Any) -> None:
-        """A round's figures to the JSONL files, the log stream and the console; fired rules acted on."""
-        main = state.is_world_process_zero
-        if main:
-            try:
-                JsonlSink(Path(args.output_dir) / self.config.output_subdir).write(
-                    step=outcome.step,
-                    round_index=outcome.round_index,
-                    metrics=outcome.jsonl_metrics,
-                    records=result.records,
-                )
-            except Exception:  # a full disk must not end the training run
-                self.monitor.warn_once(
-                    "jsonl", "faithcb: writing the round's JSONL failed at step %d.", outcome.step, exc_info=True
-                )
-        self._log(outcome.logs, args=args, state=state, metrics=outcome.metrics, records=result.records)
-        if main:
-            line = round_line(
-                step=outcome.step,
-                round_index=outcome.round_index,
-                metrics=outcome.metrics,
-                seconds=result.seconds,
-                examples=len(result.records),
-                baseline_step=self.baseline_step,
-                partial=outcome.partial,
-            )
-            console().info("%s", line)
-        for event in outcome.events:
-            self._fire(event, state, control)
-
-    def _log(self, logs: dict[str, float], *, args=None, state=None, metrics=None, records=()) -> None:
-        """Send figures to the trainer's log stream; a round's (`metrics` given) to W&B sections of its own."""
-        leave_out_wandb = False
-        if metrics is not None and args is not None and state is not None and reports_to(args, "wandb"):
-            if not state.is_world_process_zero:
-                leave_out_wandb = True  # the integration logs on the main process only
-            elif wandb_run() is not None:
-                leave_out_wandb = self._log_wandb(state.global_step, metrics, records)
-        log_beside_training(self.trainer, logs, leave_out_wandb=leave_out_wandb)
-
-    def _log_wandb(self, step: int, metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> bool:
-        try:
-            return log_wandb_round(
-                step=step,
-                metrics=metrics,
-                records=records,
-                curves=self.curves,
-                num_samples=self.config.num_sample_chains,
-                prefix=self.config.log_prefix,
-                media=self.config.wandb_media and bool(records),
-            )
-        except Exception:  # W&B is a convenience; never lose the run over it (the integration gets them)
-            self.monitor.warn_once("wandb", "faithcb: logging the round to W&B failed at step %d.", step, exc_info=True)
-            return False
-
     def _fire(self, event: dict[str, Any], state: Any, control: Any) -> None:
-        stop = event["action"] == "stop"
-        text = (
-            f"faithcb: {'stop' if stop else 'alert'} rule '{event['rule']}' fired at step {event['step']}: "
-            f"{format_event(event)}; {'stopping training' if stop else 'training goes on'}."
-        )
-        logger.warning(text)
-        if stop:
+        if self.publisher.rule(event, main=state.is_world_process_zero):  # a stop rule: every rank stops
             for target in (control, getattr(self.trainer, "control", None)):
                 if target is not None:
                     target.should_training_stop = True
-        if state.is_world_process_zero:
-            report_rule_to_wandb(event, text, self.config.log_prefix)
 
     # ------------------------------------------------------------------ resume
     def _resume(self, args: Any, state: Any) -> None:
@@ -349,19 +282,8 @@ class FaithfulnessCallback(TrainerCallback):
                 "figures measure drift from there, not from step 0.",
                 state.global_step,
             )
-        if not state.is_world_process_zero:
-            return
-        try:  # JSONL lines of rounds after the resume step came from the abandoned run: they run again
-            removed = JsonlSink(Path(args.output_dir) / self.config.output_subdir).drop_after(state.global_step)
-        except Exception:  # an unreadable file must not end the training run
-            self.monitor.warn_once("jsonl", "faithcb: could not clean the JSONL files on resume.", exc_info=True)
-            return
-        if removed:
-            logger.info(
-                "faithcb: removed %d JSONL round(s) after step %d; they run again on resume.",
-                removed,
-                state.global_step,
-            )
+        if state.is_world_process_zero:
+            self.publisher.drop_rounds_after(args, state.global_step)
 
     def _slot(self) -> int:
         """This instance's place among the trainer's FaithfulnessCallbacks (each saves its own state)."""
