@@ -165,3 +165,43 @@ def test_callback_keeps_its_state_under_its_own_key(tmp_path, tokenizer, arithme
     later = SimpleNamespace(global_step=10, stateful_callbacks=saved, is_world_process_zero=False)
     resumed.on_train_begin(args, later, SimpleNamespace())
     assert resumed.history == first.history and resumed.baseline == first.baseline
+
+
+def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
+    """Each rank runs its shard without aggregating; the gathered records are aggregated once."""
+    import accelerate
+    import accelerate.utils
+
+    from faithcb import _aggregate, _execution
+    from faithcb._panel import load_panel
+
+    panel = load_panel([{"question": f"{i} + 1?", "answer": str(i + 1), "id": str(i)} for i in range(3)])
+    asked, aggregated = [], []
+    split = accelerate.PartialState.split_between_processes  # the real one, on a fake state
+
+    class RankZeroOfTwo:
+        num_processes, process_index = 2, 0
+
+        def split_between_processes(self, items, apply_padding=False):
+            return split(self, items, apply_padding=apply_padding)
+
+    def fake_round(model, tokenizer, shard, config, probes=None, *, aggregate=True, **kwargs):
+        asked.append(aggregate)
+        return RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=1.0)
+
+    def fake_gather(obj):
+        if obj and isinstance(obj[0], dict):  # rank 1 ran the last example
+            return [*obj, {"id": "2"}]
+        return list(obj) * 2
+
+    def count(records, probes):
+        aggregated.append([r["id"] for r in records])
+        return {"n_examples": float(len(records))}
+
+    monkeypatch.setattr(accelerate, "PartialState", RankZeroOfTwo)
+    monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
+    monkeypatch.setattr(_execution, "run_probe_round", fake_round)
+    monkeypatch.setattr(_aggregate, "aggregate_records", count)
+    result, partial = _execution.run_sharded_round(None, None, panel, CONFIG, PROBES)
+    assert not partial and asked == [False]  # the rank's own round skips the aggregation
+    assert aggregated == [["0", "1", "2"]] and result.metrics == {"n_examples": 3.0}
