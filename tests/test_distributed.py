@@ -219,8 +219,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     import accelerate
     import accelerate.utils
 
-    from faithcb import FaithfulnessCallback, _aggregate, _round
-    from faithcb import _execution
+    from faithcb import FaithfulnessCallback, _aggregate, _execution, _round
 
     examples = [{"prompt": f"Q: {i}\n", "completion": f"Answer: {i}", "id": str(i)} for i in range(n)]
     split = accelerate.PartialState.split_between_processes  # the real one, used on fake states
