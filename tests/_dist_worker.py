@@ -204,11 +204,12 @@ class _Recorder:
         """Patch the callback module for the duration (restored after: safe in-process)."""
         from faithcb import _execution
         from faithcb import callback as callback_module
+        from faithcb._sinks import JsonlSink
 
         recorder = self
         original_round = _execution.run_probe_round
         original_sharded = callback_module.FaithfulnessCallback._run_sharded
-        original_write = callback_module.JsonlSink.write
+        original_write = JsonlSink.write
 
         def run_probe_round(model, tokenizer, examples, config, probes=None, **kwargs):
             examples = list(examples)
@@ -230,13 +231,13 @@ class _Recorder:
 
         _execution.run_probe_round = run_probe_round
         callback_module.FaithfulnessCallback._run_sharded = _run_sharded
-        callback_module.JsonlSink.write = write
+        JsonlSink.write = write
         try:
             yield
         finally:
             _execution.run_probe_round = original_round
             callback_module.FaithfulnessCallback._run_sharded = original_sharded
-            callback_module.JsonlSink.write = original_write
+            JsonlSink.write = original_write
 
 
 def failing_probe(rank: int) -> Any:
