@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
+from ._errors import FaithcbError, RoundBudgetExceeded
 from ._execution import partial_round, release_accelerator_memory
 from ._monitor import Monitor, RoundOutcome
-from ._monitor import postprocess_round as postprocess_round  # public as faithcb.postprocess_round
+from ._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
+from .probes._facts import summary_keys
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class ScanError(ValueError):
+class ScanError(FaithcbError, ValueError):
     """A scan cannot start or go on: a bad path, a folder without checkpoints, a bad checkpoint."""
 
 
@@ -344,9 +345,7 @@ def scan_checkpoints(
                 len(round_result.records),
                 round_result.seconds,
                 ", ".join(
-                    f"{k}={outcome.metrics[k]:.3f}"
-                    for k in ("accuracy", "early_answer/aoc", "filler/match")
-                    if outcome.metrics.get(k) is not None
+                    f"{k}={outcome.metrics[k]:.3f}" for k in summary_keys() if outcome.metrics.get(k) is not None
                 ),
             )
         exit_code = 0

@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from faithcb import FaithConfig, RoundResult, StopRule, build_probes
+from faithcb import FaithConfig, RoundResult, StopRule
 from faithcb._monitor import Monitor, apply_drift, postprocess_round, prefixed_logs
+from faithcb._round import build_probes
 
 CONFIG = FaithConfig(every_n_steps=10)
 PROBES = build_probes(CONFIG)
