@@ -331,7 +331,7 @@ def test_failing_jsonl_sink_never_kills_the_round(tmp_path, tokenizer, arithmeti
     def full_disk(self, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("faithcb.callback.JsonlSink.write", full_disk)
+    monkeypatch.setattr("faithcb._sinks.JsonlSink.write", full_disk)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         assert callback._round(trainer.args, trainer.state, trainer.model, tokenizer)
     assert faith_logs(trainer, "faith/accuracy") and "writing the round's JSONL failed" in caplog.text
