@@ -188,7 +188,8 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
 
     def fake_round(model, tokenizer, shard, config, probes=None, *, aggregate=True, **kwargs):
         asked.append(aggregate)
-        return RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=1.0)
+        tokens = {"cost/generated_tokens": 5.0, "cost/prefilled_tokens": 7.0}  # what this rank paid
+        return RoundResult(metrics=tokens, records=[{"id": e.id} for e in shard], seconds=1.0)
 
     def fake_gather(obj):
         if obj and isinstance(obj[0], dict):  # rank 1 ran the last example
@@ -205,4 +206,8 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
     monkeypatch.setattr(_aggregate, "aggregate_records", count)
     result, partial = _execution.run_sharded_round(None, None, panel, CONFIG, PROBES)
     assert not partial and asked == [False]  # the rank's own round skips the aggregation
-    assert aggregated == [["0", "1", "2"]] and result.metrics == {"n_examples": 3.0}
+    figures = {k: v for k, v in result.metrics.items() if not k.startswith("cost/")}
+    assert aggregated == [["0", "1", "2"]] and figures == {"n_examples": 3.0}
+    # the ranks' token counts are summed (two ranks here), per example over the gathered panel
+    assert result.metrics["cost/generated_tokens"] == 10.0 and result.metrics["cost/prefilled_tokens"] == 14.0
+    assert result.metrics["cost/prefilled_tokens_per_example"] == 14.0 / 3
