@@ -16,7 +16,7 @@ from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._validity import invalid_reasons
 from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
-from .probes import ControlProbe, FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
+from .probes import ControlProbe, FillerProbe, HintProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = Non
             built.append(ParaphraseProbe(config.paraphraser))
         elif item == "mistake":
             built.append(MistakeProbe(config.mistake_maker, regenerate=config.mistake_regenerate, seed=config.seed))
+        elif item == "hint":
+            built.append(
+                HintProbe(config.hint_kinds, config.hint_templates, seed=config.seed, answer_type=config.answer_type)
+            )
         else:
             built.append(get_probe(item))
     names = [p.name for p in built]
@@ -211,14 +215,23 @@ def _probe_examples(
     probes: Sequence[Probe],
 ) -> list[dict[str, Any]]:
     """Generate, perturb and score a group of examples; one record per example."""
-    prompts = [
-        e.render_prompt(tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template)
-        for e in examples
-    ]
-    chains = engine.generate_chains(examples, prompts)
+
+    def render(example: ProbeExample) -> str:
+        return example.render_prompt(
+            tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
+        )
+
+    prompts = [render(e) for e in examples]
+    # altered prompts probes ask for (e.g. hinted questions) join the round's one batched decode
+    altered = list(
+        dict.fromkeys(r for i, e in enumerate(examples) for p in probes for r in p.prompt_requests(i, e, render))
+    )
+    chains = engine.generate_chains(examples, prompts, altered)
+    chains, altered_chains = chains[: len(examples)], chains[len(examples) :]
     # Phase 1: the reference answer a_full, which every agreement is measured against.
     full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
-    results = engine.run(chains, full_requests, more_decodes=True)
+    results: dict[Any, Any] = dict(zip(altered, altered_chains))
+    results.update(engine.run(chains, full_requests, more_decodes=True))
     a_full = [results[r].answer for r in full_requests]
     for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
         probe.prepare(chains, a_full)

@@ -2,7 +2,7 @@
 
 from ._engine import ProbeEngine
 from ._model_state import capture_rng_state, full_weights, probe_mode, restore_rng_state
-from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
 from .reference import run_reference_round
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ForcedAnswer",
     "ForcedResult",
     "ProbeEngine",
+    "PromptChain",
     "Request",
     "capture_rng_state",
     "full_weights",

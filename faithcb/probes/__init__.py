@@ -6,6 +6,7 @@ from .control import ControlProbe
 from .core import CoreProbe
 from .early_answer import EarlyAnswerProbe
 from .filler import FillerProbe
+from .hint import HintProbe
 from .info_gain import InfoGainProbe
 from .mistake import MistakeProbe
 from .paraphrase import ParaphraseProbe
@@ -17,6 +18,7 @@ __all__ = [
     "CoreProbe",
     "EarlyAnswerProbe",
     "FillerProbe",
+    "HintProbe",
     "InfoGainProbe",
     "MistakeProbe",
     "ParaphraseProbe",
