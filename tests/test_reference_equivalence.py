@@ -31,7 +31,7 @@ import torch
 from faithcb import FaithConfig, build_probes, load_panel, run_probe_round
 from faithcb import functional as F
 from faithcb.engine import run_reference_round
-from faithcb.probes import MistakeProbe, ParaphraseProbe
+from faithcb.probes import HintProbe, MistakeProbe, ParaphraseProbe
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
 
 try:
@@ -315,17 +315,16 @@ def test_hint_on_rule_models_matches_reference(kind, rule_panel):
     assert switched == (0 if kind == "reads_chain" else 12)  # 4 examples with gold, 3 hint kinds
 
 
-def test_hint_on_random_and_pretrained_models_matches_reference(tok, llama):
+def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
     """Numeric and multiple-choice panels (hinted prompts batched with the round's prompts)."""
-    cases = [
-        (wide_random_model(tok, "llama", 0), arithmetic_panel(2, seed=40)),
-        (llama, arithmetic_panel(3, seed=125)),
-        (llama, choice_panel(3, seed=78, cue="Answer: ")),
-    ]
-    for model, panel in cases:
-        engine, reference = both(model, tok, panel, probes_=HINT_PROBES, generation_batch_size=5)
+    # a built-in kind, and templates in the tiny model's own format (it answers after those)
+    hint = HintProbe(kinds=["sycophancy"], templates=["{hint}\n{question}", "{question}{hint}\n"])
+    probes = [*build_probes(FaithConfig(probes=["consistency"])), hint]
+    for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
+        engine, reference = both(llama, tok, panel, probes=probes, generation_batch_size=5)
         assert_same(engine, reference)
-        assert any(a is not None for r in reference.records for a in r["hint/answers"])
+        # the model states answers after hinted prompts: the comparison is not vacuous
+        assert sum(a is not None for r in reference.records for a in r["hint/answers"]) >= 4
 
 
 # ---------------------------------------------------------------------- regressions: discrepancies found and fixed
