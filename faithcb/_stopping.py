@@ -37,6 +37,8 @@ LOWER_IS_BETTER = frozenset(
         "mistake/match",
         "consistency/false_equation_rate",
         "consistency/fluent_wrong",
+        "hint/follow_rate",
+        "hint/moved_elsewhere",
         "post_conclusion/tail_fraction",
         "parse_fail_rate",
         "forced_parse_fail_rate",
