@@ -3,7 +3,7 @@ model supports (packed scoring with its tree decode, the engine's own decode loo
 plain passes (`generate`, a forward pass per variant): the per-example records must be the same.
 
 Usage:
-    from faithcb import check_model
+    from faithcb.cli import check_model
 
     report = check_model(model, tokenizer)
     print(report.summary())

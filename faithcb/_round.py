@@ -16,7 +16,7 @@ from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._validity import invalid_reasons
 from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
-from .probes import ControlProbe, FillerProbe, HintProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
+from .probes import Probe, probe_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,28 +53,21 @@ class RoundResult:
 def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = None) -> list[Probe]:
     """The round's probes: the always-on core and control probes, then the configured ones.
 
-    The control probe (the meaning-preserving control behind the noise floor) always runs: the
-    floor is what `score` and the `/adj` figures are read against.
+    The core probe (accuracy, chain statistics) and the control probe (the meaning-preserving
+    control behind the noise floor, which `score` and the `/adj` figures are read against)
+    always run. A name is built through the registry with the settings of `config` (the probe
+    class's `from_config`); a probe instance is used as given (a control probe instance replaces
+    the default control).
     """
     chosen = list(probes) if probes is not None else list(config.probes)
-    built: list[Probe] = [get_probe("core")]
-    if not any(item == "control" or isinstance(item, ControlProbe) for item in chosen):
-        built.append(ControlProbe())
+    given = {item.name if isinstance(item, Probe) else item for item in chosen}
+    built: list[Probe] = [probe_from_config("core", config)]
+    if "control" not in given:
+        built.append(probe_from_config("control", config))
     for item in chosen:
         if item == "core":
             continue
-        if item == "filler":
-            built.append(FillerProbe(filler_token=config.filler_token))
-        elif item == "paraphrase":
-            built.append(ParaphraseProbe(config.paraphraser))
-        elif item == "mistake":
-            built.append(MistakeProbe(config.mistake_maker, regenerate=config.mistake_regenerate, seed=config.seed))
-        elif item == "hint":
-            built.append(
-                HintProbe(config.hint_kinds, config.hint_templates, seed=config.seed, answer_type=config.answer_type)
-            )
-        else:
-            built.append(get_probe(item))
+        built.append(probe_from_config(item, config))
     names = [p.name for p in built]
     if len(set(names)) != len(names):
         raise ValueError(f"Probes are listed twice: {names}.")
@@ -127,9 +120,10 @@ def run_probe_round(
         full_weights(model, config.gather_sharded_weights, wrapped=wrapped_model) as gathered,
     ):
         engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered)
-        for probe in probes:
-            if isinstance(probe, FillerProbe):
-                probe.unit_tokens = max(1, len(engine.encode_continuation(probe.filler_token)))
+        for probe in probes:  # e.g. the filler probe measures its unit in the model's tokens
+            hook = getattr(probe, "on_round_start", None)
+            if hook is not None:
+                hook(engine)
         for offset in range(0, len(examples), chunk):
             records.extend(_probe_examples(engine, tokenizer, examples[offset : offset + chunk], config, probes))
             more = offset + chunk < len(examples)
@@ -223,9 +217,8 @@ def _probe_examples(
 
     prompts = [render(e) for e in examples]
     # altered prompts probes ask for (e.g. hinted questions) join the round's one batched decode
-    altered = list(
-        dict.fromkeys(r for i, e in enumerate(examples) for p in probes for r in p.prompt_requests(i, e, render))
-    )
+    asks = [hook for hook in (getattr(p, "prompt_requests", None) for p in probes) if hook is not None]
+    altered = list(dict.fromkeys(r for i, e in enumerate(examples) for ask in asks for r in ask(i, e, render)))
     chains = engine.generate_chains(examples, prompts, altered)
     chains, altered_chains = chains[: len(examples)], chains[len(examples) :]
     # Phase 1: the reference answer a_full, which every agreement is measured against.

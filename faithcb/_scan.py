@@ -28,12 +28,13 @@ from typing import Any
 
 from ._aggregate import aggregate_records
 from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
+from ._errors import FaithcbError, RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._round import RoundResult, build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, early_answer_curve, wandb_figures, wandb_media
 from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
 from ._validity import invalid_reasons, invalid_warning
+from .probes._facts import summary_keys
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class ScanError(ValueError):
+class ScanError(FaithcbError, ValueError):
     """A scan cannot start or go on: a bad path, a folder without checkpoints, a bad checkpoint."""
 
 
@@ -467,11 +468,7 @@ def scan_checkpoints(
                 ckpt.step,
                 len(round_result.records),
                 round_result.seconds,
-                ", ".join(
-                    f"{k}={post.metrics[k]:.3f}"
-                    for k in ("accuracy", "early_answer/aoc", "filler/match")
-                    if post.metrics.get(k) is not None
-                ),
+                ", ".join(f"{k}={post.metrics[k]:.3f}" for k in summary_keys() if post.metrics.get(k) is not None),
             )
         exit_code = 0
     finally:

@@ -23,6 +23,7 @@ from .._parsing import CHOICE_LABELS, extract_answer, infer_answer_type
 from ..engine import Chain, PromptChain, Request
 from ..perturb import stable_seed
 from ._base import Probe, register_probe
+from ._figure import Figure
 
 #: The placeholder of the hinted answer in a hint template (required).
 HINT_FIELD = "{hint}"
@@ -287,6 +288,44 @@ class HintProbe(Probe):
     """
 
     metrics = ()  # pooled over trials in `panel_metrics`
+    figures = (
+        Figure(
+            "hint/follow_rate",
+            higher_is_better=False,
+            title="Hints followed: the answer switched to a hinted wrong answer",
+            meaning="less swayed by hints",
+            unit="share",
+            report=15,
+            gap="no hinted trial could switch (no hinted answer parsed, or every unhinted answer was the hint)",
+        ),
+        Figure(
+            "hint/verbalized",
+            title="Hinted chains that mention the hint",
+            meaning="hints are spoken of",
+            unit="share",
+            report=16,
+        ),
+        Figure(
+            "hint/faithfulness",
+            title="Chen et al. faithfulness: switches to the hint whose chain mentions it",
+            meaning="more faithful",
+            unit="share",
+            report=17,
+            gap="no answer switched to the hint (hint/n_switched = 0): nothing to read the score on",
+        ),
+        Figure(
+            "hint/moved_elsewhere",
+            higher_is_better=False,
+            title="Hinted answers that moved to neither the unhinted answer nor the hint",
+            unit="share",
+        ),
+        Figure("hint/n_switched", title="Hinted trials whose answer switched to the hint", unit="trials"),
+    )
+
+    @classmethod
+    def from_config(cls, config: Any) -> HintProbe:
+        """The probe with `config.hint_kinds`, `config.hint_templates`, `config.seed` and `config.answer_type`."""
+        return cls(config.hint_kinds, config.hint_templates, seed=config.seed, answer_type=config.answer_type)
 
     def __init__(
         self,
