@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from rule_models import gold_response, make_prompt, make_rule_model, true_value
 
-from faithcb import FaithConfig, ProbeExample, build_probes, run_probe_round
+from faithcb import FaithConfig, ProbeExample, run_probe_round
+from faithcb._round import build_probes
 from faithcb.engine import ProbeEngine
 from faithcb.probes import HintProbe
 from faithcb.probes.hint import (
