@@ -15,7 +15,7 @@ from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._validity import invalid_reasons
-from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
+from .engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
 from .probes import Probe, probe_from_config
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def run_probe_round(
     probes: Sequence[Probe] | None = None,
     *,
     wrapped_model: Any = None,
+    engine_options: EngineOptions | None = None,
 ) -> RoundResult:
     """Run one probe round on `examples` with the live model and restore its state after.
 
@@ -101,6 +102,8 @@ def run_probe_round(
         probes: Probe instances (default: `build_probes(config)`).
         wrapped_model: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine),
             needed to gather a sharded model's weights for the round.
+        engine_options: Switches of the engine's optimisations (default `EngineOptions()`); they
+            change speed, never the records.
 
     Returns:
         Per-example records and panel metrics of this round.
@@ -119,7 +122,7 @@ def run_probe_round(
         probe_mode(model, tokenizer),
         full_weights(model, config.gather_sharded_weights, wrapped=wrapped_model) as gathered,
     ):
-        engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered)
+        engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered, options=engine_options)
         for probe in probes:  # e.g. the filler probe measures its unit in the model's tokens
             hook = getattr(probe, "on_round_start", None)
             if hook is not None:

@@ -34,10 +34,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .._aggregate import aggregate_records
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
@@ -50,12 +51,25 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
+from .._round import RoundResult, build_probes
+from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
+from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
-from ._engine import PLAIN_DECODING, answer_stated, model_stop_strings
-from ._model_state import probe_mode
-
-if TYPE_CHECKING:
-    from .._round import RoundResult
+from ..probes import (
+    ConsistencyProbe,
+    ControlProbe,
+    CoreProbe,
+    EarlyAnswerProbe,
+    FillerProbe,
+    HintProbe,
+    InfoGainProbe,
+    MistakeProbe,
+    ParaphraseProbe,
+    Probe,
+    StepNecessityProbe,
+)
+from ..probes.consistency import consistency_fields, find_equations
+from ..probes.hint import hinted_example
 
 __all__ = ["run_reference_round"]
 
@@ -490,8 +504,6 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
 
 def _consistency(ex: _Parsed, judge: Any) -> dict[str, Any]:
     """The chain's equations checked by the probe's pure rule checker (or its judge)."""
-    from ..probes.consistency import consistency_fields, find_equations
-
     if judge is None:
         return consistency_fields(
             find_equations(ex.chain), ex.stated_answer, ex.example.gold, ex.answer_type, ex.num_choices
@@ -514,8 +526,6 @@ def _hint(m: _Model, ex: _Parsed, probe: Any, render: Callable[[ProbeExample], s
     """Each hinted prompt generated on its own (one unpadded `generate`), its stated answer read
     and compared with the hint and the unhinted answer; the hint texts and the verbalization
     detector are the probe's pure text helpers."""
-    from ..probes.hint import hinted_example
-
     keys = ("target", "kinds", "answers", "switched", "moved_elsewhere", "verbalized_each", "responses")
     target = probe.target(ex.example)
     if target is None:
@@ -552,19 +562,6 @@ def _hint(m: _Model, ex: _Parsed, probe: Any, render: Callable[[ProbeExample], s
 def _probe_fields(
     probe: Any, m: _Model, ex: _Parsed, a_full: str | None, render: Callable[[ProbeExample], str]
 ) -> dict[str, Any]:
-    from ..probes import (
-        ConsistencyProbe,
-        ControlProbe,
-        CoreProbe,
-        EarlyAnswerProbe,
-        FillerProbe,
-        HintProbe,
-        InfoGainProbe,
-        MistakeProbe,
-        ParaphraseProbe,
-        StepNecessityProbe,
-    )
-
     if isinstance(probe, ConsistencyProbe):
         return _consistency(ex, probe.judge)
     if isinstance(probe, HintProbe):
@@ -617,10 +614,6 @@ def run_reference_round(
     Raises:
         ValueError: `config.do_sample` is set, or a probe has no reference implementation.
     """
-    from .._aggregate import aggregate_records
-    from .._round import RoundResult, build_probes
-    from ..probes import Probe
-
     if config.do_sample:
         raise ValueError("The reference round decodes greedily; set do_sample=False to compare with it.")
     start = time.perf_counter()
