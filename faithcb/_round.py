@@ -83,6 +83,7 @@ def run_probe_round(
     *,
     wrapped_model: Any = None,
     engine_options: EngineOptions | None = None,
+    aggregate: bool = True,
 ) -> RoundResult:
     """Run one probe round on `examples` with the live model and restore its state after.
 
@@ -104,6 +105,9 @@ def run_probe_round(
             needed to gather a sharded model's weights for the round.
         engine_options: Switches of the engine's optimisations (default `EngineOptions()`); they
             change speed, never the records.
+        aggregate: Compute the panel figures. A rank of a distributed round passes False: its
+            records are gathered first and the figures computed once from all of them
+            (`metrics` is then empty).
 
     Returns:
         Per-example records and panel metrics of this round.
@@ -138,6 +142,8 @@ def run_probe_round(
                     seconds=time.perf_counter() - start,
                 )
         calls = dict(engine.calls)
+    if not aggregate:
+        return RoundResult(metrics={}, records=records, seconds=time.perf_counter() - start, calls=calls)
     metrics = aggregate_records(records, probes)
     if not _distributed():  # a distributed round warns once its ranks' records are gathered
         warn_on_selfcheck(metrics, config)
