@@ -68,6 +68,9 @@ class OrganismArgs:
     max_new_tokens: int = 48  # token budget of a generated chain
     answer_max_new_tokens: int = 5  # token budget of a forced answer
     shared_baseline: bool = True  # run the step-0 round once (every arm starts from the same model) and share it
+    # metrics.jsonl / history.jsonl of an earlier run with the same model, panel and probes:
+    # its step-0 round becomes every arm's baseline (no baseline round is run)
+    baseline_from: str = ""
     probes: str = "default"  # "default" (FaithConfig's probes + consistency) or a comma-separated list
     report_to: str = "none"  # none or wandb (offline unless logged in)
     figure: str = ""  # PNG of the drift curves; empty: <output_dir>/organisms_drift.png
@@ -397,7 +400,7 @@ def run_suite(args: OrganismArgs) -> dict[str, Any]:
     exclude = {p["question"] for p in problems}
     start = time.perf_counter()
     arms: dict[str, Any] = {}
-    baseline = None
+    baseline = read_baseline(Path(args.baseline_from)) if args.baseline_from else None
     for organism in organisms:
         logger.info("organisms: training the %s arm", organism)
         arms[organism] = train_arm(organism, args, panel, exclude, output_dir / organism, baseline)
@@ -413,6 +416,16 @@ def run_suite(args: OrganismArgs) -> dict[str, Any]:
         )
     wall = time.perf_counter() - start
     return summarize(args, {arm: r["history"] for arm, r in arms.items()}, wall, panel, arms)
+
+
+def read_baseline(path: Path) -> dict[str, Any]:
+    """The step-0 round of a `metrics.jsonl` (the callback's) or `history.jsonl` (this recipe's)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("step") == 0:
+                return row
+    raise ValueError(f"--baseline_from {path}: no round at step 0")
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
