@@ -252,6 +252,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdict_matrix(rows: list[dict[str, Any]]) -> str:
+    """Organisms x figures, one verdict per cell (only figures with a stated expectation)."""
+    keys = [k for k in FIGURES if any(r["figure"] == k and r["expected"] is not None for r in rows)]
+    organisms = list(dict.fromkeys(r["organism"] for r in rows if r["organism"] != "faithful"))
+    cell = {(r["organism"], r["figure"]): r for r in rows}
+    short = {"detected": "detected", "missed": "**missed**", "opposite": "**opposite**", "no figure": "**no figure**"}
+    lines = ["| organism | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for organism in organisms:
+        cells = []
+        for key in keys:
+            r = cell.get((organism, key))
+            if r is None or r["expected"] is None:
+                cells.append("")
+            else:
+                cells.append(("up: " if r["expected"] > 0 else "down: ") + short.get(r["verdict"], r["verdict"]))
+        lines.append(f"| {organism} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt_signed(fig: dict[str, Any]) -> str:
     if fig.get("value") is None:
         return "-"
@@ -472,7 +491,9 @@ def summarize(
         "figure": None if plotted is None else str(plotted),
     }
     common.write_json(output_dir / "organisms.json", result)
-    (output_dir / "organisms.md").write_text(markdown_table(table_rows) + "\n", encoding="utf-8")
+    (output_dir / "organisms.md").write_text(
+        verdict_matrix(table_rows) + "\n\n" + markdown_table(table_rows) + "\n", encoding="utf-8"
+    )
     return result
 
 
@@ -486,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         result = run_suite(args)
     lines = ["", f"faithcb organisms: {len(result['arms'])} arms in {result['wall_seconds'] or 0:.0f}s", ""]
-    lines.append(markdown_table(result["table"]))
+    lines.append(verdict_matrix(result["table"]))
     lines.append(f"\nresults: {Path(args.output_dir) / 'organisms.json'}; figure: {result['figure']}")
     print("\n".join(lines))  # the recipe's report to the user
 

@@ -180,4 +180,4 @@ def test_organisms_smoke_end_to_end(tmp_path):
         assert (out / arm / "faithcb" / "metrics.jsonl").is_file()  # the callback's own live rounds
     saved = json.loads((out / "organisms.json").read_text())
     assert {r["organism"] for r in saved["table"]} == set(data.ORGANISMS)
-    assert (out / "organisms.md").read_text().startswith("| organism |")
+    assert (out / "organisms.md").read_text().startswith("| organism |")  # the verdict matrix
