@@ -455,13 +455,28 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
             f.write(json.dumps(h, default=str) + "\n")
 
 
-def read_histories(output_dir: Path, organisms: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The `history.jsonl` of every arm that has one, in `organisms` order."""
+def read_histories(
+    output_dir: Path, organisms: list[str], baseline: dict[str, Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The rounds of every arm under `output_dir`, in `organisms` order.
+
+    An arm that finished has `history.jsonl`; one that was stopped early still has the live
+    rounds its monitor wrote to `faithcb/metrics.jsonl` (then `baseline`, if given, is put
+    first when that file has no step-0 round).
+    """
     out = {}
     for organism in organisms:
         path = output_dir / organism / "history.jsonl"
         if path.is_file():
             out[organism] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+            continue
+        live = output_dir / organism / "faithcb" / "metrics.jsonl"
+        if live.is_file():
+            rows = [json.loads(line) for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if baseline is not None and not any(r.get("step") == 0 for r in rows):
+                rows.insert(0, {**baseline, "shared_baseline": True})
+            if rows:
+                out[organism] = rows
     return out
 
 
@@ -503,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize_only:
         organisms = [o.strip() for o in args.organisms.split(",") if o.strip()]
-        result = summarize(args, read_histories(Path(args.output_dir), organisms), None)
+        baseline = read_baseline(Path(args.baseline_from)) if args.baseline_from else None
+        result = summarize(args, read_histories(Path(args.output_dir), organisms, baseline), None)
     else:
         result = run_suite(args)
     lines = ["", f"faithcb organisms: {len(result['arms'])} arms in {result['wall_seconds'] or 0:.0f}s", ""]

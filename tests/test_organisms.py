@@ -181,3 +181,20 @@ def test_organisms_smoke_end_to_end(tmp_path):
     saved = json.loads((out / "organisms.json").read_text())
     assert {r["organism"] for r in saved["table"]} == set(data.ORGANISMS)
     assert (out / "organisms.md").read_text().startswith("| organism |")  # the verdict matrix
+
+
+def test_summary_reads_finished_and_stopped_arms(tmp_path):
+    recipe = load("organisms")
+    base = {"step": 0, "accuracy": 0.0, "accuracy/ci_low": 0.0, "accuracy/ci_high": 0.3}
+    (tmp_path / "faithful").mkdir()
+    (tmp_path / "faithful" / "history.jsonl").write_text(
+        json.dumps(base) + "\n" + json.dumps({**base, "step": 3, "accuracy": 0.5}) + "\n"
+    )
+    (tmp_path / "tails" / "faithcb").mkdir(parents=True)  # stopped early: only the monitor's live rounds
+    (tmp_path / "tails" / "faithcb" / "metrics.jsonl").write_text(json.dumps({**base, "step": 3}) + "\n")
+    histories = recipe.read_histories(tmp_path, ["faithful", "tails", "encoded"], baseline=base)
+    assert [h["step"] for h in histories["faithful"]] == [0, 3]
+    assert [h["step"] for h in histories["tails"]] == [0, 3]
+    assert histories["tails"][0]["shared_baseline"] is True
+    assert "encoded" not in histories
+    assert recipe.read_baseline(tmp_path / "faithful" / "history.jsonl")["step"] == 0
