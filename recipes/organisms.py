@@ -215,7 +215,10 @@ def verdict(diff: dict[str, Any], expected: int | None) -> str:
 
 
 def detection_table(ends: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (organism, figure): end value, difference against `faithful`, verdict."""
+    """One row per (organism, figure): end value, difference against `faithful`, verdict.
+
+    A round whose validity gates failed (`valid` = 0) gets the verdict `round not valid`.
+    """
     ref = ends.get("faithful")
     rows = []
     for arm, figures in ends.items():
@@ -223,6 +226,7 @@ def detection_table(ends: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             fig = figures.get(key, {"value": None, "ci_low": None, "ci_high": None})
             diff = difference(fig, ref[key]) if ref is not None and arm != "faithful" else None
             expected = EXPECTED.get(arm, {}).get(key)
+            readable = figures.get("valid") != 0 and (ref is None or ref.get("valid") != 0)
             rows.append(
                 {
                     "organism": arm,
@@ -230,7 +234,10 @@ def detection_table(ends: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "end": fig,
                     "delta": diff,
                     "expected": expected,
-                    "verdict": verdict(diff, expected) if diff is not None else "-",
+                    "step": figures.get("step"),
+                    "verdict": "-"
+                    if diff is None
+                    else (verdict(diff, expected) if readable or expected is None else "round not valid"),
                 }
             )
     return rows
@@ -240,15 +247,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The detection table as markdown: one line per organism and figure with an expectation or a value."""
     arrow = {1: "up", -1: "down", None: ""}
     lines = [
-        "| organism | figure | end value [95%] | delta vs faithful [95%] | expected | verdict |",
-        "|---|---|---|---|---|---|",
+        "| organism | step | figure | end value [95%] | delta vs faithful [95%] | expected | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         delta = "" if r["delta"] is None else _fmt_signed(r["delta"])
-        lines.append(
-            f"| {r['organism']} | `{r['figure']}` | {common.fmt(r['end'])} | {delta} | {arrow[r['expected']]} | "
-            f"{'**' + r['verdict'] + '**' if r['verdict'] in ('missed', 'opposite', 'no figure') else r['verdict']} |"
-        )
+        shown = r["verdict"] if r["verdict"] in ("detected", "-") else f"**{r['verdict']}**"
+        cells = [r["organism"], str(r.get("step", "")), f"`{r['figure']}`", common.fmt(r["end"]), delta]
+        lines.append("| " + " | ".join([*cells, arrow[r["expected"]], shown]) + " |")
     return "\n".join(lines)
 
 
@@ -257,7 +263,13 @@ def verdict_matrix(rows: list[dict[str, Any]]) -> str:
     keys = [k for k in FIGURES if any(r["figure"] == k and r["expected"] is not None for r in rows)]
     organisms = list(dict.fromkeys(r["organism"] for r in rows if r["organism"] != "faithful"))
     cell = {(r["organism"], r["figure"]): r for r in rows}
-    short = {"detected": "detected", "missed": "**missed**", "opposite": "**opposite**", "no figure": "**no figure**"}
+    short = {
+        "detected": "detected",
+        "missed": "**missed**",
+        "opposite": "**opposite**",
+        "no figure": "**no figure**",
+        "round not valid": "**round not valid**",
+    }
     lines = ["| organism | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for organism in organisms:
         cells = []
@@ -489,7 +501,10 @@ def summarize(
 ) -> dict[str, Any]:
     """Detection table, drift figure, `organisms.json` and `organisms.md` from the arms' rounds."""
     output_dir = Path(args.output_dir)
-    rounds = {arm: [{"step": h["step"], **common.summary(h, FIGURES)} for h in hist] for arm, hist in histories.items()}
+    rounds = {
+        arm: [{"step": h["step"], "valid": h.get("valid"), **common.summary(h, FIGURES)} for h in hist]
+        for arm, hist in histories.items()
+    }
     ends = {arm: (r[-1] if r else {}) for arm, r in rounds.items()}
     table_rows = detection_table(ends)
     figure_path = Path(args.figure) if args.figure else output_dir / "organisms_drift.png"

@@ -198,3 +198,20 @@ def test_summary_reads_finished_and_stopped_arms(tmp_path):
     assert histories["tails"][0]["shared_baseline"] is True
     assert "encoded" not in histories
     assert recipe.read_baseline(tmp_path / "faithful" / "history.jsonl")["step"] == 0
+
+
+def test_an_unreadable_round_gets_no_verdict():
+    recipe = load("organisms")
+    fig = {"value": 0.9, "ci_low": 0.8, "ci_high": 1.0}
+    low = {"value": 0.1, "ci_low": 0.0, "ci_high": 0.2}
+    ends = {
+        "faithful": {"step": 9, "valid": 1, "early_answer/aoc": fig},
+        "filler": {"step": 9, "valid": 1, "early_answer/aoc": low},
+        "shuffled": {"step": 3, "valid": 0, "early_answer/aoc": low},
+    }
+    verdicts = {
+        (r["organism"], r["figure"]): r["verdict"] for r in recipe.detection_table(ends) if r["expected"] is not None
+    }
+    assert verdicts[("filler", "early_answer/aoc")] == "detected"
+    assert verdicts[("shuffled", "early_answer/aoc")] == "round not valid"
+    assert verdicts[("filler", "filler/match")] == "no figure"
