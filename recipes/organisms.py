@@ -223,8 +223,8 @@ def detection_table(ends: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for arm, figures in ends.items():
         for key in FIGURES:
-            fig = figures.get(key, {"value": None, "ci_low": None, "ci_high": None})
-            diff = difference(fig, ref[key]) if ref is not None and arm != "faithful" else None
+            fig = figures.get(key) or {"value": None, "ci_low": None, "ci_high": None}
+            diff = difference(fig, ref.get(key, {})) if ref is not None and arm != "faithful" else None
             expected = EXPECTED.get(arm, {}).get(key)
             readable = figures.get("valid") != 0 and (ref is None or ref.get("valid") != 0)
             rows.append(
