@@ -157,6 +157,7 @@ def test_detection_verdicts():
     assert recipe.verdict(recipe.difference(close, ref), -1) == "missed"
     assert recipe.verdict(recipe.difference({"value": None}, ref), -1) == "no figure"
     assert recipe.verdict(recipe.difference(low, ref), None) == "-"
+    assert recipe.verdict({"value": -0.2, "ci_low": None, "ci_high": None}, -1) == "detected (point)"
 
 
 def have_smollm2() -> bool:
