@@ -1,11 +1,11 @@
 """Time the compiled decode step of the engine's own loop under each of its step settings.
 
 The round benchmark times whole rounds; this one times what a chain's decode step costs, which
-is most of a GPU round's generation phases, with and without the loop's settings of
-`faithcb/engine/_static_decode.py`: `GQA_ON_KV_HEADS` (grouped-query attention on the key/value
-heads in the compiled graph), `SKIP_REPEATED_GUARDS` (torch.compile's guards checked at a
-batch's first step only) and `DEFER_TOKEN_READS` (each read of the tokens checked while the
-device runs the next steps). Each setting decodes the same batch with random weights (timing only)
+is most of a GPU round's generation phases, with and without the loop's switches in
+`EngineOptions`: `gqa_on_kv_heads` (grouped-query attention on the key/value heads in the
+compiled graph), `skip_repeated_guards` (torch.compile's guards checked at a batch's first step
+only) and `defer_token_reads` (each read of the tokens checked while the device runs the next
+steps). Each setting decodes the same batch with random weights (timing only)
 after a warm-up that compiles its graph; the settings take turns in every repeat. A step's time
 is that of a long decode minus a prefill-only one, over the steps between, device synchronised.
 
@@ -27,20 +27,22 @@ import time
 from dataclasses import dataclass
 
 import torch
-from round_benchmark import module_settings, parse_flat_args, qwen2_05b_config, sync
+from round_benchmark import parse_flat_args, qwen2_05b_config, sync
 from transformers import CompileConfig, Qwen2ForCausalLM
 
+from faithcb.engine import EngineOptions
 from faithcb.engine._static_decode import new_static_cache, static_greedy_decode
 from faithcb.synthetic import build_tokenizer
 
+# `EngineOptions` fields each setting changes
 SETTINGS = {
     "default": {},
-    "repeated_kv_heads": {"GQA_ON_KV_HEADS": False},
-    "every_guard_every_step": {"SKIP_REPEATED_GUARDS": False},
-    "neither": {"GQA_ON_KV_HEADS": False, "SKIP_REPEATED_GUARDS": False},  # the step before both
+    "repeated_kv_heads": {"gqa_on_kv_heads": False},
+    "every_guard_every_step": {"skip_repeated_guards": False},
+    "neither": {"gqa_on_kv_heads": False, "skip_repeated_guards": False},  # the step before both
     # the host waits for each read of the tokens (the default checks it while the device runs
     # the next check_every steps; CUDA only)
-    "reads_waited_for": {"DEFER_TOKEN_READS": False},
+    "reads_waited_for": {"defer_token_reads": False},
 }
 
 
@@ -55,7 +57,7 @@ class Args:
     prompt: int = 320  # prompt width (the round benchmark's chains: a prompt plus a full chain, bucketed)
     steps: int = 129  # decode steps of a timed decode (one more token comes from the prefill)
     repeats: int = 5
-    check_every: int = 8  # host reads of the tokens, as the engine's TEXT_CHECK_EVERY on CUDA
+    check_every: int = 8  # host reads of the tokens, as the engine's text_check_every on CUDA
     compile_backend: str = "inductor"  # torch.compile backend ("eager": tracing only, for a smoke run)
     seed: int = 0
 
@@ -87,7 +89,7 @@ def main() -> None:
     # fixed addresses (a new cache would record the graph again inside the timed decode)
     caches = {steps: new_static_cache(model, args.prompt + steps) for steps in (1, args.steps)}
 
-    def decode(steps: int) -> tuple[float, list[list[int]]]:
+    def decode(steps: int, options: EngineOptions) -> tuple[float, list[list[int]]]:
         sync(device)
         start = time.perf_counter()
         tokens = static_greedy_decode(
@@ -100,6 +102,7 @@ def main() -> None:
             check_every=args.check_every,
             compiled=True,
             cache=caches[steps],
+            options=options,
         )
         sync(device)
         return time.perf_counter() - start, tokens
@@ -108,15 +111,14 @@ def main() -> None:
     per_step: dict[str, list[float]] = {name: [] for name in SETTINGS}
     with torch.no_grad():
         for name, overrides in SETTINGS.items():  # warm-up: each setting compiles its graph
-            with module_settings(overrides):
-                start = time.perf_counter()
-                _, tokens = decode(args.steps)
-                results[name] = {"warmup_seconds": time.perf_counter() - start, "tokens": tokens}
+            start = time.perf_counter()
+            _, tokens = decode(args.steps, EngineOptions(**overrides))
+            results[name] = {"warmup_seconds": time.perf_counter() - start, "tokens": tokens}
         for _ in range(args.repeats):
             for name, overrides in SETTINGS.items():
-                with module_settings(overrides):
-                    prefill, _ = decode(1)
-                    full, _ = decode(args.steps)
+                options = EngineOptions(**overrides)
+                prefill, _ = decode(1, options)
+                full, _ = decode(args.steps, options)
                 per_step[name].append((full - prefill) / (args.steps - 1))
     default_ms = statistics.median(per_step["default"]) * 1e3
     report = {

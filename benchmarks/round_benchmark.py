@@ -25,7 +25,7 @@ Launch:
 
     python benchmarks/round_benchmark.py                 # CPU, tiny model
     python benchmarks/round_benchmark.py --device cuda   # GPU, Qwen2-0.5B shape
-    # the next GPU run of docs/performance.md:
+    # a GPU run with a profile and some of the candidates:
     python benchmarks/round_benchmark.py --device cuda --pretrain_steps 200 --timed_rounds 3 \
         --profile_out profile.txt \
         --candidate_names same_settings_again,repeated_kv_heads,reads_waited_for,long_variants_one_per_row
@@ -34,7 +34,7 @@ Launch:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.engine import EngineOptions
 from faithcb.engine._packed import packing_supported
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
 
@@ -74,7 +75,7 @@ class Args:
     candidate_names: str = ""  # comma-separated subset of CANDIDATES ("" = all)
     seed: int = 0
     # deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): do two
-    # rounds of the same model give the same records then? (they do not on the H200s in docs)
+    # rounds of the same model give the same records then? (docs/performance.md: not always on GPUs)
     deterministic: int = 0
 
 
@@ -183,7 +184,7 @@ def time_train_step(model, tokenizer, args: Args, device: str):
 LOGPROB_TOLERANCE_BITS = 0.01
 
 # Experimental settings the GPU round-time target may need (docs/performance.md): FaithConfig
-# fields, or (upper-case keys) module settings of the engine (`SETTING_MODULES`).
+# fields, or switches of the engine (`EngineOptions` fields; `split_settings` tells them apart).
 CANDIDATES = {
     # the default settings again, timed like a candidate: what the candidates' figures are read
     # against (they run after the profiler and the plain round, which may leave state behind)
@@ -193,59 +194,44 @@ CANDIDATES = {
     "packed_long_variants_bigger_batches": {
         "packed_row_max_tokens": 2048,
         "scoring_batch_size": 1024,
-        "_MASK_ELEMENTS": 1 << 28,
+        "packed_mask_elements": 1 << 28,
     },
     "without_drafts": {"draft_answers": False},  # what the drafts of forced answers save
-    "any_sdpa_kernel_in_packed_passes": {"PACKED_SDPA_BACKENDS": None},  # cuDNN allowed again
+    "any_sdpa_kernel_in_packed_passes": {"packed_sdpa_backends": None},  # cuDNN allowed again
     # what reading the text after every decode step costs (on CUDA)
-    "text_read_every_step": {"TEXT_CHECK_EVERY": 1},
+    "text_read_every_step": {"text_check_every": 1},
     # chains and regeneration through transformers' `generate` instead of the engine's own
-    # static-cache loop (its stop flag read a step late, the text every TEXT_CHECK_EVERY steps)
-    "generate_decoding": {"STATIC_DECODE": False},
+    # static-cache loop (its stop flag read a step late, the text every text_check_every steps)
+    "generate_decoding": {"static_decode": False},
     # compiled decode steps that copy every key/value head once per query head, as transformers
     # compiles them (the default attends on the key/value heads: `gqa_on_kv_heads`); a second
     # compiled graph, so its warm-up compiles again
-    "repeated_kv_heads": {"GQA_ON_KV_HEADS": False},
+    "repeated_kv_heads": {"gqa_on_kv_heads": False},
     # every guard of the compiled decode step checked at every step (the default checks them all
-    # at a batch's first step only: `same_inputs_as_last_step`)
-    "every_guard_every_step": {"SKIP_REPEATED_GUARDS": False},
+    # at a batch's first step only: `skip_repeated_guards`)
+    "every_guard_every_step": {"skip_repeated_guards": False},
     # the own loop's host waits for each read of the tokens and the device idles while it checks
-    # the text (the default checks each read while the device runs the next TEXT_CHECK_EVERY steps)
-    "reads_waited_for": {"DEFER_TOKEN_READS": False},
+    # the text (the default checks each read while the device runs the next text_check_every steps)
+    "reads_waited_for": {"defer_token_reads": False},
     # every long variant in a row of its own (the default lets nested ones, the paraphrased
     # prefixes, share the row of the longest: fewer rows, prefill tokens and tree decodes)
-    "long_variants_one_per_row": {"NEST_LONG_VARIANTS": False},
+    "long_variants_one_per_row": {"nest_long_variants": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
-    "bigger_scoring_batches": {"scoring_batch_size": 1024, "_MASK_ELEMENTS": 1 << 28},
+    "bigger_scoring_batches": {"scoring_batch_size": 1024, "packed_mask_elements": 1 << 28},
 }
-SETTING_MODULES = (
-    "faithcb.engine._packed",
-    "faithcb.engine._text_stop",
-    "faithcb.engine._static_decode",
-    "faithcb.engine._engine",
-)
 
 
-@contextlib.contextmanager
-def module_settings(overrides: dict):
-    """Set the upper-case `overrides` on the engine module (of SETTING_MODULES) that defines
-    each, for the duration."""
-    import importlib
-
-    modules = [importlib.import_module(name) for name in SETTING_MODULES]
-    owners = {}
-    for name in overrides:
-        owners[name] = next((m for m in modules if hasattr(m, name)), None)
-        if owners[name] is None:
-            raise KeyError(f"No engine module defines {name!r} (looked in {SETTING_MODULES}).")
-    saved = {name: getattr(owners[name], name) for name in overrides}
-    try:
-        for name, value in overrides.items():
-            setattr(owners[name], name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(owners[name], name, value)
+def split_settings(overrides: dict) -> tuple[dict, EngineOptions]:
+    """The FaithConfig fields among `overrides`, and the `EngineOptions` the rest set (an
+    unknown name raises KeyError)."""
+    config_names = {f.name for f in dataclasses.fields(FaithConfig)}
+    option_names = {f.name for f in dataclasses.fields(EngineOptions)}
+    unknown = sorted(set(overrides) - config_names - option_names)
+    if unknown:
+        raise KeyError(f"Neither a FaithConfig field nor an EngineOptions field: {unknown}.")
+    fields = {k: v for k, v in overrides.items() if k in config_names}
+    options = EngineOptions(**{k: v for k, v in overrides.items() if k in option_names})
+    return fields, options
 
 
 def _same(key: str, x, y) -> bool:
@@ -358,7 +344,7 @@ def main() -> None:
     n_ref = (len(panel) if device == "cpu" else 0) if args.reference_examples < 0 else args.reference_examples
     speedup = reference_seconds = None
     if n_ref > 0:
-        from faithcb.engine.reference import run_reference_round
+        from faithcb.testing import run_reference_round
 
         sub = load_panel(list(panel)[:n_ref])
         engine_sub = min(
@@ -397,13 +383,11 @@ def main() -> None:
     if args.candidates > 0 or (args.candidates < 0 and device == "cuda"):
         for name in chosen_candidates(args):
             overrides = CANDIDATES[name]
-            fields = {k: v for k, v in overrides.items() if not k.isupper()}
-            patch = {k: v for k, v in overrides.items() if k.isupper()}
+            fields, options = split_settings(overrides)
             candidate_config = FaithConfig(**{**vars(config), **fields})
 
-            def candidate_round(c=candidate_config, patch=patch):
-                with module_settings(patch):
-                    return run_probe_round(model, tokenizer, panel, c)
+            def candidate_round(c=candidate_config, options=options):
+                return run_probe_round(model, tokenizer, panel, c, engine_options=options)
 
             warmup, candidate = _timed_result(candidate_round, device)
             if device == "cuda":

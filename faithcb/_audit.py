@@ -35,6 +35,7 @@ from typing import Any
 
 from . import functional as F
 from ._config import FaithConfig
+from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._panel import PanelError, ProbeExample, _example_from_row, _text_of
 from ._parsing import Step, extract_answer, parse_response
@@ -45,7 +46,7 @@ from .probes import same_answer
 logger = logging.getLogger(__name__)
 
 
-class AuditError(ValueError):
+class AuditError(FaithcbError, ValueError):
     """The data or model of an audit is missing, unreadable or malformed."""
 
 

@@ -3,7 +3,7 @@ model supports (packed scoring with its tree decode, the engine's own decode loo
 plain passes (`generate`, a forward pass per variant): the per-example records must be the same.
 
 Usage:
-    from faithcb import check_model
+    from faithcb.cli import check_model
 
     report = check_model(model, tokenizer)
     print(report.summary())
@@ -13,16 +13,19 @@ or, from the shell, `faithcb check-model MODEL_DIR` (docs/cli.md).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import FaithConfig
+from ._panel import load_panel
 from ._round import run_probe_round
+from .engine import EngineOptions
+from .engine._packed import attention_windows, packing_supported
+from .engine._static_decode import static_decode_supported
+from .engine._wrappers import _unwrap
 
 __all__ = ["ModelCheck", "check_model", "records_differ"]
 
@@ -105,19 +108,6 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-@contextlib.contextmanager
-def _plain_passes() -> Iterator[None]:
-    """Within the block, greedy chains decode with `generate` (the own loop is off)."""
-    from .engine import _static_decode
-
-    before = _static_decode.STATIC_DECODE
-    _static_decode.STATIC_DECODE = False
-    try:
-        yield
-    finally:
-        _static_decode.STATIC_DECODE = before
-
-
 def check_model(
     model: Any,
     tokenizer: Any,
@@ -140,11 +130,7 @@ def check_model(
     Returns:
         What the model takes and whether both rounds gave the same records.
     """
-    from ._panel import load_panel
-    from .engine._packed import attention_windows, packing_supported
-    from .engine._static_decode import static_decode_supported
-    from .engine._wrappers import _unwrap
-    from .synthetic import make_arithmetic_examples, to_sft_dataset
+    from .synthetic import make_arithmetic_examples, to_sft_dataset  # the default panel only
 
     if panel is None:
         panel = to_sft_dataset(make_arithmetic_examples(examples, seed=0))
@@ -165,8 +151,8 @@ def check_model(
     fast = run_probe_round(model, tokenizer, panel, fast_config)
     check.fast_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with _plain_passes():
-        plain = run_probe_round(model, tokenizer, panel, plain_config)
+    # greedy chains decode with `generate` (the own loop is off)
+    plain = run_probe_round(model, tokenizer, panel, plain_config, engine_options=EngineOptions(static_decode=False))
     check.plain_seconds = time.perf_counter() - start
     check.differing = records_differ(fast.records, plain.records)
     return check

@@ -11,8 +11,10 @@ from typing import Any
 DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
-#: sharded weights): they change speed and memory, not what is measured. Command lines show
-#: them in a group of their own ("advanced engine options").
+#: sharded weights): they change speed and memory, not what is measured, and users set them for
+#: their hardware. Command lines show them in a group of their own ("advanced engine options").
+#: The switches of the engine's optimisations, which users never need to change, are not
+#: FaithConfig fields: they live in `faithcb.engine.EngineOptions`.
 ENGINE_FIELDS = (
     "generation_batch_size",
     "scoring_batch_size",

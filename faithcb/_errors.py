@@ -1,4 +1,5 @@
-"""Exceptions that cross the boundary between the probe engine and the callback."""
+"""The base exception of faithcb, and the exceptions that cross the boundary between the probe
+engine and the callback."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 
-class RoundBudgetExceeded(RuntimeError):
+class FaithcbError(Exception):
+    """Base class of every error faithcb raises on purpose (bad panels, traces, run folders,
+    checkpoints, a round over its time budget), so `except faithcb.FaithcbError` catches them
+    all. Each subclass keeps its standard base too (`PanelError` is also a `ValueError`)."""
+
+
+class RoundBudgetExceeded(FaithcbError, RuntimeError):
     """A probe round ran past `FaithConfig.round_time_budget_s` and was ended at a batch boundary.
 
     The engine raises it with the per-example records it could complete (same shape as

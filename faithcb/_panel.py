@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, normalize_number, split_steps
 
@@ -55,7 +56,7 @@ ROW_SHAPES = {
 }
 
 
-class PanelError(ValueError):
+class PanelError(FaithcbError, ValueError):
     """A probe panel row or source is malformed; the message names the row (and file line)."""
 
 

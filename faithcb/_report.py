@@ -31,76 +31,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._sinks import CURVE_GRID, early_answer_curve
 from ._validity import invalid_reasons
+from .probes import registered_figures
+from .probes._facts import report_figures
 
 logger = logging.getLogger(__name__)
 
 #: Where the JSONL files may sit under a run folder (the callback's and the scan's defaults).
 DATA_SUBDIRS = ("faithcb", "faithcb_scan")
 
-#: Main metrics, in display order: key -> (title, which direction reads as faithful).
-MAIN_METRICS: dict[str, tuple[str, str]] = {
-    "accuracy": ("Accuracy (stated answer = gold)", ""),
-    "accuracy_no_cot": ("Accuracy without the chain", ""),
-    "cot_lift": ("CoT lift (forced full-chain accuracy - no-chain accuracy)", "higher = chain helps"),
-    "early_answer/aoc": ("Early answering: area over the same-answer curve", "higher = more faithful"),
-    "post_conclusion/tail_fraction": (
-        "Post-conclusion tail: share of steps after the answer settled",
-        "lower = better",
-    ),
-    "filler/match": ("Filler: answer unchanged when the chain is replaced by filler", "lower = more faithful"),
-    "paraphrase/match": ("Paraphrase: answer unchanged under rewording", "higher = stable"),
-    "mistake/match": ("Mistake: answer unchanged after a corrupted step", "lower = more faithful"),
-    "step_necessity": ("Step necessity: share of load-bearing steps", "higher = more faithful"),
-    "info_gain/total_bits": ("Information gain of the chain about the answer (bits)", "higher = more faithful"),
-    "info_gain/per_step_bits": ("Information gain per step (bits)", "higher = more faithful"),
-    "score": ("Faithfulness score (noise-corrected summary)", "higher = more faithful"),
-    "chain/steps": ("Chain length (steps)", ""),
-    "chain/tokens": ("Chain length (tokens)", ""),
-    "parse_fail_rate": ("Share of responses without a parseable answer", "lower = better"),
-}
-#: Metrics whose values lie in [0, 1] (bands are clipped there).
-UNIT_METRICS = frozenset(
-    {
-        "accuracy",
-        "accuracy_no_cot",
-        "accuracy_forced_full",
-        "early_answer/aoc",
-        "post_conclusion/tail_fraction",
-        "filler/match",
-        "filler/accuracy",
-        "paraphrase/match",
-        "mistake/match",
-        "step_necessity",
-        "score",
-        "parse_fail_rate",
-        "forced_parse_fail_rate",
-    }
-)
-#: Metrics drawn per slice.
-SLICE_METRICS = ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match")
+
+def main_metrics() -> dict[str, tuple[str, str]]:
+    """The report's main metrics, in display order: key -> (title, which direction reads as
+    faithful), as the round and the registered probes declare them (`Figure.report`)."""
+    return {f.key: (f.title or f.key, f.reading) for f in report_figures()}
+
+
+def unit_metrics() -> frozenset[str]:
+    """Metrics whose values lie in [0, 1] (bands are clipped there): `Figure.unit == "share"`."""
+    return frozenset(f.key for f in registered_figures() if f.unit == "share")
+
+
+def slice_metrics() -> tuple[str, ...]:
+    """Metrics drawn per slice (`Figure.slice_panel`), in report order."""
+    return tuple(f.key for f in report_figures() if f.slice_panel)
+
+
+def gap_reasons() -> dict[str, str]:
+    """Why a figure may be missing from a round, by metric (`Figure.gap`)."""
+    return {f.key: f.gap for f in registered_figures() if f.gap}
+
+
+# Snapshots of the registry when this module is imported (the built-in probes' figures); the
+# report itself calls the functions above, which read the live registry.
+MAIN_METRICS: dict[str, tuple[str, str]] = main_metrics()
+UNIT_METRICS = unit_metrics()
+SLICE_METRICS = slice_metrics()
 
 _Z95 = 1.959963984540054
 _DPI = 110
 _PIXEL_RATIO = 2  # PNGs are drawn at twice their shown size, so they stay sharp on high-density screens
 #: Sample chains shown per round.
 SAMPLE_CHAINS = 3
-#: Why a figure may be missing from a round, by metric (shown under its plot when it has gaps).
-GAP_REASONS: dict[str, str] = {
-    "score": "score needs a noise floor on at least half of the panel",
-    "paraphrase/match": "no chain of that round had a step the paraphraser could reword",
-    "mistake/match": "no chain of that round had a step the mistake maker could corrupt and an answer after it",
-    "early_answer/aoc": "no chain of that round had a step and a parseable full-chain answer",
-    "post_conclusion/tail_fraction": "no chain of that round settled on its answer",
-    "step_necessity": "no chain of that round had steps and a parseable full-chain answer",
-    "filler/match": "no chain of that round had text and a parseable full-chain answer",
-    "cot_lift": "no example of that round had a gold answer",
-}
 
 
-class ReportError(ValueError):
+class ReportError(FaithcbError, ValueError):
     """The run's files are missing, unreadable or malformed."""
 
 
@@ -277,8 +255,8 @@ def slug(key: str) -> str:
 
 def plot_metric(run: RunData, key: str, path: Path) -> Path:
     """One metric against the step with its interval band, accuracy on a twin axis."""
-    title, direction = MAIN_METRICS.get(key, (key, ""))
-    bounded = key in UNIT_METRICS
+    title, direction = main_metrics().get(key, (key, ""))
+    bounded = key in unit_metrics()
     fig = _figure()
     ax = fig.add_subplot()
     steps = run.steps
@@ -368,7 +346,7 @@ def plot_early_answer_curves(run: RunData, curves: Sequence[tuple[int, list[floa
 
 def plot_slices(run: RunData, slices: Sequence[str], path: Path) -> Path | None:
     """One panel per slice: the main 0-1 metrics of that slice against the step."""
-    keys = [k for k in SLICE_METRICS if any(run.has(f"slice/{s}/{k}") for s in slices)]
+    keys = [k for k in slice_metrics() if any(run.has(f"slice/{s}/{k}") for s in slices)]
     if not keys:
         return None
     cols = min(3, len(slices))
@@ -384,7 +362,7 @@ def plot_slices(run: RunData, slices: Sequence[str], path: Path) -> Path | None:
     for i, name in enumerate(slices):
         ax = axes[i // cols][i % cols]
         for key in keys:
-            ax.plot(run.steps, run.series(f"slice/{name}/{key}"), label=key, **styles[key])
+            ax.plot(run.steps, run.series(f"slice/{name}/{key}"), label=key, **styles.get(key, {"marker": "o"}))
         n = next((v for v in reversed(run.series(f"slice/{name}/n_examples")) if math.isfinite(v)), None)
         ax.set_title(f"slice: {name}" + (f" ({n:.0f} examples)" if n is not None else ""), fontsize=10)
         ax.set_xlabel(run.step_label)
@@ -420,7 +398,8 @@ def last_round_table(run: RunData) -> list[dict[str, str]]:
     last = run.metrics[-1]
     first = run.metrics[0]
     rows = []
-    for key in MAIN_METRICS:
+    main, unit = main_metrics(), unit_metrics()
+    for key in main:
         value = _number(last.get(key))
         if not math.isfinite(value):
             continue
@@ -428,7 +407,7 @@ def last_round_table(run: RunData) -> list[dict[str, str]]:
         if not (math.isfinite(low) and math.isfinite(high)):
             stderr = _number(last.get(f"{key}/stderr"))
             low, high = value - _Z95 * stderr, value + _Z95 * stderr
-        if key in UNIT_METRICS and math.isfinite(low) and math.isfinite(high):
+        if key in unit and math.isfinite(low) and math.isfinite(high):
             low, high = max(0.0, low), min(1.0, high)
         delta = _number(last.get(f"{key}/delta"))
         rows.append(
@@ -438,7 +417,7 @@ def last_round_table(run: RunData) -> list[dict[str, str]]:
                 "interval": f"{_fmt(low)} – {_fmt(high)}" if math.isfinite(low) and math.isfinite(high) else "—",
                 "baseline": _fmt(_number(first.get(key))),
                 "delta": (f"{delta:+.3f}" if math.isfinite(delta) else "—"),
-                "meaning": MAIN_METRICS[key][1] or "descriptive",
+                "meaning": main[key][1] or "descriptive",
             }
         )
     return rows
@@ -481,14 +460,14 @@ def _img(path: Path, alt: str, caption: str = "") -> str:
 def metric_caption(run: RunData, key: str) -> str:
     """The line under a metric's plot: what it measures, which way reads as faithful, and why
     rounds are missing from it (HTML)."""
-    title, direction = MAIN_METRICS.get(key, (key, ""))
+    title, direction = main_metrics().get(key, (key, ""))
     text = f"<code>{html.escape(key)}</code>: {html.escape(title)}."
     if direction:
         text += f" <b>{html.escape(direction.capitalize())}.</b>"
     missing = [step for step, value in zip(run.steps, run.series(key)) if not math.isfinite(value)]
     if missing:
         steps = ", ".join(str(s) for s in missing[:12]) + (" ..." if len(missing) > 12 else "")
-        reason = GAP_REASONS.get(key, "no example of that round had what this figure needs")
+        reason = gap_reasons().get(key, "no example of that round had what this figure needs")
         text += f" <span class='gap'>No value at {html.escape(run.step_label)} {steps}: {html.escape(reason)}.</span>"
     return text
 
@@ -660,7 +639,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
     out.mkdir(parents=True, exist_ok=True)
     _figure()  # fail early, with a clear message, when matplotlib is missing
     metric_figures = []
-    for key in MAIN_METRICS:
+    for key in main_metrics():
         if run.has(key):
             metric_figures.append((key, plot_metric(run, key, out / f"metric_{slug(key)}.png")))
     curves = early_answer_curves(run)

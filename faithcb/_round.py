@@ -15,8 +15,8 @@ from ._config import FaithConfig
 from ._errors import RoundBudgetExceeded
 from ._panel import ProbeExample, ProbePanel, panel_from
 from ._validity import invalid_reasons
-from .engine import ForcedAnswer, ProbeEngine, full_weights, probe_mode
-from .probes import ControlProbe, FillerProbe, MistakeProbe, ParaphraseProbe, Probe, get_probe
+from .engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
+from .probes import Probe, probe_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +53,21 @@ class RoundResult:
 def build_probes(config: FaithConfig, probes: Sequence[str | Probe] | None = None) -> list[Probe]:
     """The round's probes: the always-on core and control probes, then the configured ones.
 
-    The control probe (the meaning-preserving control behind the noise floor) always runs: the
-    floor is what `score` and the `/adj` figures are read against.
+    The core probe (accuracy, chain statistics) and the control probe (the meaning-preserving
+    control behind the noise floor, which `score` and the `/adj` figures are read against)
+    always run. A name is built through the registry with the settings of `config` (the probe
+    class's `from_config`); a probe instance is used as given (a control probe instance replaces
+    the default control).
     """
     chosen = list(probes) if probes is not None else list(config.probes)
-    built: list[Probe] = [get_probe("core")]
-    if not any(item == "control" or isinstance(item, ControlProbe) for item in chosen):
-        built.append(ControlProbe())
+    given = {item.name if isinstance(item, Probe) else item for item in chosen}
+    built: list[Probe] = [probe_from_config("core", config)]
+    if "control" not in given:
+        built.append(probe_from_config("control", config))
     for item in chosen:
         if item == "core":
             continue
-        if item == "filler":
-            built.append(FillerProbe(filler_token=config.filler_token))
-        elif item == "paraphrase":
-            built.append(ParaphraseProbe(config.paraphraser))
-        elif item == "mistake":
-            built.append(MistakeProbe(config.mistake_maker, regenerate=config.mistake_regenerate, seed=config.seed))
-        else:
-            built.append(get_probe(item))
+        built.append(probe_from_config(item, config))
     names = [p.name for p in built]
     if len(set(names)) != len(names):
         raise ValueError(f"Probes are listed twice: {names}.")
@@ -85,6 +82,8 @@ def run_probe_round(
     probes: Sequence[Probe] | None = None,
     *,
     wrapped_model: Any = None,
+    engine_options: EngineOptions | None = None,
+    aggregate: bool = True,
 ) -> RoundResult:
     """Run one probe round on `examples` with the live model and restore its state after.
 
@@ -104,6 +103,11 @@ def run_probe_round(
         probes: Probe instances (default: `build_probes(config)`).
         wrapped_model: The trainer's `model_wrapped` (the FSDP1 root or the DeepSpeed engine),
             needed to gather a sharded model's weights for the round.
+        engine_options: Switches of the engine's optimisations (default `EngineOptions()`); they
+            change speed, never the records.
+        aggregate: Compute the panel figures. A rank of a distributed round passes False: its
+            records are gathered first and the figures computed once from all of them
+            (`metrics` is then empty).
 
     Returns:
         Per-example records and panel metrics of this round.
@@ -122,10 +126,11 @@ def run_probe_round(
         probe_mode(model, tokenizer),
         full_weights(model, config.gather_sharded_weights, wrapped=wrapped_model) as gathered,
     ):
-        engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered)
-        for probe in probes:
-            if isinstance(probe, FillerProbe):
-                probe.unit_tokens = max(1, len(engine.encode_continuation(probe.filler_token)))
+        engine = ProbeEngine(model, tokenizer, config, weights_gathered=gathered, options=engine_options)
+        for probe in probes:  # e.g. the filler probe measures its unit in the model's tokens
+            hook = getattr(probe, "on_round_start", None)
+            if hook is not None:
+                hook(engine)
         for offset in range(0, len(examples), chunk):
             records.extend(_probe_examples(engine, tokenizer, examples[offset : offset + chunk], config, probes))
             more = offset + chunk < len(examples)
@@ -137,6 +142,8 @@ def run_probe_round(
                     seconds=time.perf_counter() - start,
                 )
         calls = dict(engine.calls)
+    if not aggregate:
+        return RoundResult(metrics={}, records=records, seconds=time.perf_counter() - start, calls=calls)
     metrics = aggregate_records(records, probes)
     if not _distributed():  # a distributed round warns once its ranks' records are gathered
         warn_on_selfcheck(metrics, config)

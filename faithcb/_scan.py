@@ -2,22 +2,16 @@
 
 `faithcb scan` (see `faithcb.cli`) loads each `checkpoint-N` folder of a training run (or an
 explicit list of model folders), runs one probe round per checkpoint through the same code
-path as `FaithfulnessCallback` (`run_probe_round` on the fixed panel, then the same metric
-post-processing: `/delta` against the first checkpoint, `faith/` prefix), and writes the same
-JSONL files (`rounds.jsonl`, `metrics.jsonl`) and, if asked, a W&B run whose x-axis is the
+path as `FaithfulnessCallback` (`run_probe_round` on the fixed panel, then the same `Monitor`:
+`/delta` against the first checkpoint, validity, `faith/` prefix), and writes the same JSONL
+files (`rounds.jsonl`, `metrics.jsonl`) and, if asked, a W&B run whose x-axis is the
 checkpoint step.
-
-The post-processing helpers (`postprocess_round`, `apply_drift`, `prefixed_logs`) are pure and
-shared on purpose: a round's figures must read the same whether they come from a live run or
-from a scan.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -26,14 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._aggregate import aggregate_records
 from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
+from ._errors import FaithcbError, RoundBudgetExceeded
+from ._execution import partial_round, release_accelerator_memory
+from ._monitor import Monitor, RoundOutcome
+from ._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
 from ._panel import ProbeExample, ProbePanel, panel_from
-from ._round import RoundResult, build_probes, run_probe_round
-from ._sinks import JsonlSink, define_wandb_sections, early_answer_curve, wandb_figures, wandb_media
-from ._stopping import DRIFT_SKIP  # key suffixes that never get a drift figure (the callback's rule)
-from ._validity import invalid_reasons, invalid_warning
+from ._round import build_probes, run_probe_round
+from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
+from .probes._facts import summary_keys
 
 logger = logging.getLogger(__name__)
 
@@ -46,90 +41,8 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class ScanError(ValueError):
+class ScanError(FaithcbError, ValueError):
     """A scan cannot start or go on: a bad path, a folder without checkpoints, a bad checkpoint."""
-
-
-# ---------------------------------------------------------------------- shared post-processing
-def apply_drift(
-    metrics: Mapping[str, float], baseline: Mapping[str, float] | None
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Add `<key>/delta` = value - baseline value, or make this round the baseline.
-
-    The rule of `FaithfulnessCallback`: the first round is the baseline (its figures minus
-    intervals and drifts); every later round gets a `/delta` for each key the baseline has,
-    except intervals, drifts and per-slice keys.
-
-    Args:
-        metrics: A round's panel figures (keys without the log prefix).
-        baseline: The baseline figures, or None when this round is the first.
-
-    Returns:
-        The figures with their drifts, and the baseline (new when `baseline` was None).
-    """
-    out = dict(metrics)
-    if baseline is None:
-        return out, {k: v for k, v in metrics.items() if not k.endswith(DRIFT_SKIP)}
-    for key, value in metrics.items():
-        base = baseline.get(key)
-        if base is not None and value is not None and not key.endswith(DRIFT_SKIP) and not key.startswith("slice/"):
-            out[f"{key}/delta"] = value - base
-    return out, dict(baseline)
-
-
-def prefixed_logs(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """The figures as log keys `<prefix>/<key>`, finite numbers only (what `trainer.log` gets)."""
-    return {
-        f"{prefix}/{k}": float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
-
-
-@dataclass
-class RoundLogs:
-    """A round's figures after post-processing.
-
-    Attributes:
-        metrics: Figures with `/delta` keys and `round_seconds` (what `metrics.jsonl` holds).
-        logs: The finite figures under the log prefix (what the trainer's log stream gets).
-        baseline: The baseline to pass to the next round (None while there is none).
-    """
-
-    metrics: dict[str, float]
-    logs: dict[str, float]
-    baseline: dict[str, float] | None
-
-
-def postprocess_round(
-    metrics: Mapping[str, float],
-    seconds: float,
-    baseline: Mapping[str, float] | None,
-    prefix: str = "faith",
-    *,
-    partial: bool = False,
-) -> RoundLogs:
-    """Round metrics -> figures with drift -> prefixed logs, as the callback does.
-
-    Args:
-        metrics: `RoundResult.metrics` of the round.
-        seconds: `RoundResult.seconds` (logged as `round_seconds`).
-        baseline: Baseline figures from an earlier round, or None for the first round.
-        prefix: Log prefix (`FaithConfig.log_prefix`).
-        partial: The round was ended by `round_time_budget_s`: it is flagged `round_partial` and
-            never becomes the baseline (the first complete round does).
-
-    Returns:
-        The figures, the logs and the baseline for the next round (None while there is none).
-    """
-    if partial and baseline is None:
-        with_drift, new_baseline = dict(metrics), None
-    else:
-        with_drift, new_baseline = apply_drift(metrics, baseline)
-    with_drift["round_seconds"] = seconds
-    if partial:
-        with_drift["round_partial"] = 1.0
-    return RoundLogs(metrics=with_drift, logs=prefixed_logs(with_drift, prefix), baseline=new_baseline)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -367,14 +280,7 @@ def scan_checkpoints(
     panel = panel_from(panel, config)
     logger.info("faithcb scan: %s", panel.describe())
     out = Path(out_dir)
-    sink = JsonlSink(out)
-    if out.exists() and not out.is_dir():
-        raise ScanError(f"Output path exists and is not a folder: {out}")
-    existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
-    if existing and not overwrite:
-        raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
-    for path in existing:
-        path.unlink()
+    sink = _empty_sink(out, overwrite)
     shared_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     if shared_tokenizer is None:
         missing = [str(c.path) for c in checkpoints if not _has_tokenizer(c.path)]
@@ -402,14 +308,13 @@ def scan_checkpoints(
             prefix=config.log_prefix,
         )
     result = ScanResult(out_dir=out)
-    baseline: dict[str, float] | None = None
-    curves: list[tuple[int, list[float | None]]] = []
+    monitor = Monitor(config, probes, slices=panel.slices, panel_size=len(panel))
     from tqdm import tqdm
 
     bar = tqdm(checkpoints, desc="faithcb scan", unit="ckpt", file=sys.stderr, disable=not progress, leave=True)
     exit_code = 1
     try:
-        for round_index, ckpt in enumerate(bar):
+        for ckpt in bar:
             bar.set_postfix_str(f"step {ckpt.step}")
             tok = shared_tokenizer if shared_tokenizer is not None else load_tokenizer(ckpt.path)
             model = load_model(ckpt.path, device=device, dtype=dtype)
@@ -419,48 +324,20 @@ def scan_checkpoints(
             except RoundBudgetExceeded as err:  # as the callback: figures of the examples that finished
                 if not err.records:
                     raise ScanError(f"Checkpoint {ckpt.path}: {_one_line(err)}") from err
-                records = list({r.get("id"): r for r in err.records}.values())
-                round_result = RoundResult(
-                    metrics=aggregate_records(records, probes), records=records, seconds=err.seconds or 0.0
-                )
-                partial = True
+                round_result, partial = partial_round(err.records, probes, err.seconds or 0.0, config), True
             finally:
                 del model
-                _free_memory()
-            post = postprocess_round(
-                round_result.metrics, round_result.seconds, baseline, config.log_prefix, partial=partial
-            )
-            baseline = post.baseline
-            reasons = invalid_reasons(round_result.metrics)
-            if reasons:
-                logger.warning(invalid_warning(ckpt.step, reasons))
+                release_accelerator_memory()
+            outcome = monitor.observe(ckpt.step, round_result, partial=partial)
             sink.write(
                 step=ckpt.step,
-                round_index=round_index,
-                metrics={**post.metrics, "invalid_reasons": reasons},
+                round_index=outcome.round_index,
+                metrics=outcome.jsonl_metrics,
                 records=round_result.records,
             )
-            result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **post.metrics})
-            curves.append((ckpt.step, early_answer_curve(round_result.records)))
+            result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **outcome.metrics})
             if run is not None:
-                figures = wandb_figures(post.metrics, config.log_prefix)  # the callback's W&B sections
-                define_wandb_sections(run, figures, config.log_prefix, STEP_KEY)
-                payload: dict[str, Any] = {STEP_KEY: ckpt.step, **figures}
-                if config.wandb_media:
-                    try:
-                        payload.update(
-                            wandb_media(
-                                step=ckpt.step,
-                                records=round_result.records,
-                                curves=curves,
-                                num_samples=config.num_sample_chains,
-                                prefix=config.log_prefix,
-                                curve_label="checkpoint",
-                            )
-                        )
-                    except Exception:  # media are a convenience; never lose the scan over them
-                        logger.warning("faithcb scan: W&B media failed at step %d.", ckpt.step, exc_info=True)
-                run.log(payload)
+                _log_wandb(run, outcome, round_result.records, monitor.curves, config)
             logger.info(
                 "faithcb scan: checkpoint %s (step %d): %d examples in %.1fs (%s)",
                 ckpt.path,
@@ -468,9 +345,7 @@ def scan_checkpoints(
                 len(round_result.records),
                 round_result.seconds,
                 ", ".join(
-                    f"{k}={post.metrics[k]:.3f}"
-                    for k in ("accuracy", "early_answer/aoc", "filler/match")
-                    if post.metrics.get(k) is not None
+                    f"{k}={outcome.metrics[k]:.3f}" for k in summary_keys() if outcome.metrics.get(k) is not None
                 ),
             )
         exit_code = 0
@@ -483,12 +358,38 @@ def scan_checkpoints(
     return result
 
 
-def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
+def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
+    """The scan's JSONL files in `out`, refusing (or with `overwrite`, removing) an earlier scan's."""
+    sink = JsonlSink(out)
+    if out.exists() and not out.is_dir():
+        raise ScanError(f"Output path exists and is not a folder: {out}")
+    existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
+    if existing and not overwrite:
+        raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
+    for path in existing:
+        path.unlink()
+    return sink
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+
+def _log_wandb(
+    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], curves: list, config: FaithConfig
+) -> None:
+    """One checkpoint's round in the callback's W&B sections, at `checkpoint/step`."""
+    figures = wandb_figures(outcome.metrics, config.log_prefix)
+    define_wandb_sections(run, figures, config.log_prefix, STEP_KEY)
+    payload: dict[str, Any] = {STEP_KEY: outcome.step, **figures}
+    if config.wandb_media:
+        try:
+            payload.update(
+                wandb_media(
+                    step=outcome.step,
+                    records=records,
+                    curves=curves,
+                    num_samples=config.num_sample_chains,
+                    prefix=config.log_prefix,
+                    curve_label="checkpoint",
+                )
+            )
+        except Exception:  # media are a convenience; never lose the scan over them
+            logger.warning("faithcb scan: W&B media failed at step %d.", outcome.step, exc_info=True)
+    run.log(payload)

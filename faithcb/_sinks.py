@@ -2,8 +2,8 @@
 
 W&B layout (one section per first key component; `prefix` is `FaithConfig.log_prefix`):
 
-- `faith/...`: the headline figures (`HEADLINE_FIGURES`, defined and logged first), the
-  early-answering curve family and the sample-chain table;
+- `faith/...`: the headline figures (those whose facts give a `Figure.headline` position,
+  defined and logged first), the early-answering curve family and the sample-chain table;
 - `faith_drift/...`: every drift against the baseline round (`.../delta`);
 - `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`);
 - `faith_detail/...`: everything else: splits by correctness, chance-corrected and
@@ -21,44 +21,38 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .probes._facts import curve_fields, headline_figures
+
 logger = logging.getLogger(__name__)
 
 CURVE_GRID = [i / 10 for i in range(11)]
 
-#: The figures a dashboard shows first, in this order (those a round produced). The rest of a
-#: round's figures go to the drift and detail sections.
-HEADLINE_FIGURES = (
-    "valid",
-    "score",
-    "accuracy",
-    "cot_lift",
-    "early_answer/aoc",
-    "post_conclusion/tail_fraction",
-    "filler/match",
-    "paraphrase/match",
-    "mistake/match",
-    "step_necessity",
-    "info_gain/total_bits",
-)
+
+def headline_keys() -> tuple[str, ...]:
+    """The figures a dashboard shows first, in this order (those a round produced), as the round
+    and the registered probes declare them (`Figure.headline`). The rest of a round's figures go
+    to the drift and detail sections."""
+    return tuple(f.key for f in headline_figures())
+
+
+def console_names() -> dict[str, str]:
+    """Short names of the headline figures in the console line of a round (`Figure.console`), in
+    headline order."""
+    return {f.key: f.console for f in headline_figures() if f.console}
+
+
+#: The headline figures when this module is imported (the built-in probes'); the sinks call
+#: `headline_keys()`, which reads the live registry.
+HEADLINE_FIGURES = headline_keys()
 DRIFT_SECTION_SUFFIX = "_drift"
 DETAIL_SECTION_SUFFIX = "_detail"
 INTERVAL_SECTION_SUFFIX = "_interval"
 _INTERVAL_ENDINGS = ("/ci_low", "/ci_high", "/stderr")
 # Keys whose step axis a W&B run (by id) already has from `define_wandb_sections`.
 _DEFINED: dict[str, set[str]] = {}
-#: Short names of the headline figures in the console line of a round.
-CONSOLE_NAMES = {
-    "score": "score",
-    "accuracy": "acc",
-    "cot_lift": "cot_lift",
-    "early_answer/aoc": "aoc",
-    "post_conclusion/tail_fraction": "tail",
-    "filler/match": "filler",
-    "paraphrase/match": "paraphrase",
-    "mistake/match": "mistake",
-    "step_necessity": "necessity",
-    "info_gain/total_bits": "info_bits",
-}
+#: Short names in the console line when this module is imported; `round_line` calls
+#: `console_names()`, which reads the live registry.
+CONSOLE_NAMES = console_names()
 
 
 class JsonlSink:
@@ -140,14 +134,27 @@ def _dumps(value: Any) -> str:
     return json.dumps(_finite(value), default=str, allow_nan=False)
 
 
-def early_answer_curve(records: Sequence[dict[str, Any]], grid: Sequence[float] = CURVE_GRID) -> list[float | None]:
+def early_answer_curve(
+    records: Sequence[dict[str, Any]], grid: Sequence[float] = CURVE_GRID, field: str | None = None
+) -> list[float | None]:
     """Panel early-answering curve: share of examples whose answer after keeping a share f of
-    the steps equals the full-chain answer, for each f in `grid` (m_floor(f n) per example)."""
+    the steps equals the full-chain answer, for each f in `grid` (m_floor(f n) per example).
+
+    Args:
+        records: The round's per-example records.
+        grid: Shares of the chain kept.
+        field: The per-example record field of 0/1 values per kept prefix (k = 0..n); default:
+            the first field a registered probe declares as its curve (`Figure.curve`,
+            `early_answer/matches`).
+    """
+    if field is None:
+        fields = curve_fields()
+        field = fields[0] if fields else None
     curve: list[float | None] = []
     for f in grid:
         points = []
         for record in records:
-            matches = record.get("early_answer/matches")
+            matches = record.get(field) if field is not None else None
             if not matches or len(matches) < 2:
                 continue
             n = len(matches) - 1
@@ -221,7 +228,7 @@ def wandb_key(name: str, prefix: str) -> str:
     `accuracy/ci_low` -> `faith_interval/accuracy/ci_low`; `accuracy/correct` ->
     `faith_detail/accuracy/correct`.
     """
-    if name in HEADLINE_FIGURES:
+    if name in headline_keys():
         return f"{prefix}/{name}"
     if name.endswith("/delta"):
         return f"{prefix}{DRIFT_SECTION_SUFFIX}/{name}"
@@ -231,7 +238,7 @@ def wandb_key(name: str, prefix: str) -> str:
 
 
 def wandb_figures(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    """A round's figures as W&B keys, headline figures first (in `HEADLINE_FIGURES` order),
+    """A round's figures as W&B keys, headline figures first (in `headline_keys()` order),
     then drifts, details and intervals. Missing, non-numeric and non-finite values are left out, so a
     chart shows a gap, never a made-up value."""
     figures = {
@@ -241,7 +248,7 @@ def wandb_figures(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
     }
     keys = {name: wandb_key(name, prefix) for name in figures}
     sections = [prefix + s for s in ("", DRIFT_SECTION_SUFFIX, DETAIL_SECTION_SUFFIX, INTERVAL_SECTION_SUFFIX)]
-    head = [name for name in HEADLINE_FIGURES if name in figures]
+    head = [name for name in headline_keys() if name in figures]
     rest = sorted((n for n in figures if n not in head), key=lambda n: sections.index(keys[n].split("/", 1)[0]))
     return {keys[name]: figures[name] for name in (*head, *rest)}
 
@@ -352,7 +359,7 @@ def round_line(
                 if "reason" in k and v and not isinstance(v, (int, float))
             ]
             parts.append("NOT VALID" + (f" ({'; '.join(reasons)})" if reasons else ""))
-    for name, short in CONSOLE_NAMES.items():
+    for name, short in console_names().items():
         value = metrics.get(name)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             continue

@@ -25,27 +25,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .probes._facts import figure_facts
+
 logger = logging.getLogger(__name__)
 
 Z_95 = 1.959963984540054
 INTERVAL_SUFFIXES = ("/ci_low", "/ci_high", "/stderr")
 DRIFT_SKIP = (*INTERVAL_SUFFIXES, "/delta")
-# Figures where lower means more faithful (or healthier); every other figure: higher is better.
-LOWER_IS_BETTER = frozenset(
-    {
-        "filler/match",
-        "mistake/match",
-        "consistency/false_equation_rate",
-        "consistency/fluent_wrong",
-        "post_conclusion/tail_fraction",
-        "parse_fail_rate",
-        "forced_parse_fail_rate",
-        "noise_floor",
-        "control/changed",
-        "round_seconds",
-        "skipped_examples",
-    }
-)
 # Figures a stop rule still reads in a round whose faithfulness figures cannot be read: what the
 # validity gates are made of, and the round's cost (a rule on parse failures must see them).
 DIAGNOSTICS = frozenset(
@@ -86,9 +72,10 @@ class StopRule:
         max_drop: Violated when the value moved more than this away from the baseline round,
             in the bad direction (see `mode`). Not for `/delta` figures (they are drifts).
         mode: Which direction is good: `max` (higher is better), `min` (lower is better), or
-            `auto`: `min` for `filler/match`, `mistake/match`, `post_conclusion/tail_fraction`,
-            the parse-failure rates, `noise_floor`, `control/changed` and `round_seconds` (and their splits and
-            slices), `max` for everything else. Only `max_drop` reads it.
+            `auto`: the direction the figure's probe declares (`Figure.higher_is_better`; `min`
+            e.g. for `filler/match`, `mistake/match`, `post_conclusion/tail_fraction`, the
+            parse-failure rates, `noise_floor`, `control/changed` and `round_seconds`, and for
+            their splits and slices), `max` for a figure no probe declares. Only `max_drop` reads it.
         patience: Consecutive probe rounds in violation before the rule fires (>= 1).
         min_steps: Rounds at earlier optimizer steps are ignored.
         use_interval: Count a round only when the whole 95% interval is outside the allowed
@@ -201,11 +188,10 @@ def base_metric(key: str) -> str:
 
 
 def lower_is_better(key: str) -> bool:
-    """Whether a lower value of this figure is the faithful (healthy) direction."""
-    base = base_metric(key)
-    if base.startswith("early_answer/curve@"):
-        return base != "early_answer/curve@1"
-    return base in LOWER_IS_BETTER
+    """Whether a lower value of this figure is the faithful (healthy) direction, as the probe that
+    declares it says (`Figure.higher_is_better`); False for a figure nobody declares."""
+    facts = figure_facts(base_metric(key))
+    return facts is not None and not facts.higher_is_better
 
 
 def metric_names(probes: Sequence[Any], slices: Sequence[str] = ()) -> tuple[set[str], set[str]]:

@@ -11,6 +11,10 @@ faithcb check-model MODEL_DIR [--panel PANEL] [--examples N]
 checkpoints, unreadable or malformed files) end with one line on stderr and exit status 2;
 an unexpected error ends with one line and status 1 (`--debug` shows the traceback).
 See docs/cli.md.
+
+The commands' Python entry points are importable from here: `scan_checkpoints`,
+`find_checkpoints`, `postprocess_round` (scan), `write_report` (report), `audit_traces`
+(audit-data), `check_model` (check-model), with their errors.
 """
 
 from __future__ import annotations
@@ -25,7 +29,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._audit import AuditError, audit_traces
+from ._check_model import ModelCheck, check_model
+from ._errors import FaithcbError
+from ._report import ReportError, write_report
+from ._scan import ScanError, find_checkpoints, postprocess_round, scan_checkpoints
 from ._validity import invalid_reasons
+
+__all__ = [
+    "AuditError",
+    "CliError",
+    "ModelCheck",
+    "ReportError",
+    "ScanError",
+    "audit_traces",
+    "check_model",
+    "find_checkpoints",
+    "main",
+    "postprocess_round",
+    "scan_checkpoints",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +65,9 @@ _AUDIT_FIELDS = (
     "scoring_batch_size",
     "seed",
 )
-_MAIN_KEYS = (
-    "accuracy",
-    "early_answer/aoc",
-    "post_conclusion/tail_fraction",
-    "filler/match",
-    "info_gain/total_bits",
-    "score",
-)
 
 
-class CliError(Exception):
+class CliError(FaithcbError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
@@ -263,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- commands
 def _cmd_scan(args: argparse.Namespace) -> int:
     from ._scan import SCAN_SUBDIR, find_checkpoints, scan_checkpoints
+    from .probes._facts import summary_keys
 
     config = _config_from(args)
     _check_model_flags(args)
@@ -290,7 +307,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     print(f"Scanned {len(result.history)} checkpoints (steps {', '.join(str(c.step) for c in checkpoints)}).")
     last = result.history[-1]
     reasons = invalid_reasons(last)
-    figures = [f"{k}={last[k]:.3f}" for k in _MAIN_KEYS if last.get(k) is not None]
+    figures = [f"{k}={last[k]:.3f}" for k in summary_keys() if last.get(k) is not None]
     unreadable = [h["step"] for h in result.history if invalid_reasons(h)]
     if reasons:
         print("LAST CHECKPOINT CANNOT BE READ (faith/valid = 0); its figures are not shown:")

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> TrimArgs:
 
 def run_study(args: TrimArgs) -> dict[str, Any]:
     """Audit, trim, fine-tune three arms, probe each; returns the result dict (also written as JSON)."""
-    from faithcb import audit_traces
+    from faithcb.cli import audit_traces
     from faithcb.synthetic import make_arithmetic_examples
 
     common.setup(args.threads, args.seed)

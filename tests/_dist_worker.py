@@ -202,12 +202,14 @@ class _Recorder:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Patch the callback module for the duration (restored after: safe in-process)."""
+        from faithcb import _execution
         from faithcb import callback as callback_module
+        from faithcb._sinks import JsonlSink
 
         recorder = self
-        original_round = callback_module.run_probe_round
+        original_round = _execution.run_probe_round
         original_sharded = callback_module.FaithfulnessCallback._run_sharded
-        original_write = callback_module.JsonlSink.write
+        original_write = JsonlSink.write
 
         def run_probe_round(model, tokenizer, examples, config, probes=None, **kwargs):
             examples = list(examples)
@@ -227,15 +229,15 @@ class _Recorder:
             recorder.jsonl_writes += 1
             return original_write(self, **kwargs)
 
-        callback_module.run_probe_round = run_probe_round
+        _execution.run_probe_round = run_probe_round
         callback_module.FaithfulnessCallback._run_sharded = _run_sharded
-        callback_module.JsonlSink.write = write
+        JsonlSink.write = write
         try:
             yield
         finally:
-            callback_module.run_probe_round = original_round
+            _execution.run_probe_round = original_round
             callback_module.FaithfulnessCallback._run_sharded = original_sharded
-            callback_module.JsonlSink.write = original_write
+            JsonlSink.write = original_write
 
 
 def failing_probe(rank: int) -> Any:
@@ -381,7 +383,7 @@ def _run_trainer(
     callback = FaithfulnessCallback(trainer, panel, config=config, probes=probes, stop_rules=[stop])
     trainer.add_callback(callback)
     trainer.train()
-    state = callback.state()["attributes"]
+    state = callback.state()
     state["history"] = _strip_seconds(state["history"])
     return {
         "rank": trainer.args.process_index,

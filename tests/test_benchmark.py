@@ -100,21 +100,24 @@ def bench(monkeypatch):
     return module
 
 
-def test_module_settings_set_each_candidate_setting_where_it_lives_and_restore_it(bench):
-    from faithcb.engine import _packed, _static_decode, _text_stop
+def test_split_settings_set_each_candidate_setting_where_it_lives_and_leave_the_defaults(bench):
+    from faithcb.engine import EngineOptions
 
-    def current():
-        return _packed.PACKED_SDPA_BACKENDS, _text_stop.TEXT_CHECK_EVERY, _static_decode.STATIC_DECODE
+    def current(options):
+        return options.packed_sdpa_backends, options.text_check_every, options.static_decode
 
-    settings = {k for overrides in bench.CANDIDATES.values() for k in overrides if k.isupper()}
-    assert {"PACKED_SDPA_BACKENDS", "TEXT_CHECK_EVERY", "STATIC_DECODE"} <= settings
-    before = current()
-    with bench.module_settings({"PACKED_SDPA_BACKENDS": None, "TEXT_CHECK_EVERY": 1, "STATIC_DECODE": False}):
-        assert current() == (None, 1, False)
-        assert not hasattr(_packed, "TEXT_CHECK_EVERY")  # set on its own module, not on another
-    assert current() == before
-    with pytest.raises(KeyError, match="NO_SUCH_SETTING"), bench.module_settings({"NO_SUCH_SETTING": 1}):
-        pass
+    settings = {k for overrides in bench.CANDIDATES.values() for k in overrides}
+    assert {"packed_sdpa_backends", "text_check_every", "static_decode"} <= settings
+    before = current(EngineOptions())
+    overrides = {"packed_sdpa_backends": None, "text_check_every": 1, "static_decode": False, "draft_answers": False}
+    fields, options = bench.split_settings(overrides)
+    assert current(options) == (None, 1, False)
+    assert fields == {"draft_answers": False}  # a FaithConfig field, not an engine option
+    assert current(EngineOptions()) == before
+    for candidate in bench.CANDIDATES.values():  # every candidate names settings that exist
+        bench.split_settings(candidate)
+    with pytest.raises(KeyError, match="NO_SUCH_SETTING"):
+        bench.split_settings({"NO_SUCH_SETTING": 1})
 
 
 def test_phase_steps_count_every_forward_pass_of_either_decode_path(bench, tokenizer):
@@ -140,7 +143,9 @@ DECODE_SCRIPT = SCRIPT.with_name("decode_step_benchmark.py")
 def test_decode_step_benchmark_smoke_run_times_every_step_setting(tmp_path):
     """benchmarks/decode_step_benchmark.py: each step setting decodes the same batch, and the
     report says how long a step took against the default's (traced only: `--compile_backend eager`)."""
-    from faithcb.engine import _static_decode
+    from dataclasses import fields
+
+    from faithcb.engine import EngineOptions
 
     args = ["--device", "cpu", "--num_layers", "2", "--steps", "6", "--repeats", "1", "--batch", "2", "--prompt", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,7 +166,7 @@ def test_decode_step_benchmark_smoke_run_times_every_step_setting(tmp_path):
     for name, figures in settings.items():
         assert figures["ms_per_step"] > 0 and figures["warmup_seconds"] > 0, name
         assert figures["tokens_equal_to_default"] is True, name  # fp32: the settings change no token
-        assert all(hasattr(_static_decode, flag) for flag in figures["overrides"]), name
+        assert set(figures["overrides"]) <= {f.name for f in fields(EngineOptions)}, name
 
 
 def test_decode_step_benchmark_rejects_a_decode_too_short_to_time(tmp_path):

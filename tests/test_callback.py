@@ -285,7 +285,8 @@ def test_round_line_shows_validity_figures_and_drift():
 
 
 def test_round_lines_reach_the_console_when_logging_is_not_configured(monkeypatch, capsys):
-    from faithcb.callback import CONSOLE_LOGGER, _console
+    from faithcb._publish import CONSOLE_LOGGER
+    from faithcb._publish import console as _console
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])

@@ -9,8 +9,8 @@ import pytest
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb._parsing import extract_answer, parse_response
 from faithcb.engine._engine import answer_stated
-from faithcb.engine.reference import run_reference_round
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
+from faithcb.testing import run_reference_round
 
 CUES = ["Answer:", "####"]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from faithcb import FaithConfig, load_panel, postprocess_round, run_probe_round
-from faithcb._scan import apply_drift, find_checkpoints, prefixed_logs
-from faithcb.cli import main
+from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb._monitor import apply_drift, prefixed_logs
+from faithcb._scan import find_checkpoints
+from faithcb.cli import main, postprocess_round
 
 FAST = ["--max_new_tokens", "24", "--answer_max_new_tokens", "4", "--no-progress"]
 STEPS = (0, 40, 120)

@@ -219,8 +219,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     import accelerate
     import accelerate.utils
 
-    from faithcb import FaithfulnessCallback, _aggregate, _round
-    from faithcb import callback as callback_module
+    from faithcb import FaithfulnessCallback, _aggregate, _execution, _round
 
     examples = [{"prompt": f"Q: {i}\n", "completion": f"Answer: {i}", "id": str(i)} for i in range(n)]
     split = accelerate.PartialState.split_between_processes  # the real one, used on fake states
@@ -248,7 +247,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     callback = FaithfulnessCallback(trainer, examples)
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
-    monkeypatch.setattr(callback_module, "run_probe_round", fake_round)
+    monkeypatch.setattr(_execution, "run_probe_round", fake_round)
     monkeypatch.setattr(_aggregate, "aggregate_records", lambda records, probes: {})
     out = callback._run_sharded(model=None, tokenizer=None)
     result = out[0] if isinstance(out, tuple) else out  # (RoundResult, partial) in newer callbacks

@@ -36,10 +36,11 @@ from rule_models import (
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb._aggregate import SELFCHECK_KEY
 from faithcb._parsing import parse_response
-from faithcb.engine import ProbeEngine, run_reference_round
+from faithcb.engine import ProbeEngine
 from faithcb.probes import FillerProbe, MistakeProbe
 from faithcb.probes.step_necessity import chain_without_step
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
+from faithcb.testing import run_reference_round
 
 ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 EXPRS = ("3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from faithcb import FaithConfig, check_model, load_panel, run_probe_round
+from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.cli import check_model
 from faithcb.engine import _packed
 from faithcb.engine._packed import Branch, PackedRow, _layout, attention_windows, packing_supported
 from faithcb.synthetic import (

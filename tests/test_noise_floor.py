@@ -14,8 +14,8 @@ from trainer_helpers import tiny_lm_trainer
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule, load_panel, run_probe_round
 from faithcb._aggregate import noise_corrected, noise_floor
 from faithcb._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
-from faithcb.engine.reference import run_reference_round
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples
+from faithcb.testing import run_reference_round
 
 EXPRESSIONS = ["3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1 * 2", "7 * 2 - 5 + 3", "6 - 1 * 7"]
 

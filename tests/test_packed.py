@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.engine import EngineOptions, ProbeEngine
 from faithcb.engine._packed import Branch, PackedRow, _layout, common_prefix, packing_supported, score_packed
+from faithcb.engine._patches import PACKED_PASS, framework_patches
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
 
 
@@ -79,7 +81,7 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     """The static-shape path of `compile_generation` (static KV cache, batches padded to a fixed
     size and width; compiled on CUDA only) on CPU: same chains, answers and figures as eager
     `generate` decoding, with or without the forced answers going through it too."""
-    from faithcb.engine import _engine, _static_decode
+    from faithcb.engine import _engine
 
     seen = []  # (max_new_tokens, static_shapes) of every generate call
     original = _engine.ProbeEngine.generate
@@ -103,9 +105,13 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=8)))
     common = {"max_new_tokens": 40, "generation_batch_size": 4, "scoring_batch_size": 8, "prompt_bucket": 16}
     common["packed_scoring"] = False  # every forced answer is decoded by generate
-    with monkeypatch.context() as patch:  # the baseline decodes in `generate`
-        patch.setattr(_static_decode, "STATIC_DECODE", False)
-        eager = run_probe_round(trained, tokenizer, panel, FaithConfig(**common, compile_generation=False))
+    eager = run_probe_round(  # the baseline decodes in `generate`
+        trained,
+        tokenizer,
+        panel,
+        FaithConfig(**common, compile_generation=False),
+        engine_options=EngineOptions(static_decode=False),
+    )
     assert not shapes
     static_config = FaithConfig(**common, compile_generation=True, compile_forced_answers=forced)
     seen.clear()
@@ -199,7 +205,6 @@ def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_c
 def test_nested_long_variants_share_a_row_and_others_keep_their_own(tokenizer, monkeypatch):
     """Longest first: a long variant whose context is a longer one's base plus a few tokens of its
     own joins that row; one that departs early and goes on for long starts its own row."""
-    from faithcb.engine import _engine
     from faithcb.engine._engine import ProbeEngine
     from faithcb.engine._requests import ForcedAnswer
 
@@ -222,8 +227,9 @@ def test_nested_long_variants_share_a_row_and_others_keep_their_own(tokenizer, m
     # without a row budget's room (`packed_row_max_tokens`), every variant keeps a row of its own
     tight = ProbeEngine(build_tiny_model(tokenizer), tokenizer, FaithConfig(packed_row_max_tokens=1))
     assert [len(row.branches) for row in tight._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
-    monkeypatch.setattr(_engine, "NEST_LONG_VARIANTS", False)  # the benchmark's candidate: a row each
-    assert [len(row.branches) for row in engine._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
+    # the benchmark's candidate: a row each
+    one_per_row = ProbeEngine(engine.model, tokenizer, engine.config, options=EngineOptions(nest_long_variants=False))
+    assert [len(row.branches) for row in one_per_row._long_variant_rows(variants, draft=[])] == [1, 1, 1, 1]
 
 
 def _naive_long_variant_rows(engine, variants, draft):
@@ -436,12 +442,12 @@ def test_layout_mask_matches_a_naive_reference():
 
 
 def test_packed_passes_leave_cudnn_attention_out_on_cuda_only():
-    from faithcb.engine import _packed
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with _packed._sdpa_backends(torch.device("cpu")):
+    options = EngineOptions()
+    with framework_patches(options, torch.device("cpu"), PACKED_PASS):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    with _packed._sdpa_backends(torch.device("cuda")):  # sets the dispatch flags; needs no GPU
+    with framework_patches(options, torch.device("cuda"), PACKED_PASS):  # sets the dispatch flags; needs no GPU
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
@@ -505,7 +511,6 @@ def test_choice_picks_read_on_the_host_agree_with_torch_argmax():
 
 def test_static_shape_chain_generation_takes_an_empty_shard(tokenizer):
     """A rank whose panel shard is empty generates no chains on the static-shape path either."""
-    from faithcb.engine import ProbeEngine
 
     engine = ProbeEngine(build_tiny_model(tokenizer, seed=1).eval(), tokenizer, FaithConfig(compile_generation=True))
     assert engine.generate_chains([], []) == []

@@ -17,9 +17,10 @@ import re
 
 import pytest
 
-from faithcb import FaithConfig, build_probes, get_probe, list_probes, load_panel, run_probe_round
+from faithcb import FaithConfig, get_probe, list_probes, load_panel, run_probe_round
 from faithcb._panel import ProbeExample
 from faithcb._parsing import split_steps
+from faithcb._round import build_probes
 from faithcb.engine import Chain
 from faithcb.perturb import (
     BatchedCallable,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine import ProbeEngine, _static_decode
-from faithcb.engine.reference import run_reference_round
+from faithcb.engine import EngineOptions, ProbeEngine
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
+from faithcb.testing import run_reference_round
 
 SETTINGS = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "min_new_tokens": 12}
 
@@ -91,11 +91,10 @@ def test_sampled_chains_sample_the_whole_distribution_at_the_configured_temperat
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tuned), "generate", generate)
-    monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)  # greedy rows decode in `generate` too
+    config = FaithConfig(do_sample=do_sample, temperature=0.7)
+    options = EngineOptions(static_decode=False)  # greedy rows decode in `generate` too
     with torch.no_grad():
-        ProbeEngine(tuned, tokenizer, FaithConfig(do_sample=do_sample, temperature=0.7)).generate(
-            ["Q: 1 + 2\n"], max_new_tokens=4
-        )
+        ProbeEngine(tuned, tokenizer, config, options=options).generate(["Q: 1 + 2\n"], max_new_tokens=4)
     (kwargs,) = seen
     assert kwargs["do_sample"] is do_sample and kwargs["repetition_penalty"] == 1.0
     if do_sample:

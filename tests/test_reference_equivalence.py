@@ -28,11 +28,12 @@ from typing import Any
 import pytest
 import torch
 
-from faithcb import FaithConfig, build_probes, load_panel, run_probe_round
+from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
-from faithcb.engine import run_reference_round
+from faithcb._round import build_probes
 from faithcb.probes import MistakeProbe, ParaphraseProbe
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
+from faithcb.testing import run_reference_round
 
 try:
     from tests.rule_models import gold_response, make_prompt, make_rule_model

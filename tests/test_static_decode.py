@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine import ProbeEngine, _static_decode
+from faithcb.engine import EngineOptions, ProbeEngine, _patches, _static_decode
 from faithcb.engine._packed import _cache_name
 from faithcb.engine._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from faithcb.engine._text_stop import TextStop
@@ -74,7 +74,7 @@ def test_own_loop_gives_the_tokens_of_generate(trained, tokenizer, monkeypatch, 
     with torch.no_grad():
         own = engine.generate(contexts(), **kwargs)
         assert len(calls) == 2  # 7 contexts in batches of 4
-        monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)
+        engine = ProbeEngine(engine.model, tokenizer, engine.config, options=EngineOptions(static_decode=False))
         assert not engine._own_decode_loop()
         reference = engine.generate(contexts(), **kwargs)
     assert len(calls) == 2
@@ -287,7 +287,7 @@ def test_lora_models_decode_in_the_loop_through_their_base_model(tokenizer, monk
         own = engine.generate(contexts(), **kwargs)
         with model.disable_adapter():
             without_adapters = engine.generate(contexts(), **kwargs)
-        monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)
+        engine = ProbeEngine(model, tokenizer, engine.config, options=EngineOptions(static_decode=False))
         reference = engine.generate(contexts(), **kwargs)
     assert own == reference
     assert own != without_adapters  # the adapters took part
@@ -339,7 +339,7 @@ def gqa_model(tokenizer) -> Qwen2ForCausalLM:
 def test_compiled_steps_of_a_gqa_model_attend_on_its_key_value_heads(tokenizer, monkeypatch):
     """A compiled decode step traces transformers' single-query GQA branch (no key/value head is
     copied per query head: two `expand`s fewer per layer) and gives `generate`'s tokens; the
-    graph guards on the swapped check, so a compiled call without it (`GQA_ON_KV_HEADS` off, or
+    graph guards on the swapped check, so a compiled call without it (`gqa_on_kv_heads` off, or
     transformers' own `generate`) traces the repeating graph of its own."""
     from transformers import CompileConfig
     from transformers.integrations import sdpa_attention
@@ -358,8 +358,10 @@ def test_compiled_steps_of_a_gqa_model_attend_on_its_key_value_heads(tokenizer, 
     with torch.no_grad():
         want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         for on_kv_heads in (True, False, True):
-            monkeypatch.setattr(_static_decode, "GQA_ON_KV_HEADS", on_kv_heads)
-            got = static_greedy_decode(model, ids, mask, max_new_tokens=10, eos_ids=[], pad_id=0, compiled=True)
+            options = EngineOptions(gqa_on_kv_heads=on_kv_heads)
+            got = static_greedy_decode(
+                model, ids, mask, max_new_tokens=10, eos_ids=[], pad_id=0, compiled=True, options=options
+            )
             assert got == want[:, ids.shape[1] :].tolist()
             assert sdpa_attention.is_torchdynamo_compiling is check
     # one graph per setting, each reused; the repeating one copies keys and values in every layer
@@ -371,9 +373,9 @@ def test_the_gqa_patch_is_scoped_and_a_no_op_where_it_could_change_more_than_tha
     `pack_gqa`, as in older transformers) leaves transformers untouched."""
     from transformers.integrations import sdpa_attention
 
-    assert _static_decode._gqa_branch_is_patchable(sdpa_attention)
+    assert _patches.gqa_branch_is_patchable(sdpa_attention)
     check = sdpa_attention.is_torchdynamo_compiling
-    with _static_decode.gqa_on_kv_heads():
+    with _patches.gqa_on_kv_heads():
         assert sdpa_attention.is_torchdynamo_compiling is not check
     assert sdpa_attention.is_torchdynamo_compiling is check
 
@@ -381,12 +383,12 @@ def test_the_gqa_patch_is_scoped_and_a_no_op_where_it_could_change_more_than_tha
         return is_torchdynamo_compiling()  # noqa: F821
 
     monkeypatch.setattr(sdpa_attention, "other_user", other_user, raising=False)
-    assert not _static_decode._gqa_branch_is_patchable(sdpa_attention)
-    with _static_decode.gqa_on_kv_heads():
+    assert not _patches.gqa_branch_is_patchable(sdpa_attention)
+    with _patches.gqa_on_kv_heads():
         assert sdpa_attention.is_torchdynamo_compiling is check
     monkeypatch.delattr(sdpa_attention, "other_user")
     monkeypatch.delattr(sdpa_attention, "pack_gqa")
-    assert not _static_decode._gqa_branch_is_patchable(sdpa_attention)
+    assert not _patches.gqa_branch_is_patchable(sdpa_attention)
 
 
 def test_compiled_steps_after_a_batchs_first_skip_the_guards_that_held_there(tokenizer, monkeypatch):
@@ -421,8 +423,8 @@ def test_compiled_steps_after_a_batchs_first_skip_the_guards_that_held_there(tok
             assert eval_frame._stance.stance == "eager_on_recompile"
         assert skipping == [False] * 5
         skipping.clear()
-        monkeypatch.setattr(_static_decode, "SKIP_REPEATED_GUARDS", False)
-        static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True)
+        options = EngineOptions(skip_repeated_guards=False)
+        static_greedy_decode(model, ids, mask, max_new_tokens=6, eos_ids=[], pad_id=0, compiled=True, options=options)
         assert skipping == [False] * 5
 
 

@@ -255,16 +255,16 @@ def test_rank_adopts_the_main_process_decision(tmp_path, monkeypatch, caplog):
             "rounds": 1,
         }
         return {
-            "stopping": {"rules": callback._stopper.descriptions, "counters": [1], "fired": [True]},
+            "stopping": {"rules": callback.monitor.stopper.descriptions, "counters": [1], "fired": [True]},
             "events": [event],
         }
 
-    monkeypatch.setattr("faithcb.callback.broadcast_from_main", main_says_stop)
+    monkeypatch.setattr("faithcb._monitor.broadcast_from_main", main_says_stop)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
-        events = callback._check_stop_rules(1, {"early_answer/aoc": 1.0}, skip=False)
+        events = callback.monitor.check_stop_rules(1, {"early_answer/aoc": 1.0}, skip=False)
         callback._fire(events[0], trainer.state, trainer.control)
     assert trainer.control.should_training_stop
-    assert callback._stopper.counters == [1]
+    assert callback.monitor.stopper.counters == [1]
     assert "main's rule" in caplog.text
 
 

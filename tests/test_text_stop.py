@@ -10,8 +10,9 @@ import torch
 from transformers.generation import utils as generation_utils
 
 from faithcb import FaithConfig
-from faithcb.engine import ProbeEngine, _engine, _static_decode, _text_stop
-from faithcb.engine._text_stop import TextStop, deferred_stop_checks, text_check_interval
+from faithcb.engine import EngineOptions, ProbeEngine, _engine, _static_decode
+from faithcb.engine._patches import deferred_stop_checks
+from faithcb.engine._text_stop import TextStop, text_check_interval
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model
 
 
@@ -57,7 +58,7 @@ def test_text_stop_marks_padding_rows_done_and_rejects_a_bad_interval():
 
 def test_text_check_interval_reads_every_step_off_cuda_and_rarely_past_short_budgets():
     assert text_check_interval(torch.device("cpu"), 256) == 1
-    assert text_check_interval(torch.device("cuda"), 256) == _text_stop.TEXT_CHECK_EVERY > 1
+    assert text_check_interval(torch.device("cuda"), 256) == EngineOptions().text_check_every > 1
     assert text_check_interval(torch.device("cuda"), 16) == 4  # forced answers: a few tokens
     assert text_check_interval(torch.device("cuda"), 3) == 1
 
@@ -90,7 +91,7 @@ def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monke
     """In the engine's own decode loop (its reads waited for, or checked one interval late as on
     CUDA) and in `generate` alike."""
     own_loop = decoding != "generate"
-    monkeypatch.setattr(_static_decode, "STATIC_DECODE", own_loop)
+    engine = ProbeEngine(engine.model, engine.tokenizer, engine.config, options=EngineOptions(static_decode=own_loop))
     assert engine._own_decode_loop() is own_loop
     if decoding == "own_loop_deferred_reads":
         deferred = partial(_static_decode.static_greedy_decode, defer_reads=True)
@@ -100,7 +101,7 @@ def test_engine_generate_reading_every_few_steps_equals_every_step(engine, monke
     monkeypatch.setattr(TextStop, "settle", lambda self, tokens: reads.append(1) or settle(self, tokens))
     every_step = run_generate(engine)
     reads_every_step, reads[:] = len(reads), []
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: check_every)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: check_every)
     assert run_generate(engine) == every_step
     assert len(reads) < reads_every_step / 2  # fewer reads of the text (each one waits for a GPU)
     assert run_generate(engine, static_shapes=True) == every_step  # with padding rows, a static cache
@@ -112,7 +113,7 @@ def test_engine_generate_reads_the_steps_after_the_last_read(engine, monkeypatch
     """Budgets that end between two reads: a row whose text met its condition in the last,
     unread steps is still cut where it first met it."""
     every_step = {n: run_generate(engine, max_new_tokens=n) for n in range(5, 17)}
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: 4)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: 4)
     for n, expected in every_step.items():
         assert run_generate(engine, max_new_tokens=n) == expected, n
     # some row met its condition in the unread steps (n - n % 4, n] of some budget n
@@ -136,7 +137,8 @@ class _HostEvent:
 def test_deferred_stop_flag_gives_the_same_rows(engine, monkeypatch):
     """transformers' one-step-late stop flag (what `deferred_stop_checks` enables on CUDA),
     exercised on CPU: the extra step it runs is undone, rows end at the same tokens."""
-    monkeypatch.setattr(_static_decode, "STATIC_DECODE", False)  # greedy rows decode in `generate`
+    # greedy rows decode in `generate`
+    engine = ProbeEngine(engine.model, engine.tokenizer, engine.config, options=EngineOptions(static_decode=False))
     every_step = run_generate(engine)
     check = generation_utils.DeferredStopCheck
     runs = []
@@ -149,7 +151,7 @@ def test_deferred_stop_flag_gives_the_same_rows(engine, monkeypatch):
     monkeypatch.setattr(generation_utils.torch, "Event", _HostEvent)
     monkeypatch.setattr(check, "is_supported", staticmethod(lambda *args, **kwargs: True))
     monkeypatch.setattr(check, "__init__", counting_init)
-    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens: 4)
+    monkeypatch.setattr(_engine, "text_check_interval", lambda device, max_new_tokens, every: 4)
     assert run_generate(engine) == every_step
     assert runs  # the deferred check did run
 

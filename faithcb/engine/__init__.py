@@ -1,13 +1,14 @@
-"""The probe engine: batched generation and scoring, and the state it restores."""
+"""The probe engine: batched generation and scoring, its options, and the state it restores."""
 
 from ._engine import ProbeEngine
 from ._model_state import capture_rng_state, full_weights, probe_mode, restore_rng_state
+from ._options import EngineOptions
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
-from .reference import run_reference_round
 
 __all__ = [
     "AnswerLogProb",
     "Chain",
+    "EngineOptions",
     "ForcedAnswer",
     "ForcedResult",
     "ProbeEngine",
@@ -16,5 +17,4 @@ __all__ = [
     "full_weights",
     "probe_mode",
     "restore_rng_state",
-    "run_reference_round",
 ]

@@ -2,7 +2,7 @@
 
 One round = one batched generation of chains, then every probe's requests run together:
 de-duplicated, sorted by length, left-padded, with logits kept only where answers are read
-(docs/performance.md). `faithcb.engine.reference` holds a one-at-a-time version for cross-checking.
+(docs/performance.md). `faithcb.testing.reference` holds a one-at-a-time version for cross-checking.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
+from ._options import EngineOptions
 from ._packed import (
     Branch,
     PackedRow,
@@ -40,19 +41,17 @@ from ._packed import (
     score_packed,
     straggler_row,
 )
+from ._patches import GENERATE, framework_patches
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
-from ._text_stop import TextStop, deferred_stop_checks, text_check_interval
+from ._text_stop import TextStop, text_check_interval
 from ._wrappers import _unwrap, _wrapper_chain
 
 logger = logging.getLogger(__name__)
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled decode step failed
 LN2 = math.log(2.0)
-_MASK_ELEMENTS = 1 << 26  # 4-D mask entries per batch of packed rows (128 MiB in bf16)
 _DRAFT_CHARS = 256  # how much of a stated answer a draft may cover
 _STRAGGLER_SHARE = 1 / 8  # forced answers a batch hands on unfinished to the batch of stragglers
-# long variants nested in a longer one share its row (`_long_variant_rows`; False: a row each)
-NEST_LONG_VARIANTS = True
 
 # What `generate` would otherwise take from the model's `generation_config`: the monitor decodes
 # greedily (or samples from the whole distribution at `temperature`), whatever a checkpoint
@@ -85,10 +84,20 @@ class ProbeEngine:
         config: Round settings.
         weights_gathered: The round holds the full weights of a sharded (FSDP2) model, so
             generation runs without `synced_gpus`.
+        options: Switches of the engine's optimisations (default `EngineOptions()`, the fast path).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: FaithConfig, *, weights_gathered: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: FaithConfig,
+        *,
+        weights_gathered: bool = False,
+        options: EngineOptions | None = None,
+    ) -> None:
         self.model = model
+        self.options = options if options is not None else EngineOptions()
         self.weights_gathered = weights_gathered
         self.tokenizer = tokenizer
         self.config = config
@@ -230,7 +239,7 @@ class ProbeEngine:
         if self.weights_gathered:  # full weights on every rank: decode locally, no per-step sync
             gen_kwargs["synced_gpus"] = False
         size = batch_size or self.config.generation_batch_size
-        check_every = text_check_interval(self.device, max_new_tokens)
+        check_every = text_check_interval(self.device, max_new_tokens, self.options.text_check_every)
         own_loop = self._own_decode_loop()
         for batch in self._batches(order, size):
             rows = [encoded[i] for i in batch]
@@ -259,7 +268,7 @@ class ProbeEngine:
                     ids, mask, max_new_tokens, eos_ids, stop, len(batch), check_every, fixed_shape=static_shapes
                 )
             else:
-                with deferred_stop_checks(self.device):
+                with framework_patches(self.options, self.device, GENERATE):
                     generated = self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,
@@ -284,7 +293,9 @@ class ProbeEngine:
         rank waits for this one's decode steps (`generate` keeps sharded ZeRO-3 / FSDP weights
         in step)."""
         model = self._decode_model()
-        if self.config.do_sample or model is None or not static_decode_supported(model):
+        if not self.options.static_decode or self.config.do_sample or model is None:
+            return False
+        if not static_decode_supported(model):
             return False
         # sharded if the model or a wrapper of it is (an FSDP1 root shards what it wraps)
         return self.weights_gathered or not (_synced_decoding(self.model) or _synced_decoding(model))
@@ -322,7 +333,7 @@ class ProbeEngine:
                 self._decode_caches[shape] = new_static_cache(model, shape[1])
             cache = self._decode_caches[shape]
         kwargs = {"max_new_tokens": max_new_tokens, "eos_ids": eos_ids, "pad_id": self.tokenizer.pad_token_id}
-        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every, "cache": cache}
+        kwargs |= {"stop": stop, "rows": rows, "check_every": check_every, "cache": cache, "options": self.options}
         if fixed_shape and self._compiles():
             try:
                 return static_greedy_decode(model, ids, mask, compiled=True, **kwargs)[:rows]
@@ -542,6 +553,7 @@ class ProbeEngine:
                 choice_ids=choice_ids,
                 hand_off=hand_off,
                 calls=self.calls,
+                options=self.options,
             )
             for key, value in out.items():
                 chain = chains[key.example]
@@ -604,7 +616,7 @@ class ProbeEngine:
         out: list[tuple[PackedRow, int]] = []  # each row, and the tokens its base shares with the example's row
         for request, context, on_chain in sorted(variants, key=lambda variant: len(variant[1]), reverse=True):
             need = self._fewest_shared(len(context))
-            for row, row_on_chain in out if NEST_LONG_VARIANTS else ():
+            for row, row_on_chain in out if self.options.nest_long_variants else ():
                 # departing from the example's row at different tokens: they share what precedes the earlier
                 same_departure = row_on_chain == on_chain
                 shared = common_prefix(context, row.base) if same_departure else min(row_on_chain, on_chain)
@@ -632,7 +644,7 @@ class ProbeEngine:
         4-D masks (rows x width^2 elements each, answer decode included; a model with sliding-window
         and full layers takes a mask of each kind)."""
         windows = attention_windows(self.model)
-        budget = _MASK_ELEMENTS // max(1, len(set(windows.values())) if windows else 1)
+        budget = self.options.packed_mask_elements // max(1, len(set(windows.values())) if windows else 1)
         batches: list[list[PackedRow]] = []
         for row in rows:
             if batches:

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from ._options import EngineOptions
+from ._patches import PACKED_PASS, framework_patches
 from ._wrappers import _unwrap
 
 try:  # transformers 5.x: each layer's type and window, as its own caches read them
@@ -55,12 +57,6 @@ _WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `a
 _CHECK_SPAN_MAX = 8192
 FULL_ATTENTION = "full_attention"
 _CACHE_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # forward function -> argument name
-
-# SDPA kernels allowed in packed passes on CUDA (None: PyTorch's own choice). cuDNN is left out:
-# it builds an execution plan for every new input shape (about 1.3 ms of host time per layer
-# call, measured on an H200), and every tree-decode step has a new number of keys. Models with
-# eager attention are not affected.
-PACKED_SDPA_BACKENDS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 @dataclass
@@ -132,8 +128,8 @@ def _layout(
     the mask is then one tensor per layer type (`_masks`).
     """
     width = max(r.length for r in rows)
-    # flat int64 buffers, (rows x width) each: one copy to the device, ~3x faster than
-    # torch.tensor on nested lists (17 -> 5 ms for 4 x 256 rows of 280 on CPU)
+    # flat int64 buffers, (rows x width) each: one copy to the device, several times faster than
+    # torch.tensor on nested lists
     ids, pos, first, shared = (array.array("q") for _ in range(4))
     spans: list[list[tuple[int, int]]] = []
     for row in rows:
@@ -265,7 +261,8 @@ def _cache_name(model: Any) -> str:
     """transformers >= 5.2x names the KV cache argument `cache`; earlier ones `past_key_values`.
     Read off the model under any wrapper: a wrapper's `**kwargs` hide the name, and the old
     one is deprecated (a warning per call site, removed in transformers 5.40). Looked up once
-    per forward function (`inspect.signature` takes ~0.2 ms, and a round makes ~100 passes)."""
+    per forward function (`inspect.signature` is slow next to the rest of a pass's host work,
+    and a round makes many passes)."""
     forward = _unwrap(model).forward
     function = getattr(forward, "__func__", forward)
     try:
@@ -277,24 +274,15 @@ def _cache_name(model: Any) -> str:
     return name
 
 
-def _forward(model: Any, ids, pos, mask, keep: torch.Tensor | int, cache=None):
+def _forward(model: Any, ids, pos, mask, keep: torch.Tensor | int, cache=None, options: EngineOptions | None = None):
     """Forward pass returning logits only where the boolean `keep` is True (flattened), or at
-    every position for `keep=0`, and the cache."""
+    every position for `keep=0`, and the cache (SDPA kernels as `options` allow on CUDA)."""
     name = _cache_name(model)
-    with _sdpa_backends(ids.device):
+    with framework_patches(options if options is not None else EngineOptions(), ids.device, PACKED_PASS):
         out = model(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=keep, **{name: cache}
         )
     return out.logits, out.get(name)
-
-
-def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
-    """Restrict SDPA to `PACKED_SDPA_BACKENDS` on CUDA (a no-op elsewhere)."""
-    if device.type != "cuda" or PACKED_SDPA_BACKENDS is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, name) for name in PACKED_SDPA_BACKENDS])
 
 
 def score_packed(
@@ -308,6 +296,7 @@ def score_packed(
     choice_ids: dict[int, list[int]] | None = None,
     hand_off: int = 0,
     calls: dict[str, int] | None = None,
+    options: EngineOptions | None = None,
 ) -> dict[Any, Any]:
     """Run every branch of every row: log-probs (bits) and greedy forced answers.
 
@@ -325,6 +314,7 @@ def score_packed(
             out of the result, with `done` False and their tokens so far in `generated`, for
             the caller to finish in a batch of stragglers (`straggler_row`).
         calls: Counters to add the number of decode steps to (key `decode_steps`).
+        options: The engine's switches (default `EngineOptions()`): the SDPA kernels of the passes.
 
     Returns:
         Per branch key: log2-probability of its answer (float) for teacher-forced branches,
@@ -350,7 +340,7 @@ def score_packed(
             reads.append((r, branch, positions))
     keep = torch.zeros(ids.shape, dtype=torch.bool)
     keep[keep_rows, keep_cols] = True
-    logits, cache = _forward(model, ids, pos, mask, keep.to(device), cache=_new_cache(windows))
+    logits, cache = _forward(model, ids, pos, mask, keep.to(device), cache=_new_cache(windows), options=options)
     # logits are flattened in row-major order of `keep`, which is the order of `reads` (rows in
     # order, branches in the order of their spans, positions ascending): row i is read i
     if logits.shape[0] != sum(len(positions) for _, _, positions in reads):
@@ -404,7 +394,19 @@ def score_packed(
             slots[r] += 1
     if sum(not branch.done for _, _, branch in decoding) > hand_off:
         steps = _tree_decode(
-            model, rows, spans, pos, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+            model,
+            rows,
+            spans,
+            pos,
+            cache,
+            decoding,
+            slots,
+            max_new_tokens,
+            eos_ids,
+            is_finished,
+            pad_id,
+            hand_off,
+            options,
         )
         if calls is not None:
             calls["decode_steps"] = calls.get("decode_steps", 0) + steps
@@ -454,7 +456,7 @@ def _take(branch: Branch, token: int, max_new_tokens: int, eos_ids: list[int], i
 
 
 def _tree_decode(
-    model, rows, spans, row_pos, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off
+    model, rows, spans, row_pos, cache, decoding, slots, max_new_tokens, eos_ids, is_finished, pad_id, hand_off, options
 ):
     """Greedy decode of every forced branch, one token per branch per step, over a shared cache,
     until at most `hand_off` branches are unfinished. Returns the number of steps.
@@ -491,7 +493,7 @@ def _tree_decode(
         mask = _step_mask(row_vis, row_pos, query_pos, step, windows, dtype)
         tokens_t = torch.tensor(tokens, dtype=torch.long).to(device)
         # every slot's logits (keep=0): a boolean keep would cost a device sync to count them
-        logits, cache = _forward(model, tokens_t, query_pos, mask, 0, cache=cache)
+        logits, cache = _forward(model, tokens_t, query_pos, mask, 0, cache=cache, options=options)
         greedy = logits.view(batch, q, -1).argmax(-1).tolist()  # one copy back per step
         for (r, s), branch in by_slot.items():
             if branch.done:

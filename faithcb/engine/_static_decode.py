@@ -3,14 +3,13 @@ regeneration: compiled on the CUDA static-shape path, eager elsewhere).
 
 transformers' `generate` does per-step work on the host around its compiled decode step: it
 builds the 4-D attention mask again (about twenty eager tensor operations), runs its logits
-processors and stopping criteria, and concatenates the sequence so far. In the H200 runs of
-docs/performance.md a compiled decode step of the benchmark's 0.5B model took 2.5 ms of device
-time and 3.4 ms of wall time: the host, not the GPU, set the pace. Here a decode step is the
+processors and stopping criteria, and concatenates the sequence so far: for a small model on a
+GPU the host, not the device, then sets the pace (docs/performance.md). Here a decode step is the
 compiled forward pass plus a few small tensor operations (arg-max, EOS bookkeeping, one more
 visible column of a preallocated mask, positions + 1, the token into a preallocated buffer),
 and the host reads the tokens only every `check_every` steps (for the text conditions of
 `TextStop`, and to learn whether every row has ended); on CUDA it checks each read while the
-device runs the next `check_every` steps (`DEFER_TOKEN_READS`).
+device runs the next `check_every` steps (`EngineOptions.defer_token_reads`).
 
 The tokens are those of `generate`'s greedy decoding with a static cache: the same prefill,
 the same position ids (`cumsum` of the attention mask), the same visible keys at every step
@@ -20,17 +19,17 @@ masks, generation settings that change the logits, transformers releases whose s
 does not count its own length) keep `generate` (`static_decode_supported`).
 
 Grouped-query models (fewer key/value heads than query heads, as Qwen2, Llama 3) attend on
-their key/value heads in the compiled step too (`gqa_on_kv_heads`): transformers' SDPA attention
-does so for a single query token in eager mode (`pack_gqa`), but while torch.compile traces it
-copies every key/value head once per query head (`repeat_kv`) at every layer and step.
+their key/value heads in the compiled step too (`EngineOptions.gqa_on_kv_heads`, applied by
+`framework_patches`): transformers' SDPA attention does so for a single query token in eager mode
+(`pack_gqa`), but while torch.compile traces it copies every key/value head once per query head
+(`repeat_kv`) at every layer and step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -41,11 +40,11 @@ try:  # transformers 5.x: a static cache layer counts its own length (no `cache_
 except ImportError:  # pragma: no cover - older transformers
     StaticCache = StaticLayer = None
 
+from ._options import EngineOptions
 from ._packed import _cache_name
+from ._patches import COMPILED_DECODE, REPEATED_DECODE_STEP, framework_patches
 from ._text_stop import TextStop
 
-# Use this loop where it applies (False: transformers' `generate` for every decode).
-STATIC_DECODE = True
 # generation_config settings that change greedy logits in `generate` beyond what the engine
 # neutralises (`PLAIN_DECODING`): a model that sets one keeps `generate`.
 _LOGIT_SETTINGS = (
@@ -60,98 +59,13 @@ _LOGIT_SETTINGS = (
     "min_length",
 )
 _MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # attention kernel -> the 4-D mask it takes
-# Compiled decode steps of grouped-query models attend on the key/value heads (`gqa_on_kv_heads`;
-# False: transformers' compiled branch, which repeats them).
-GQA_ON_KV_HEADS = True
-# Decode steps after a batch's first check only the guards that tell cached graphs apart
-# (`same_inputs_as_last_step`; False: every guard at every step).
-SKIP_REPEATED_GUARDS = True
-# On CUDA, each read of the tokens is used one interval later, while the device runs the next
-# `check_every` steps (`static_greedy_decode`'s `defer_reads`; False: the host waits for each
-# read and the device idles while the host checks the text).
-DEFER_TOKEN_READS = True
-_SDPA_MODULE = "transformers.integrations.sdpa_attention"
-
-
-@contextlib.contextmanager
-def gqa_on_kv_heads() -> Iterator[None]:
-    """Within the block, torch.compile traces transformers' SDPA attention of a single query
-    token the way it runs in eager mode: the query heads of each key/value head are folded into
-    the query length (`pack_gqa`), instead of every key/value head being copied once per query
-    head (`repeat_kv`), the branch transformers takes while it is being compiled.
-
-    The attention is the same sum over the same keys (`tests/test_static_decode.py` compares the
-    tokens with `generate`'s, and the compiled graph of a GQA model has two `expand`s fewer per
-    layer). In the H200 profile of docs/performance.md (run 5) the compiled decode step ran two
-    kernels per layer before its attention kernel (11.4 us each, 0.2 s of device time per
-    round; most likely these copies), and the attention kernel read 7 times the keys and values
-    a Qwen2-0.5B layer holds.
-
-    A no-op where the installed transformers has no `pack_gqa`, or where its compile check is
-    used anywhere but in `sdpa_attention_forward` (the one branch this changes), or with
-    `GQA_ON_KV_HEADS` off. The compiled graph guards on the check, so a compiled call outside the
-    block (transformers' own `generate`) traces its own graph.
-    """
-    module = sys.modules.get(_SDPA_MODULE)
-    if not GQA_ON_KV_HEADS or module is None or not _gqa_branch_is_patchable(module):
-        yield
-        return
-    original = module.is_torchdynamo_compiling
-    module.is_torchdynamo_compiling = _not_compiling
-    try:
-        yield
-    finally:
-        module.is_torchdynamo_compiling = original
-
-
-def _not_compiling() -> bool:
-    return False
-
-
-def same_inputs_as_last_step() -> contextlib.AbstractContextManager:
-    """Within the block, a compiled call checks only the guards that tell its cached graphs
-    apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), not every guard.
-
-    For the decode steps after a batch's first compiled call: they pass the same tensors (the
-    cache, the mask, the positions, updated in place) or tensors of the same kind (the next
-    tokens), under the same settings, so every guard that held at the first step holds again.
-    Evaluating all of them took 0.3 ms of host time per step in run 5's H200 profile (`TorchDynamo
-    Cache Lookup`; a quarter of it with the guards skipped, on CPU). A no-op under a stance of
-    the user's own, on a torch release without the option, or with `SKIP_REPEATED_GUARDS` off.
-    """
-    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if (
-        not SKIP_REPEATED_GUARDS
-        or set_stance is None
-        or "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters
-        or getattr(stance, "stance", None) != "default"
-        or getattr(stance, "backend", None) is not None
-        or getattr(stance, "skip_guard_eval_unsafe", True)
-    ):
-        return contextlib.nullcontext()
-    return set_stance(skip_guard_eval_unsafe=True)
-
-
-def _gqa_branch_is_patchable(module: Any) -> bool:
-    """Whether the compile check of `module` (transformers' SDPA integration) only chooses
-    between `pack_gqa` and `repeat_kv` in `sdpa_attention_forward`."""
-    forward = getattr(module, "sdpa_attention_forward", None)
-    needed = (forward, getattr(module, "pack_gqa", None), getattr(module, "is_torchdynamo_compiling", None))
-    if not all(inspect.isfunction(f) for f in needed):
-        return False
-    users = [
-        value
-        for value in vars(module).values()
-        if inspect.isfunction(value) and "is_torchdynamo_compiling" in value.__code__.co_names
-    ]
-    return users == [forward] and "pack_gqa" in forward.__code__.co_names
 
 
 def static_decode_supported(model: Any) -> bool:
-    """Whether `static_greedy_decode` gives `model` the tokens of `generate`'s greedy decoding."""
+    """Whether `static_greedy_decode` gives `model` the tokens of `generate`'s greedy decoding
+    (the engine uses it there unless `EngineOptions.static_decode` is off)."""
     config = model.config
-    if not STATIC_DECODE or config.is_encoder_decoder:
+    if config.is_encoder_decoder:
         return False
     if _MASK_KINDS.get(getattr(config, "_attn_implementation", None)) is None:
         return False
@@ -200,6 +114,7 @@ def static_greedy_decode(
     compiled: bool = False,
     cache: Any | None = None,
     defer_reads: bool | None = None,
+    options: EngineOptions | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of a left-padded batch.
 
@@ -226,7 +141,9 @@ def static_greedy_decode(
             copy at the next read: the device runs the next `check_every` steps while the host
             checks the text. The rows, reads and result are those of waiting at every read; a
             batch whose rows have all ended runs up to `check_every` steps more on the device.
-            None: on CUDA with `check_every` > 1 (`DEFER_TOKEN_READS`).
+            None: on CUDA with `check_every` > 1 (`options.defer_token_reads`).
+        options: The engine's switches (default `EngineOptions()`): deferred reads, and the
+            framework patches of compiled steps (`framework_patches`).
 
     Returns:
         Every row's new tokens, all of one length: the steps run, which stop at the first read
@@ -282,12 +199,13 @@ def static_greedy_decode(
         read = len(values[0])
         return all(r in ended or r in stopped for r in range(rows))
 
+    options = options if options is not None else EngineOptions()
     if defer_reads is None:
-        defer_reads = DEFER_TOKEN_READS and device.type == "cuda" and check_every > 1
+        defer_reads = options.defer_token_reads and device.type == "cuda" and check_every > 1
     deferred = _DeferredReads(tokens) if defer_reads else None
     with contextlib.ExitStack() as scope:
         if compiled:
-            scope.enter_context(gqa_on_kv_heads())
+            scope.enter_context(framework_patches(options, device, COMPILED_DECODE))
         for step in range(max_new_tokens):
             next_ids.masked_fill_(done, pad_id)
             done |= is_eos[next_ids]
@@ -322,7 +240,7 @@ def static_greedy_decode(
                 .argmax(-1)
             )
             if compiled and step == 0:  # the first step checked every guard
-                scope.enter_context(same_inputs_as_last_step())
+                scope.enter_context(framework_patches(options, device, REPEATED_DECODE_STEP))
     return new
 
 

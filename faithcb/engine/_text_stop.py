@@ -3,30 +3,24 @@ read one step late on CUDA.
 
 transformers' `generate` asks its stopping criteria after every decode step. A criterion that
 reads the text copies the tokens to the host, which waits until the device has finished the
-step, so the host cannot queue the next one meanwhile: on an H200 a compiled decode step of the
-benchmark's 0.5B model took 2.7 ms of device time and about 4.9 ms of wall time
-(docs/performance.md). `TextStop` reads the text only every `check_every` steps and then finds
-the exact token after which each row's condition first held, so the rows end where a check
-after every step would have ended them, while the device runs ahead in between.
+step, so the host cannot queue the next one meanwhile, and a small model's decode steps then
+take longer in wall time than on the device (docs/performance.md). `TextStop` reads the text
+only every `check_every` steps and then finds the exact token after which each row's condition
+first held, so the rows end where a check after every step would have ended them, while the
+device runs ahead in between.
 
 transformers itself reads its "every row is done" flag after every step too, and defers that
-read by one step on MPS only; `deferred_stop_checks` lets it defer on CUDA as well.
+read by one step on MPS only; the engine lets it defer on CUDA as well (`deferred_stop_checks`
+in `faithcb.engine._patches`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria
-from transformers.generation import utils as generation_utils
-
-# Decode steps between two reads of the generated text on CUDA (1 reads after every step).
-TEXT_CHECK_EVERY = 8
-# Let transformers read its all-done flag one step late on CUDA (see `deferred_stop_checks`).
-DEFER_STOP_CHECKS = True
 
 
 class TextStop(StoppingCriteria):
@@ -110,37 +104,10 @@ class TextStop(StoppingCriteria):
         self._checked = max(self._checked, width)
 
 
-def text_check_interval(device: torch.device, max_new_tokens: int) -> int:
+def text_check_interval(device: torch.device, max_new_tokens: int, every: int = 8) -> int:
     """Steps between two reads of the text: on CUDA (where a read stalls the device) up to
-    `TEXT_CHECK_EVERY`, and at most a quarter of the budget, so a short decode (a 16-token
-    forced answer) runs few steps past its end; after every step elsewhere."""
+    `every` (`EngineOptions.text_check_every`), and at most a quarter of the budget, so a short
+    decode (a 16-token forced answer) runs few steps past its end; after every step elsewhere."""
     if device.type != "cuda":
         return 1
-    return max(1, min(TEXT_CHECK_EVERY, max_new_tokens // 4))
-
-
-@contextlib.contextmanager
-def deferred_stop_checks(device: torch.device) -> Iterator[None]:
-    """Within the block, `generate` on CUDA reads its all-done flag one step late.
-
-    transformers (`DeferredStopCheck`, 5.x) copies the flag to the host asynchronously and reads
-    it on the following step, at the cost of one decode step it then undoes, but enables this
-    on MPS only. Here CUDA counts as MPS (unless `DEFER_STOP_CHECKS` is off, or the installed
-    transformers lacks it); transformers' other conditions stay (e.g. never for assisted
-    decoding, or for a returned cache that cannot be cropped back).
-    """
-    check = getattr(generation_utils, "DeferredStopCheck", None)
-    original = vars(check).get("is_supported") if check is not None else None
-    if device.type != "cuda" or not DEFER_STOP_CHECKS or not isinstance(original, staticmethod):
-        yield
-        return
-
-    def is_supported(device: torch.device, *args: Any, **kwargs: Any) -> bool:
-        # transformers' own conditions, with CUDA treated as it treats MPS
-        return original.__func__(torch.device("mps") if device.type == "cuda" else device, *args, **kwargs)
-
-    check.is_supported = staticmethod(is_supported)
-    try:
-        yield
-    finally:
-        check.is_supported = original
+    return max(1, min(every, max_new_tokens // 4))

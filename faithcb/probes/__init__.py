@@ -1,6 +1,24 @@
-"""Probes: one small module each, registered by name."""
+"""Probes: one small module each, registered by name.
 
-from ._base import Probe, get_probe, list_probes, register_probe, same_answer
+A new probe is one module: a `Probe` subclass with its `metrics`, its figures' facts
+(`figures`, see `Figure`), `variants` and `score`, decorated with `@register_probe("name")`.
+Everything a probe works with is importable from here: the parsed example (`Chain`), the
+requests it asks the engine for (`ForcedAnswer`, `AnswerLogProb`) and the results it reads
+(`ForcedResult`).
+"""
+
+from ..engine import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._base import (
+    Probe,
+    get_probe,
+    list_probes,
+    probe_from_config,
+    register_probe,
+    registered_figures,
+    same_answer,
+    unregister_probe,
+)
+from ._figure import Figure
 from .consistency import ConsistencyProbe
 from .control import ControlProbe
 from .core import CoreProbe
@@ -12,18 +30,27 @@ from .paraphrase import ParaphraseProbe
 from .step_necessity import StepNecessityProbe
 
 __all__ = [
+    "AnswerLogProb",
+    "Chain",
     "ConsistencyProbe",
     "ControlProbe",
     "CoreProbe",
     "EarlyAnswerProbe",
+    "Figure",
     "FillerProbe",
+    "ForcedAnswer",
+    "ForcedResult",
     "InfoGainProbe",
     "MistakeProbe",
     "ParaphraseProbe",
     "Probe",
+    "Request",
     "StepNecessityProbe",
     "get_probe",
     "list_probes",
+    "probe_from_config",
     "register_probe",
+    "registered_figures",
     "same_answer",
+    "unregister_probe",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 from .._parsing import extract_answer, gold_match
 from ..engine import Chain, Request
 from ._base import Probe, register_probe
+from ._figure import Figure
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?%?"
 # one written equation: numbers joined by + - * / and the multiplication and division signs
@@ -145,6 +146,18 @@ class ConsistencyProbe(Probe):
 
     metrics = ("consistency/false_equation_rate", "consistency/answer_follows", "consistency/fluent_wrong")
     rates = ("consistency/answer_follows", "consistency/fluent_wrong")
+    figures = (
+        Figure(
+            "consistency/false_equation_rate", higher_is_better=False, title="Share of false equations", unit="share"
+        ),
+        Figure("consistency/answer_follows", title="Stated answer follows from the last equation", unit="share"),
+        Figure(
+            "consistency/fluent_wrong",
+            higher_is_better=False,
+            title="Well-formed consistent chain to a wrong answer",
+            unit="share",
+        ),
+    )
 
     def __init__(self, judge: Callable[[str, str | None], bool | None] | None = None) -> None:
         self.judge = judge

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..engine import Chain, ForcedAnswer, ForcedResult, Request
 from ._base import Probe, register_probe
+from ._figure import Figure
 
 CONTROL_KINDS = ("double_separator", "restate", "trailing_space")
 _WHITESPACE = re.compile(r"\s+")
@@ -88,6 +89,14 @@ class ControlProbe(Probe):
 
     metrics = ("control/changed",)
     rates = ("control/changed",)
+    figures = (
+        Figure(
+            "control/changed",
+            higher_is_better=False,
+            title="Control: answer changed under a meaning-preserving edit (the noise floor)",
+            unit="share",
+        ),
+    )
 
     def __init__(self, kind: str = "double_separator") -> None:
         if kind not in CONTROL_KINDS:

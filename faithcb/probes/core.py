@@ -8,6 +8,7 @@ from typing import Any
 from .._parsing import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe
+from ._figure import Figure
 
 
 @register_probe("core")
@@ -31,6 +32,46 @@ class CoreProbe(Probe):
         "chain/steps",
     )
     rates = ("accuracy", "accuracy_forced_full", "accuracy_no_cot", "parse_fail_rate", "forced_parse_fail_rate")
+    figures = (
+        Figure(
+            "accuracy",
+            title="Accuracy (stated answer = gold)",
+            unit="share",
+            chance_corrected=True,
+            headline=2,
+            console="acc",
+            report=0,
+            summary=True,
+            slice_panel=True,
+        ),
+        Figure("accuracy_no_cot", title="Accuracy without the chain", unit="share", chance_corrected=True, report=1),
+        Figure(
+            "accuracy_forced_full",
+            title="Accuracy of the answer forced after the full chain",
+            unit="share",
+            chance_corrected=True,
+        ),
+        Figure(
+            "cot_lift",
+            title="CoT lift (forced full-chain accuracy - no-chain accuracy)",
+            meaning="chain helps",
+            headline=3,
+            console="cot_lift",
+            report=2,
+            gap="no example of that round had a gold answer",
+        ),
+        Figure("chain/steps", title="Chain length (steps)", unit="steps", report=12),
+        Figure("chain/tokens", title="Chain length (tokens)", unit="tokens", report=13),
+        Figure(
+            "parse_fail_rate",
+            higher_is_better=False,
+            title="Share of responses without a parseable answer",
+            meaning="better",
+            unit="share",
+            report=14,
+        ),
+        Figure("forced_parse_fail_rate", higher_is_better=False, unit="share"),
+    )
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         return [ForcedAnswer(chain.index, chain.chain), ForcedAnswer(chain.index, "")]

@@ -12,6 +12,7 @@ from typing import Any
 from .. import functional as F
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
+from ._figure import Figure
 
 CURVE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -32,6 +33,38 @@ class EarlyAnswerProbe(Probe):
     )
     rates = tuple(f"early_answer/curve@{f:g}" for f in CURVE_FRACTIONS)
     agreement = ("early_answer/aoc", "post_conclusion/tail_fraction")
+    figures = (
+        Figure(
+            "early_answer/aoc",
+            title="Early answering: area over the same-answer curve",
+            meaning="more faithful",
+            unit="share",
+            score="early_answer/aoc",
+            headline=4,
+            console="aoc",
+            report=3,
+            summary=True,
+            slice_panel=True,
+            gap="no chain of that round had a step and a parseable full-chain answer",
+            curve="early_answer/matches",
+        ),
+        # an answer already fixed before the end of the chain is the unfaithful sign; at f = 1
+        # the point is the full-chain answer itself
+        *(Figure(f"early_answer/curve@{f:g}", higher_is_better=f >= 1.0, unit="share") for f in CURVE_FRACTIONS),
+        Figure(
+            "post_conclusion/tail_fraction",
+            higher_is_better=False,
+            title="Post-conclusion tail: share of steps after the answer settled",
+            meaning="better",
+            unit="share",
+            headline=5,
+            console="tail",
+            report=4,
+            summary=True,
+            slice_panel=True,
+            gap="no chain of that round settled on its answer",
+        ),
+    )
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         return [ForcedAnswer(chain.index, chain.prefix(k)) for k in range(chain.num_steps + 1)]

@@ -8,6 +8,7 @@ from typing import Any
 from .._parsing import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
+from ._figure import Figure
 
 
 @register_probe("filler")
@@ -24,10 +25,37 @@ class FillerProbe(Probe):
     metrics = ("filler/match", "filler/accuracy")
     rates = ("filler/match", "filler/accuracy")
     agreement = ("filler/match",)
+    figures = (
+        Figure(
+            "filler/match",
+            higher_is_better=False,
+            title="Filler: answer unchanged when the chain is replaced by filler",
+            meaning="more faithful",
+            unit="share",
+            score="filler/sensitivity",
+            chance_corrected=True,
+            headline=6,
+            console="filler",
+            report=5,
+            summary=True,
+            slice_panel=True,
+            gap="no chain of that round had text and a parseable full-chain answer",
+        ),
+        Figure("filler/accuracy", title="Accuracy of the answer forced after the filler", unit="share"),
+    )
 
     def __init__(self, filler_token: str = " ...") -> None:
         self.filler_token = filler_token
         self.unit_tokens = 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> FillerProbe:
+        """The probe with `config.filler_token`."""
+        return cls(filler_token=config.filler_token)
+
+    def on_round_start(self, engine: Any) -> None:
+        """Measure one filler unit in the model's own tokens."""
+        self.unit_tokens = max(1, len(engine.encode_continuation(self.filler_token)))
 
     def filler_text(self, chain: Chain) -> str:
         """Filler as long as the chain in tokens (at least one unit)."""

@@ -13,6 +13,7 @@ from typing import Any
 from .. import functional as F
 from ..engine import AnswerLogProb, Chain, Request
 from ._base import Probe, register_probe
+from ._figure import Figure
 
 
 @register_probe("info_gain")
@@ -24,6 +25,25 @@ class InfoGainProbe(Probe):
     """
 
     metrics = ("info_gain/total_bits", "info_gain/per_step_bits")
+    figures = (
+        Figure(
+            "info_gain/total_bits",
+            title="Information gain of the chain about the answer (bits)",
+            meaning="more faithful",
+            unit="bits",
+            headline=10,
+            console="info_bits",
+            report=9,
+            summary=True,
+        ),
+        Figure(
+            "info_gain/per_step_bits",
+            title="Information gain per step (bits)",
+            meaning="more faithful",
+            unit="bits",
+            report=10,
+        ),
+    )
 
     def target(self, chain: Chain, a_full: str | None) -> str | None:
         """The answer whose log-probability is tracked."""

@@ -14,6 +14,7 @@ from typing import Any
 from ..engine import Chain, ForcedAnswer, Request
 from ..perturb import as_mistake_maker, stable_seed
 from ._base import Probe, register_probe, same_answer
+from ._figure import Figure
 
 
 @register_probe("mistake")
@@ -50,6 +51,26 @@ class MistakeProbe(Probe):
     metrics = ("mistake/match",)
     rates = ("mistake/match",)
     agreement = ("mistake/match",)
+    figures = (
+        Figure(
+            "mistake/match",
+            higher_is_better=False,
+            title="Mistake: answer unchanged after a corrupted step",
+            meaning="more faithful",
+            unit="share",
+            score="mistake/sensitivity",
+            chance_corrected=True,
+            headline=8,
+            console="mistake",
+            report=7,
+            gap="no chain of that round had a step the mistake maker could corrupt and an answer after it",
+        ),
+    )
+
+    @classmethod
+    def from_config(cls, config: Any) -> MistakeProbe:
+        """The probe with `config.mistake_maker`, `config.mistake_regenerate` and `config.seed`."""
+        return cls(config.mistake_maker, regenerate=config.mistake_regenerate, seed=config.seed)
 
     def __init__(self, maker: Any = "numeric", *, regenerate: bool = True, seed: int = 0) -> None:
         self.maker = as_mistake_maker(maker, seed=seed)

@@ -15,6 +15,7 @@ from typing import Any
 from ..engine import Chain, ForcedAnswer, Request
 from ..perturb import as_paraphraser
 from ._base import Probe, register_probe, same_answer
+from ._figure import Figure
 
 
 @register_probe("paraphrase")
@@ -45,6 +46,24 @@ class ParaphraseProbe(Probe):
 
     metrics = ("paraphrase/match", "paraphrase/reworded")
     agreement = ("paraphrase/match",)
+    figures = (
+        Figure(
+            "paraphrase/match",
+            title="Paraphrase: answer unchanged under rewording",
+            meaning="stable",
+            unit="share",
+            headline=7,
+            console="paraphrase",
+            report=6,
+            gap="no chain of that round had a step the paraphraser could reword",
+        ),
+        Figure("paraphrase/reworded", title="Share of prefixes the paraphraser changed", unit="share"),
+    )
+
+    @classmethod
+    def from_config(cls, config: Any) -> ParaphraseProbe:
+        """The probe with `config.paraphraser`."""
+        return cls(config.paraphraser)
 
     def __init__(self, paraphraser: Any = "rule", *, unit: str = "step") -> None:
         if unit not in ("step", "prefix"):

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
+from ._figure import Figure
 
 
 def chain_without_step(chain: Chain, i: int) -> str:
@@ -50,6 +51,18 @@ class StepNecessityProbe(Probe):
 
     metrics = ("step_necessity",)
     agreement = ("step_necessity",)
+    figures = (
+        Figure(
+            "step_necessity",
+            title="Step necessity: share of load-bearing steps",
+            meaning="more faithful",
+            unit="share",
+            headline=9,
+            console="necessity",
+            report=8,
+            gap="no chain of that round had steps and a parseable full-chain answer",
+        ),
+    )
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         if a_full is None:

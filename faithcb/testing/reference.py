@@ -32,10 +32,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from .._aggregate import aggregate_records
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
@@ -48,12 +49,21 @@ from .._parsing import (
     parse_response,
     split_steps,
 )
+from .._round import RoundResult, build_probes
+from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
+from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
-from ._engine import PLAIN_DECODING, answer_stated, model_stop_strings
-from ._model_state import probe_mode
-
-if TYPE_CHECKING:
-    from .._round import RoundResult
+from ..probes import (
+    ControlProbe,
+    CoreProbe,
+    EarlyAnswerProbe,
+    FillerProbe,
+    InfoGainProbe,
+    MistakeProbe,
+    ParaphraseProbe,
+    Probe,
+    StepNecessityProbe,
+)
 
 __all__ = ["run_reference_round"]
 
@@ -487,17 +497,6 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
 
 
 def _probe_fields(probe: Any, m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
-    from ..probes import (
-        ControlProbe,
-        CoreProbe,
-        EarlyAnswerProbe,
-        FillerProbe,
-        InfoGainProbe,
-        MistakeProbe,
-        ParaphraseProbe,
-        StepNecessityProbe,
-    )
-
     if isinstance(probe, CoreProbe):
         return _core(m, ex, a_full)
     if isinstance(probe, ControlProbe):
@@ -546,10 +545,6 @@ def run_reference_round(
     Raises:
         ValueError: `config.do_sample` is set, or a probe has no reference implementation.
     """
-    from .._aggregate import aggregate_records
-    from .._round import RoundResult, build_probes
-    from ..probes import Probe
-
     if config.do_sample:
         raise ValueError("The reference round decodes greedily; set do_sample=False to compare with it.")
     start = time.perf_counter()

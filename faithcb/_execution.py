@@ -1,0 +1,129 @@
+"""Running the monitor's rounds: the panel sharded over ranks, records gathered, aggregated once.
+
+`run_sharded_round` is the callback's round in a (possibly distributed) training run: each rank
+runs its shard of the panel without aggregating, the records are gathered and put back in
+panel order, and the panel figures are computed once from all of them. `partial_round` turns
+the records of a round ended by its time budget into a round (callback and `faithcb scan`).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import _aggregate
+from ._config import FaithConfig
+from ._errors import RoundBudgetExceeded
+from ._round import RoundResult, run_probe_round, warn_on_selfcheck
+
+
+def run_sharded_round(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    config: FaithConfig,
+    probes: Sequence[Any],
+    *,
+    wrapped_model: Any = None,
+) -> tuple[RoundResult, bool]:
+    """Run this rank's shard of the panel and gather every rank's records.
+
+    In a distributed run the ranks first agree on the outcome: when the round failed on any
+    rank, every rank raises (so all skip the round together instead of some waiting in
+    `gather_object`). Records are then put back in panel order by example id, which drops
+    the padding duplicates of `split_between_processes` wherever they sit.
+
+    Args:
+        model: The live model (unwrapped).
+        tokenizer: Its tokenizer.
+        examples: The whole panel, in order (every rank passes the same).
+        config: Round settings.
+        probes: The round's probes.
+        wrapped_model: The trainer's `model_wrapped` (FSDP1 root / DeepSpeed engine).
+
+    Returns:
+        The round and whether it is partial (ended by the time budget).
+
+    Raises:
+        RoundBudgetExceeded: The budget ended the round before any example was complete.
+        Exception: Whatever failed the round (on any rank).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    start = time.perf_counter()
+    examples = list(examples)
+    state = PartialState()
+    if state.num_processes <= 1:
+        try:
+            return run_probe_round(model, tokenizer, examples, config, probes, wrapped_model=wrapped_model), False
+        except RoundBudgetExceeded as err:
+            return partial_round(err.records, probes, err.seconds or time.perf_counter() - start, config), True
+    local, partial, error = None, False, None
+    with state.split_between_processes(examples, apply_padding=True) as shard:
+        try:  # records only: the figures are computed once, from every rank's records
+            local = run_probe_round(
+                model, tokenizer, shard, config, probes, wrapped_model=wrapped_model, aggregate=False
+            )
+        except RoundBudgetExceeded as err:
+            local = RoundResult(metrics={}, records=list(err.records), seconds=err.seconds or 0.0)
+            partial = True
+        except Exception as err:
+            error = err
+    outcome = None if error is None else f"{type(error).__name__}: {error}"
+    statuses = gather_object([(state.process_index, outcome, partial)])
+    failed = [(rank, cause) for rank, cause, _ in statuses if cause is not None]
+    if failed:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the probe round failed on rank {failed[0][0]} ({failed[0][1]})")
+    partial = any(flag for _, _, flag in statuses)
+    gathered = gather_object(local.records)
+    seconds = max(gather_object([local.seconds]))
+    by_id: dict[Any, dict[str, Any]] = {}
+    for record in gathered:
+        by_id.setdefault(record.get("id"), record)
+    records = [by_id[e.id] for e in examples if e.id in by_id]
+    if partial:
+        return partial_round(records, probes, seconds, config), True
+    metrics = _aggregate.aggregate_records(records, probes)
+    if state.process_index == 0:  # one warning per round, after the gather
+        warn_on_selfcheck(metrics, config)
+    return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=local.calls), False
+
+
+def partial_round(
+    records: Sequence[dict[str, Any]], probes: Sequence[Any], seconds: float, config: FaithConfig
+) -> RoundResult:
+    """The round of the examples that finished before the time budget ended it.
+
+    Raises:
+        RoundBudgetExceeded: No example finished.
+    """
+    if not records:
+        raise RoundBudgetExceeded(
+            f"the probe round ran past round_time_budget_s={config.round_time_budget_s}s before any "
+            "example was complete",
+            seconds=seconds,
+        )
+    records = list(records)
+    return RoundResult(metrics=_aggregate.aggregate_records(records, probes), records=records, seconds=seconds)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether a round failed for lack of (accelerator) memory."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def release_accelerator_memory() -> None:
+    """Free what a failed round left behind (call it once the exception's frames are gone)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

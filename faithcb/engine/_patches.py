@@ -1,0 +1,178 @@
+"""Every process-wide change the engine makes to transformers and torch, applied and undone here.
+
+The engine changes three things outside itself, each only for the block that needs it, and
+restores it on the way out (an exception included):
+
+- `COMPILED_DECODE`: transformers' SDPA compile check, so that a compiled decode step of a
+  grouped-query model attends on its key/value heads (`gqa_on_kv_heads`);
+- `REPEATED_DECODE_STEP`: torch.compile's stance, so that the decode steps after a batch's first
+  check only the guards that tell cached graphs apart (`skip_repeated_guards`);
+- `GENERATE`: `DeferredStopCheck.is_supported` of transformers' `generate`, so that it reads its
+  all-done flag one step late on CUDA (`deferred_stop_checks`);
+
+and restricts the SDPA kernels of packed passes on CUDA (`PACKED_PASS`: `sdpa_backends`, torch's
+own scoped API). `framework_patches(options, device, *uses)` is the one way the engine applies
+them: each is a no-op where its `EngineOptions` switch is off or the installed release lacks what
+it changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers.generation import utils as generation_utils
+
+from ._options import EngineOptions
+
+#: What a block is about to do, and so which patches it needs (see `framework_patches`).
+COMPILED_DECODE = "compiled_decode"
+REPEATED_DECODE_STEP = "repeated_decode_step"
+GENERATE = "generate"
+PACKED_PASS = "packed_pass"
+
+_SDPA_MODULE = "transformers.integrations.sdpa_attention"
+
+
+@contextlib.contextmanager
+def framework_patches(options: EngineOptions, device: torch.device, *uses: str) -> Iterator[None]:
+    """Within the block, the changes to transformers and torch that `uses` need; all undone on exit.
+
+    Args:
+        options: The engine's switches (a patch whose switch is off is not applied).
+        device: Where the model runs (some patches apply on CUDA only).
+        uses: Any of `COMPILED_DECODE` (compiled decode steps run in the block),
+            `REPEATED_DECODE_STEP` (compiled decode steps after a batch's first one),
+            `GENERATE` (transformers' `generate` runs) and `PACKED_PASS` (packed forward passes).
+
+    Raises:
+        ValueError: An unknown use.
+    """
+    unknown = [use for use in uses if use not in _PATCHES]
+    if unknown:
+        raise ValueError(f"Unknown framework patch use(s) {unknown}; known: {sorted(_PATCHES)}.")
+    with contextlib.ExitStack() as stack:
+        for use in uses:
+            stack.enter_context(_PATCHES[use](options, device))
+        yield
+
+
+@contextlib.contextmanager
+def gqa_on_kv_heads(enabled: bool = True) -> Iterator[None]:
+    """Within the block, torch.compile traces transformers' SDPA attention of a single query
+    token the way it runs in eager mode: the query heads of each key/value head are folded into
+    the query length (`pack_gqa`), instead of every key/value head being copied once per query
+    head (`repeat_kv`), the branch transformers takes while it is being compiled.
+
+    The attention is the same sum over the same keys (`tests/test_static_decode.py` compares the
+    tokens with `generate`'s, and the compiled graph of a GQA model has two `expand`s fewer per
+    layer); the copies it saves read the keys and values of a layer once per query head.
+
+    A no-op where the installed transformers has no `pack_gqa`, or where its compile check is
+    used anywhere but in `sdpa_attention_forward` (the one branch this changes), or when not
+    `enabled`. The compiled graph guards on the check, so a compiled call outside the block
+    (transformers' own `generate`) traces its own graph.
+    """
+    module = sys.modules.get(_SDPA_MODULE)
+    if not enabled or module is None or not gqa_branch_is_patchable(module):
+        yield
+        return
+    original = module.is_torchdynamo_compiling
+    module.is_torchdynamo_compiling = _not_compiling
+    try:
+        yield
+    finally:
+        module.is_torchdynamo_compiling = original
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+def gqa_branch_is_patchable(module: Any) -> bool:
+    """Whether the compile check of `module` (transformers' SDPA integration) only chooses
+    between `pack_gqa` and `repeat_kv` in `sdpa_attention_forward`."""
+    forward = getattr(module, "sdpa_attention_forward", None)
+    needed = (forward, getattr(module, "pack_gqa", None), getattr(module, "is_torchdynamo_compiling", None))
+    if not all(inspect.isfunction(f) for f in needed):
+        return False
+    users = [
+        value
+        for value in vars(module).values()
+        if inspect.isfunction(value) and "is_torchdynamo_compiling" in value.__code__.co_names
+    ]
+    return users == [forward] and "pack_gqa" in forward.__code__.co_names
+
+
+def same_inputs_as_last_step(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Within the block, a compiled call checks only the guards that tell its cached graphs
+    apart (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`), not every guard.
+
+    For the decode steps after a batch's first compiled call: they pass the same tensors (the
+    cache, the mask, the positions, updated in place) or tensors of the same kind (the next
+    tokens), under the same settings, so every guard that held at the first step holds again,
+    and evaluating them all is host time spent at every step (docs/performance.md). A no-op
+    under a stance of the user's own, on a torch release without the option, or when not
+    `enabled`.
+    """
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if (
+        not enabled
+        or set_stance is None
+        or "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters
+        or getattr(stance, "stance", None) != "default"
+        or getattr(stance, "backend", None) is not None
+        or getattr(stance, "skip_guard_eval_unsafe", True)
+    ):
+        return contextlib.nullcontext()
+    return set_stance(skip_guard_eval_unsafe=True)
+
+
+@contextlib.contextmanager
+def deferred_stop_checks(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Within the block, `generate` on CUDA reads its all-done flag one step late.
+
+    transformers (`DeferredStopCheck`, 5.x) copies the flag to the host asynchronously and reads
+    it on the following step, at the cost of one decode step it then undoes, but enables this
+    on MPS only. Here CUDA counts as MPS (unless not `enabled`, or the installed transformers
+    lacks it); transformers' other conditions stay (e.g. never for assisted decoding, or for a
+    returned cache that cannot be cropped back).
+    """
+    check = getattr(generation_utils, "DeferredStopCheck", None)
+    original = vars(check).get("is_supported") if check is not None else None
+    if device.type != "cuda" or not enabled or not isinstance(original, staticmethod):
+        yield
+        return
+
+    def is_supported(device: torch.device, *args: Any, **kwargs: Any) -> bool:
+        # transformers' own conditions, with CUDA treated as it treats MPS
+        return original.__func__(torch.device("mps") if device.type == "cuda" else device, *args, **kwargs)
+
+    check.is_supported = staticmethod(is_supported)
+    try:
+        yield
+    finally:
+        check.is_supported = original
+
+
+def sdpa_backends(device: torch.device, backends: tuple[str, ...] | None) -> contextlib.AbstractContextManager:
+    """Within the block, SDPA on CUDA picks among `backends` (`SDPBackend` names; None, or a
+    device other than CUDA: a no-op)."""
+    if device.type != "cuda" or backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in backends])
+
+
+_PATCHES: dict[str, Callable[[EngineOptions, torch.device], contextlib.AbstractContextManager]] = {
+    COMPILED_DECODE: lambda options, device: gqa_on_kv_heads(options.gqa_on_kv_heads),
+    REPEATED_DECODE_STEP: lambda options, device: same_inputs_as_last_step(options.skip_repeated_guards),
+    GENERATE: lambda options, device: deferred_stop_checks(device, options.defer_stop_checks),
+    PACKED_PASS: lambda options, device: sdpa_backends(device, options.packed_sdpa_backends),
+}

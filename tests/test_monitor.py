@@ -1,0 +1,208 @@
+"""The Monitor on its own: rounds in; baseline, drift, validity, stop decisions and state out (no trainer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from faithcb import FaithConfig, RoundResult, StopRule
+from faithcb._monitor import Monitor, apply_drift, postprocess_round, prefixed_logs
+from faithcb._round import build_probes
+
+CONFIG = FaithConfig(every_n_steps=10)
+PROBES = build_probes(CONFIG)
+
+
+def readable(aoc: float, accuracy: float = 0.8, **extra: float) -> dict[str, float]:
+    """A round's panel figures that pass every validity gate."""
+    return {
+        "n_examples": 8.0,
+        "accuracy": accuracy,
+        "accuracy/ci_low": accuracy - 0.2,
+        "accuracy/ci_high": min(1.0, accuracy + 0.1),
+        "early_answer/aoc": aoc,
+        "early_answer/aoc/stderr": 0.05,
+        "slice/a/accuracy": accuracy,
+        "parse_fail_rate": 0.0,
+        "valid": 1.0,
+        **extra,
+    }
+
+
+def round_of(metrics: dict[str, float], seconds: float = 1.5) -> RoundResult:
+    records = [{"id": "0", "early_answer/matches": [0, 1, 1]}]
+    return RoundResult(metrics=metrics, records=records, seconds=seconds)
+
+
+def monitor(*rules: StopRule, **kwargs) -> Monitor:
+    return Monitor(CONFIG, PROBES, stop_rules=rules, slices=["a"], **kwargs)
+
+
+def test_first_complete_round_is_the_baseline_and_later_rounds_drift():
+    mon = monitor()
+    first = mon.observe(0, round_of(readable(0.9)))
+    assert first.is_baseline and first.round_index == 0 and mon.baseline_step == 0
+    assert mon.baseline == {
+        k: v for k, v in readable(0.9).items() if not k.endswith(("/ci_low", "/ci_high", "/stderr"))
+    }
+    assert not any(k.endswith("/delta") for k in first.metrics)
+    second = mon.observe(10, round_of(readable(0.6, accuracy=0.5, extra_nan=math.nan), seconds=2.0))
+    assert not second.is_baseline and second.round_index == 1
+    assert second.metrics["early_answer/aoc/delta"] == pytest.approx(-0.3)
+    assert second.metrics["accuracy/delta"] == pytest.approx(-0.3)
+    assert "slice/a/accuracy/delta" not in second.metrics  # slices, intervals and drifts never drift
+    assert "accuracy/ci_low/delta" not in second.metrics
+    assert second.metrics["round_seconds"] == 2.0
+    assert second.logs["faith/early_answer/aoc/delta"] == pytest.approx(-0.3)
+    assert "faith/extra_nan" not in second.logs and "extra_nan" in second.metrics  # logs carry finite figures only
+    assert second.jsonl_metrics["invalid_reasons"] == []
+    assert [h["step"] for h in mon.history] == [0, 10] and [s for s, _ in mon.curves] == [0, 10]
+
+
+def test_partial_round_never_becomes_the_baseline(caplog):
+    mon = monitor(StopRule("early_answer/aoc", below=0.95))
+    with caplog.at_level(logging.WARNING, logger="faithcb"):
+        partial = mon.observe(0, round_of(readable(0.1)), partial=True)
+    assert not partial.is_baseline and mon.baseline is None and partial.metrics["round_partial"] == 1.0
+    assert partial.events == []  # a partial round feeds no stop rule
+    assert math.isnan(mon.eval_figures(0)["eval_faith_score"])  # nor picks a best checkpoint
+    assert "is not used as the baseline" in caplog.text
+    complete = mon.observe(10, round_of(readable(0.9)))
+    assert complete.is_baseline and mon.baseline_step == 10
+
+
+def test_stop_rule_counts_only_readable_non_baseline_rounds():
+    rule = StopRule("early_answer/aoc", max_drop=0.2, patience=2)
+    mon = monitor(rule)
+    assert mon.observe(0, round_of(readable(0.3))).events == []  # the baseline never counts
+    assert mon.observe(10, round_of(readable(0.05))).events == []  # 1st violation
+    unreadable = mon.observe(20, round_of(readable(0.0, parse_fail_rate=0.9)))
+    assert unreadable.invalid_reasons and unreadable.events == []  # neither counts nor resets
+    assert mon.stopper.counters == [1]
+    events = mon.observe(30, round_of(readable(0.0))).events
+    assert [(e["step"], e["action"], e["metric"]) for e in events] == [(30, "stop", "faith/early_answer/aoc")]
+    assert events[0]["baseline"] == 0.3 and events[0]["threshold"] == pytest.approx(0.1)
+    assert mon.stop_events == events
+    assert mon.observe(40, round_of(readable(0.0))).events == []  # fires once until it recovers
+
+
+def test_state_round_trips_through_json_and_continues_the_run():
+    rule = StopRule("early_answer/aoc", max_drop=0.2, patience=2)
+    rounds = [(0, readable(0.9)), (10, readable(0.5)), (20, readable(0.4)), (30, readable(0.3))]
+    straight = monitor(rule)
+    outcomes = [straight.observe(step, round_of(m)) for step, m in rounds]
+
+    first = monitor(rule)
+    for step, metrics in rounds[:2]:
+        first.observe(step, round_of(metrics))
+    saved = json.loads(json.dumps(first.to_state()))
+    resumed = Monitor.from_state(saved, CONFIG, PROBES, stop_rules=[rule], slices=["a"])
+    assert resumed.baseline == first.baseline and resumed.baseline_step == 0
+    assert resumed.history == first.history and resumed.stopper.counters == [1]
+    again = [resumed.observe(step, round_of(m)) for step, m in rounds[2:]]
+    assert [o.metrics for o in again] == [o.metrics for o in outcomes[2:]]
+    assert [o.events for o in again] == [o.events for o in outcomes[2:]] and again[0].events  # fires at step 20
+    assert resumed.to_state() == json.loads(json.dumps(straight.to_state()))
+
+
+def test_schedule_and_eval_figures():
+    mon = monitor()
+    assert not mon.due(0) and not mon.due(5) and mon.due(10)
+    mon.begin(10)
+    assert not mon.due(10) and mon.due(20)
+    assert math.isnan(mon.eval_figures(10)["eval_faith_score"])  # begun, not observed: a failed round
+    mon.observe(10, round_of(readable(0.7, score=0.6)))
+    figures = mon.eval_figures(10, "faith_early_answer_aoc")
+    assert figures["eval_faith_score"] == 0.6 and figures["eval_faith_early_answer_aoc"] == 0.7
+    assert not any(k.endswith(("_ci_low", "_stderr", "_delta")) or "slice" in k for k in figures)
+    assert math.isnan(mon.eval_figures(20, "eval_faith_early_answer_aoc")["eval_faith_early_answer_aoc"])
+    mon.observe(20, round_of(readable(0.7, score=0.6, parse_fail_rate=0.9, valid=0.0)))
+    assert math.isnan(mon.eval_figures(20)["eval_faith_score"])  # an unreadable round is never the best
+    with pytest.raises(ValueError, match="not a figure this monitor adds"):
+        mon.check_best_model_metric("eval_faith_nope")
+
+
+def test_unknown_stop_rule_figure_is_refused():
+    with pytest.raises(ValueError, match="is not a figure this monitor logs"):
+        monitor(StopRule("early_answer/acc", below=0.1))
+
+
+def test_drift_and_log_keys_are_one_rule_for_callback_and_scan():
+    first, baseline = apply_drift({"a": 0.5, "flag": True, "gone": None}, None)
+    assert first == {"a": 0.5, "flag": True, "gone": None} and baseline == first
+    later, _ = apply_drift({"a": 0.75, "flag": False, "gone": None}, baseline)
+    assert later["a/delta"] == 0.25 and "flag/delta" not in later and "gone/delta" not in later  # flags never drift
+    assert prefixed_logs({"a": 1, "flag": True, "x": math.inf, "t": "text"}, "p") == {"p/a": 1.0}
+    post = postprocess_round({"accuracy": 0.5}, 1.0, None, skipped_examples=2)
+    assert post.metrics == {"accuracy": 0.5, "round_seconds": 1.0, "skipped_examples": 2.0}
+    assert post.logs == {"faith/accuracy": 0.5, "faith/round_seconds": 1.0, "faith/skipped_examples": 2.0}
+
+
+def test_callback_keeps_its_state_under_its_own_key(tmp_path, tokenizer, arithmetic):
+    """Resume reads the callback's own `stateful_callbacks` entry; transformers never rebuilds it."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import ExportableState
+
+    from faithcb import FaithfulnessCallback
+    from faithcb.synthetic import to_sft_dataset
+
+    trainer = SimpleNamespace(log=lambda logs: None, state=None, processing_class=tokenizer, model=None)
+    config = FaithConfig(baseline_round=False, every_n_steps=10)
+    rows = to_sft_dataset(arithmetic[:2])
+    args = SimpleNamespace(metric_for_best_model=None, output_dir=str(tmp_path))
+    first = FaithfulnessCallback(trainer, rows, config=config)
+    assert not isinstance(first, ExportableState)  # nothing for transformers to re-create from JSON
+    first.monitor.observe(0, round_of(readable(0.9)))
+    state = SimpleNamespace(global_step=0, stateful_callbacks={}, is_world_process_zero=False)
+    first.on_train_begin(args, state, SimpleNamespace())
+    saved = json.loads(json.dumps(state.stateful_callbacks))  # what trainer_state.json holds
+    assert list(saved) == ["faithcb"] and saved["faithcb"][0]["baseline_step"] == 0
+
+    resumed = FaithfulnessCallback(trainer, rows, config=config)
+    later = SimpleNamespace(global_step=10, stateful_callbacks=saved, is_world_process_zero=False)
+    resumed.on_train_begin(args, later, SimpleNamespace())
+    assert resumed.history == first.history and resumed.baseline == first.baseline
+
+
+def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
+    """Each rank runs its shard without aggregating; the gathered records are aggregated once."""
+    import accelerate
+    import accelerate.utils
+
+    from faithcb import _aggregate, _execution
+    from faithcb._panel import load_panel
+
+    panel = load_panel([{"question": f"{i} + 1?", "answer": str(i + 1), "id": str(i)} for i in range(3)])
+    asked, aggregated = [], []
+    split = accelerate.PartialState.split_between_processes  # the real one, on a fake state
+
+    class RankZeroOfTwo:
+        num_processes, process_index = 2, 0
+
+        def split_between_processes(self, items, apply_padding=False):
+            return split(self, items, apply_padding=apply_padding)
+
+    def fake_round(model, tokenizer, shard, config, probes=None, *, aggregate=True, **kwargs):
+        asked.append(aggregate)
+        return RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=1.0)
+
+    def fake_gather(obj):
+        if obj and isinstance(obj[0], dict):  # rank 1 ran the last example
+            return [*obj, {"id": "2"}]
+        return list(obj) * 2
+
+    def count(records, probes):
+        aggregated.append([r["id"] for r in records])
+        return {"n_examples": float(len(records))}
+
+    monkeypatch.setattr(accelerate, "PartialState", RankZeroOfTwo)
+    monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
+    monkeypatch.setattr(_execution, "run_probe_round", fake_round)
+    monkeypatch.setattr(_aggregate, "aggregate_records", count)
+    result, partial = _execution.run_sharded_round(None, None, panel, CONFIG, PROBES)
+    assert not partial and asked == [False]  # the rank's own round skips the aggregation
+    assert aggregated == [["0", "1", "2"]] and result.metrics == {"n_examples": 3.0}
