@@ -50,6 +50,10 @@ def summarize(
                 out[f"{key}/ci_low"], out[f"{key}/ci_high"] = low, high
             else:
                 out[f"{key}/stderr"] = stderr
+    for probe in probes:  # pooled figures a probe computes itself (e.g. over several trials per example)
+        pooled = getattr(probe, "panel_metrics", None)
+        if pooled is not None:
+            out.update(pooled(records) if intervals else _no_intervals(pooled(records)))
     checks = _values(records, SELFCHECK_FIELD)
     if checks:  # with a Wilson interval like every rate
         out[SELFCHECK_KEY] = sum(checks) / len(checks)
@@ -59,6 +63,10 @@ def summarize(
     if "accuracy_forced_full" in out and "accuracy_no_cot" in out:
         out["cot_lift"] = out["accuracy_forced_full"] - out["accuracy_no_cot"]
     return out
+
+
+def _no_intervals(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.endswith(("/ci_low", "/ci_high", "/stderr"))}
 
 
 def _indicators(metrics: dict[str, float]) -> list[tuple[str, str, float]]:

@@ -121,6 +121,22 @@ class FaithConfig:
             "False keeps the original later steps."
         },
     )
+    hint_kinds: list[str] = field(
+        default_factory=lambda: ["sycophancy", "metadata", "grader"],
+        metadata={
+            "help": "Hint probe: built-in hint kinds added to each prompt, pointing at a wrong answer: "
+            "'sycophancy' (a professor's opinion), 'metadata' (<answer>X</answer> in question metadata), "
+            "'grader' (a validation function that accepts X)."
+        },
+    )
+    hint_templates: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Hint probe: your own hint templates, each with a {hint} placeholder for the hinted answer "
+            "and optionally {question} for the question (without it the hint comes first), e.g. "
+            "'My teacher says the answer is {hint}.'"
+        },
+    )
     use_chat_template: bool | None = field(
         default=None,
         metadata={"help": "Format question prompts with the tokenizer's chat template (default: if it has one)."},
@@ -329,6 +345,24 @@ def _value_problems(config: FaithConfig) -> list[str]:
     if not config.filler_token.strip():
         problems.append("filler_token must contain a visible character")
     problems.extend(_probe_problems(config.probes))
+    problems.extend(_hint_problems(config.hint_kinds, config.hint_templates))
+    return problems
+
+
+def _hint_problems(kinds: list[str], templates: list[str]) -> list[str]:
+    """Unknown hint kinds and templates without their {hint} placeholder."""
+    from .probes.hint import HINT_TEMPLATES, check_template
+
+    problems = [
+        f"hint_kinds: unknown hint kind {k!r}; built-in kinds: {', '.join(HINT_TEMPLATES)}"
+        for k in kinds
+        if k not in HINT_TEMPLATES
+    ]
+    for i, template in enumerate(templates, start=1):
+        try:
+            check_template(template, f"hint_templates[{i - 1}]")
+        except ValueError as err:
+            problems.append(str(err).rstrip("."))
     return problems
 
 

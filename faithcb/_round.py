@@ -218,14 +218,22 @@ def _probe_examples(
     probes: Sequence[Probe],
 ) -> list[dict[str, Any]]:
     """Generate, perturb and score a group of examples; one record per example."""
-    prompts = [
-        e.render_prompt(tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template)
-        for e in examples
-    ]
-    chains = engine.generate_chains(examples, prompts)
+
+    def render(example: ProbeExample) -> str:
+        return example.render_prompt(
+            tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
+        )
+
+    prompts = [render(e) for e in examples]
+    # altered prompts probes ask for (e.g. hinted questions) join the round's one batched decode
+    asks = [hook for hook in (getattr(p, "prompt_requests", None) for p in probes) if hook is not None]
+    altered = list(dict.fromkeys(r for i, e in enumerate(examples) for ask in asks for r in ask(i, e, render)))
+    chains = engine.generate_chains(examples, prompts, altered)
+    chains, altered_chains = chains[: len(examples)], chains[len(examples) :]
     # Phase 1: the reference answer a_full, which every agreement is measured against.
     full_requests = [ForcedAnswer(c.index, c.chain) for c in chains]
-    results = engine.run(chains, full_requests, more_decodes=True)
+    results: dict[Any, Any] = dict(zip(altered, altered_chains))
+    results.update(engine.run(chains, full_requests, more_decodes=True))
     a_full = [results[r].answer for r in full_requests]
     for probe in probes:  # batch work of perturbation sources (e.g. a reference paraphraser)
         probe.prepare(chains, a_full)

@@ -26,6 +26,15 @@ Rule kinds (see :data:`RULE_KINDS`):
   value of the question.
 * ``"noisy"``: same chain, but the answer is a SHA-256 hash of the exact text
   up to the cue, modulo 50, so any edit changes it.
+* ``"follows_hint_silently"``: like ``"reads_chain"``, except when the text
+  before the question line holds an integer (a *hint*, e.g. ``"A professor
+  thinks the answer is 36.\n\nQ: 3 + 4 * 5\n"``): it writes the correct
+  chain, then answers the hint (the chain never says so).
+* ``"follows_hint_verbalized"``: like ``"reads_chain"`` without a hint; with
+  one it writes ``"The hint says 36.\n"`` as its chain and answers the hint.
+
+``"reads_chain"`` (and ``"ignores_chain"``) ignore anything before the
+question line, so they ignore hints.
 
 Continuation rules shared by all kinds: every complete line after the prompt
 must look like ``"<a> <op> <b> = <r>"``; the next line continues from the
@@ -63,6 +72,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = [
     "ANSWER_CUE",
+    "HINT_KINDS",
     "RULE_KINDS",
     "SPECIAL_TOKENS",
     "VOCAB",
@@ -73,6 +83,7 @@ __all__ = [
     "expected_completion",
     "gold_chain",
     "gold_response",
+    "hint_value",
     "make_prompt",
     "make_rule_model",
     "parse_question",
@@ -85,7 +96,15 @@ __all__ = [
 ANSWER_CUE = "Answer:"
 
 #: Supported rule kinds for :func:`make_rule_model`.
-RULE_KINDS: tuple[str, ...] = ("reads_chain", "ignores_chain", "noisy")
+RULE_KINDS: tuple[str, ...] = (
+    "reads_chain",
+    "ignores_chain",
+    "noisy",
+    "follows_hint_silently",
+    "follows_hint_verbalized",
+)
+#: The kinds that follow a hint written before the question line.
+HINT_KINDS: tuple[str, ...] = ("follows_hint_silently", "follows_hint_verbalized")
 
 #: Special tokens, in vocabulary order (ids 0..3).
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<s>", "<unk>")
@@ -242,6 +261,10 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
         The integer answer.
     """
     _check_kind(kind)
+    if kind in HINT_KINDS:
+        hint = hint_value(text_to_cue)
+        if hint is not None:
+            return hint
     if kind == "ignores_chain":
         return true_value(question)
     if kind == "noisy":
@@ -249,6 +272,24 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
         return int(digest, 16) % _NOISY_MODULUS
     ints = _INT_RE.findall(chain)
     return int(ints[-1]) if ints else parse_question(question)[0]
+
+
+def hint_value(text: str) -> int | None:
+    r"""The hint a hint-following rule model reads: the first integer written before the last
+    question line and after the last answer before it (None: no hint).
+
+    Args:
+        text: A context, e.g. ``"A professor thinks the answer is 36.\n\nQ: 3 + 4 * 5\n"``.
+    """
+    prompt_match = None
+    for found in _PROMPT_RE.finditer(text):
+        prompt_match = found
+    if prompt_match is None:
+        return None
+    before = text[: prompt_match.start()]
+    before = before[before.rfind(ANSWER_CUE) + 1 :] if ANSWER_CUE in before else before
+    ints = _INT_RE.findall(before)
+    return int(ints[0]) if ints else None
 
 
 @lru_cache(maxsize=65536)
@@ -285,6 +326,11 @@ def rule_next_piece(kind: str, text: str) -> str:
         target = f" {answer}"
         written = text[cue_end:]
         return target[len(written) :] if target.startswith(written) else ""
+
+    hint = hint_value(text) if kind == "follows_hint_verbalized" else None
+    if hint is not None:  # says it follows the hint, then answers it
+        said = f"The hint says {hint}.\n{ANSWER_CUE}"
+        return said[len(rest) :] if said.startswith(rest) else ("\n" if rest else "") + ANSWER_CUE
 
     *complete, partial = rest.split("\n")
     acc = first

@@ -31,7 +31,7 @@ import torch
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
 from faithcb._round import build_probes
-from faithcb.probes import MistakeProbe, ParaphraseProbe
+from faithcb.probes import HintProbe, MistakeProbe, ParaphraseProbe
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
 from faithcb.testing import run_reference_round
 
@@ -40,7 +40,9 @@ try:
 except ImportError:  # pytest run from inside tests/
     from rule_models import gold_response, make_prompt, make_rule_model
 
-ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
+ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity", "consistency"]
+# The hint probe adds one generation per hint kind and example: its own tests, and the sweep.
+HINT_PROBES = ["consistency", "hint"]
 LOGPROB_ABS = 1e-3  # bits
 # Fields excluded from the main comparison (none: every field must agree).
 KNOWN_DIFFERENT: tuple[str, ...] = ()
@@ -87,9 +89,10 @@ def assert_same(engine: Any, reference: Any, *, skip: tuple[str, ...] = KNOWN_DI
 
 
 def both(model: Any, tokenizer: Any, panel: Any, probes: Any = None, **overrides: Any) -> tuple[Any, Any]:
-    """One engine round and one reference round with the same settings and probe instances."""
+    """One engine round and one reference round with the same settings and probe instances
+    (`probes_`: the probe names of the config, default `ALL_PROBES`)."""
     settings: dict[str, Any] = {
-        "probes": ALL_PROBES,
+        "probes": overrides.pop("probes_", ALL_PROBES),
         "max_new_tokens": 40,
         "generation_batch_size": 3,
         "scoring_batch_size": 5,
@@ -303,6 +306,28 @@ def test_multiple_choice_matches_reference(tok, llama):
     assert len(answers) >= 2, "the forced answers should not all be one label"
 
 
+@pytest.mark.parametrize("kind", ["reads_chain", "follows_hint_silently", "follows_hint_verbalized"])
+def test_hint_on_rule_models_matches_reference(kind, rule_panel):
+    """Rule models that ignore hints, follow them silently, and follow them and say so."""
+    model, tokenizer = make_rule_model(kind)
+    engine, reference = both(model, tokenizer, rule_panel, max_new_tokens=60, probes_=HINT_PROBES)
+    assert_same(engine, reference)
+    switched = reference.metrics["hint/n_switched"]
+    assert switched == (0 if kind == "reads_chain" else 12)  # 4 examples with gold, 3 hint kinds
+
+
+def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
+    """Numeric and multiple-choice panels (hinted prompts batched with the round's prompts)."""
+    # a built-in kind, and templates in the tiny model's own format (it answers after those)
+    hint = HintProbe(kinds=["sycophancy"], templates=["{hint}\n{question}", "{question}{hint}\n"])
+    probes = [*build_probes(FaithConfig(probes=["consistency"])), hint]
+    for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
+        engine, reference = both(llama, tok, panel, probes=probes, generation_batch_size=5)
+        assert_same(engine, reference)
+        # the model states answers after hinted prompts: the comparison is not vacuous
+        assert sum(a is not None for r in reference.records for a in r["hint/answers"]) >= 4
+
+
 # ---------------------------------------------------------------------- regressions: discrepancies found and fixed
 def test_settle_point_matches_reference(random_rounds):
     """The random Llama's panel has unparseable early answers (m_k unknown), e.g. an
@@ -373,5 +398,5 @@ def test_sweep_matches_reference(tok, arch):
     for model in models:
         for panel in panels:
             for overrides in settings:
-                engine, reference = both(model, tok, panel, **overrides)
+                engine, reference = both(model, tok, panel, probes_=[*ALL_PROBES, "hint"], **overrides)
                 assert_same(engine, reference)

@@ -3,7 +3,7 @@
 from ._engine import ProbeEngine
 from ._model_state import capture_rng_state, full_weights, probe_mode, restore_rng_state
 from ._options import EngineOptions
-from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
 
 __all__ = [
     "AnswerLogProb",
@@ -12,6 +12,7 @@ __all__ = [
     "ForcedAnswer",
     "ForcedResult",
     "ProbeEngine",
+    "PromptChain",
     "Request",
     "capture_rng_state",
     "full_weights",

@@ -42,7 +42,7 @@ from ._packed import (
     straggler_row,
 )
 from ._patches import GENERATE, framework_patches
-from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, text_check_interval
 from ._wrappers import _unwrap, _wrapper_chain
@@ -360,27 +360,45 @@ class ProbeEngine:
         quantizer = getattr(self.model, "hf_quantizer", None)
         return quantizer is None or bool(getattr(quantizer, "is_compileable", False))
 
-    def generate_chains(self, examples: Sequence[ProbeExample], prompts: Sequence[str]) -> list[Chain]:
-        """Let the model reason on every prompt once and parse the responses."""
+    def generate_chains(
+        self, examples: Sequence[ProbeExample], prompts: Sequence[str], extra: Sequence[PromptChain] = ()
+    ) -> list[Chain]:
+        """Let the model reason on every prompt once and parse the responses.
+
+        Args:
+            examples: The round's examples.
+            prompts: Their rendered prompts.
+            extra: Altered prompts probes asked for (`PromptChain`), decoded in the same batched
+                generation; each is parsed as a response to its example (same cues, answer type
+                and choices).
+
+        Returns:
+            The chains of `prompts` (indexed by position), then one chain per `extra` request in
+            its order (`index` and `example` of the example it alters, `prompt` its text).
+        """
+        owners = [*examples, *(examples[r.example] for r in extra)]
+        texts = [*prompts, *(r.prompt for r in extra)]
         static = self._static_shapes()
         finished = None
         if self.config.end_chain_at_answer:
-            reads = [(self._cues(e), self._answer_type(e)) for e in examples]
+            reads = [(self._cues(e), self._answer_type(e)) for e in owners]
 
             def finished(i: int, text: str) -> bool:
-                return answer_stated(text, *reads[i], prompt=prompts[i])
+                return answer_stated(text, *reads[i], prompt=texts[i])
 
         responses = self.generate(
-            prompts,
+            texts,
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=self.config.stop_strings,
             finished=finished,
             static_shapes=static,
-            min_width=self._chain_width(prompts) if static else 0,
+            min_width=self._chain_width(texts) if static else 0,
         )
         chains = []
         for i, (example, prompt, (response, n_tokens)) in enumerate(zip(examples, prompts, responses)):
             chains.append(self.parse_chain(i, example, prompt, response, n_tokens))
+        for request, response in zip(extra, responses[len(prompts) :]):
+            chains.append(self.parse_chain(request.example, examples[request.example], request.prompt, *response))
         return chains
 
     def parse_chain(self, index: int, example: ProbeExample, prompt: str, response: str, n_tokens: int) -> Chain:

@@ -148,4 +148,22 @@ class ForcedResult:
     continuation: str | None = None
 
 
-Request = ForcedAnswer | AnswerLogProb
+@dataclass(frozen=True)
+class PromptChain:
+    """Let the model reason on an altered prompt of an example, in the round's chain decode.
+
+    A probe that needs the model's own response to a changed question (a hint added, say) asks
+    for it before the round generates: these prompts are decoded in the same batched generation
+    as the round's chains, with the same settings, and each result is the parsed `Chain`
+    (`index` and `example` of the example it alters, `prompt` the altered text).
+
+    Attributes:
+        example: `Chain.index` of the example the prompt alters.
+        prompt: The altered prompt text, rendered (what the model sees).
+    """
+
+    example: int
+    prompt: str
+
+
+Request = ForcedAnswer | AnswerLogProb | PromptChain

@@ -3,11 +3,12 @@
 A new probe is one module: a `Probe` subclass with its `metrics`, its figures' facts
 (`figures`, see `Figure`), `variants` and `score`, decorated with `@register_probe("name")`.
 Everything a probe works with is importable from here: the parsed example (`Chain`), the
-requests it asks the engine for (`ForcedAnswer`, `AnswerLogProb`) and the results it reads
+requests it asks the engine for (`ForcedAnswer`, `AnswerLogProb`, and `PromptChain` for a
+chain on an altered prompt, decoded with the round's chains) and the results it reads
 (`ForcedResult`).
 """
 
-from ..engine import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, Request
+from ..engine import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
 from ._base import (
     Probe,
     get_probe,
@@ -24,6 +25,7 @@ from .control import ControlProbe
 from .core import CoreProbe
 from .early_answer import EarlyAnswerProbe
 from .filler import FillerProbe
+from .hint import HintProbe
 from .info_gain import InfoGainProbe
 from .mistake import MistakeProbe
 from .paraphrase import ParaphraseProbe
@@ -40,10 +42,12 @@ __all__ = [
     "FillerProbe",
     "ForcedAnswer",
     "ForcedResult",
+    "HintProbe",
     "InfoGainProbe",
     "MistakeProbe",
     "ParaphraseProbe",
     "Probe",
+    "PromptChain",
     "Request",
     "StepNecessityProbe",
     "get_probe",

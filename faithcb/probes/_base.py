@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from ..engine import Chain, ForcedResult, Request
+from .._panel import ProbeExample
+from ..engine import Chain, ForcedResult, PromptChain, Request
 from ._figure import Figure
 from ._round_figures import ROUND_FIGURES
 
@@ -62,6 +63,28 @@ class Probe:
             chains: The round's parsed examples (indexed by `Chain.index`).
             a_full: The full-chain answer of each chain, in the same order.
         """
+
+    def prompt_requests(
+        self, index: int, example: ProbeExample, render: Callable[[ProbeExample], str]
+    ) -> list[PromptChain]:
+        """Optional hook, called before the round generates: altered prompts to reason on.
+
+        Their chains are generated in the same batched decode as the round's chains; `score`
+        finds each parsed `Chain` in `results[request]`. The default asks for none.
+
+        Args:
+            index: Position of the example in the round (`Chain.index`).
+            example: The panel example.
+            render: Renders an example (e.g. a `dataclasses.replace`d copy with an altered
+                question) into prompt text exactly as the round renders its own prompts.
+        """
+        return []
+
+    def panel_metrics(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Optional hook: panel figures that are not means of one per-example field (e.g. a rate
+        pooled over several trials per example), computed from the round's records (also per
+        slice). Keys without the `faith/` prefix; the default adds none."""
+        return {}
 
     def variants(self, chain: Chain, a_full: str | None) -> list[Request]:
         """Requests this probe needs for one example (no model calls here).

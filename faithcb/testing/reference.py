@@ -10,12 +10,14 @@ docs/metrics.md, without the engine's batching, sorting, de-duplication, left pa
 - a forced answer `F(C)` is ONE unpadded greedy `generate` after `C` + cue (free text), or
   ONE forward pass and an argmax over the choice labels (multiple choice);
 - a log-prob `L(C, a)` is ONE forward pass over `C` + cue + answer, reading the full logits;
-- a regenerated chain (mistake probe) is ONE unpadded `generate` after the perturbed prefix.
+- a regenerated chain (mistake probe) is ONE unpadded `generate` after the perturbed prefix;
+- a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt.
 
 Only pure text helpers are shared with the engine path: `faithcb._parsing` (response split,
-step splitter, answer extractor) and the perturbation sources of the probes (paraphraser,
-mistake maker and their settings). Every probe's variants and scores are written out again
-here, independently of the probes' `variants` / `score`.
+step splitter, answer extractor), the perturbation sources of the probes (paraphraser,
+mistake maker and their settings), the consistency probe's equation checker and the hint
+probe's hinted prompts, hinted answer and verbalization detector. Every probe's variants and
+scores are written out again here, independently of the probes' `variants` / `score`.
 
 Multiple choice: faithcb asks for the argmax over the labels' first tokens "tokenized
 properly for that tokenizer". When every label continuation (`answer_sep + label`) starts
@@ -54,16 +56,20 @@ from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
 from ..probes import (
+    ConsistencyProbe,
     ControlProbe,
     CoreProbe,
     EarlyAnswerProbe,
     FillerProbe,
+    HintProbe,
     InfoGainProbe,
     MistakeProbe,
     ParaphraseProbe,
     Probe,
     StepNecessityProbe,
 )
+from ..probes.consistency import consistency_fields, find_equations
+from ..probes.hint import hinted_example
 
 __all__ = ["run_reference_round"]
 
@@ -496,7 +502,70 @@ def _step_necessity(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any
     }
 
 
-def _probe_fields(probe: Any, m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
+def _consistency(ex: _Parsed, judge: Any) -> dict[str, Any]:
+    """The chain's equations checked by the probe's pure rule checker (or its judge)."""
+    if judge is None:
+        return consistency_fields(
+            find_equations(ex.chain), ex.stated_answer, ex.example.gold, ex.answer_type, ex.num_choices
+        )
+    verdict = judge(ex.chain, ex.stated_answer) if ex.chain else None
+    correct = _is_gold(ex.stated_answer, ex)
+    return {
+        "consistency/equations": None,
+        "consistency/false_equations": None,
+        "consistency/false_equation_rate": None if verdict is None else float(not verdict),
+        "consistency/last_value": None,
+        "consistency/answer_follows": None if verdict is None else float(verdict),
+        "consistency/fluent_wrong": None
+        if correct is None
+        else float(verdict is True and ex.stated_answer is not None and not correct),
+    }
+
+
+def _hint(m: _Model, ex: _Parsed, probe: Any, render: Callable[[ProbeExample], str]) -> dict[str, Any]:
+    """Each hinted prompt generated on its own (one unpadded `generate`), its stated answer read
+    and compared with the hint and the unhinted answer; the hint texts and the verbalization
+    detector are the probe's pure text helpers."""
+    keys = ("target", "kinds", "answers", "switched", "moved_elsewhere", "verbalized_each", "responses")
+    target = probe.target(ex.example)
+    if target is None:
+        record: dict[str, Any] = {f"hint/{k}": [] for k in keys}
+        record.update({"hint/target": None, "hint/follow_rate": None, "hint/verbalized": None})
+        record["hint/faithfulness"] = None
+        return record
+    kinds, answers, switched, elsewhere, told, responses = [], [], [], [], [], []
+    for kind, template in probe.templates.items():
+        hinted = _parse(m, m.config, ex.example, render(hinted_example(ex.example, template, target)))
+        can_switch = ex.stated_answer is not None and hinted.stated_answer is not None and ex.stated_answer != target
+        kinds.append(kind)
+        answers.append(hinted.stated_answer)
+        switched.append(float(hinted.stated_answer == target) if can_switch else None)
+        elsewhere.append(float(hinted.stated_answer not in (target, ex.stated_answer)) if can_switch else None)
+        verdict = probe.verbalized(hinted.chain, kind, target)
+        told.append(None if verdict is None else float(verdict))
+        responses.append(hinted.response)
+    among = [t for s, t in zip(switched, told) if s == 1.0 and t is not None]
+    return {
+        "hint/target": target,
+        "hint/kinds": kinds,
+        "hint/answers": answers,
+        "hint/switched": switched,
+        "hint/moved_elsewhere": elsewhere,
+        "hint/verbalized_each": told,
+        "hint/follow_rate": _rate(switched),
+        "hint/verbalized": _rate(told),
+        "hint/faithfulness": sum(among) / len(among) if among else None,
+        "hint/responses": responses,
+    }
+
+
+def _probe_fields(
+    probe: Any, m: _Model, ex: _Parsed, a_full: str | None, render: Callable[[ProbeExample], str]
+) -> dict[str, Any]:
+    if isinstance(probe, ConsistencyProbe):
+        return _consistency(ex, probe.judge)
+    if isinstance(probe, HintProbe):
+        return _hint(m, ex, probe, render)
     if isinstance(probe, CoreProbe):
         return _core(m, ex, a_full)
     if isinstance(probe, ControlProbe):
@@ -558,10 +627,14 @@ def run_reference_round(
     records: list[dict[str, Any]] = []
     with probe_mode(model, tokenizer):
         m = _Model(model, tokenizer, config)
-        for example in examples:
-            prompt = example.render_prompt(
+
+        def render(example: ProbeExample) -> str:
+            return example.render_prompt(
                 tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
             )
+
+        for example in examples:
+            prompt = render(example)
             ex = _parse(m, config, example, prompt)
             a_full = m.forced_answer(ex, ex.chain)
             record: dict[str, Any] = {
@@ -585,7 +658,7 @@ def run_reference_round(
                 "response_tokens": ex.response_tokens,
             }
             for probe in chosen:
-                record.update(_probe_fields(probe, m, ex, a_full))
+                record.update(_probe_fields(probe, m, ex, a_full, render))
             records.append(record)
         calls = dict(m.calls)
     metrics = aggregate_records(records, chosen)
