@@ -299,7 +299,8 @@ def _probe_examples(
 def _probe_view(chain: Any, a_full: str | None, probe: Probe) -> tuple[Any, str | None]:
     """What `probe` is shown of a chain: the chain and its reference answer, or, for a truncated
     chain (budget hit without an answer), an empty chain and no reference answer for every probe
-    but the core one (its accuracy and chain figures still count the chain)."""
-    if not chain.truncated or probe.name == "core":
+    that does not read truncated chains (`Probe.reads_truncated_chains`: the core figures and
+    information gain still count the chain)."""
+    if not chain.truncated or probe.reads_truncated_chains:
         return chain, a_full
     return replace(chain, chain="", steps=[]), None

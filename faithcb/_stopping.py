@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .probes._facts import figure_facts
+from .probes._round_figures import ROUND_FIGURES
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +235,10 @@ def metric_names(probes: Sequence[Any], slices: Sequence[str] = ()) -> tuple[set
             if key in rates:
                 metrics[f"{key}/ci_high"] = 0.0
     names = set(metrics)
-    names.update(f"{k}/delta" for k in metrics if not k.endswith(DRIFT_SKIP) and not k.startswith("slice/"))
-    names.update({"round_seconds", "skipped_examples"})
+    # figures the round and the callback add beside the aggregation (round time, skipped examples,
+    # the round's token cost)
+    names.update(figure.key for figure in ROUND_FIGURES)
+    names.update(f"{k}/delta" for k in names.copy() if not k.endswith(DRIFT_SKIP) and not k.startswith("slice/"))
     with_interval = {k for k in names if f"{k}/ci_low" in names or f"{k}/stderr" in names}
     return names, with_interval
 

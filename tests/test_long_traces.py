@@ -215,6 +215,7 @@ def test_truncated_chains_are_counted_and_left_out_of_agreement_figures(reads_ch
             assert record[key] is None, key
         assert record["control/changed"] is None
         assert record["chain/steps"] > 0  # the core figures still describe the chain
+        assert record["info_gain/total_bits"] is not None  # read against the gold, not a stated answer
     for key in ("early_answer/aoc", "step_necessity", "mistake/match", "filler/match"):
         assert key not in engine.metrics
     finished = run_probe_round(model, tok, panel, FaithConfig(**ROUND))

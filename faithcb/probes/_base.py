@@ -33,6 +33,10 @@ class Probe:
     metrics: ClassVar[tuple[str, ...]] = ()
     rates: ClassVar[tuple[str, ...]] = ()
     agreement: ClassVar[tuple[str, ...]] = ()
+    #: Whether the probe still reads a chain that hit `max_new_tokens` without an answer. Figures
+    #: that compare forced answers with the full-chain answer must not (that answer is not the
+    #: model's); a figure read against the gold answer may.
+    reads_truncated_chains: ClassVar[bool] = False
     figures: ClassVar[tuple[Figure, ...]] = ()
 
     @classmethod

@@ -25,7 +25,7 @@ ROUND_FIGURES: tuple[Figure, ...] = (
     Figure("n_examples"),
     Figure("round_seconds", higher_is_better=False, unit="seconds"),
     Figure("skipped_examples", higher_is_better=False),
-    # chains that hit max_new_tokens without an answer (left out of every probe figure)
+    # chains that hit max_new_tokens without an answer (left out of the agreement figures)
     Figure("chain/truncated_rate", higher_is_better=False, unit="share"),
     # what a round paid in tokens (docs/metrics.md, "Long traces")
     *(

@@ -22,6 +22,7 @@ class CoreProbe(Probe):
     (Sprague et al. 2024).
     """
 
+    reads_truncated_chains = True  # accuracy and the chain figures count every chain
     metrics = (
         "accuracy",
         "accuracy_forced_full",

@@ -27,6 +27,7 @@ class InfoGainProbe(Probe):
     gains are those between consecutive read cuts.
     """
 
+    reads_truncated_chains = True  # bits about the gold answer need no stated answer
     metrics = ("info_gain/total_bits", "info_gain/per_step_bits")
     figures = (
         Figure(

@@ -694,11 +694,11 @@ def run_reference_round(
                 "num_choices": ex.num_choices,
                 "response_tokens": ex.response_tokens,
             }
-            if ex.truncated:  # budget hit without an answer: only the core figures count the chain
+            if ex.truncated:  # budget hit without an answer: only some probes read the chain
                 record["chain/truncated"] = True
             bare = replace(ex, chain="", steps=[])
             for probe in chosen:
-                if ex.truncated and not isinstance(probe, CoreProbe):
+                if ex.truncated and not probe.reads_truncated_chains:
                     record.update(_probe_fields(probe, m, bare, None, render))
                 else:
                     record.update(_probe_fields(probe, m, ex, a_full, render))
