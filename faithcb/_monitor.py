@@ -95,6 +95,7 @@ def postprocess_round(
     prefix: str = "faith",
     *,
     partial: bool = False,
+    unreadable: bool = False,
     skipped_examples: int = 0,
 ) -> RoundLogs:
     """Round metrics -> figures with drift -> prefixed logs (what `Monitor.observe` does to a round).
@@ -106,12 +107,14 @@ def postprocess_round(
         prefix: Log prefix (`FaithConfig.log_prefix`).
         partial: The round was ended by `round_time_budget_s`: it is flagged `round_partial` and
             never becomes the baseline (the first complete round does).
+        unreadable: The round's figures cannot be read (`faithcb._validity`): it never becomes
+            the baseline either, so that drifts are never read against figures that mean nothing.
         skipped_examples: Panel prompts left out for their length (logged when any).
 
     Returns:
         The figures, the logs and the baseline for the next round (None while there is none).
     """
-    if partial and baseline is None:
+    if (partial or unreadable) and baseline is None:
         with_drift, new_baseline = dict(metrics), None
     else:
         with_drift, new_baseline = apply_drift(metrics, baseline)
@@ -222,8 +225,8 @@ class Monitor:
     def observe(self, step: int, result: RoundResult, *, partial: bool = False, main: bool = True) -> RoundOutcome:
         """Take one round: drift against the baseline, history, validity, stop decisions.
 
-        The first complete round becomes the baseline (a partial one never does). An
-        unreadable round (see `faithcb._validity`) feeds only the stop rules on its diagnostics;
+        The first complete, readable round becomes the baseline (a partial or unreadable one
+        never does). An unreadable round (see `faithcb._validity`) feeds only the stop rules on its diagnostics;
         the baseline round and partial rounds feed none. In a distributed run every rank calls
         this with the same gathered round, and the main process's decision is adopted by all.
 
@@ -237,22 +240,31 @@ class Monitor:
             What the round logs and which rules fire.
         """
         self.last_result = result
+        reasons = invalid_reasons(result.metrics)
         post = postprocess_round(
             result.metrics,
             result.seconds,
             self.baseline,
             self.prefix,
             partial=partial,
+            unreadable=bool(reasons),
             skipped_examples=self.skipped_examples,
         )
         is_baseline = self.baseline is None and post.baseline is not None
         if is_baseline:
             self.baseline, self.baseline_step = post.baseline, step
-        elif self.baseline is None:
+        elif self.baseline is None and partial:
             self.warn_once(
                 "partial-baseline",
                 "faithcb: the round at step %d ran past round_time_budget_s and is not used as the baseline; "
                 "the first complete round becomes it.",
+                step,
+            )
+        elif self.baseline is None:
+            self.warn_once(
+                "unreadable-baseline",
+                "faithcb: the round at step %d cannot be read and is not used as the baseline; the first "
+                "readable round becomes it (drifts are measured from there).",
                 step,
             )
         outcome = RoundOutcome(
@@ -260,7 +272,7 @@ class Monitor:
             round_index=len(self.history),
             metrics=post.metrics,
             logs=post.logs,
-            invalid_reasons=invalid_reasons(result.metrics),
+            invalid_reasons=reasons,
             is_baseline=is_baseline,
             partial=partial,
         )

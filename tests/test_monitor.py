@@ -74,6 +74,21 @@ def test_partial_round_never_becomes_the_baseline(caplog):
     assert complete.is_baseline and mon.baseline_step == 10
 
 
+def test_unreadable_round_never_becomes_the_baseline(caplog):
+    mon = monitor(StopRule("early_answer/aoc", max_drop=0.2))
+    with caplog.at_level(logging.WARNING, logger="faithcb"):
+        babbling = mon.observe(0, round_of(readable(0.9, parse_fail_rate=0.9)))
+        again = mon.observe(10, round_of(readable(0.8, parse_fail_rate=0.9)))
+    assert babbling.invalid_reasons and not babbling.is_baseline and mon.baseline is None
+    assert not again.is_baseline and not any(k.endswith("/delta") for k in again.metrics)
+    assert caplog.text.count("cannot be read and is not used as the baseline") == 1  # warned once
+    readable_round = mon.observe(20, round_of(readable(0.5)))
+    assert readable_round.is_baseline and mon.baseline_step == 20 and readable_round.events == []
+    later = mon.observe(30, round_of(readable(0.2)))
+    assert later.metrics["early_answer/aoc/delta"] == pytest.approx(-0.3)  # drift from the first readable round
+    assert [e["step"] for e in later.events] == [30]
+
+
 def test_stop_rule_counts_only_readable_non_baseline_rounds():
     rule = StopRule("early_answer/aoc", max_drop=0.2, patience=2)
     mon = monitor(rule)
