@@ -55,10 +55,11 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
         "every_guard_every_step",
         "reads_waited_for",
         "long_variants_one_per_row",
+        "masked_single_rows",
         "bigger_scoring_batches",
     }
-    # same figures with other packing, batches, row sharing, stop checks or SDPA kernels (CUDA), or
-    # without drafts
+    # same figures with other packing, batches, row sharing, masks, stop checks or SDPA kernels
+    # (CUDA), or without drafts
     for name in set(report["candidates"]) - {"compiled_forced_answers"}:
         assert report["candidates"][name]["records_differing"] == 0, name
     assert report["timed_rounds_differing"] == 0  # same model, same panel: same records

@@ -344,6 +344,66 @@ def test_draft_tokens_never_change_a_greedy_answer(tokenizer, monkeypatch, draft
     assert decode(tokens) == (greedy, expected_calls)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_rows_of_one_sequence_skip_the_mask_and_give_the_masked_answers(tokenizer, monkeypatch, family):
+    """A batch whose rows are each one sequence (long variants in rows of their own) runs with
+    the model's causal attention instead of a 4-D mask: right padding keeps every read position
+    exact, so answers and log-probs equal those of the masked layout
+    (`EngineOptions(causal_single_rows=False)`). A batch with a packed row, or a model with
+    sliding-window layers, keeps the mask."""
+    from faithcb.engine import _packed
+    from faithcb.synthetic import build_family_model
+
+    model = build_family_model(tokenizer, family, sliding_window=4, seed=2).eval()
+    texts = ["Q: 3 + 4\n3 + 4 = 7\nAnswer:", "Q: 12 - 5 * 2\n12 - 5 = 7\n7 * 2 = 14\nAnswer:", "Q: 1\nA"]
+    answer = tokenizer(" 7", add_special_tokens=False)["input_ids"]
+
+    def rows(packed_row: bool = False) -> list[PackedRow]:
+        out = []
+        for i, text in enumerate(texts):  # rows of different lengths: padded
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append(PackedRow(base=ids[:-1], branches=[Branch(key=i, shared=len(ids) - 1, own=ids[-1:])]))
+        full = out[0].base + out[0].branches[0].own  # a teacher-forced answer after a whole context
+        out.append(
+            PackedRow(base=full, branches=[Branch(key="lp", shared=len(full), own=answer, n_answer=len(answer))])
+        )
+        if packed_row:  # a second branch departing earlier: this row needs the mask
+            out[1].branches.append(Branch(key="early", shared=3, own=out[1].base[3:5]))
+        return out
+
+    masks = []
+    forward = _packed._forward
+
+    def spy(model, ids, pos, mask, *args, **kwargs):
+        masks.append(mask)
+        return forward(model, ids, pos, mask, *args, **kwargs)
+
+    monkeypatch.setattr(_packed, "_forward", spy)
+
+    def run(batch, **options):
+        masks.clear()
+        with torch.no_grad():
+            out = score_packed(
+                model,
+                batch,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=3,
+                is_finished=lambda *_: False,
+                eos_ids=[],
+                options=EngineOptions(**options),
+            )
+        return out, masks[0]  # the prefill's mask
+
+    causal, causal_mask = run(rows())
+    masked, masked_mask = run(rows(), causal_single_rows=False)
+    assert (causal_mask is None) == (family != "mistral") and masked_mask is not None
+    assert len(causal) == len(texts) + 1 and all(len(causal[i]) == 3 for i in range(len(texts)))
+    assert {k: v for k, v in causal.items() if k != "lp"} == {k: v for k, v in masked.items() if k != "lp"}
+    assert causal["lp"] == pytest.approx(masked["lp"], abs=1e-4)
+    _, mixed_mask = run(rows(packed_row=True))
+    assert mixed_mask is not None
+
+
 def test_handed_off_stragglers_finish_with_the_tokens_of_one_batch(tokenizer):
     """A batch that stops decoding once at most `hand_off` answers are left gives those
     branches back unfinished; resumed in rows of their own they end with the same tokens."""

@@ -81,6 +81,14 @@ class EngineOptions:
             "False: every long variant gets a row of its own."
         },
     )
+    causal_single_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "A batch of packed rows that are each one sequence (a long variant in a row of its own) runs "
+            "with the model's causal attention, right-padded, instead of a dense 4-D mask (full-attention models); "
+            "False: every packed batch takes the mask."
+        },
+    )
     packed_sdpa_backends: list[str] | None = field(
         default_factory=lambda: list(DEFAULT_PACKED_SDPA_BACKENDS),
         metadata={

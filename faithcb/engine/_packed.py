@@ -115,8 +115,11 @@ def _layout(
     dtype: torch.dtype,
     pad_id: int,
     windows: dict[str, int | None] | None = None,
+    *,
+    with_mask: bool = True,
 ):
-    """Input ids, position ids, additive 4-D mask(s) and per-branch spans of a padded batch.
+    """Input ids, position ids, additive 4-D mask(s) (None with `with_mask=False`) and
+    per-branch spans of a padded batch.
 
     The token table is built on the host and copied once; the mask is computed on the device from
     two numbers per token (a (rows, width, width) mask built on the host would cost a pass over
@@ -155,6 +158,8 @@ def _layout(
         spans.append(row_spans)
     table = torch.frombuffer(ids + pos + first + shared, dtype=torch.long).view(4, len(rows), width)
     ids_t, pos_t, first_t, shared_t = table.to(device, copy=True)
+    if not with_mask:
+        return ids_t, pos_t, None, spans
     visible = _visible(width, shared_t, first_t, torch.arange(1, width + 1, device=device))
 
     def windowed(window: int) -> torch.Tensor:
@@ -325,7 +330,16 @@ def score_packed(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype if next(model.parameters()).is_floating_point() else torch.float32
     windows = attention_windows(model)
-    ids, pos, mask, spans = _layout(rows, device, dtype, pad_id, windows)
+    # Rows that are each one sequence (a long variant in a row of its own) need no 4-D mask:
+    # they are right-padded, so causal attention is exact at every read position, and the
+    # model's own causal attention (SDPA skips the blocks above the diagonal) replaces a dense
+    # (rows, width^2) mask. Sliding-window layers keep the engine's masks.
+    causal = (
+        (options is None or options.causal_single_rows)
+        and all(window is None for window in (windows or {}).values())
+        and all(_plain(row) for row in rows)
+    )
+    ids, pos, mask, spans = _layout(rows, device, dtype, pad_id, windows, with_mask=not causal)
     reads: list[tuple[int, Branch, list[int]]] = []  # (row, branch, positions whose logits it reads)
     keep_rows: list[int] = []
     keep_cols: list[int] = []
@@ -414,6 +428,11 @@ def score_packed(
         if branch.done:
             results[branch.key] = list(branch.generated)
     return results
+
+
+def _plain(row: PackedRow) -> bool:
+    """Whether a row is one causal sequence: a single branch that continues its whole base."""
+    return len(row.branches) == 1 and row.branches[0].shared == len(row.base)
 
 
 def _group_argmax(values: list[float], sizes: list[int]) -> list[int]:
