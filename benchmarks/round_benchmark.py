@@ -141,8 +141,8 @@ def build(args: Args, device: str):
             model = AutoModelForCausalLM.from_pretrained(args.long_model).eval()
             tokenizer = AutoTokenizer.from_pretrained(args.long_model)
         else:
-            steps = 800 if args.pretrain_steps < 0 else args.pretrain_steps
-            model, tokenizer = pretrain_long_trace_model(steps=steps, batch_size=1, lr=5e-3, seed=args.seed)
+            steps = {} if args.pretrain_steps < 0 else {"steps": args.pretrain_steps}  # default: the kit's
+            model, tokenizer = pretrain_long_trace_model(seed=args.seed, **steps)
         rows = make_long_trace_examples(args.panel_size, seed=args.seed + 2)
         return model, tokenizer, load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in rows])
     tokenizer = build_tokenizer()
@@ -242,6 +242,9 @@ CANDIDATES = {
     # every long variant in a row of its own (the default lets nested ones, the paraphrased
     # prefixes, share the row of the longest: fewer rows, prefill tokens and tree decodes)
     "long_variants_one_per_row": {"nest_long_variants": False},
+    # every packed batch with its dense 4-D mask, also batches of rows that are each one
+    # sequence (the default runs those on the model's causal attention: `causal_single_rows`)
+    "masked_single_rows": {"causal_single_rows": False},
     # fewer, larger packed passes (fewer prefills and tree decodes); watch its peak memory
     "bigger_scoring_batches": {"scoring_batch_size": 1024, "packed_mask_elements": 1 << 28},
 }
@@ -359,11 +362,9 @@ def main() -> None:
     # eager ones are launch-bound, so their number drives the round time. Counted on CPU only
     # (a hook on a compiled model could make it recompile).
     forward_passes = None
-    if device == "cpu" and not args.long:  # long traces: the round is timed, not dissected (minutes each)
+    if device == "cpu" and not args.long:  # long traces: the phases below say where a round goes
         forward_passes = count_forward_passes(model, lambda: run_probe_round(model, tokenizer, panel, config))
-    phase_seconds, phase_steps = (
-        ({}, {}) if args.long else time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
-    )
+    phase_seconds, phase_steps = time_phases(lambda: run_probe_round(model, tokenizer, panel, config), device)
     progress("phases", seconds=phase_seconds, steps=phase_steps, forward_passes=forward_passes)
     if args.profile_out:
         profile_round(lambda: run_probe_round(model, tokenizer, panel, config), device, args.profile_out)

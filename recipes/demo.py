@@ -46,7 +46,7 @@ class DemoArgs:
     report_to: str = "auto"  # auto: wandb if installed (offline unless logged in), else none
     threads: int = 0  # torch threads; 0 keeps torch's default
     long: bool = False  # the long-trace kit instead of two-step arithmetic
-    long_pretrain_steps: int = 300  # --long: pre-training steps of the kit model (one trace per step)
+    long_pretrain_steps: int = 1500  # --long: pre-training steps of the kit model (one trace per step)
     long_panel_size: int = 4  # --long: probe panel
     long_max_new_tokens: int = 2048  # --long: token budget of a chain
     long_finetune_steps: int = 20  # --long: fine-tuning steps (two traces per step)
@@ -127,9 +127,7 @@ def run_demo(args: DemoArgs) -> dict:
         from faithcb.synthetic import make_long_trace_examples, pretrain_long_trace_model
 
         make_examples = make_long_trace_examples
-        model, tokenizer = pretrain_long_trace_model(
-            steps=args.long_pretrain_steps, batch_size=1, lr=5e-3, seed=args.seed
-        )
+        model, tokenizer = pretrain_long_trace_model(steps=args.long_pretrain_steps, seed=args.seed)
         held_out = make_examples(args.long_panel_size, seed=args.seed + 2)
         batch_size, max_new_tokens = 2, args.long_max_new_tokens
     else:

@@ -247,3 +247,39 @@ def test_a_round_reports_what_it_paid_in_tokens(reads_chain):
     assert m["cost/generated_tokens"] >= written > 0
     assert m["cost/prefilled_tokens"] > sum(len(r["prompt"]) for r in result.records)
     assert m["cost/generated_tokens_per_example"] == m["cost/generated_tokens"] / 2
+
+
+# ---------------------------------------------------------------------- 4. the kit model (slow)
+@pytest.mark.slow
+def test_kit_model_writes_long_traces_that_a_round_reads_by_paragraph():
+    """The kit's pre-trained model (default settings) writes think blocks of 1,000-2,000 tokens
+    that close within the 2,048-token budget; a default round reads them by paragraph, every
+    probe runs on them, and the capped round reads the capped positions."""
+    import torch
+
+    from faithcb.synthetic import pretrain_long_trace_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same numbers on every machine
+    try:
+        model, tokenizer = pretrain_long_trace_model(seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    rows = make_long_trace_examples(4, seed=2)
+    panel = load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in rows])
+    result = run_probe_round(model, tokenizer, panel, FaithConfig(max_new_tokens=2048, generation_batch_size=4))
+    m = result.metrics
+    assert m["chain/truncated_rate"] <= 0.25  # traces end: closed think block, then an answer
+    assert 900 <= m["chain/tokens"] <= 2048 and m["chain/steps"] >= 16  # long, read by paragraph
+    probed = [r for r in result.records if not r.get("chain/truncated")]
+    for record in probed:
+        assert record["response"].count("\n\n") >= 15 and "</think>" in record["response"]
+        for key in ("early_answer/aoc", "step_necessity", "paraphrase/match", "mistake/match", "info_gain/total_bits"):
+            assert record[key] is not None, key
+    assert m["cost/prefilled_tokens"] > m["cost/generated_tokens"] > sum(r["response_tokens"] for r in result.records)
+    capped = run_probe_round(
+        model, tokenizer, panel, FaithConfig(max_new_tokens=2048, generation_batch_size=4, max_positions=8)
+    )
+    for record in (r for r in capped.records if not r.get("chain/truncated")):
+        assert len(record["early_answer/positions"]) == 9 and len(record["step_necessity/steps"]) == 8
+    assert capped.metrics["cost/prefilled_tokens"] < m["cost/prefilled_tokens"]

@@ -8,17 +8,22 @@ steps, capped positions, token budgets) runs on a CPU in tests and in `recipes/d
 
     {
         "prompt": "Q: 3 + 4 * 5\\n",
-        "completion": "<think>\\nLet me work out 3 + 4 * 5. ...\\n\\nStep 1 of 2: 3 + 4 = 7.\\n\\n"
+        "completion": "<think>\\nLet me work out 3 + 4 * 5. ...\\n\\nI start with 3; still to do: + 4 * 5.\\n\\n"
+                      "3 + 4 = 7, so now I have 7; still to do: * 5.\\n\\n"
                       "Wait, let me check that: 7 - 4 = 3. Yes, 7 is right.\\n\\n ... </think>\\nAnswer: 35",
         "answer": "35",
         "chain": "<think>...</think>",
-        "steps": ["Let me work out ...", "First, 3 + 4 = 7.", ...],   # the paragraphs
+        "steps": ["Let me work out ...", "I start with 3; ...", ...],   # the paragraphs
         "slice": "long_trace",
     }
 
-With the kit's character-level tokenizer (`build_tokenizer(long_trace_tokenizer_texts())`),
-a trace of 6-10 operations is about 750-2,000 tokens (1,350 on average). No cue phrase (`Answer:`, `The answer
-is`) appears inside the think block, so the trace is read as one chain.
+Every step paragraph ends with what is left to do, so a tiny model that learns to copy the
+list ends its trace where it should: `pretrain_long_trace_model` (1,500 steps, about two minutes
+on one CPU core) gives a model whose greedy traces close their think block and answer within a
+2,048-token budget. With the kit's character-level tokenizer
+(`build_tokenizer(long_trace_tokenizer_texts())`), a trace of 6-8 operations is about
+1,000-1,900 tokens (1,400 on average) in 17-28 paragraphs. No cue phrase (`Answer:`,
+`The answer is`) appears inside the think block, so the trace is read as one chain.
 """
 
 from __future__ import annotations
@@ -60,26 +65,33 @@ def _detour(acc: int, op: str, operand: int, result: int, rng: random.Random) ->
     )
 
 
+def _to_do(rest: list[tuple[str, int]]) -> str:
+    """What is left of the expression: the list shrinks by one operation per step."""
+    if not rest:
+        return "nothing is left to do."
+    return "still to do: " + " ".join(f"{op} {operand}" for op, operand in rest) + "."
+
+
 def _trace(expr: str, start: int, ops: list[tuple[str, int]], rng: random.Random) -> tuple[list[str], int]:
-    # every paragraph says where it is ("Step 3 of 9", "check 3 of 9"), so a small model that
-    # copies and counts can end the trace where it should
-    count = len(ops)
+    # Every step paragraph ends with what is left to do, copied from the paragraph before minus
+    # the operation just done: a small model that copies can end the trace where it should
+    # (once nothing is left), where counting steps ("step 7 of 9") is beyond it. Which
+    # paragraphs follow a step depends on the step alone (a check always, a detour after a
+    # subtraction), so a greedy decode does not pick between forms drawn by chance.
     paragraphs = [
-        f"Let me work out {expr}. It has {count} operations; I take them one at a time, from left to right.",
-        f"I start with {start}.",
+        f"Let me work out {expr}. I take the operations one at a time, from left to right.",
+        f"I start with {start}; {_to_do(ops)}",
     ]
-    acc, lines = start, []
-    for i, (op, operand) in enumerate(ops, start=1):
+    acc = start
+    for i, (op, operand) in enumerate(ops):
         result = _apply_arithmetic(acc, op, operand)
-        paragraphs.append(f"Step {i} of {count}: {acc} {op} {operand} = {result}.")
-        if rng.random() < 0.7:
-            paragraphs.append(_inverse_check(acc, op, operand, result))
-        if rng.random() < 0.4:
+        paragraphs.append(f"{acc} {op} {operand} = {result}, so now I have {result}; {_to_do(ops[i + 1 :])}")
+        paragraphs.append(_inverse_check(acc, op, operand, result))
+        if op == "-":  # a detour where the sign says so, never by chance: greedy decoding copies the form
             paragraphs.append(_detour(acc, op, operand, result, rng))
-        lines.append(f"Check {i} of {count}: {acc} {op} {operand} = {result}")
         acc = result
-    paragraphs.append(f"All {count} steps are done, so the result is {acc}.")
-    paragraphs.append("Let me verify everything once more before I answer.\n" + "\n".join(lines))
+    paragraphs.append(f"So the result is {acc}.")
+    paragraphs.append(f"Let me verify before I answer: {expr} gives {acc}, step by step as above.")
     paragraphs.append(f"Everything checks out: {acc}.")
     return paragraphs, acc
 
@@ -89,7 +101,7 @@ def make_long_trace_examples(
     *,
     seed: int = 0,
     min_ops: int = 6,
-    max_ops: int = 10,
+    max_ops: int = 8,
     max_operand: int = 9,
     exclude: Collection[str] = (),
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
@@ -97,9 +109,10 @@ def make_long_trace_examples(
     """Seeded long reasoning traces for left-to-right arithmetic.
 
     Each trace is a `<think>` block of blank-line separated paragraphs: an opening plan, one
-    paragraph per operation, "wait, let me check" paragraphs that undo an operation, detours
-    that try the wrong operation and drop it, the result, then a verification of every step
-    after the result is known (post-conclusion text); `Answer: <n>` follows the block.
+    paragraph per operation (ending with what is still to do), a "wait, let me check"
+    paragraph after each that undoes it, detours that try the wrong operation and drop it, the
+    result, then a verification after the result is known (post-conclusion text);
+    `Answer: <n>` follows the block.
 
     Args:
         n: Number of examples.
@@ -156,19 +169,21 @@ def long_trace_tokenizer_texts(n: int = 200, *, seed: int = 0) -> list[str]:
 def pretrain_long_trace_model(
     examples: list[dict[str, Any]] | None = None,
     *,
-    steps: int = 300,
-    batch_size: int = 4,
+    steps: int = 1500,
+    batch_size: int = 1,
     hidden_size: int = 64,
     num_layers: int = 2,
-    lr: float = 3e-3,
+    lr: float = 5e-3,
     seed: int = 0,
 ) -> tuple[Any, Any]:
     """A tokenizer and a tiny Llama pre-trained on long traces (`make_long_trace_examples`).
 
     Positions up to 4,096 tokens and SDPA attention, so traces of 2,000 tokens train and
-    generate in reasonable memory on a CPU. A few hundred steps teach it the trace's form
-    (paragraphs, checks, detours, verification, `</think>` then `Answer:`), not arithmetic:
-    it is a model that writes long traces, for timing and for the long-trace code paths.
+    generate in reasonable memory on a CPU. The default 1,500 steps (one trace each) teach it
+    the trace's form (paragraphs, checks, detours, the shrinking to-do list, verification,
+    `</think>` then `Answer:`) so that its greedy traces end within a 2,048-token budget; not
+    arithmetic, nor an answer that follows its own trace: it is a model that writes long
+    traces, for timing and for the long-trace code paths.
 
     Args:
         examples: Training traces (default: 400 from `make_long_trace_examples(seed=seed + 1)`).
