@@ -95,7 +95,6 @@ def postprocess_round(
     prefix: str = "faith",
     *,
     partial: bool = False,
-    unreadable: bool = False,
     skipped_examples: int = 0,
 ) -> RoundLogs:
     """Round metrics -> figures with drift -> prefixed logs (what `Monitor.observe` does to a round).
@@ -107,14 +106,12 @@ def postprocess_round(
         prefix: Log prefix (`FaithConfig.log_prefix`).
         partial: The round was ended by `round_time_budget_s`: it is flagged `round_partial` and
             never becomes the baseline (the first complete round does).
-        unreadable: The round's figures cannot be read (`faithcb._validity`): it never becomes
-            the baseline either, so that drifts are never read against figures that mean nothing.
         skipped_examples: Panel prompts left out for their length (logged when any).
 
     Returns:
         The figures, the logs and the baseline for the next round (None while there is none).
     """
-    if (partial or unreadable) and baseline is None:
+    if partial and baseline is None:
         with_drift, new_baseline = dict(metrics), None
     else:
         with_drift, new_baseline = apply_drift(metrics, baseline)
@@ -202,6 +199,7 @@ class Monitor:
         self.panel_size = panel_size
         self.baseline: dict[str, float] | None = None
         self.baseline_step: int | None = None
+        self.baseline_readable = False  # an unreadable baseline is replaced by the first readable round
         self.history: list[dict[str, Any]] = []
         self.curves: list[tuple[int, list[float | None]]] = []
         self.last_round_step: int | None = None
@@ -225,9 +223,10 @@ class Monitor:
     def observe(self, step: int, result: RoundResult, *, partial: bool = False, main: bool = True) -> RoundOutcome:
         """Take one round: drift against the baseline, history, validity, stop decisions.
 
-        The first complete, readable round becomes the baseline (a partial or unreadable one
-        never does). An unreadable round (see `faithcb._validity`) feeds only the stop rules on its diagnostics;
-        the baseline round and partial rounds feed none. In a distributed run every rank calls
+        The first complete round becomes the baseline (a partial one never does); when it
+        cannot be read, the first readable complete round replaces it (once). An unreadable
+        round (see `faithcb._validity`) feeds only the stop rules on its diagnostics; the
+        baseline round and partial rounds feed none. In a distributed run every rank calls
         this with the same gathered round, and the main process's decision is adopted by all.
 
         Args:
@@ -241,30 +240,40 @@ class Monitor:
         """
         self.last_result = result
         reasons = invalid_reasons(result.metrics)
+        # an unreadable baseline is provisional: the first readable complete round replaces it,
+        # so a readable round's drift is never measured from figures that cannot be read
+        rebase = not partial and not reasons and self.baseline is not None and not self.baseline_readable
         post = postprocess_round(
             result.metrics,
             result.seconds,
-            self.baseline,
+            None if rebase else self.baseline,
             self.prefix,
             partial=partial,
-            unreadable=bool(reasons),
             skipped_examples=self.skipped_examples,
         )
-        is_baseline = self.baseline is None and post.baseline is not None
+        is_baseline = (self.baseline is None or rebase) and post.baseline is not None
         if is_baseline:
-            self.baseline, self.baseline_step = post.baseline, step
-        elif self.baseline is None and partial:
+            if rebase:
+                self.warn_once(
+                    "rebased",
+                    "faithcb: the round at step %d is the first that can be read: it replaces the unreadable round "
+                    "of step %d as the baseline (drifts are measured from here).",
+                    step,
+                    self.baseline_step,
+                )
+            elif reasons:
+                self.warn_once(
+                    "unreadable-baseline",
+                    "faithcb: the baseline round (step %d) cannot be read; the first readable round will replace it "
+                    "as the baseline.",
+                    step,
+                )
+            self.baseline, self.baseline_step, self.baseline_readable = post.baseline, step, not reasons
+        elif self.baseline is None:
             self.warn_once(
                 "partial-baseline",
                 "faithcb: the round at step %d ran past round_time_budget_s and is not used as the baseline; "
                 "the first complete round becomes it.",
-                step,
-            )
-        elif self.baseline is None:
-            self.warn_once(
-                "unreadable-baseline",
-                "faithcb: the round at step %d cannot be read and is not used as the baseline; the first "
-                "readable round becomes it (drifts are measured from there).",
                 step,
             )
         outcome = RoundOutcome(
@@ -419,6 +428,7 @@ class Monitor:
         return {
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
+            "baseline_readable": self.baseline_readable,
             "history": self.history,
             "curves": [[s, c] for s, c in self.curves],
             "last_round_step": self.last_round_step,
@@ -437,6 +447,8 @@ class Monitor:
             self.baseline = state["baseline"]
         if "baseline_step" in state:
             self.baseline_step = state["baseline_step"]
+        # states saved before this entry existed: their baseline stays (read as readable)
+        self.baseline_readable = bool(state.get("baseline_readable", self.baseline is not None))
         if "last_round_step" in state:
             self.last_round_step = state["last_round_step"]
         self.history = [dict(h) for h in state.get("history", self.history) or []]

@@ -74,19 +74,36 @@ def test_partial_round_never_becomes_the_baseline(caplog):
     assert complete.is_baseline and mon.baseline_step == 10
 
 
-def test_unreadable_round_never_becomes_the_baseline(caplog):
+def test_first_readable_round_replaces_an_unreadable_baseline_once(caplog):
     mon = monitor(StopRule("early_answer/aoc", max_drop=0.2))
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         babbling = mon.observe(0, round_of(readable(0.9, parse_fail_rate=0.9)))
         again = mon.observe(10, round_of(readable(0.8, parse_fail_rate=0.9)))
-    assert babbling.invalid_reasons and not babbling.is_baseline and mon.baseline is None
-    assert not again.is_baseline and not any(k.endswith("/delta") for k in again.metrics)
-    assert caplog.text.count("cannot be read and is not used as the baseline") == 1  # warned once
-    readable_round = mon.observe(20, round_of(readable(0.5)))
-    assert readable_round.is_baseline and mon.baseline_step == 20 and readable_round.events == []
-    later = mon.observe(30, round_of(readable(0.2)))
-    assert later.metrics["early_answer/aoc/delta"] == pytest.approx(-0.3)  # drift from the first readable round
-    assert [e["step"] for e in later.events] == [30]
+        first_readable = mon.observe(20, round_of(readable(0.5)))
+        later = mon.observe(30, round_of(readable(0.2)))
+        unreadable_later = mon.observe(40, round_of(readable(0.9, parse_fail_rate=0.9)))
+        readable_again = mon.observe(50, round_of(readable(0.45)))
+    assert babbling.invalid_reasons and babbling.is_baseline  # provisional
+    assert again.metrics["early_answer/aoc/delta"] == pytest.approx(-0.1) and again.invalid_reasons
+    assert first_readable.is_baseline and mon.baseline_step == 20 and first_readable.events == []
+    assert not any(k.endswith("/delta") for k in first_readable.metrics)
+    assert later.metrics["early_answer/aoc/delta"] == pytest.approx(-0.3)  # from the first readable round
+    assert [e["step"] for e in later.events] == [30] and later.events[0]["baseline"] == 0.5
+    assert not unreadable_later.is_baseline and not readable_again.is_baseline  # replaced once, then kept
+    assert readable_again.metrics["early_answer/aoc/delta"] == pytest.approx(-0.05)
+    assert "baseline round (step 0) cannot be read" in caplog.text
+    assert caplog.text.count("replaces the unreadable round of step 0 as the baseline") == 1
+    # the replacement survives a save and a resume
+    resumed = monitor(StopRule("early_answer/aoc", max_drop=0.2)).load_state(json.loads(json.dumps(mon.to_state())))
+    assert resumed.baseline_step == 20 and resumed.baseline_readable
+    assert not resumed.observe(60, round_of(readable(0.5))).is_baseline
+
+
+def test_a_readable_baseline_is_never_replaced():
+    mon = monitor()
+    assert mon.observe(0, round_of(readable(0.9))).is_baseline
+    assert not mon.observe(10, round_of(readable(0.9, parse_fail_rate=0.9))).is_baseline
+    assert not mon.observe(20, round_of(readable(0.4))).is_baseline and mon.baseline_step == 0
 
 
 def test_stop_rule_counts_only_readable_non_baseline_rounds():

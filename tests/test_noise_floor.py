@@ -152,8 +152,12 @@ def test_unreadable_round_warns_once_is_flagged_and_skipped_by_stop_rules(tmp_pa
     assert [(e["step"], e["metric"]) for e in callback.stop_events] == [(2, "faith/parse_fail_rate")]
     logged = [h for h in trainer.state.log_history if "faith/valid" in h]
     assert logged and all(h["faith/valid"] == 0.0 for h in logged)
-    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    warnings = [m for m in messages if "cannot be read" in m and "baseline" not in m]
     assert len(warnings) == len(logged) and "answer_cues" in warnings[0]
+    # the unreadable baseline is provisional (no later round could be read to replace it)
+    assert sum("baseline round (step 0) cannot be read" in m for m in messages) == 1
+    assert callback.monitor.baseline_step == 0 and not callback.monitor.baseline_readable
     assert callback.score_key == "score" and math.isnan(callback.eval_figures(2)["eval_faith_score"])  # never best
     lines = [json.loads(x) for x in (tmp_path / "out" / "faithcb" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["valid"] == 0.0 and line["invalid_reasons"] for line in lines)
