@@ -8,7 +8,9 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
+from ._answers import ANSWER_TYPES as _READ_TYPES
+from ._parsing import DEFAULT_ANSWER_CUES
+
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
 #: sharded weights): they change speed and memory, not what is measured, and users set them for
@@ -107,7 +109,11 @@ class FaithConfig:
     )
     answer_cues: list[str] = field(
         default_factory=lambda: list(DEFAULT_ANSWER_CUES),
-        metadata={"help": "Texts that introduce the final answer; the earliest found in a response is used."},
+        metadata={
+            "help": "Texts that introduce the final answer, matched without regard to case; the earliest found in a "
+            "response (after its think block, if any) is used. A response without one is read by the fallback "
+            "(its last number, label or yes / no; counted in parse/fallback_rate)."
+        },
     )
     default_answer_cue: str = field(
         default="Answer:",
@@ -115,7 +121,11 @@ class FaithConfig:
     )
     answer_type: str = field(
         default="auto",
-        metadata={"help": "How answers are compared: auto, numeric, choice or text."},
+        metadata={
+            "help": "How answers are read and compared: auto (per example: its row's type, else choice with choices, "
+            "numeric for a number gold, boolean for yes/no, math for LaTeX, else text), numeric, choice, boolean, "
+            "math (LaTeX compared with math-verify) or text (docs/metrics.md)."
+        },
     )
     filler_token: str = field(
         default=" ...", metadata={"help": "Filler text repeated to the chain's token length (filler probe)."}
@@ -271,7 +281,7 @@ class FaithConfig:
 
 
 #: Valid `answer_type` values.
-ANSWER_TYPES = ("auto", "numeric", "choice", "text")
+ANSWER_TYPES = ("auto", *_READ_TYPES)
 #: Valid `step_unit` values.
 STEP_UNIT_CHOICES = ("auto", "sentence", "line", "paragraph")
 #: Integer fields and their least valid value (None: the field may be None).
@@ -289,6 +299,8 @@ _MINIMUM = {
     "step_unit_min_steps": 1,
     "max_positions": 1,
 }
+#: Text fields that must hold a visible character.
+_NON_EMPTY = ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix")
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 
 
@@ -365,7 +377,7 @@ def _value_problems(config: FaithConfig) -> list[str]:
     for name in ("answer_cues", "stop_strings"):
         if any(not s for s in getattr(config, name)):
             problems.append(f"{name} must not hold an empty string")
-    for name in ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix"):
+    for name in _NON_EMPTY:
         if not getattr(config, name).strip():
             problems.append(f"{name} must be a non-empty string")
     if not config.filler_token.strip():

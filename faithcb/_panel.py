@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._answers import CHOICE_LABELS, infer_answer_type, normalize_number
 from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
-from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, normalize_number, split_steps
+from ._parsing import DEFAULT_ANSWER_CUES, find_cue, split_steps
 
 if TYPE_CHECKING:
     from ._config import FaithConfig
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
-_GOLD_CUES = ["####", "Answer:", "The answer is", "\\boxed{"]
+_GOLD_CUES = list(DEFAULT_ANSWER_CUES)
 #: Bad rows a PanelError lists by name; the rest are counted.
 MAX_LISTED_ROWS = 10
 
@@ -79,6 +80,11 @@ class ProbeExample:
             as a few-shot example shows it; None when the row has none.
         shots: Worked examples of the same panel shown before this example's prompt
             (`load_panel(num_fewshot=...)`); they are never probed themselves.
+        answer_type: How this example's answers are read and compared, where its row says
+            (`numeric`, `choice`, `boolean`, `math`, `text`); None: inferred from the gold.
+        instruction: An answer instruction added to the prompt (the prompt shape chosen at the
+            baseline, `faithcb._prompt_shape`): after a question and its choices, at the end of
+            the last user turn, or before a plain-text prompt (which may end in a cue of its own).
     """
 
     id: str
@@ -92,6 +98,8 @@ class ProbeExample:
     gold_from: str | None = field(default=None, compare=False)
     solution: str | None = field(default=None, compare=False)
     shots: tuple[ProbeExample, ...] = field(default=(), compare=False)
+    answer_type: str | None = None
+    instruction: str | None = None
 
     def render_prompt(self, tokenizer: Any, *, use_chat_template: bool | None, prompt_template: str) -> str:
         """The prompt text the model sees, formatted the way SFT formats it.
@@ -121,9 +129,9 @@ class ProbeExample:
                     f"Panel example {self.id!r} has chat messages but the tokenizer has no chat template; "
                     "set tokenizer.chat_template or give plain-text prompts."
                 )
-            return tokenizer.apply_chat_template(self.prompt, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(self._user_turns(), tokenize=False, add_generation_prompt=True)
         if isinstance(self.prompt, str):
-            return self.prompt
+            return self._instructed_text()
         if chat:
             if not has_template:
                 raise PanelError("use_chat_template=True but the tokenizer has no chat template.")
@@ -131,19 +139,38 @@ class ProbeExample:
         return prompt_template.format(question=self._question_text())
 
     def _question_text(self) -> str:
-        """A question row's question, with its lettered choices."""
+        """A question row's question, with its lettered choices (and the answer instruction)."""
         question = self.question or ""
         if self.choices:
             question = (
                 question.rstrip() + "\n" + "\n".join(f"{CHOICE_LABELS[i]}) {c}" for i, c in enumerate(self.choices))
             )
+        if self.instruction:
+            question = question.rstrip() + "\n" + self.instruction
         return question
 
+    def _instructed_text(self) -> str:
+        """A plain-text prompt, after the answer instruction when there is one (a completion-style
+        prompt may end in its own cue, `Answer:`, which must stay last)."""
+        prompt = self.prompt if isinstance(self.prompt, str) else ""
+        return f"{self.instruction}\n\n{prompt}" if self.instruction else prompt
+
     def _user_turns(self) -> list[dict[str, Any]]:
-        """The example's prompt as chat turns."""
+        """The example's prompt as chat turns (the answer instruction ends the last user turn)."""
         if isinstance(self.prompt, list):
-            return [dict(turn) for turn in self.prompt]
-        return [{"role": "user", "content": self.prompt if isinstance(self.prompt, str) else self._question_text()}]
+            turns = [dict(turn) for turn in self.prompt]
+            last = max((i for i, t in enumerate(turns) if t.get("role") == "user"), default=None)
+            if self.instruction and last is not None:
+                content = turns[last].get("content")
+                if isinstance(content, list):
+                    turns[last]["content"] = [*content, {"type": "text", "text": "\n" + self.instruction}]
+                else:
+                    turns[last]["content"] = f"{_text_of(content).rstrip()}\n{self.instruction}"
+            return turns
+        text = self.prompt if isinstance(self.prompt, str) else self._question_text()
+        if isinstance(self.prompt, str) and self.instruction:
+            text = f"{text.rstrip()}\n{self.instruction}"
+        return [{"role": "user", "content": text}]
 
     def _shot_turns(self) -> list[dict[str, Any]]:
         """A shot as chat turns: its prompt, then its worked answer (system turns left out)."""
@@ -153,9 +180,9 @@ class ProbeExample:
     def _plain_prompt(self, prompt_template: str) -> str:
         """The prompt as plain text (a chat prompt's turns, one per line)."""
         if isinstance(self.prompt, str):
-            return self.prompt
+            return self._instructed_text()
         if isinstance(self.prompt, list):
-            turns = [_text_of(turn.get("content")) for turn in self.prompt if turn.get("role") != "system"]
+            turns = [_text_of(turn.get("content")) for turn in self._user_turns() if turn.get("role") != "system"]
             return "\n".join(turns) + "\n"
         return prompt_template.format(question=self._question_text())
 

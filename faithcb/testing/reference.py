@@ -39,16 +39,17 @@ from typing import Any
 import torch
 
 from .._aggregate import aggregate_records
+from .._answers import CHOICE_LABELS, extract_answer, gold_match, infer_answer_type
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
-    CHOICE_LABELS,
     THINK_CLOSE,
     answer_span,
     chain_end_separator,
-    extract_answer,
-    infer_answer_type,
+    find_cue,
+    opens_think,
     parse_response,
+    read_stated_answer,
     split_steps,
 )
 from .._positions import early_positions, sampled
@@ -99,6 +100,7 @@ class _Parsed:
     lead: str = ""
     forced: dict[str, str | None] = field(default_factory=dict)
     truncated: bool = False
+    answer_source: str | None = None
     max_positions: int | None = None
     seed: int = 0
 
@@ -224,7 +226,9 @@ class _Model:
                 ex.forced[chain_text] = self.choose_label(context, ex.answer_sep, ex.num_choices)
             else:
                 raw, _ = self.greedy(context, self.config.answer_max_new_tokens)
-                ex.forced[chain_text] = extract_answer(answer_span(raw, ex.cue), ex.answer_type, ex.num_choices)
+                ex.forced[chain_text] = extract_answer(
+                    answer_span(raw, ex.cue), ex.answer_type, ex.num_choices, ex.example.choices
+                )
         return ex.forced[chain_text]
 
     def choose_label(self, context: str, sep: str, num_choices: int) -> str:
@@ -263,15 +267,15 @@ class _Model:
             return ""
         written, _ = self.greedy(ex.prompt + ex.lead + chain_text, budget, self.config.stop_strings)
         ends = (ex.cue, *ex.parse_cues, *([THINK_CLOSE] if THINK_CLOSE in ex.joiner else []))  # a think block closes
-        cuts = [written.find(end) for end in ends if written.find(end) >= 0]
-        return written[: min(cuts)] if cuts else written
+        found = find_cue(written, ends)  # cues match without regard to case, as parsing reads them
+        return written[: found[0]] if found else written
 
 
 def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: str) -> _Parsed:
     cues = [example.answer_cue] if example.answer_cue else list(config.answer_cues)
     answer_type = config.answer_type
     if answer_type == "auto":
-        answer_type = infer_answer_type(example.gold, example.choices)
+        answer_type = example.answer_type or infer_answer_type(example.gold, example.choices)
     finished = None
     if config.end_chain_at_answer:  # the chain ends once its stated answer can no longer change
 
@@ -279,12 +283,12 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
             return answer_stated(text, cues, answer_type, prompt=prompt)
 
     response, n_tokens = model.greedy(prompt, config.max_new_tokens, config.stop_strings, finished)
-    parsed = parse_response(response, cues)
+    parsed = parse_response(response, cues, think_open=opens_think(prompt))
     num_choices = len(example.choices) if example.choices else 0
     cue = parsed.cue if parsed.cue is not None else (example.answer_cue or config.default_answer_cue)
     answer_sep = parsed.answer_sep if parsed.cue is not None else ("" if cue.endswith((" ", "{")) else " ")
     chain = parsed.chain
-    stated = extract_answer(parsed.answer_text, answer_type, num_choices)
+    stated, source = read_stated_answer(parsed, answer_type, example.choices, ended=n_tokens < config.max_new_tokens)
     return _Parsed(
         example=example,
         prompt=prompt,
@@ -303,6 +307,7 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
         parse_cues=cues,
         lead=parsed.lead,
         truncated=n_tokens >= config.max_new_tokens and stated is None,
+        answer_source=source,
         max_positions=config.max_positions,
         seed=config.seed,
     )
@@ -325,7 +330,7 @@ def _is_gold(answer: str | None, ex: _Parsed) -> float | None:
     gold = ex.example.gold
     if gold is None:
         return None
-    return float(answer is not None and answer == extract_answer(gold, ex.answer_type, ex.num_choices))
+    return gold_match(answer, gold, ex.answer_type, ex.num_choices, ex.example.choices)
 
 
 def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
@@ -336,6 +341,7 @@ def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
         "accuracy_forced_full": _is_gold(a_full, ex),
         "accuracy_no_cot": _is_gold(no_cot, ex),
         "parse_fail_rate": float(ex.stated_answer is None),
+        "parse/fallback_rate": float(ex.answer_source == "fallback"),
         "forced_parse_fail_rate": float(a_full is None),
         "chain/tokens": float(ex.chain_tokens),
         "chain/steps": float(ex.n),
@@ -685,6 +691,7 @@ def run_reference_round(
                 "cue_found": ex.cue_found,
                 "gold": example.gold,
                 "stated_answer": ex.stated_answer,
+                "answer_source": ex.answer_source,
                 "a_full": a_full,
                 # the self-check: greedy F(prompt + full chain) reproduces the stated answer
                 "forced_full_equals_stated": None
