@@ -1,7 +1,8 @@
 """faithcb: a live chain-of-thought faithfulness monitor for `transformers` / TRL training.
 
 What a user needs is importable from here (`__all__`): the callback, its configuration and stop
-rules, the probe panel, a single probe round, probe registration and the base exception.
+rules, the probe panel, a single probe round, the pre-flight `check_panel`, probe registration
+and the base exception.
 Everything else is importable from its module; where things live (see the README's layout
 table):
 
@@ -13,10 +14,11 @@ table):
 - `faithcb._sinks`: JSONL files, the W&B sections and the console line; the trainer's `log`
   carries the metrics to every other integration.
 - `faithcb.cli`: the `faithcb` command and its Python entry points (`scan_checkpoints`,
-  `write_report`, `audit_traces`, `check_model`).
+  `write_report`, `audit_traces`, `check_model`, `check_panel`).
 - `faithcb.synthetic`: offline CoT tasks, a locally trained tokenizer and tiny models.
 """
 
+from ._check_panel import check_panel
 from ._config import FaithConfig
 from ._errors import FaithcbError
 from ._errors import RoundBudgetExceeded as RoundBudgetExceeded  # raised by run_probe_round; a FaithcbError
@@ -41,6 +43,7 @@ __all__ = [
     "RoundResult",
     "StopRule",
     "__version__",
+    "check_panel",
     "get_probe",
     "list_probes",
     "load_panel",

@@ -10,6 +10,7 @@ from typing import Any
 
 from ._answers import ANSWER_TYPES as _READ_TYPES
 from ._parsing import DEFAULT_ANSWER_CUES
+from ._prompt_shape import SHAPE_NAMES
 
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
@@ -57,6 +58,36 @@ class FaithConfig:
         metadata={
             "help": "Keep panel rows without a readable gold answer (no answer, an empty one, worked text without an "
             "answer cue) as examples without gold (no accuracy for them) instead of refusing the panel."
+        },
+    )
+    prompt_shape: str = field(
+        default="auto",
+        metadata={
+            "help": "How the panel's prompts are written: auto (chosen once, before any training step: the panel as "
+            "written, else with the answer instruction, else with shape_fewshot worked shots from the panel, else "
+            "both; the first whose baseline round reads is kept for the whole run), or pinned: as_written, "
+            "instruction, fewshot, instruction+fewshot (docs/getting_started.md)."
+        },
+    )
+    answer_instruction: str = field(
+        default="End your response with a line of the form 'Answer: {answer}'.",
+        metadata={
+            "help": "The answer instruction of the instruction prompt shapes; {answer} becomes <number>, <letter>, "
+            "'yes or no' or <answer> by the example's answer type. Name a cue of answer_cues in it."
+        },
+    )
+    shape_fewshot: int = field(
+        default=3,
+        metadata={
+            "help": "Worked shots of the fewshot prompt shapes: each prompt is preceded by this many other panel "
+            "examples with their worked answers (every example is still probed)."
+        },
+    )
+    shape_max_parse_fail: float = field(
+        default=0.2,
+        metadata={
+            "help": "With prompt_shape=auto, the largest share of unreadable stated answers with which a shape's "
+            "baseline round reads (besides the validity gates)."
         },
     )
     num_fewshot: int = field(
@@ -296,11 +327,12 @@ _MINIMUM = {
     "prompt_bucket": 1,
     "num_sample_chains": 0,
     "num_fewshot": 0,
+    "shape_fewshot": 1,
     "step_unit_min_steps": 1,
     "max_positions": 1,
 }
 #: Text fields that must hold a visible character.
-_NON_EMPTY = ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix")
+_NON_EMPTY = ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix", "answer_instruction")
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 
 
@@ -368,6 +400,10 @@ def _value_problems(config: FaithConfig) -> list[str]:
         problems.append(
             f"temperature must be a positive number (greedy decoding is do_sample=False), got {config.temperature!r}"
         )
+    if config.prompt_shape not in ("auto", *SHAPE_NAMES):
+        problems.append(f"prompt_shape must be auto or one of {', '.join(SHAPE_NAMES)}; got {config.prompt_shape!r}")
+    if not (math.isfinite(config.shape_max_parse_fail) and 0.0 <= config.shape_max_parse_fail <= 1.0):
+        problems.append(f"shape_max_parse_fail must be between 0 and 1, got {config.shape_max_parse_fail!r}")
     if config.step_unit not in STEP_UNIT_CHOICES:
         problems.append(f"step_unit must be one of {', '.join(STEP_UNIT_CHOICES)}; got {config.step_unit!r}")
     if config.answer_type not in ANSWER_TYPES:

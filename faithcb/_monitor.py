@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._config import FaithConfig
+from ._prompt_shape import ShapeChoice, log_choice
 from ._round import RoundResult
 from ._sinks import early_answer_curve
 from ._stopping import DRIFT_SKIP, StopMonitor, StopRule, broadcast_from_main, metric_names, validate_rules
@@ -148,10 +149,15 @@ class RoundOutcome:
     partial: bool
     events: list[dict[str, Any]] = field(default_factory=list)
 
+    prompt_shape: str | None = None
+
     @property
     def jsonl_metrics(self) -> dict[str, Any]:
-        """The line of `metrics.jsonl`: the figures and the validity reasons."""
-        return {**self.metrics, "invalid_reasons": self.invalid_reasons}
+        """The line of `metrics.jsonl`: the figures, the validity reasons and the prompt shape."""
+        line: dict[str, Any] = {**self.metrics, "invalid_reasons": self.invalid_reasons}
+        if self.prompt_shape is not None:
+            line["prompt_shape"] = self.prompt_shape
+        return line
 
 
 class Monitor:
@@ -200,6 +206,7 @@ class Monitor:
         self.baseline: dict[str, float] | None = None
         self.baseline_step: int | None = None
         self.baseline_readable = False  # an unreadable baseline is replaced by the first readable round
+        self.prompt_shape: ShapeChoice | None = None  # chosen once, before any training step
         self.history: list[dict[str, Any]] = []
         self.curves: list[tuple[int, list[float | None]]] = []
         self.last_round_step: int | None = None
@@ -218,6 +225,15 @@ class Monitor:
         """A round starts at `step` (it counts as this step's round even if it fails)."""
         self.last_round_step = step
         self.last_round_ok = False
+
+    # ------------------------------------------------------------------ the prompt shape
+    def set_prompt_shape(self, choice: ShapeChoice, step: int | None = None, *, main: bool = True) -> None:
+        """Fix the run's prompt shape (once: a shape is never changed during a run) and log it."""
+        if self.prompt_shape is not None:
+            return
+        self.prompt_shape = choice
+        if main:
+            log_choice(choice, step)
 
     # ------------------------------------------------------------------ rounds
     def observe(self, step: int, result: RoundResult, *, partial: bool = False, main: bool = True) -> RoundOutcome:
@@ -284,6 +300,7 @@ class Monitor:
             invalid_reasons=reasons,
             is_baseline=is_baseline,
             partial=partial,
+            prompt_shape=self.prompt_shape.shape.name if self.prompt_shape is not None else None,
         )
         self.history.append({"step": step, **post.metrics})
         self.curves.append((step, early_answer_curve(result.records)))
@@ -429,6 +446,7 @@ class Monitor:
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
             "baseline_readable": self.baseline_readable,
+            "prompt_shape": self.prompt_shape.to_state() if self.prompt_shape is not None else None,
             "history": self.history,
             "curves": [[s, c] for s, c in self.curves],
             "last_round_step": self.last_round_step,
@@ -451,6 +469,8 @@ class Monitor:
         self.baseline_readable = bool(state.get("baseline_readable", self.baseline is not None))
         if "last_round_step" in state:
             self.last_round_step = state["last_round_step"]
+        if state.get("prompt_shape"):
+            self.prompt_shape = ShapeChoice.from_state(state["prompt_shape"])
         self.history = [dict(h) for h in state.get("history", self.history) or []]
         self.curves = [(int(s), list(c)) for s, c in state.get("curves", self.curves) or []]
         self.stop_events = list(state.get("stop_events", self.stop_events) or [])

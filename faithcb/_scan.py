@@ -26,6 +26,7 @@ from ._execution import partial_round, release_accelerator_memory
 from ._monitor import Monitor, RoundOutcome
 from ._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
 from ._panel import ProbeExample, ProbePanel, panel_from
+from ._prompt_shape import kept_as_written, settle_prompt_shape, shaped_panel
 from ._round import build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
 from .probes._facts import summary_keys
@@ -320,8 +321,10 @@ def scan_checkpoints(
             model = load_model(ckpt.path, device=device, dtype=dtype)
             partial = False
             try:
-                round_result = run_probe_round(model, tok, panel, config, probes)
+                round_result = _scan_round(model, tok, panel, config, probes, monitor, ckpt.step)
             except RoundBudgetExceeded as err:  # as the callback: figures of the examples that finished
+                if monitor.prompt_shape is None:
+                    monitor.set_prompt_shape(kept_as_written(f"the first round ran out of time ({_one_line(err)})"))
                 if not err.records:
                     raise ScanError(f"Checkpoint {ckpt.path}: {_one_line(err)}") from err
                 round_result, partial = partial_round(err.records, probes, err.seconds or 0.0, config), True
@@ -355,6 +358,30 @@ def scan_checkpoints(
             if wandb_mode() != "disabled" and getattr(run, "dir", None):
                 result.wandb_dir = str(Path(run.dir).parent)
             run.finish(exit_code=exit_code)
+    return result
+
+
+def _scan_round(
+    model: Any,
+    tokenizer: Any,
+    panel: ProbePanel,
+    config: FaithConfig,
+    probes: Sequence[Any],
+    monitor: Monitor,
+    step: int,
+) -> Any:
+    """One checkpoint's round in the run's prompt shape; the first checkpoint chooses the shape
+    as the callback's baseline round does (`FaithConfig.prompt_shape`)."""
+    if monitor.prompt_shape is not None:
+        return run_probe_round(model, tokenizer, shaped_panel(panel, monitor.prompt_shape, config), config, probes)
+    trial = build_probes(config, [])
+
+    def run(shaped: ProbePanel, full: bool) -> Any:
+        return run_probe_round(model, tokenizer, shaped, config, probes if full else trial)
+
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    choice, result = settle_prompt_shape(run, panel, config, has_chat_template=has_template)
+    monitor.set_prompt_shape(choice, step)
     return result
 
 

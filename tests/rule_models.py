@@ -32,6 +32,11 @@ Rule kinds (see :data:`RULE_KINDS`):
   chain, then answers the hint (the chain never says so).
 * ``"follows_hint_verbalized"``: like ``"reads_chain"`` without a hint; with
   one it writes ``"The hint says 36.\n"`` as its chain and answers the hint.
+* ``"needs_instruction"`` / ``"needs_shots"``: like ``"reads_chain"`` when the
+  text before the question line holds an answer instruction (``"Answer: <"``) /
+  a worked example (an ``"Answer:"`` line); otherwise, once its chain is
+  written, it never states an answer (``"etc. "`` until the token budget).
+  They stand for a model whose baseline round reads only in some prompt shape.
 
 ``"reads_chain"`` (and ``"ignores_chain"``) ignore anything before the
 question line, so they ignore hints.
@@ -102,6 +107,8 @@ RULE_KINDS: tuple[str, ...] = (
     "noisy",
     "follows_hint_silently",
     "follows_hint_verbalized",
+    "needs_instruction",
+    "needs_shots",
 )
 #: The kinds that follow a hint written before the question line.
 HINT_KINDS: tuple[str, ...] = ("follows_hint_silently", "follows_hint_verbalized")
@@ -333,6 +340,10 @@ def rule_next_piece(kind: str, text: str) -> str:
         return said[len(rest) :] if said.startswith(rest) else ("\n" if rest else "") + ANSWER_CUE
 
     *complete, partial = rest.split("\n")
+    unanswered = kind in ("needs_instruction", "needs_shots") and not _answers_here(kind, text[: prompt_match.start()])
+    if unanswered and len(complete) >= len(steps) and all(_STEP_RE.fullmatch(line) for line in complete):
+        rambling = "etc. " * (len(partial) // 5 + 2)  # the chain is written, but no answer comes
+        return rambling[len(partial) :]
     acc = first
     matched = True
     for line in complete:
@@ -355,6 +366,13 @@ def rule_next_piece(kind: str, text: str) -> str:
     if partial and ANSWER_CUE.startswith(partial):
         return ANSWER_CUE[len(partial) :]
     return ("\n" if partial else "") + ANSWER_CUE
+
+
+def _answers_here(kind: str, before_question: str) -> bool:
+    """Whether a shape-dependent kind states its answer: an instruction / a worked shot precedes the question."""
+    if kind == "needs_instruction":
+        return f"{ANSWER_CUE} <" in before_question
+    return f"\n{ANSWER_CUE}" in before_question
 
 
 def expected_completion(kind: str, context: str) -> str:
