@@ -326,7 +326,7 @@ def _gold_from_words(key: str, count: int) -> str:
         "choice label": f"choice label{plural}",
         "choice index": "choice ind" + ("ices" if count != 1 else "ex"),
         "choice text": f"choice text{plural}",
-        "boolean answer": f"boolean answer{plural} (read as yes / no)",
+        "boolean answer": f"boolean answer{plural} read as yes / no",
     }
     return f"{count} {words.get(key, f'read after {key}')}"
 

@@ -148,7 +148,8 @@ def test_strategyqa_rows_are_boolean_with_yes_no_golds(source_kind):
     assert panel[0].solution == "Hamsters are small rodents. Owls hunt small rodents.\nAnswer: yes"
     text = panel.describe()
     assert "2 StrategyQA (question + boolean answer)" in text
-    assert "2 boolean answers (read as yes / no)" in text and "answer types:  2 boolean (set by their rows)" in text
+    assert "gold answers:  2 of 2 (2 boolean answers read as yes / no)" in text
+    assert "answer types:  2 boolean (set by their rows)" in text
 
 
 def test_strategyqa_facts_as_one_text_and_rows_without_facts():
