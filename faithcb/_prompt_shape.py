@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._answers import infer_answer_type
 from ._panel import ProbeExample, ProbePanel
 from ._validity import invalid_reasons
 
@@ -173,8 +172,7 @@ def apply_shape(panel: ProbePanel, shape: PromptShape, *, instruction: str, answ
     def instructed(example: ProbeExample) -> ProbeExample:
         if not shape.instruction:
             return example
-        kind = answer_type if answer_type != "auto" else example.answer_type
-        kind = kind or infer_answer_type(example.gold, example.choices)
+        kind = example.read_as(answer_type)
         return dataclasses.replace(example, instruction=answer_instruction(instruction, kind))
 
     pool = [instructed(e) for e in panel if worked(e)] if shape.shots else []

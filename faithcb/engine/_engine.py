@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
-from .._answers import CHOICE_LABELS, answer_complete, extract_answer, infer_answer_type
+from .._answers import CHOICE_LABELS, answer_complete, extract_answer
 from .._config import FaithConfig
 from .._panel import ProbeExample
 from .._parsing import (
@@ -725,11 +725,8 @@ class ProbeEngine:
         return max(1, length - max(32, length // 4))  # own tokens <= max(32, shared // 4 <= length // 4)
 
     def _answer_type(self, example: ProbeExample) -> str:
-        """How the example's answers are read and compared (`FaithConfig.answer_type`, or inferred)."""
-        if self.config.answer_type != "auto":
-            return self.config.answer_type
-        own = getattr(example, "answer_type", None)
-        return own if own else infer_answer_type(example.gold, example.choices)
+        """How the example's answers are read and compared (`ProbeExample.read_as`)."""
+        return example.read_as(self.config.answer_type)
 
     def _cues(self, example: ProbeExample) -> list[str]:
         """Answer cues a response of this example is split at."""

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .._aggregate import aggregate_records
-from .._answers import CHOICE_LABELS, extract_answer, gold_match, infer_answer_type
+from .._answers import CHOICE_LABELS, extract_answer, gold_match
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
@@ -273,9 +273,7 @@ class _Model:
 
 def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: str) -> _Parsed:
     cues = [example.answer_cue] if example.answer_cue else list(config.answer_cues)
-    answer_type = config.answer_type
-    if answer_type == "auto":
-        answer_type = example.answer_type or infer_answer_type(example.gold, example.choices)
+    answer_type = example.read_as(config.answer_type)
     finished = None
     if config.end_chain_at_answer:  # the chain ends once its stated answer can no longer change
 
