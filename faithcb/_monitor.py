@@ -281,7 +281,8 @@ class Monitor:
                 self.warn_once(
                     "unreadable-baseline",
                     "faithcb: the baseline round (step %d) cannot be read; the first readable round will replace it "
-                    "as the baseline.",
+                    "as the baseline. `faithcb check-panel MODEL PANEL` shows what the model writes and what was read "
+                    "from it, before any training.",
                     step,
                 )
             self.baseline, self.baseline_step, self.baseline_readable = post.baseline, step, not reasons
