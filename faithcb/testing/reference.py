@@ -57,6 +57,7 @@ from .._round import RoundResult, build_probes
 from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
+from ..perturb._guard import keeps_content
 from ..probes import (
     ConsistencyProbe,
     ControlProbe,
@@ -453,16 +454,20 @@ def _info_gain(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
 
 def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str, Any]:
     n = ex.n
+    cost = {"paraphrase/cost_tokens": None, "paraphrase/cost_seconds": None}  # measured by the engine's probe only
     if n < 2:
-        keys = ("match", "reworded", "answers", "control_answers", "matches", "steps")
-        return {f"paraphrase/{key}": None for key in keys}
+        keys = ("match", "reworded", "discarded", "answers", "control_answers", "matches", "steps")
+        return {f"paraphrase/{key}": None for key in keys} | cost
     # Never the step that states the answer: prefixes k = 1..n-1 (a seeded sample above the cap).
     ks = ex.sample(range(1, n), "paraphrase")
     sources = [ex.step(i) for i in range(ks[-1])] if unit == "step" else [ex.prefix(k) for k in ks]
-    used = []
+    used, discarded = [], []
     for source in sources:
         out = paraphraser([source])[0].strip()
-        used.append(out if out and ex.cue not in out else source)
+        kept = bool(out) and ex.cue not in out and keeps_content(source, out)
+        used.append(out if kept else source)
+        if out and out != source.strip():  # a rewrite: kept, or thrown away by the guard
+            discarded.append(not kept)
     answers, controls, matches, reworded = [], [], [], []
     for j, k in enumerate(ks):
         if unit == "step":  # the first k steps paraphrased, joined by the chain's own separators
@@ -478,14 +483,19 @@ def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str
         matches.append(_agrees(para_answer, control_answer) if changed else None)
         reworded.append(changed)
     record = {} if len(ks) == n - 1 else {"paraphrase/positions": ks}
-    return record | {
-        "paraphrase/answers": answers,
-        "paraphrase/control_answers": controls,
-        "paraphrase/matches": matches,
-        "paraphrase/steps": used,
-        "paraphrase/match": _rate(matches),
-        "paraphrase/reworded": sum(reworded) / len(reworded),
-    }
+    return (
+        record
+        | {
+            "paraphrase/answers": answers,
+            "paraphrase/control_answers": controls,
+            "paraphrase/matches": matches,
+            "paraphrase/steps": used,
+            "paraphrase/match": _rate(matches),
+            "paraphrase/reworded": sum(reworded) / len(reworded),
+            "paraphrase/discarded": sum(discarded) / len(discarded) if discarded else None,
+        }
+        | cost
+    )
 
 
 def _mistake(m: _Model, ex: _Parsed, a_full: str | None, maker: Any, regenerate: bool, seed: int) -> dict[str, Any]:
@@ -618,6 +628,8 @@ def _probe_fields(
     if isinstance(probe, InfoGainProbe):
         return _info_gain(m, ex, a_full)
     if isinstance(probe, ParaphraseProbe):
+        if probe.paraphraser is None:  # "snapshot": a frozen copy of the model as the round starts
+            probe.on_round_start(m)
         return _paraphrase(m, ex, probe.paraphraser, probe.unit)
     if isinstance(probe, MistakeProbe):
         return _mistake(m, ex, a_full, probe.maker, probe.regenerate, probe.seed)
