@@ -1,5 +1,8 @@
-"""The packed-scoring check at the precision a round computes in.
+"""The precision a round computes in, and the packed-scoring check at that precision.
 
+- A trainer's mixed-precision forward (accelerate's autocast wrapper, on with TRL's default
+  `bf16=True`) is taken off for a round and put back after: the round computes in the weights'
+  dtype and gives the records of the same weights outside the trainer.
 - `packing_supported` judges packed logits against separate passes within the rounding of the
   dtype the logits are really computed in (an autocast's, else the weights'), and checks a model
   again when that precision changes.
@@ -12,9 +15,15 @@ import logging
 import pytest
 import torch
 
-from faithcb.engine import _packed
+from faithcb import FaithConfig, load_panel, run_probe_round
+from faithcb.engine import _packed, probe_mode
 from faithcb.engine._packed import computed_dtype, logits_tolerance, packing_supported, precision_key
-from faithcb.synthetic import build_tiny_model
+from faithcb.engine._patches import trainer_autocast_off, trainer_autocast_on, trainer_autocast_wrapped
+from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, to_sft_dataset
+
+accelerate = pytest.importorskip("accelerate")
+
+FAST = {"max_new_tokens": 16, "answer_max_new_tokens": 4}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,3 +113,69 @@ def test_the_tolerance_follows_the_dtype_the_logits_are_computed_in():
     assert logits_tolerance(torch.float32) == logits_tolerance(torch.float64) == 1e-3
     assert logits_tolerance(torch.bfloat16) == logits_tolerance(torch.float16) == 3e-2
     assert logits_tolerance(torch.float32, "high") == 3e-2  # TF32 products round to 10 mantissa bits
+
+
+# ---------------------------------------------------------------------------- a trainer's autocast
+@pytest.fixture
+def bf16_accelerator():
+    """accelerate's Accelerator with bf16 mixed precision on CPU, as a Trainer with `bf16=True,
+    use_cpu=True` makes it; its process-wide state is reset after the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def autocast_spy(model):
+    """Whether CPU autocast was on at each forward of the model's first decoder layer."""
+    seen = []
+    handle = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    return seen, handle
+
+
+def test_a_round_computes_in_the_weights_dtype_under_a_trainers_autocast(tokenizer, bf16_accelerator):
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(2, seed=5)))
+    config = FaithConfig(**FAST)
+    model = build_tiny_model(tokenizer, seed=4)
+    outside = run_probe_round(model, tokenizer, panel, config).records
+    prepared = bf16_accelerator.prepare_model(model)
+    assert prepared is model and trainer_autocast_wrapped(model) and trainer_autocast_on(model)
+    wrapper = model.forward
+    seen, handle = autocast_spy(model)
+    try:
+        inside = run_probe_round(model, tokenizer, panel, config).records
+        assert seen and not any(seen)  # no forward of the round ran under the trainer's autocast
+        seen.clear()
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert seen == [True]  # training's forward is autocast again after the round
+    finally:
+        handle.remove()
+    assert model.forward is wrapper and trainer_autocast_wrapped(model)
+    assert inside == outside  # the records of the same weights outside the trainer
+
+
+def test_the_trainers_autocast_comes_back_after_a_failing_round(tokenizer, bf16_accelerator):
+    model = bf16_accelerator.prepare_model(build_tiny_model(tokenizer))
+    wrapper = model.forward
+    with pytest.raises(RuntimeError, match="probe failed"), probe_mode(model, tokenizer):
+        assert not trainer_autocast_wrapped(model)
+        assert model.forward == model._original_forward
+        raise RuntimeError("probe failed")
+    assert model.forward is wrapper and trainer_autocast_wrapped(model)
+
+
+def test_other_forward_wrappers_are_left_alone(tokenizer):
+    """Only accelerate's mixed-precision wrapper is taken off: an instance forward of another
+    kind (here one that merely calls the original) stays on during the round."""
+    model = build_tiny_model(tokenizer)
+    original = model.forward
+    model._original_forward = original
+    model.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    custom = model.forward
+    assert not trainer_autocast_wrapped(model)
+    with trainer_autocast_off(model):
+        assert model.forward is custom
+    assert model.forward is custom
