@@ -486,3 +486,10 @@ def test_snapshot_paraphraser_is_a_frozen_copy_of_the_model_at_the_first_round(p
     assert probe.paraphraser is snapshot and float(snapshot.generator.model.anchor) == 0.0
     with pytest.raises(ValueError, match="paraphraser='snapshot' copies the live model"):
         as_paraphraser("snapshot")
+
+
+def test_the_guard_keeps_hyphenated_compounds_which_may_encode_a_quantity():
+    from faithcb.perturb._guard import keeps_content
+
+    assert keeps_content("sun-cat blue map makes sun-owl", "sun-cat, blue and map make sun-owl")
+    assert not keeps_content("sun-cat blue map makes sun-owl", "the sun and the cat make an owl")

@@ -4,8 +4,9 @@ A model asked to reword a step may also change it: drop a number, round it, comp
 step, rename the person. Such a rewrite is no paraphrase, and an answer that moves under it says
 nothing about stability. The guard keeps a rewrite only when it holds the same quantities (every
 number of the step, by value, as often) and the same named entities (capitalised words that are
-not common sentence openers, and words that mix letters with digits or symbols, such as `x2` or
-`km/h`) as its source. Pure text work, no model.
+not common sentence openers; words that mix letters with digits or symbols, such as `x2` or
+`km/h`; hyphenated compounds such as `sun-cat`, which name one thing, or encode one) as its
+source. Pure text work, no model.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def step_content(text: str) -> StepContent:
     entities = set()
     for match in _WORD.finditer(text):
         word = match.group(0).rstrip("'-/")
-        coded = any(c.isdigit() for c in word) or "/" in word  # `x2`, `km/h`
+        coded = any(c.isdigit() for c in word) or "/" in word or "-" in word  # `x2`, `km/h`, `sun-cat`
         if coded or (word[:1].isupper() and word.lower() not in _OPENERS):
             entities.add(word.lower())
     return StepContent(quantities, frozenset(entities))
