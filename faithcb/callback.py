@@ -190,7 +190,9 @@ class FaithfulnessCallback(TrainerCallback):
             self._resume(args, state)
             if self.monitor.prompt_shape is None:  # a state saved without a shape: the panel as written
                 self.monitor.set_prompt_shape(pinned_choice(self.config) or kept_as_written(), main=False)
-        elif self.config.baseline_round and self.baseline is None:
+        else:
+            self._probes_begin(model, processing_class, state)
+        if state.global_step == 0 and self.config.baseline_round and self.baseline is None:
             self._round(args, state, model, processing_class, control=control)
         if self.monitor.prompt_shape is None:  # decided before any training step, kept for the run
             self._settle_shape(model, processing_class, state)
@@ -214,6 +216,19 @@ class FaithfulnessCallback(TrainerCallback):
         if finite:  # evaluate() logged before on_evaluate: send the faith figures on their own
             self.publisher.log(finite)
         return control
+
+    def _probes_begin(self, model: Any, processing_class: Any, state: Any) -> None:
+        """The probes' `on_train_begin` (e.g. a frozen copy of the model before fine-tuning); a
+        failure is logged like a failed round and never ends the run (unless `config.strict`)."""
+        live = model if model is not None else self.trainer.model
+        tokenizer = trainer_tokenizer(self.trainer, processing_class)
+        for probe in self.probes:
+            try:
+                probe.on_train_begin(live, tokenizer)
+            except Exception as err:
+                if self.config.strict:
+                    raise
+                self.monitor.record_failure(state.global_step, err, out_of_memory=is_out_of_memory(err))
 
     # ------------------------------------------------------------------ eval figures
     def eval_round_enabled(self, args: Any) -> bool:

@@ -493,3 +493,22 @@ def test_the_guard_keeps_hyphenated_compounds_which_may_encode_a_quantity():
 
     assert keeps_content("sun-cat blue map makes sun-owl", "sun-cat, blue and map make sun-owl")
     assert not keeps_content("sun-cat blue map makes sun-owl", "the sun and the cat make an owl")
+
+
+def test_the_callback_takes_the_snapshot_before_the_first_optimizer_step(panel, tmp_path):
+    """Without a baseline round the first round comes after training began: the copy is taken
+    when training begins instead, so the paraphraser is the model before fine-tuning."""
+    from types import SimpleNamespace
+
+    from faithcb import FaithfulnessCallback
+
+    model = ParaphrasingRuleLM(RuleLMConfig(rule="reads_chain"))
+    trainer = SimpleNamespace(log=lambda logs: None, state=None, processing_class=char_tokenizer(), model=model)
+    cfg = config(paraphraser="snapshot", baseline_round=False, prompt_shape="as_written")
+    callback = FaithfulnessCallback(trainer, list(panel), config=cfg)
+    args = SimpleNamespace(metric_for_best_model=None, output_dir=str(tmp_path), report_to=[])
+    state = SimpleNamespace(global_step=0, stateful_callbacks={}, is_world_process_zero=True)
+    callback.on_train_begin(args, state, SimpleNamespace())
+    probe = next(p for p in callback.probes if isinstance(p, ParaphraseProbe))
+    assert isinstance(probe.paraphraser, ModelParaphraser) and probe.paraphraser.generator.model is not model
+    assert callback.history == []  # no round ran

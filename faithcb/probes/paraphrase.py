@@ -50,9 +50,10 @@ class ParaphraseProbe(Probe):
     texts, or prefixes with `unit="prefix"`).
 
     Args:
-        paraphraser: `"rule"`, `"snapshot"` (a frozen copy of the live model, taken at the first
-            round: before any training step in a run), a model folder / hub id, a paraphraser
-            object or a callable (see `faithcb.perturb.as_paraphraser`).
+        paraphraser: `"rule"`, `"snapshot"` (a frozen copy of the live model, taken when training
+            begins, before any optimizer step; outside a run, at the first round; a run resumed
+            from a checkpoint copies the model it resumes with), a model folder / hub id, a
+            paraphraser object or a callable (see `faithcb.perturb.as_paraphraser`).
         unit: `"step"` or `"prefix"`.
     """
 
@@ -100,10 +101,15 @@ class ParaphraseProbe(Probe):
         self._texts: dict[tuple[int, str], list[str]] = {}
         self._cost: dict[tuple[int, str], tuple[float, float]] = {}
 
-    def on_round_start(self, engine: Any) -> None:
-        """With `"snapshot"`: copy the live model at the first round (then kept for the run)."""
+    def on_train_begin(self, model: Any, tokenizer: Any) -> None:
+        """With `"snapshot"`: copy the model before the first optimizer step (kept for the run)."""
         if self.snapshot and self.paraphraser is None:
-            self.paraphraser = ModelParaphraser.snapshot(engine.model, engine.tokenizer)
+            self.paraphraser = ModelParaphraser.snapshot(model, tokenizer)
+
+    def on_round_start(self, engine: Any) -> None:
+        """With `"snapshot"` outside a training run (a single round, a scan): copy the model of the
+        first round."""
+        self.on_train_begin(engine.model, engine.tokenizer)
 
     # ------------------------------------------------------------------ perturbed texts
     def _sources(self, chain: Chain) -> list[str]:
