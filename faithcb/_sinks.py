@@ -5,9 +5,11 @@ W&B layout (one section per first key component; `prefix` is `FaithConfig.log_pr
 - `faith/...`: the headline figures (those whose facts give a `Figure.headline` position,
   defined and logged first), the early-answering curve family and the sample-chain table;
 - `faith_drift/...`: every drift against the baseline round (`.../delta`);
-- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`);
+- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`)
+  and of every drift's paired interval (`/delta/ci_low`, `/delta/ci_high`);
 - `faith_detail/...`: everything else: splits by correctness, chance-corrected and
-  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`, ...).
+  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`,
+  the examples behind each paired drift `/delta/n`, ...).
 
 Every key is plotted against `train/global_step` (the callback) or `checkpoint/step` (scans).
 """
@@ -225,8 +227,8 @@ def wandb_key(name: str, prefix: str) -> str:
     """W&B key of a round figure (`name` without prefix): its section is the first component.
 
     `accuracy` -> `faith/accuracy`; `accuracy/delta` -> `faith_drift/accuracy/delta`;
-    `accuracy/ci_low` -> `faith_interval/accuracy/ci_low`; `accuracy/correct` ->
-    `faith_detail/accuracy/correct`.
+    `accuracy/ci_low` and `accuracy/delta/ci_low` -> `faith_interval/...`; `accuracy/correct` and
+    `accuracy/delta/n` -> `faith_detail/...`.
     """
     if name in headline_keys():
         return f"{prefix}/{name}"

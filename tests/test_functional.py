@@ -166,6 +166,8 @@ def test_paired_rate_drift_edge_cases():
     # no discordant pair: no change, an interval around 0 that narrows as the panel grows
     still = F.paired_rate_drift([1, 0] * 16, [1, 0] * 16)
     assert still.change == 0.0 and still.low < 0.0 < still.high
+    low, high = F.wilson_interval(16, 32)
+    assert still.high - still.low < (high - low) / 2  # examples that keep their value narrow it
     assert F.paired_rate_drift([1, 0] * 64, [1, 0] * 64).high < still.high
     # every pair discordant in one direction: the change is -1 and the interval reaches -1
     lost = F.paired_rate_drift([1] * 10, [0] * 10)

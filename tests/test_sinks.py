@@ -87,3 +87,16 @@ def test_wandb_figures_sort_headline_first_and_leave_missing_values_out():
         "mon/accuracy",
         "mon_drift/accuracy/delta",
     ]
+    # a drift's paired interval sits with the intervals; the examples behind it with the details
+    paired = {
+        "accuracy/delta/n": 32,
+        "accuracy/delta/ci_high": -0.08,
+        "accuracy/delta": -0.25,
+        "accuracy/delta/ci_low": -0.4,
+    }
+    assert list(wandb_figures(paired, "faith")) == [
+        "faith_drift/accuracy/delta",
+        "faith_detail/accuracy/delta/n",
+        "faith_interval/accuracy/delta/ci_high",
+        "faith_interval/accuracy/delta/ci_low",
+    ]
