@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +89,8 @@ def example_values(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
     Records without an id are left out, and so is every record whose id repeats (which example
     a repeated id stands for is unknown, so it pairs with nothing).
     """
-    ids = [str(r["id"]) for r in records if r.get("id") is not None]
-    repeated = {i for i in ids if ids.count(i) > 1}
+    counts = Counter(str(r["id"]) for r in records if r.get("id") is not None)
+    repeated = {i for i, count in counts.items() if count > 1}
     out: dict[str, dict[str, float]] = {}
     for record in records:
         if record.get("id") is None or str(record["id"]) in repeated:
