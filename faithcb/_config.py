@@ -276,7 +276,11 @@ class FaithConfig:
         },
     )
     wandb_media: bool = field(
-        default=True, metadata={"help": "Log early-answering curves and a sample table to W&B when it is active."}
+        default=True,
+        metadata={
+            "help": "Log early-answering curves, a sample table and the per-example table (each example's "
+            "readings and their change since the baseline round) to W&B when it is active."
+        },
     )
     num_sample_chains: int = field(default=4, metadata={"help": "Rows of the W&B sample-chain table."})
     strict: bool = field(

@@ -340,7 +340,7 @@ def scan_checkpoints(
             )
             result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **outcome.metrics})
             if run is not None:
-                _log_wandb(run, outcome, round_result.records, monitor.curves, config)
+                _log_wandb(run, outcome, round_result.records, monitor, config)
             logger.info(
                 "faithcb scan: checkpoint %s (step %d): %d examples in %.1fs (%s)",
                 ckpt.path,
@@ -399,7 +399,7 @@ def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
 
 
 def _log_wandb(
-    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], curves: list, config: FaithConfig
+    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], monitor: Monitor, config: FaithConfig
 ) -> None:
     """One checkpoint's round in the callback's W&B sections, at `checkpoint/step`."""
     figures = wandb_figures(outcome.metrics, config.log_prefix)
@@ -411,10 +411,12 @@ def _log_wandb(
                 wandb_media(
                     step=outcome.step,
                     records=records,
-                    curves=curves,
+                    curves=monitor.curves,
                     num_samples=config.num_sample_chains,
                     prefix=config.log_prefix,
                     curve_label="checkpoint",
+                    example_fields=list(monitor.example_fields),
+                    baseline_examples=None if outcome.is_baseline else monitor.baseline_examples,
                 )
             )
         except Exception:  # media are a convenience; never lose the scan over them
