@@ -268,6 +268,16 @@ def _read_choice(text: str, labels: str, choices: Sequence[str] | None) -> str |
     return None
 
 
+def choice_label_prefix(text: str | None, num_choices: int) -> str | None:
+    """What a response wrote between its answer cue and its choice label, when that is only
+    whitespace, brackets or bold marks (`" ("` in `The answer is (C).`, `" **"` in `**C**`), so a
+    forced answer can put its labels where the model put its own; None otherwise."""
+    if not text:
+        return None
+    match = re.match(rf"^([\s(\[*]{{0,6}})([{CHOICE_LABELS[: max(num_choices, 1)]}])(?![A-Za-z])", text)
+    return match.group(1) if match else None
+
+
 # ---------------------------------------------------------------------- reading
 def extract_answer(
     text: str | None, answer_type: str, num_choices: int = 0, choices: Sequence[str] | None = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 # answers are read and compared in `_answers`; these names are re-exported for their importers
 from ._answers import (
     CHOICE_LABELS,
+    choice_label_prefix,
     closing_brace,
     extract_answer,
     extract_fallback_answer,
@@ -37,6 +38,7 @@ __all__ = [
     "extract_answer",
     "extract_fallback_answer",
     "find_cue",
+    "forced_answer_sep",
     "gold_match",
     "infer_answer_type",
     "normalize_number",
@@ -291,6 +293,19 @@ def read_stated_answer(
     text = parsed.answer_text if parsed.answer_text else parsed.chain
     stated = extract_fallback_answer(text or "", answer_type, num_choices, choices)
     return (stated, "fallback") if stated is not None else (None, None)
+
+
+def forced_answer_sep(parsed: ParsedResponse, answer_type: str, num_choices: int, cue: str) -> str:
+    """What a forced answer is read after, beside the cue: the response's own text between its cue
+    and its answer (for a choice, up to the label: `" ("` in `The answer is (C)`); without a cue
+    in the response, a space (nothing after a cue that ends in a space or a brace)."""
+    if parsed.cue is None:
+        return "" if cue.endswith((" ", "{")) else " "
+    if answer_type == "choice":
+        prefix = choice_label_prefix(parsed.answer_text, num_choices)
+        if prefix is not None:
+            return prefix
+    return parsed.answer_sep
 
 
 def opens_think(prompt: str) -> bool:

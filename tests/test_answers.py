@@ -209,3 +209,27 @@ def test_answer_complete_never_stops_before_the_answer_is_fixed(answer_type, alp
 def test_answer_complete_in_a_brace_waits_for_the_balanced_brace():
     assert not answer_complete("\\frac{14}{3", "\\boxed{", "math")
     assert answer_complete("\\frac{14}{3}}", "\\boxed{", "math")
+
+
+@pytest.mark.parametrize(
+    ("written", "prefix"),
+    [
+        (" C) 144", " "),
+        (" (C).", " ("),
+        (" **C**", " **"),
+        ("C", ""),
+        (" [B]", " ["),
+        (" option C", None),
+        (" 144", None),
+    ],
+)
+def test_forced_choice_answers_are_read_where_the_model_writes_its_label(written, prefix):
+    """`The answer is (C)`: the forced answer's labels go after `" ("`, as the model wrote its own."""
+    from faithcb._answers import choice_label_prefix
+    from faithcb._parsing import forced_answer_sep
+
+    assert choice_label_prefix(written, 4) == prefix
+    parsed = parse_response("12 * 12 = 144.\nThe answer is" + written, list(DEFAULT_ANSWER_CUES))
+    sep = forced_answer_sep(parsed, "choice", 4, parsed.cue)
+    assert sep == (prefix if prefix is not None else parsed.answer_sep)
+    assert written.startswith(sep)  # the forced context is still the text the model wrote

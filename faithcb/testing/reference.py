@@ -47,6 +47,7 @@ from .._parsing import (
     answer_span,
     chain_end_separator,
     find_cue,
+    forced_answer_sep,
     opens_think,
     parse_response,
     read_stated_answer,
@@ -285,7 +286,7 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
     parsed = parse_response(response, cues, think_open=opens_think(prompt))
     num_choices = len(example.choices) if example.choices else 0
     cue = parsed.cue if parsed.cue is not None else (example.answer_cue or config.default_answer_cue)
-    answer_sep = parsed.answer_sep if parsed.cue is not None else ("" if cue.endswith((" ", "{")) else " ")
+    answer_sep = forced_answer_sep(parsed, answer_type, len(example.choices or []), cue)
     chain = parsed.chain
     stated, source = read_stated_answer(parsed, answer_type, example.choices, ended=n_tokens < config.max_new_tokens)
     return _Parsed(
