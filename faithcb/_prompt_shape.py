@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._panel import ProbeExample, ProbePanel
-from ._validity import invalid_reasons
+from ._validity import MAX_FORCED_PARSE_FAIL_RATE, invalid_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,18 @@ def round_reads(metrics: Mapping[str, float], max_parse_fail: float) -> tuple[bo
     return not reasons, reasons
 
 
+def answers_unreadable(metrics: Mapping[str, float], max_parse_fail: float) -> bool:
+    """Whether a round fails for what a prompt shape can change: more than `max_parse_fail` of
+    the stated answers, or the validity gate's share of the forced ones, cannot be read. (A
+    round whose answers read but fails another gate, say the self-check, keeps its panel as
+    written: another prompt would not mend that, and could hide it.)"""
+    parse_fail = metrics.get("parse_fail_rate")
+    forced_fail = metrics.get("forced_parse_fail_rate")
+    return (parse_fail is not None and parse_fail > max_parse_fail) or (
+        forced_fail is not None and forced_fail > MAX_FORCED_PARSE_FAIL_RATE
+    )
+
+
 def shape_try(shape: PromptShape, metrics: Mapping[str, float], max_parse_fail: float) -> ShapeTry:
     """How `shape`'s round read."""
     reads, reasons = round_reads(metrics, max_parse_fail)
@@ -238,6 +250,11 @@ def choose_prompt_shape(
 ) -> ShapeChoice:
     """Try the candidate shapes in order and keep the first whose round reads.
 
+    The panel as written is tried first and kept when its answers can be read (even if another
+    validity gate fails: `answers_unreadable`); otherwise the other shapes are tried in order,
+    and the first whose round passes every validity gate with at most `max_parse_fail`
+    unreadable answers is kept.
+
     Args:
         trial: Runs a round of the panel in a shape and returns its metrics.
         panel: The panel as written (decides which shapes can be tried).
@@ -250,10 +267,13 @@ def choose_prompt_shape(
     Returns:
         The choice: the first shape that reads, else the panel as written (`readable` False).
     """
-    tries: list[ShapeTry] = []
-    for shape in candidate_shapes(panel, shots=shots, has_chat_template=has_chat_template):
-        metrics = first if (shape == AS_WRITTEN and first is not None) else trial(shape)
-        tries.append(shape_try(shape, metrics, max_parse_fail))
+    shapes = candidate_shapes(panel, shots=shots, has_chat_template=has_chat_template)
+    written = first if first is not None else trial(AS_WRITTEN)
+    tries = [shape_try(AS_WRITTEN, written, max_parse_fail)]
+    if tries[0].reads or not answers_unreadable(written, max_parse_fail):
+        return ShapeChoice(AS_WRITTEN, tries, readable=tries[0].reads)
+    for shape in shapes[1:]:
+        tries.append(shape_try(shape, trial(shape), max_parse_fail))
         if tries[-1].reads:
             return ShapeChoice(shape, tries, readable=True)
     return ShapeChoice(AS_WRITTEN, tries, readable=False)
@@ -278,6 +298,8 @@ def log_choice(choice: ShapeChoice, step: int | None = None) -> None:
     where = f" at step {step}" if step is not None else ""
     if choice.pinned:
         logger.info("faithcb: prompt shape %s (pinned by FaithConfig.prompt_shape).", choice.shape.name)
+    elif len(choice.tries) == 1 and choice.shape == AS_WRITTEN:  # nothing else was tried
+        logger.info("faithcb: prompt shape as_written: the model states readable answers as the panel is written.")
     elif choice.readable:
         logger.info(
             "faithcb: prompt shape %s (%s) chosen%s and kept for the run; tries: %s.",

@@ -229,3 +229,27 @@ def test_check_panel_command_exit_codes(monkeypatch, capsys, tmp_path):
         small = ["--max_new_tokens", "40", "--answer_max_new_tokens", "4", "--probes", "early_answer"]
         assert main(["check-panel", "model_dir", str(panel), *small, *flags]) == code
         assert "Verdict:" in capsys.readouterr().out
+
+
+def test_a_round_whose_answers_read_keeps_its_panel_whatever_else_fails():
+    """Only unreadable answers make the monitor try other shapes: a self-check below its gate is a
+    property of the model another prompt would not mend (and could hide)."""
+    panel = load_panel(rule_rows())
+    asked = []
+    selfcheck_fails = {**readable(0.0), "selfcheck/forced_full_equals_stated": 0.4}
+    choice = choose_prompt_shape(
+        lambda shape: asked.append(shape) or readable(0.0),
+        panel,
+        shots=2,
+        has_chat_template=True,
+        max_parse_fail=0.2,
+        first=selfcheck_fails,
+    )
+    assert asked == [] and choice.shape == AS_WRITTEN and not choice.readable
+    assert "reproduces the stated one in only 40%" in choice.tries[0].reasons[0]
+    # unreadable forced answers do call for another shape
+    forced_fail = {**readable(0.0), "forced_parse_fail_rate": 0.8}
+    choice = choose_prompt_shape(
+        lambda shape: readable(0.0), panel, shots=2, has_chat_template=True, max_parse_fail=0.2, first=forced_fail
+    )
+    assert choice.shape.name == "instruction"
