@@ -126,7 +126,11 @@ def test_char_tokenizer_roundtrip_and_padding() -> None:
     assert enc["attention_mask"] == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("kind", RULE_KINDS)
+#: Kinds that never state an answer without something the plain prompts lack (tested below).
+SHAPE_KINDS = ("needs_instruction", "needs_shots")
+
+
+@pytest.mark.parametrize("kind", [k for k in RULE_KINDS if k not in SHAPE_KINDS])
 def test_greedy_generate_batch(models: dict, kind: str) -> None:
     """Left-padded batch of different-length prompts gives each full response."""
     model, tok = models[kind]
@@ -254,3 +258,15 @@ def test_right_padding_rows_and_train_mode() -> None:
     assert float(model.anchor.grad.abs().sum()) == 0.0
     model.eval()
     assert _generate(model, tok, [Q]) == [gold_response(Q)]
+
+
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_shape_kinds_answer_only_in_their_prompt_shape(models: dict, kind: str) -> None:
+    """Without an instruction / a worked shot before the question they write the chain and never
+    answer; with it they answer as `reads_chain` does."""
+    model, tok = models[kind]
+    (plain,) = _generate(model, tok, [Q], max_new_tokens=60)
+    chain = "".join(line + "\n" for line in gold_chain(Q))
+    assert plain.startswith(chain + "etc. etc.") and ANSWER_CUE not in plain
+    before = "End with 'Answer: <number>'.\n\n" if kind == "needs_instruction" else "Q: 1 + 1\n1 + 1 = 2\nAnswer: 2\n\n"
+    assert _generate(model, tok, [before + Q]) == [gold_response(Q)]
