@@ -8,9 +8,9 @@ example: the chain put under another panel question (the *swap*), read for wheth
 still follows the chain.
 
 The swap needs no request of its own: `ForcedAnswer(partner, chain_text)` is the partner's
-prompt, with the model's own text around a chain (its lead, the text it wrote before its cue,
-the cue), and this example's chain in it; the engine batches it with the round's other forced
-answers on the partner's prompt.
+prompt and the model's own text around its chain there (what it wrote before the chain, between
+the chain and the cue, the cue), with this example's chain in place of the partner's; the engine
+batches it with the other forced answers on the partner's prompt.
 """
 
 from __future__ import annotations
