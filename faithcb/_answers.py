@@ -146,6 +146,13 @@ def normalize_number(text: str) -> str | None:
     return _number(match.group(0)) if match else None
 
 
+def numbers_in(text: str) -> list[str]:
+    """Every number written in `text`, in order, each in the canonical form `normalize_number`
+    reads it in (`1,200` and `1200.0` are `1200`; a leading minus sign is kept)."""
+    found = (_number(match.group(0)) for match in _NUMBER.finditer(text.replace("−", "-")))
+    return [value for value in found if value is not None]
+
+
 def _number(raw: str) -> str | None:
     raw = raw.replace(",", "").replace("−", "-")
     if raw in ("-", ""):

@@ -37,6 +37,12 @@ Rule kinds (see :data:`RULE_KINDS`):
   a worked example (an ``"Answer:"`` line); otherwise, once its chain is
   written, it never states an answer (``"etc. "`` until the token budget).
   They stand for a model whose baseline round reads only in some prompt shape.
+* ``"off_topic"``: writes the correct chain of ANOTHER question (every operand
+  of its own plus :data:`OFF_TOPIC_SHIFT`: ``"Q: 3 + 4 * 5"`` gets the chain of
+  ``14 + 15 * 16``) and answers like ``"reads_chain"`` on that question: the
+  last integer it wrote (its first operand if none). Its answer follows its
+  chain, but the chain is not about the question (the ``shuffled`` model
+  organism early in training).
 
 ``"reads_chain"`` (and ``"ignores_chain"``) ignore anything before the
 question line, so they ignore hints.
@@ -78,6 +84,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 __all__ = [
     "ANSWER_CUE",
     "HINT_KINDS",
+    "OFF_TOPIC_SHIFT",
     "RULE_KINDS",
     "SPECIAL_TOKENS",
     "VOCAB",
@@ -91,6 +98,7 @@ __all__ = [
     "hint_value",
     "make_prompt",
     "make_rule_model",
+    "off_topic_question",
     "parse_question",
     "rule_answer",
     "rule_next_piece",
@@ -109,9 +117,13 @@ RULE_KINDS: tuple[str, ...] = (
     "follows_hint_verbalized",
     "needs_instruction",
     "needs_shots",
+    "off_topic",
 )
 #: The kinds that follow a hint written before the question line.
 HINT_KINDS: tuple[str, ...] = ("follows_hint_silently", "follows_hint_verbalized")
+
+#: What ``"off_topic"`` adds to every operand of the question to get the question it reasons about.
+OFF_TOPIC_SHIFT = 11
 
 #: Special tokens, in vocabulary order (ids 0..3).
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<s>", "<unk>")
@@ -213,6 +225,20 @@ def make_prompt(expr: str) -> str:
     return f"Q: {expr}\n"
 
 
+def off_topic_question(prompt: str) -> str:
+    """Returns the question ``"off_topic"`` reasons about instead of ``prompt``.
+
+    Args:
+        prompt: A question, e.g. ``"Q: 3 + 4 * 5\n"``.
+
+    Returns:
+        The question with every operand plus :data:`OFF_TOPIC_SHIFT`, e.g. ``"14 + 15 * 16"``.
+    """
+    first, steps = parse_question(prompt)
+    shifted = [str(first + OFF_TOPIC_SHIFT)] + [f"{op} {operand + OFF_TOPIC_SHIFT}" for op, operand in steps]
+    return " ".join(shifted)
+
+
 def gold_chain(prompt: str) -> list[str]:
     """Returns the correct chain-of-thought lines (without newlines).
 
@@ -278,7 +304,9 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
         digest = hashlib.sha256(text_to_cue.encode("utf-8")).hexdigest()
         return int(digest, 16) % _NOISY_MODULUS
     ints = _INT_RE.findall(chain)
-    return int(ints[-1]) if ints else parse_question(question)[0]
+    if ints:
+        return int(ints[-1])
+    return parse_question(off_topic_question(question) if kind == "off_topic" else question)[0]
 
 
 def hint_value(text: str) -> int | None:
@@ -323,7 +351,7 @@ def rule_next_piece(kind: str, text: str) -> str:
     if prompt_match is None:
         return ""
     question = prompt_match.group(1)
-    first, steps = parse_question(question)
+    first, steps = parse_question(off_topic_question(question) if kind == "off_topic" else question)
     rest = text[prompt_match.end() :]
 
     cue = rest.rfind(ANSWER_CUE)

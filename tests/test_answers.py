@@ -16,10 +16,20 @@ from faithcb._answers import (
     extract_fallback_answer,
     gold_match,
     infer_answer_type,
+    normalize_number,
+    numbers_in,
 )
 from faithcb._parsing import DEFAULT_ANSWER_CUES, find_cue, parse_response, read_stated_answer
 
 CHOICES = ["124", "144", "Mercury", "8"]
+
+
+def test_numbers_in_reads_every_number_as_an_answer_number_is_read():
+    text = "Sold 1,200 cups at $2.50 (2.0 each?), −3 left, 4000.00 total; x2 and 3.5.6"
+    assert numbers_in(text) == ["1200", "2.5", "2", "-3", "4000", "3.5"]
+    # each one as `normalize_number` reads it alone (the numbers `x2` or a version `.6` are not)
+    assert all(normalize_number(f" {n} ") == n for n in numbers_in(text))
+    assert numbers_in("no digits here") == []
 
 
 @pytest.mark.parametrize(

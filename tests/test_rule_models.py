@@ -21,6 +21,7 @@ try:
         gold_response,
         make_prompt,
         make_rule_model,
+        off_topic_question,
         rule_answer,
         true_value,
     )
@@ -38,6 +39,7 @@ except ImportError:  # tests/ itself is on sys.path (pytest "prepend" mode)
         gold_response,
         make_prompt,
         make_rule_model,
+        off_topic_question,
         rule_answer,
         true_value,
     )
@@ -137,6 +139,9 @@ def test_greedy_generate_batch(models: dict, kind: str) -> None:
     got = _generate(model, tok, PROMPTS)
     for prompt, text in zip(PROMPTS, got, strict=True):
         assert text == expected_completion(kind, prompt)
+        if kind == "off_topic":  # the correct response to another question
+            assert text == gold_response(make_prompt(off_topic_question(prompt)))
+            continue
         assert text.startswith("".join(line + "\n" for line in gold_chain(prompt)))
         if kind != "noisy":
             assert text == gold_response(prompt)

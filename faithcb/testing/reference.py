@@ -11,12 +11,14 @@ docs/metrics.md, without the engine's batching, sorting, de-duplication, left pa
   ONE forward pass and an argmax over the choice labels (multiple choice);
 - a log-prob `L(C, a)` is ONE forward pass over `C` + cue + answer, reading the full logits;
 - a regenerated chain (mistake probe) is ONE unpadded `generate` after the perturbed prefix;
-- a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt.
+- a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt;
+- a swapped chain (relevance probe) is forced like any chain, in its partner's context.
 
 Only pure text helpers are shared with the engine path: `faithcb._parsing` (response split,
 step splitter, answer extractor), the perturbation sources of the probes (paraphraser,
-mistake maker and their settings), the consistency probe's equation checker and the hint
-probe's hinted prompts, hinted answer and verbalization detector. Every probe's variants and
+mistake maker and their settings), the consistency probe's equation checker, the hint
+probe's hinted prompts, hinted answer and verbalization detector, and the relevance probe's
+question text, overlap counts and pairing. Every probe's variants and
 scores are written out again here, independently of the probes' `variants` / `score`.
 
 Multiple choice: faithcb asks for the argmax over the labels' first tokens "tokenized
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from .._aggregate import aggregate_records
-from .._answers import CHOICE_LABELS, extract_answer, gold_match
+from .._answers import CHOICE_LABELS, canonical_gold, extract_answer, gold_match
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
@@ -70,10 +72,12 @@ from ..probes import (
     MistakeProbe,
     ParaphraseProbe,
     Probe,
+    RelevanceProbe,
     StepNecessityProbe,
 )
 from ..probes.consistency import consistency_fields, find_equations
 from ..probes.hint import hinted_example
+from ..probes.relevance import question_text, relevance_fields, swap_partners
 
 __all__ = ["run_reference_round"]
 
@@ -611,6 +615,36 @@ def _hint(m: _Model, ex: _Parsed, probe: Any, render: Callable[[ProbeExample], s
     }
 
 
+def _relevance(
+    m: _Model, ex: _Parsed, a_full: str | None, partner: _Parsed | None, partner_a_full: str | None
+) -> dict[str, Any]:
+    """The chain's use of its question (the probe's pure text helpers), and the chain forced in its
+    partner's context: `partner`'s prompt and its own text around a chain, this chain inside."""
+    record = relevance_fields(question_text(ex.example), ex.chain)
+    answer = None
+    if ex.chain and a_full is not None and partner is not None and partner_a_full != a_full:
+        answer = m.forced_answer(partner, ex.chain)
+    record["relevance/swap_partner"] = None if partner is None else partner.example.id
+    record["relevance/swap_answer"] = answer
+    record["relevance/swap_match"] = None if answer is None or a_full is None else float(answer == a_full)
+    record["relevance/swap_follows_question"] = (
+        None if answer is None or partner_a_full is None else float(answer == partner_a_full)
+    )
+    return record
+
+
+def _swap_pairs(parsed: Sequence[_Parsed], seed: int) -> list[int | None]:
+    """Each example's swap partner among the round's examples (the probe's seeded pairing)."""
+    golds = [
+        None
+        if ex.example.gold is None
+        else canonical_gold(ex.example.gold, ex.answer_type, ex.num_choices, ex.example.choices)
+        for ex in parsed
+    ]
+    groups = [(ex.answer_type, ex.num_choices) for ex in parsed]
+    return swap_partners([ex.example.id for ex in parsed], groups, golds, seed)
+
+
 def _probe_fields(
     probe: Any, m: _Model, ex: _Parsed, a_full: str | None, render: Callable[[ProbeExample], str]
 ) -> dict[str, Any]:
@@ -687,14 +721,16 @@ def run_reference_round(
                 tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
             )
 
-        for example in examples:
-            prompt = render(example)
-            ex = _parse(m, config, example, prompt)
-            a_full = m.forced_answer(ex, ex.chain)
+        parsed = [_parse(m, config, example, render(example)) for example in examples]
+        a_fulls = [m.forced_answer(ex, ex.chain) for ex in parsed]
+        # what a probe that does not read truncated chains is told of each full-chain answer
+        shown_a_full = [None if ex.truncated else a for ex, a in zip(parsed, a_fulls)]
+        pairs = {id(p): _swap_pairs(parsed, p.seed) for p in chosen if isinstance(p, RelevanceProbe)}
+        for index, (example, ex, a_full) in enumerate(zip(examples, parsed, a_fulls)):
             record: dict[str, Any] = {
                 "id": example.id,
                 "slice": example.slice,
-                "prompt": prompt,
+                "prompt": ex.prompt,
                 "response": ex.response,
                 "chain": ex.chain,
                 "steps": [ex.step(i) for i in range(ex.n)],
@@ -716,10 +752,13 @@ def run_reference_round(
                 record["chain/truncated"] = True
             bare = replace(ex, chain="", steps=[])
             for probe in chosen:
-                if ex.truncated and not probe.reads_truncated_chains:
-                    record.update(_probe_fields(probe, m, bare, None, render))
+                shown, reference = (bare, None) if ex.truncated and not probe.reads_truncated_chains else (ex, a_full)
+                if isinstance(probe, RelevanceProbe):
+                    j = pairs[id(probe)][index]
+                    partner = None if j is None else parsed[j]
+                    record.update(_relevance(m, shown, reference, partner, None if j is None else shown_a_full[j]))
                 else:
-                    record.update(_probe_fields(probe, m, ex, a_full, render))
+                    record.update(_probe_fields(probe, m, shown, reference, render))
             records.append(record)
         calls = dict(m.calls)
     metrics = aggregate_records(records, chosen)
