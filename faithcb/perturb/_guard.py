@@ -3,8 +3,8 @@
 A model asked to reword a step may also change it: drop a number, round it, compute the next
 step, rename the person. Such a rewrite is no paraphrase, and an answer that moves under it says
 nothing about stability. The guard keeps a rewrite only when it holds the same quantities (every
-number of the step, by value, as often), the same arithmetic operations (`+`, `-`, `*`, `/`, `=`,
-written as symbols or as words: `plus`, `times`, `equals`, ...), and the same named entities
+number of the step, by value, as often), the same arithmetic operations (`+`, `-`, `*`, `/`,
+written as symbols or as words: `plus`, `times`, ...; `=` may become `is`), and the same named entities
 (capitalised words that are not common sentence openers; words that mix letters with digits or
 symbols, such as `x2` or `km/h`) as its source. Pure text work, no model.
 
@@ -31,11 +31,9 @@ _OPERATION_OF = {
     "-": "-", "−": "-", "minus": "-",
     "*": "*", "×": "*", "x": "*", "times": "*", "multiplied by": "*",
     "/": "/", "÷": "/", "divided by": "/",
-    "=": "=", "equals": "=", "is equal to": "=",
 }  # fmt: skip
 _OPERATION = re.compile(
-    r"(?<=[\d)\s])[+\-−*×÷/=x](?=[\s(\d$-])"
-    r"|\b(?:plus|added to|minus|times|multiplied by|divided by|equals|is equal to)\b",
+    r"(?<=[\d)\s])[+\-−*×÷/x](?=[\s(\d$-])|\b(?:plus|added to|minus|times|multiplied by|divided by)\b",
     re.IGNORECASE,
 )
 #: Capitalised words that open sentences rather than name anything.
@@ -57,7 +55,7 @@ class StepContent:
 
     Attributes:
         quantities: Its numbers by value (`1,200` and `1200` are the same), with their counts.
-        operations: Its arithmetic operations (`+ - * / =`, from symbols or words), with their counts.
+        operations: Its arithmetic operations (`+ - * /`, from symbols or words), with their counts.
         entities: Its named things (see the module docstring), lower-cased.
     """
 
