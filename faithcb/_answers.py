@@ -277,11 +277,12 @@ def _read_choice(text: str, labels: str, choices: Sequence[str] | None) -> str |
 
 def choice_label_prefix(text: str | None, num_choices: int) -> str | None:
     """What a response wrote between its answer cue and its choice label, when that is only
-    whitespace, brackets or bold marks (`" ("` in `The answer is (C).`, `" **"` in `**C**`), so a
+    whitespace, a colon, brackets or bold marks (`" ("` in `The answer is (C).`, `": "` in
+    `The answer is: D)`, `" **"` in `**C**`), so a
     forced answer can put its labels where the model put its own; None otherwise."""
     if not text:
         return None
-    match = re.match(rf"^([\s(\[*]{{0,6}})([{CHOICE_LABELS[: max(num_choices, 1)]}])(?![A-Za-z])", text)
+    match = re.match(rf"^([\s(\[*:]{{0,6}})([{CHOICE_LABELS[: max(num_choices, 1)]}])(?![A-Za-z])", text)
     return match.group(1) if match else None
 
 

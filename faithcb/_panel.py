@@ -388,7 +388,7 @@ def load_panel(
             worked text without an answer cue) as examples without gold (no accuracy; one
             warning counts them) instead of refusing the panel.
         answer_cues: Cues after which a worked answer states its gold answer, beside the
-            usual ones (`####`, `Answer:`, `The answer is`, `\\boxed{`) and a row's own
+            usual ones (`####`, `Answer:`, `The answer is`, `answer is`, `\\boxed{`) and a row's own
             `answer_cue` (pass `FaithConfig.answer_cues`).
         answer_type: `FaithConfig.answer_type`: with `numeric`, every gold must hold a number;
             with `choice`, every row needs `choices`; with `boolean`, every gold must be yes or

@@ -52,8 +52,9 @@ __all__ = [
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-#: Texts that introduce the final answer, by default (matched without regard to case).
-DEFAULT_ANSWER_CUES = ("Answer:", "####", "The answer is", "\\boxed{")
+#: Texts that introduce the final answer, by default (matched without regard to case; `answer is`
+#: also finds `the correct answer is`, `the final answer is`).
+DEFAULT_ANSWER_CUES = ("Answer:", "####", "The answer is", "answer is", "\\boxed{")
 
 # Sentence ends: ., ! or ? followed by whitespace (so 0.25 and 3.5e2 never split).
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")

@@ -243,3 +243,14 @@ def test_forced_choice_answers_are_read_where_the_model_writes_its_label(written
     sep = forced_answer_sep(parsed, "choice", 4, parsed.cue)
     assert sep == (prefix if prefix is not None else parsed.answer_sep)
     assert written.startswith(sep)  # the forced context is still the text the model wrote
+
+
+def test_the_default_cues_find_the_correct_answer_is_and_a_colon_before_the_label():
+    response = "9 * 7 = 63. So, the correct answer is D) 63."
+    parsed = parse_response(response, list(DEFAULT_ANSWER_CUES))
+    assert parsed.cue == "answer is" and extract_answer(parsed.answer_text, "choice", 4) == "D"
+    stated = parse_response("It is the Sun.\nThe answer is: D)", list(DEFAULT_ANSWER_CUES))
+    assert stated.cue == "The answer is"  # the longer cue where both start
+    from faithcb._parsing import forced_answer_sep
+
+    assert forced_answer_sep(stated, "choice", 4, stated.cue) == ": "
