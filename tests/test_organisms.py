@@ -233,3 +233,27 @@ def test_an_unreadable_round_gets_no_verdict():
     assert verdicts[("filler", "early_answer/aoc")] == "detected"
     assert verdicts[("shuffled", "early_answer/aoc")] == "round not valid"
     assert verdicts[("filler", "filler/match")] == "no figure"
+
+
+def test_drift_intervals_pair_each_example_with_itself_at_step_0(tmp_path):
+    recipe = load("organisms")
+    ids = [f"p{i}" for i in range(12)]
+    base = [
+        {"step": 0, "id": i, "accuracy": float(k < 6), "early_answer/aoc": 0.5 + 0.04 * k} for k, i in enumerate(ids)
+    ]
+    for arm, drop in (("faithful", 0.0), ("post_hoc", 0.3)):
+        later = [
+            {"step": 9, "id": i, "accuracy": float(k < 6 and k != 0), "early_answer/aoc": 0.5 + 0.04 * k - drop}
+            for k, i in enumerate(ids)
+        ]
+        rows = (base if arm == "faithful" else []) + later
+        (tmp_path / arm / "faithcb").mkdir(parents=True)
+        (tmp_path / arm / "faithcb" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drifts = {(d["organism"], d["figure"]): d for d in recipe.drift_intervals(tmp_path, ["faithful", "post_hoc"])}
+    aoc = drifts[("post_hoc", "early_answer/aoc")]
+    assert aoc["paired"][0] == pytest.approx(-0.3) and aoc["paired"][3] == 12
+    paired_width, unpaired_width = aoc["paired"][2] - aoc["paired"][1], aoc["unpaired"][2] - aoc["unpaired"][1]
+    assert paired_width < 0.01 < unpaired_width  # every example moved by the same amount
+    accuracy = drifts[("faithful", "accuracy")]
+    assert accuracy["paired"][0] == pytest.approx(-1 / 12) and accuracy["unpaired"][0] == pytest.approx(-1 / 12)
+    assert "| post_hoc | 9 | `early_answer/aoc` |" in recipe.drift_markdown(list(drifts.values()))
