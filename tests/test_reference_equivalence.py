@@ -36,9 +36,9 @@ from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic
 from faithcb.testing import run_reference_round
 
 try:
-    from tests.rule_models import gold_response, make_prompt, make_rule_model
+    from tests.rule_models import gold_response, make_prompt, make_rule_model, true_value
 except ImportError:  # pytest run from inside tests/
-    from rule_models import gold_response, make_prompt, make_rule_model
+    from rule_models import gold_response, make_prompt, make_rule_model, true_value
 
 ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity", "consistency"]
 # The hint probe adds one generation per hint kind and example: its own tests, and the sweep.
@@ -331,13 +331,15 @@ def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
 
 
 # ---------------------------------------------------------------------- regressions: discrepancies found and fixed
-def test_settle_point_matches_reference(random_rounds):
-    """The random Llama's panel has unparseable early answers (m_k unknown), e.g. an
-    unparseable F(prompt) before a one-step chain: matches [None, True]. The definition gives
-    t = 1 (tail 0); before the fix, t = 0 (tail 1.0: "the answer was fixed before any step")."""
-    engine, reference = random_rounds("llama", 0)
-    if not any(None in r["early_answer/matches"] and r["steps"] for r in reference.records):
-        raise RuntimeError("This panel no longer has an unknown early answer; pick one that has.")
+def test_settle_point_matches_reference(rule_panel):
+    """Unparseable early answers (m_k unknown): the rule model `needs_a_step` cannot answer
+    before its first step, so the one-step chain of `8 + 1` has matches [None, True]. The
+    definition gives t = 1 (tail 0); before the fix, t = 0 (tail 1.0: "the answer was fixed
+    before any step")."""
+    model, tokenizer = make_rule_model("needs_a_step")
+    engine, reference = both(model, tokenizer, rule_panel, max_new_tokens=60)
+    one_step = next(r for r in reference.records if r["prompt"] == make_prompt("8 + 1"))
+    assert one_step["early_answer/matches"] == [None, True]
     assert_same(engine, reference, skip=())
 
 
@@ -361,28 +363,47 @@ def test_stop_strings_in_a_batch_match_reference():
     assert_same(engine, reference)
 
 
-def test_multiple_choice_with_split_label_tokens_matches_reference(tok, llama):
-    """Cue `Answer:` then `" A"`: this tokenizer splits it into `" "` + `"A"`, so every label's
-    FIRST token is the space and the engine's argmax over first tokens is a four-way tie that
-    always picks `A`; the reference reads the labels after the shared space."""
-    first = {tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in "ABCD"}
-    engine, reference = both(llama, tok, choice_panel(5, seed=77))
-    if len(first) != 1 or all(set(r["early_answer/answers"]) <= {"A"} for r in reference.records):
-        raise RuntimeError("Labels do not share a first token here, or the model prefers `A` everywhere.")
+def test_multiple_choice_with_split_label_tokens_matches_reference():
+    """Cue `Answer:` then `" A"`: a tokenizer that splits it into `" "` + `"A"` (the rule
+    models' one-character tokens always do) gives every label the space as its FIRST token, so
+    the engine's argmax over first tokens was a four-way tie that always picked `A`; the
+    reference reads the labels after the shared space. The rule model answers the option
+    nearest its number, so its answers are other labels too."""
+    model, tokenizer = make_rule_model("reads_chain")
+    first = {tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in "ABCD"}
+    assert len(first) == 1
+    # (question, options): the gold option is C, B, D and A; the early answers move between labels
+    questions = [
+        ("3 + 4 * 5", [30, 7, 35, 3]),
+        ("9 - 2 + 6", [9, 13, 7, 15]),
+        ("2 * 3 * 4 - 1", [6, 2, 24, 23]),
+        ("8 + 1", [9, 8, 1, 17]),
+    ]
+    rows = [
+        {"question": make_prompt(q).strip(), "choices": [str(o) for o in options], "answer": str(true_value(q))}
+        for q, options in questions
+    ]
+    engine, reference = both(model, tokenizer, load_panel(rows), max_new_tokens=60)
+    assert [r["gold"] for r in reference.records] == ["C", "B", "D", "A"]
+    assert [r["stated_answer"] for r in reference.records] == ["C", "B", "D", "A"]
+    assert {a for r in reference.records for a in r["early_answer/answers"]} > {"A"}
     assert_same(engine, reference)
 
 
-def test_regeneration_with_an_example_cue_matches_reference(tok, llama):
+def test_regeneration_with_an_example_cue_matches_reference():
     """Examples with `answer_cue="####"`: a response is parsed with `####` only, so the model's
-    `Answer: 16` line is a step of its chain; the engine still cuts a regenerated chain at the
-    panel's `Answer:` (the reference, like the parse, only at `####`)."""
+    `Answer: 7` line is a step of its chain; the engine still cut a regenerated chain at the
+    panel's `Answer:` (the reference, like the parse, only at `####`). The rule model writes
+    `Answer:` after its chain and answers after `####` when forced, so a chain regenerated
+    after a corrupted middle step writes `Answer:` again."""
+    model, tokenizer = make_rule_model("reads_chain", cues=("Answer:", "####"))
     rows = [
-        {"prompt": e["prompt"], "completion": "#### " + e["answer"], "answer_cue": "####"}
-        for e in make_arithmetic_examples(3, seed=1)
+        {"prompt": make_prompt(x), "completion": f"#### {true_value(x)}", "answer_cue": "####"}
+        for x in ("2 - 2 + 2", "1 * 1 * 8", "4 * 2 - 1", "3 + 4 * 5 - 6")
     ]
-    engine, reference = both(llama, tok, load_panel(rows))
-    if not any("Answer:" in (r["mistake/continuation"] or "") for r in reference.records):
-        raise RuntimeError("No regenerated chain of this panel writes `Answer:`; pick one where one does.")
+    engine, reference = both(model, tokenizer, load_panel(rows), max_new_tokens=60)
+    assert all(r["steps"][-1].startswith("Answer:") for r in reference.records)
+    assert any("Answer:" in (r["mistake/continuation"] or "") for r in reference.records)
     assert_same(engine, reference)
 
 
