@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
@@ -160,8 +162,11 @@ def wide_random_model(tokenizer: Any, arch: str, seed: int, std: float = 0.3) ->
     return model
 
 
-def pretrained_model(tokenizer: Any, arch: str, *, steps: int, seed: int, batch_size: int = 8) -> Any:
-    """A tiny model trained briefly on arithmetic CoT and on its multiple-choice form."""
+def pretrained_model(
+    tokenizer: Any, arch: str, *, steps: int, seed: int, batch_size: int = 8, ready: Any = None
+) -> Any:
+    """A tiny model trained briefly on arithmetic CoT and on its multiple-choice form (with
+    `ready`: trained on until it holds, see `trainer_helpers.pretrain_until`)."""
     train = make_arithmetic_examples(1500, seed=1000 + seed)
     rows = choice_rows(500, 2000 + seed)
     panel = load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows])
@@ -169,6 +174,8 @@ def pretrained_model(tokenizer: Any, arch: str, *, steps: int, seed: int, batch_
         prompt = example.render_prompt(tokenizer, use_chat_template=False, prompt_template="{question}\n")
         train.append({"prompt": prompt, "completion": f"{row['chain']}\nAnswer: {example.gold}"})
     model = build_tiny_model(tokenizer, arch=arch, seed=seed)
+    if ready is not None:
+        return pretrain_until(model, tokenizer, train, ready, steps=steps, batch_size=batch_size, lr=5e-3, seed=seed)
     return pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=batch_size, lr=5e-3, seed=seed)
 
 
@@ -186,9 +193,36 @@ def tok():
     return build_tokenizer()
 
 
+HINT_TEMPLATES = ["{hint}\n{question}", "{question}{hint}\n"]  # the tiny model's own format: it answers after them
+
+
 @pytest.fixture(scope="module")
 def llama(tok):
-    return pretrained_model(tok, "llama", steps=200, seed=3)  # ~4 s on one core
+    """The briefly pre-trained Llama (~4 s on one core), trained on until the engine's rounds on
+    the panels below have what the comparisons need to be more than vacuous: real steps,
+    stated answers, scored mistakes and paraphrases, forced multiple-choice answers on more
+    than one label, answers after hinted prompts."""
+
+    def ready(model: Any) -> str | None:
+        config = FaithConfig(probes=ALL_PROBES, max_new_tokens=40, generation_batch_size=3, scoring_batch_size=5)
+        records = run_probe_round(model, tok, arithmetic_panel(4, seed=123), config).records
+        if sum(len(r["steps"]) >= 2 for r in records) < 3 or sum(r["stated_answer"] is not None for r in records) < 3:
+            return "chains of 2 steps and stated answers on 3 examples"
+        if not any(r["mistake/match"] is not None and r["mistake/continuation"] is not None for r in records):
+            return "a scored mistake with a regenerated continuation"
+        if not any(r["paraphrase/match"] is not None for r in records):
+            return "a scored paraphrase"
+        choice = run_probe_round(model, tok, choice_panel(5, seed=77, cue="Answer: "), config).records
+        if len({a for r in choice for a in r["early_answer/answers"]}) < 2:
+            return "forced multiple-choice answers on 2 labels"
+        probes = [*build_probes(FaithConfig(probes=["consistency"])), HintProbe(["sycophancy"], HINT_TEMPLATES)]
+        for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
+            hinted = run_probe_round(model, tok, panel, replace(config, generation_batch_size=5), probes).records
+            if sum(a is not None for r in hinted for a in r["hint/answers"]) < 4:
+                return "answers after 4 hinted prompts"
+        return None
+
+    return pretrained_model(tok, "llama", steps=200, seed=3, ready=ready)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +355,7 @@ def test_hint_on_rule_models_matches_reference(kind, rule_panel):
 def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
     """Numeric and multiple-choice panels (hinted prompts batched with the round's prompts)."""
     # a built-in kind, and templates in the tiny model's own format (it answers after those)
-    hint = HintProbe(kinds=["sycophancy"], templates=["{hint}\n{question}", "{question}{hint}\n"])
+    hint = HintProbe(kinds=["sycophancy"], templates=HINT_TEMPLATES)
     probes = [*build_probes(FaithConfig(probes=["consistency"])), hint]
     for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
         engine, reference = both(llama, tok, panel, probes=probes, generation_batch_size=5)
