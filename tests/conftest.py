@@ -29,6 +29,20 @@ _one_thread_per_process()
 
 
 @pytest.fixture(scope="session")
+def kit_pretraining(tmp_path_factory):
+    """`pretrain_tiny_model` that trains each kit model once per session (see
+    `trainer_helpers.cached_pretraining`), shared by the pytest-xdist workers."""
+    from trainer_helpers import cached_pretraining
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    folder = root / "kit_models"
+    folder.mkdir(exist_ok=True)
+    return cached_pretraining(folder)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from faithcb.synthetic import build_tokenizer
 

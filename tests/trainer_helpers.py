@@ -3,6 +3,9 @@ until they show the property a test needs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -108,3 +111,45 @@ def pretrain_until(
         if missing is None:
             return model
     raise RuntimeError(f"after {max_rounds * steps} pre-training steps the fixture model still lacks: {missing}")
+
+
+def cached_pretraining(cache_dir: Path) -> Callable[..., Any]:
+    """`faithcb.synthetic.pretrain_tiny_model`, keeping each model it trained under `cache_dir`.
+
+    Several tests pre-train the same kit model (the demo's, say); with this, the first one
+    trains it and the others load its weights. The key is everything that decides the
+    weights: the model's config and initial weights, the tokenizer's vocabulary, the examples
+    and the settings. A file lock per key lets test processes (pytest-xdist workers) share the
+    folder: one trains, the others wait for it and load.
+
+    Args:
+        cache_dir: An existing folder.
+
+    Returns:
+        A function with `pretrain_tiny_model`'s signature.
+    """
+    import torch
+    from filelock import FileLock
+
+    from faithcb.synthetic import pretrain_tiny_model
+
+    def pretrain(model: Any, tokenizer: Any, examples: Any, **kwargs: Any) -> Any:
+        digest = hashlib.sha256(model.config.to_json_string().encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+        digest.update(json.dumps([[e["prompt"], e["completion"]] for e in examples]).encode())
+        digest.update(json.dumps(kwargs, sort_keys=True, default=str).encode())
+        path = cache_dir / f"{digest.hexdigest()[:32]}.pt"
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                model.load_state_dict(torch.load(path, map_location="cpu"))
+                return model.eval()
+            pretrain_tiny_model(model, tokenizer, examples, **kwargs)
+            scratch = path.with_suffix(".tmp")
+            torch.save(model.state_dict(), scratch)
+            os.replace(scratch, path)
+        return model.eval()
+
+    return pretrain
