@@ -1,7 +1,8 @@
 """faithcb: a live chain-of-thought faithfulness monitor for `transformers` / TRL training.
 
 What a user needs is importable from here (`__all__`): the callback, its configuration and stop
-rules, the probe panel, a single probe round, probe registration and the base exception.
+rules, the probe panel (and the standard panels it loads by name), a single probe round, the
+pre-flight `check_panel`, probe registration and the base exception.
 Everything else is importable from its module; where things live (see the README's layout
 table):
 
@@ -13,10 +14,11 @@ table):
 - `faithcb._sinks`: JSONL files, the W&B sections and the console line; the trainer's `log`
   carries the metrics to every other integration.
 - `faithcb.cli`: the `faithcb` command and its Python entry points (`scan_checkpoints`,
-  `write_report`, `audit_traces`, `check_model`).
+  `write_report`, `audit_traces`, `check_model`, `check_panel`).
 - `faithcb.synthetic`: offline CoT tasks, a locally trained tokenizer and tiny models.
 """
 
+from ._check_panel import check_panel
 from ._config import FaithConfig
 from ._errors import FaithcbError
 from ._errors import RoundBudgetExceeded as RoundBudgetExceeded  # raised by run_probe_round; a FaithcbError
@@ -24,6 +26,7 @@ from ._models import load_smollm2
 from ._panel import PanelError as PanelError  # raised by load_panel; a FaithcbError
 from ._panel import ProbeExample, ProbePanel, load_panel
 from ._round import RoundResult, run_probe_round
+from ._standard_panels import list_standard_panels
 from ._stopping import StopRule
 from .callback import FaithfulnessCallback
 from .probes import Figure, Probe, get_probe, list_probes, register_probe
@@ -41,8 +44,10 @@ __all__ = [
     "RoundResult",
     "StopRule",
     "__version__",
+    "check_panel",
     "get_probe",
     "list_probes",
+    "list_standard_panels",
     "load_panel",
     "load_smollm2",
     "register_probe",

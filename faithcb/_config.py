@@ -8,7 +8,10 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-DEFAULT_ANSWER_CUES = ["Answer:", "####", "The answer is", "\\boxed{"]
+from ._answers import ANSWER_TYPES as _READ_TYPES
+from ._parsing import DEFAULT_ANSWER_CUES
+from ._prompt_shape import SHAPE_NAMES
+
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
 #: sharded weights): they change speed and memory, not what is measured, and users set them for
@@ -55,6 +58,36 @@ class FaithConfig:
         metadata={
             "help": "Keep panel rows without a readable gold answer (no answer, an empty one, worked text without an "
             "answer cue) as examples without gold (no accuracy for them) instead of refusing the panel."
+        },
+    )
+    prompt_shape: str = field(
+        default="auto",
+        metadata={
+            "help": "How the panel's prompts are written: auto (chosen once, before any training step: the panel as "
+            "written, else with the answer instruction, else with shape_fewshot worked shots from the panel, else "
+            "both; the first whose baseline round reads is kept for the whole run), or pinned: as_written, "
+            "instruction, fewshot, instruction+fewshot (docs/getting_started.md)."
+        },
+    )
+    answer_instruction: str = field(
+        default="End your response with a line of the form 'Answer: {answer}'.",
+        metadata={
+            "help": "The answer instruction of the instruction prompt shapes; {answer} becomes <number>, <letter>, "
+            "'yes or no' or <answer> by the example's answer type. Name a cue of answer_cues in it."
+        },
+    )
+    shape_fewshot: int = field(
+        default=3,
+        metadata={
+            "help": "Worked shots of the fewshot prompt shapes: each prompt is preceded by this many other panel "
+            "examples with their worked answers (every example is still probed)."
+        },
+    )
+    shape_max_parse_fail: float = field(
+        default=0.2,
+        metadata={
+            "help": "With prompt_shape=auto, the largest share of unreadable stated answers with which a shape's "
+            "baseline round reads (besides the validity gates)."
         },
     )
     num_fewshot: int = field(
@@ -107,7 +140,11 @@ class FaithConfig:
     )
     answer_cues: list[str] = field(
         default_factory=lambda: list(DEFAULT_ANSWER_CUES),
-        metadata={"help": "Texts that introduce the final answer; the earliest found in a response is used."},
+        metadata={
+            "help": "Texts that introduce the final answer, matched without regard to case; the earliest found in a "
+            "response (after its think block, if any) is used. A response without one is read by the fallback "
+            "(its last number, label or yes / no; counted in parse/fallback_rate)."
+        },
     )
     default_answer_cue: str = field(
         default="Answer:",
@@ -115,7 +152,11 @@ class FaithConfig:
     )
     answer_type: str = field(
         default="auto",
-        metadata={"help": "How answers are compared: auto, numeric, choice or text."},
+        metadata={
+            "help": "How answers are read and compared: auto (per example: its row's type, else choice with choices, "
+            "numeric for a number gold, boolean for yes/no, math for LaTeX, else text), numeric, choice, boolean, "
+            "math (LaTeX compared with math-verify) or text (docs/metrics.md)."
+        },
     )
     filler_token: str = field(
         default=" ...", metadata={"help": "Filler text repeated to the chain's token length (filler probe)."}
@@ -235,7 +276,11 @@ class FaithConfig:
         },
     )
     wandb_media: bool = field(
-        default=True, metadata={"help": "Log early-answering curves and a sample table to W&B when it is active."}
+        default=True,
+        metadata={
+            "help": "Log early-answering curves, a sample table and the per-example table (each example's "
+            "readings and their change since the baseline round) to W&B when it is active."
+        },
     )
     num_sample_chains: int = field(default=4, metadata={"help": "Rows of the W&B sample-chain table."})
     strict: bool = field(
@@ -271,7 +316,7 @@ class FaithConfig:
 
 
 #: Valid `answer_type` values.
-ANSWER_TYPES = ("auto", "numeric", "choice", "text")
+ANSWER_TYPES = ("auto", *_READ_TYPES)
 #: Valid `step_unit` values.
 STEP_UNIT_CHOICES = ("auto", "sentence", "line", "paragraph")
 #: Integer fields and their least valid value (None: the field may be None).
@@ -286,9 +331,12 @@ _MINIMUM = {
     "prompt_bucket": 1,
     "num_sample_chains": 0,
     "num_fewshot": 0,
+    "shape_fewshot": 1,
     "step_unit_min_steps": 1,
     "max_positions": 1,
 }
+#: Text fields that must hold a visible character.
+_NON_EMPTY = ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix", "answer_instruction")
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
 
 
@@ -356,6 +404,10 @@ def _value_problems(config: FaithConfig) -> list[str]:
         problems.append(
             f"temperature must be a positive number (greedy decoding is do_sample=False), got {config.temperature!r}"
         )
+    if config.prompt_shape not in ("auto", *SHAPE_NAMES):
+        problems.append(f"prompt_shape must be auto or one of {', '.join(SHAPE_NAMES)}; got {config.prompt_shape!r}")
+    if not (math.isfinite(config.shape_max_parse_fail) and 0.0 <= config.shape_max_parse_fail <= 1.0):
+        problems.append(f"shape_max_parse_fail must be between 0 and 1, got {config.shape_max_parse_fail!r}")
     if config.step_unit not in STEP_UNIT_CHOICES:
         problems.append(f"step_unit must be one of {', '.join(STEP_UNIT_CHOICES)}; got {config.step_unit!r}")
     if config.answer_type not in ANSWER_TYPES:
@@ -365,7 +417,7 @@ def _value_problems(config: FaithConfig) -> list[str]:
     for name in ("answer_cues", "stop_strings"):
         if any(not s for s in getattr(config, name)):
             problems.append(f"{name} must not hold an empty string")
-    for name in ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix"):
+    for name in _NON_EMPTY:
         if not getattr(config, name).strip():
             problems.append(f"{name} must be a non-empty string")
     if not config.filler_token.strip():

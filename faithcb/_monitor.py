@@ -1,7 +1,8 @@
 """`Monitor`: what a run makes of its probe rounds, with no trainer in sight.
 
 A round (`RoundResult`: panel figures and per-example records) goes in; out come its figures
-with their drift against the baseline round, the log keys, the validity verdict and the stop
+with their drift against the baseline round (and the paired interval of each drift, every
+example against itself at the baseline), the log keys, the validity verdict and the stop
 rules that fire. The Monitor owns the run's baseline, history, early-answering curves and
 stop-rule counters, and saves them as a JSON-able dict (`to_state` / `load_state`).
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import functional as F
 from ._config import FaithConfig
+from ._prompt_shape import ShapeChoice, log_choice
 from ._round import RoundResult
 from ._sinks import early_answer_curve
 from ._stopping import DRIFT_SKIP, StopMonitor, StopRule, broadcast_from_main, metric_names, validate_rules
@@ -66,6 +70,82 @@ def apply_drift(
         if _is_number(value) and _is_number(base) and drifts(key):
             out[f"{key}/delta"] = value - base
     return out, dict(baseline)
+
+
+def example_fields(probes: Sequence[Any]) -> dict[str, bool]:
+    """The per-example fields behind the probes' panel figures (`Probe.metrics`), in probe order,
+    each with whether it is a rate (`Probe.rates`: 0/1 per example)."""
+    fields: dict[str, bool] = {}
+    for probe in probes:
+        rates = set(getattr(probe, "rates", ()))
+        for key in getattr(probe, "metrics", ()):
+            fields.setdefault(key, key in rates)
+    return fields
+
+
+def example_values(records: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each example's finite numeric values of `fields`, keyed by example id (JSON-able).
+
+    Records without an id are left out, and so is every record whose id repeats (which example
+    a repeated id stands for is unknown, so it pairs with nothing).
+    """
+    counts = Counter(str(r["id"]) for r in records if r.get("id") is not None)
+    repeated = {i for i, count in counts.items() if count > 1}
+    out: dict[str, dict[str, float]] = {}
+    for record in records:
+        if record.get("id") is None or str(record["id"]) in repeated:
+            continue
+        out[str(record["id"])] = {
+            key: float(record[key])
+            for key in fields
+            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+        }
+    return out
+
+
+def paired_drifts(
+    baseline: Mapping[str, Mapping[str, float]],
+    current: Mapping[str, Mapping[str, float]],
+    fields: Mapping[str, bool],
+    with_drift: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """The paired drift of every figure: each example against itself in the baseline round.
+
+    For each field with values in both rounds, over the examples that have a value in both: a
+    rate (0/1 per example) gets Newcombe's paired interval of the change `(c - b) / n`
+    (`functional.paired_rate_drift`), any other figure the interval of the mean of its
+    per-example differences (`functional.paired_mean_drift`; a declared rate whose values are
+    not all 0/1 is read this way too). The keys, beside `<key>/delta`: `<key>/delta/ci_low`,
+    `<key>/delta/ci_high` (95%; left out where there is no interval, e.g. one pair of a mean)
+    and `<key>/delta/n` (the pairs). Where every example has a value in both rounds the paired
+    change equals `<key>/delta`; otherwise the interval is of the change over those pairs.
+
+    Args:
+        baseline: Per-example values of the baseline round (`example_values`).
+        current: Per-example values of this round.
+        fields: Field -> whether it is a rate (`example_fields`).
+        with_drift: The round's figures; when given, only figures that have a `<key>/delta` there
+            get a paired drift.
+
+    Returns:
+        The paired drift keys (without prefix).
+    """
+    out: dict[str, float] = {}
+    common = [i for i in current if i in baseline]
+    for key, rate in fields.items():
+        if with_drift is not None and f"{key}/delta" not in with_drift:
+            continue
+        was = [baseline[i].get(key) for i in common]
+        now = [current[i].get(key) for i in common]
+        pairs = F.known_pairs(was, now)
+        if not pairs:
+            continue
+        zero_one = rate and all(x in (0.0, 1.0) and y in (0.0, 1.0) for x, y in pairs)
+        drift = F.paired_rate_drift(was, now) if zero_one else F.paired_mean_drift(was, now)
+        if math.isfinite(drift.low) and math.isfinite(drift.high):
+            out[f"{key}/delta/ci_low"], out[f"{key}/delta/ci_high"] = drift.low, drift.high
+        out[f"{key}/delta/n"] = float(drift.n)
+    return out
 
 
 def prefixed_logs(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -148,10 +228,15 @@ class RoundOutcome:
     partial: bool
     events: list[dict[str, Any]] = field(default_factory=list)
 
+    prompt_shape: str | None = None
+
     @property
     def jsonl_metrics(self) -> dict[str, Any]:
-        """The line of `metrics.jsonl`: the figures and the validity reasons."""
-        return {**self.metrics, "invalid_reasons": self.invalid_reasons}
+        """The line of `metrics.jsonl`: the figures, the validity reasons and the prompt shape."""
+        line: dict[str, Any] = {**self.metrics, "invalid_reasons": self.invalid_reasons}
+        if self.prompt_shape is not None:
+            line["prompt_shape"] = self.prompt_shape
+        return line
 
 
 class Monitor:
@@ -191,6 +276,7 @@ class Monitor:
         self.config = config if config is not None else FaithConfig()
         self.prefix = self.config.log_prefix
         self.metric_names, with_interval = metric_names(probes, slices)
+        self.example_fields = example_fields(probes)  # field -> is a rate
         self.stop_rules = list(stop_rules)
         keys = validate_rules(self.stop_rules, self.metric_names, with_interval, self.prefix)
         self.stopper = StopMonitor(self.stop_rules, keys, self.prefix)
@@ -200,6 +286,9 @@ class Monitor:
         self.baseline: dict[str, float] | None = None
         self.baseline_step: int | None = None
         self.baseline_readable = False  # an unreadable baseline is replaced by the first readable round
+        # the baseline round's per-example values by example id (None: no per-example baseline)
+        self.baseline_examples: dict[str, dict[str, float]] | None = None
+        self.prompt_shape: ShapeChoice | None = None  # chosen once, before any training step
         self.history: list[dict[str, Any]] = []
         self.curves: list[tuple[int, list[float | None]]] = []
         self.last_round_step: int | None = None
@@ -219,9 +308,23 @@ class Monitor:
         self.last_round_step = step
         self.last_round_ok = False
 
+    # ------------------------------------------------------------------ the prompt shape
+    def set_prompt_shape(self, choice: ShapeChoice, step: int | None = None, *, main: bool = True) -> None:
+        """Fix the run's prompt shape (once: a shape is never changed during a run) and log it."""
+        if self.prompt_shape is not None:
+            return
+        self.prompt_shape = choice
+        if main:
+            log_choice(choice, step)
+
     # ------------------------------------------------------------------ rounds
     def observe(self, step: int, result: RoundResult, *, partial: bool = False, main: bool = True) -> RoundOutcome:
         """Take one round: drift against the baseline, history, validity, stop decisions.
+
+        Each drift `<key>/delta` of a figure with per-example values in both this round and the
+        baseline round gets the interval of the paired drift (`paired_drifts`: every example
+        against itself at the baseline); the baseline round's per-example values are kept (and
+        saved with the state) for that.
 
         The first complete round becomes the baseline (a partial one never does); when it
         cannot be read, the first readable complete round replaces it (once). An unreadable
@@ -252,6 +355,11 @@ class Monitor:
             skipped_examples=self.skipped_examples,
         )
         is_baseline = (self.baseline is None or rebase) and post.baseline is not None
+        values = example_values(result.records, list(self.example_fields))
+        if not is_baseline and post.baseline is not None and self.baseline_examples:
+            paired = paired_drifts(self.baseline_examples, values, self.example_fields, post.metrics)
+            post.metrics.update(paired)
+            post.logs.update(prefixed_logs(paired, self.prefix))
         if is_baseline:
             if rebase:
                 self.warn_once(
@@ -265,10 +373,12 @@ class Monitor:
                 self.warn_once(
                     "unreadable-baseline",
                     "faithcb: the baseline round (step %d) cannot be read; the first readable round will replace it "
-                    "as the baseline.",
+                    "as the baseline. `faithcb check-panel MODEL PANEL` shows what the model writes and what was read "
+                    "from it, before any training.",
                     step,
                 )
             self.baseline, self.baseline_step, self.baseline_readable = post.baseline, step, not reasons
+            self.baseline_examples = values
         elif self.baseline is None:
             self.warn_once(
                 "partial-baseline",
@@ -284,6 +394,7 @@ class Monitor:
             invalid_reasons=reasons,
             is_baseline=is_baseline,
             partial=partial,
+            prompt_shape=self.prompt_shape.shape.name if self.prompt_shape is not None else None,
         )
         self.history.append({"step": step, **post.metrics})
         self.curves.append((step, early_answer_curve(result.records)))
@@ -424,11 +535,14 @@ class Monitor:
 
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
-        """The run's state as a JSON-able dict (baseline, history, curves, rule counters, events)."""
+        """The run's state as a JSON-able dict (baseline with its per-example values, history,
+        curves, rule counters, events)."""
         return {
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
             "baseline_readable": self.baseline_readable,
+            "baseline_examples": self.baseline_examples,
+            "prompt_shape": self.prompt_shape.to_state() if self.prompt_shape is not None else None,
             "history": self.history,
             "curves": [[s, c] for s, c in self.curves],
             "last_round_step": self.last_round_step,
@@ -449,8 +563,15 @@ class Monitor:
             self.baseline_step = state["baseline_step"]
         # states saved before this entry existed: their baseline stays (read as readable)
         self.baseline_readable = bool(state.get("baseline_readable", self.baseline is not None))
+        if "baseline_examples" in state:  # states saved before it existed: no paired drift
+            saved = state["baseline_examples"]
+            self.baseline_examples = (
+                None if saved is None else {str(i): {k: float(v) for k, v in vals.items()} for i, vals in saved.items()}
+            )
         if "last_round_step" in state:
             self.last_round_step = state["last_round_step"]
+        if state.get("prompt_shape"):
+            self.prompt_shape = ShapeChoice.from_state(state["prompt_shape"])
         self.history = [dict(h) for h in state.get("history", self.history) or []]
         self.curves = [(int(s), list(c)) for s, c in state.get("curves", self.curves) or []]
         self.stop_events = list(state.get("stop_events", self.stop_events) or [])

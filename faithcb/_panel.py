@@ -1,15 +1,25 @@
 """The probe panel: a fixed set of held-out CoT examples, loaded from the shapes users have.
 
-Accepted row shapes (one per row; JSONL file, `datasets.Dataset` or list of dicts):
+Accepted row shapes (one per row; JSONL file, `datasets.Dataset` or list of dicts), detected
+from the row's fields:
 
-- `{"question": ..., "answer": ...}`; the answer may be GSM8K-style `"... #### 42"`.
+- `{"question": ..., "answer": ...}`; the answer may be GSM8K-style `"... #### 42"` (its
+  `<<48/2=24>>` calculator notes are left out of the worked answer a few-shot prompt shows).
+  A boolean answer (StrategyQA: `true` / `false`) is read as the gold `yes` / `no`.
 - TRL prompt-completion: `{"prompt": str, "completion": str}` or with message lists.
 - Conversational: `{"messages": [..., {"role": "assistant", "content": ...}]}`.
 - Multiple choice: any of the above plus `"choices": [...]`; the gold answer may be a label
   (`"B"`), an index (`1`) or the choice text.
+- ARC / CommonsenseQA: `question`, `choices: {"text": [...], "label": [...]}`, `answerKey`
+  (labels `A`-`J` or `1`-`10`; the choices are shown as A), B), ...).
+- AQuA-RAT: `question`, `options: ["A)21", ...]`, `rationale` (the worked answer), `correct`.
+- MATH: `problem`, `solution` (the worked answer), `answer` (LaTeX; read from the solution's
+  `\\boxed{}` when absent).
 
-Optional fields on any row: `id`, `slice` (e.g. `in_dist`), `gold` (overrides the answer read
-from the other fields), `answer_cue`.
+Optional fields on any row: `id` (or `qid`, `unique_id`), `slice` (e.g. `in_dist`), `gold`
+(overrides the answer read from the other fields), `answer_cue`, `answer_type` (how its
+answers are compared, one of `EXAMPLE_ANSWER_TYPES`; MATH rows are `math` and boolean rows
+`boolean` unless they say otherwise).
 
 Every row needs a gold answer that can be read: a bare answer (`"42"`, `"Paris"`), or worked
 text that states it after an answer cue (`#### 42`, `Answer: 42`, `The answer is 42`,
@@ -18,6 +28,10 @@ no answer at all are refused (accuracy against them would mean nothing), unless 
 opts into gold-less examples with `allow_missing_gold=True`. A gold that is present but wrong
 for its row (a multiple-choice gold that is no label, index or choice text) is always refused.
 Every bad row is listed in one `PanelError`.
+
+`load_panel` also takes the name of a standard panel (`"gsm8k"`, `"math500"`, ...; see
+`faithcb._standard_panels`): the held-out split of that dataset, read through
+`datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -32,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._answers import ANSWER_TYPES, CHOICE_LABELS, infer_answer_type, normalize_number
 from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
-from ._parsing import CHOICE_LABELS, find_cue, infer_answer_type, normalize_number, split_steps
+from ._parsing import DEFAULT_ANSWER_CUES, find_cue, split_steps
+from ._standard_panels import STANDARD_PANELS, StandardPanel, close_panel_names, find_standard_panel
 
 if TYPE_CHECKING:
     from ._config import FaithConfig
@@ -42,7 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
-_GOLD_CUES = ["####", "Answer:", "The answer is", "\\boxed{"]
+_GOLD_CUES = list(DEFAULT_ANSWER_CUES)
 #: Bad rows a PanelError lists by name; the rest are counted.
 MAX_LISTED_ROWS = 10
 
@@ -52,8 +68,17 @@ ROW_SHAPES = {
     "prompt_completion": "prompt-completion (TRL, text prompt)",
     "prompt_completion_chat": "prompt-completion (TRL, chat prompt)",
     "messages": "messages (chat)",
+    "choices_answer_key": "ARC / CommonsenseQA (choices {text,label} + answerKey)",
+    "aqua_rat": "AQuA-RAT (options + correct + rationale)",
+    "math": "MATH (problem + solution + answer)",
+    "boolean": "StrategyQA (question + boolean answer)",
     "example": "ProbeExample objects",
 }
+#: Answer types an example may carry itself (`ProbeExample.answer_type`, a row's `answer_type`):
+#: `math` answers are LaTeX, compared as mathematical expressions; `boolean` golds are `yes` / `no`.
+EXAMPLE_ANSWER_TYPES = ANSWER_TYPES
+#: Fields that hold a row's own id, in the order they are looked for.
+ID_FIELDS = ("id", "qid", "unique_id")
 
 
 class PanelError(FaithcbError, ValueError):
@@ -75,10 +100,19 @@ class ProbeExample:
         shape: The row shape it was read from (a key of `ROW_SHAPES`; `example` when built in code).
         gold_from: Where the gold answer was read (`'####'` for the text after that cue,
             `bare answer`, `gold field`, ...), or None without a gold answer.
-        solution: The row's worked answer (its `answer`, `completion` or last assistant turn),
-            as a few-shot example shows it; None when the row has none.
+        solution: The row's worked answer (its `answer` without GSM8K's `<<...>>` calculator
+            notes, `completion`, last assistant turn, `rationale`, `solution`, or a StrategyQA
+            row's `facts` followed by its answer), as a few-shot example shows it; None when the
+            row has none.
         shots: Worked examples of the same panel shown before this example's prompt
             (`load_panel(num_fewshot=...)`); they are never probed themselves.
+        answer_type: How this example's answers are read and compared, when its row says (its
+            `answer_type` field) or its schema knows it (`math` for MATH rows, `boolean` for
+            StrategyQA rows); one of `EXAMPLE_ANSWER_TYPES`. It wins over `FaithConfig.answer_type`
+            (`read_as`); None: the configured type, or with `auto` the one the gold implies.
+        instruction: An answer instruction added to the prompt (the prompt shape chosen at the
+            baseline, `faithcb._prompt_shape`): after a question and its choices, at the end of
+            the last user turn, or before a plain-text prompt (which may end in a cue of its own).
     """
 
     id: str
@@ -92,6 +126,15 @@ class ProbeExample:
     gold_from: str | None = field(default=None, compare=False)
     solution: str | None = field(default=None, compare=False)
     shots: tuple[ProbeExample, ...] = field(default=(), compare=False)
+    answer_type: str | None = None
+    instruction: str | None = None
+
+    def read_as(self, configured: str = "auto") -> str:
+        """How this example's answers are read: its own type, else `configured`
+        (`FaithConfig.answer_type`), else (`auto`) the type its gold and choices imply."""
+        if self.answer_type is not None:
+            return self.answer_type
+        return configured if configured != "auto" else infer_answer_type(self.gold, self.choices)
 
     def render_prompt(self, tokenizer: Any, *, use_chat_template: bool | None, prompt_template: str) -> str:
         """The prompt text the model sees, formatted the way SFT formats it.
@@ -121,9 +164,9 @@ class ProbeExample:
                     f"Panel example {self.id!r} has chat messages but the tokenizer has no chat template; "
                     "set tokenizer.chat_template or give plain-text prompts."
                 )
-            return tokenizer.apply_chat_template(self.prompt, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(self._user_turns(), tokenize=False, add_generation_prompt=True)
         if isinstance(self.prompt, str):
-            return self.prompt
+            return self._instructed_text()
         if chat:
             if not has_template:
                 raise PanelError("use_chat_template=True but the tokenizer has no chat template.")
@@ -131,19 +174,38 @@ class ProbeExample:
         return prompt_template.format(question=self._question_text())
 
     def _question_text(self) -> str:
-        """A question row's question, with its lettered choices."""
+        """A question row's question, with its lettered choices (and the answer instruction)."""
         question = self.question or ""
         if self.choices:
             question = (
                 question.rstrip() + "\n" + "\n".join(f"{CHOICE_LABELS[i]}) {c}" for i, c in enumerate(self.choices))
             )
+        if self.instruction:
+            question = question.rstrip() + "\n" + self.instruction
         return question
 
+    def _instructed_text(self) -> str:
+        """A plain-text prompt, after the answer instruction when there is one (a completion-style
+        prompt may end in its own cue, `Answer:`, which must stay last)."""
+        prompt = self.prompt if isinstance(self.prompt, str) else ""
+        return f"{self.instruction}\n\n{prompt}" if self.instruction else prompt
+
     def _user_turns(self) -> list[dict[str, Any]]:
-        """The example's prompt as chat turns."""
+        """The example's prompt as chat turns (the answer instruction ends the last user turn)."""
         if isinstance(self.prompt, list):
-            return [dict(turn) for turn in self.prompt]
-        return [{"role": "user", "content": self.prompt if isinstance(self.prompt, str) else self._question_text()}]
+            turns = [dict(turn) for turn in self.prompt]
+            last = max((i for i, t in enumerate(turns) if t.get("role") == "user"), default=None)
+            if self.instruction and last is not None:
+                content = turns[last].get("content")
+                if isinstance(content, list):
+                    turns[last]["content"] = [*content, {"type": "text", "text": "\n" + self.instruction}]
+                else:
+                    turns[last]["content"] = f"{_text_of(content).rstrip()}\n{self.instruction}"
+            return turns
+        text = self.prompt if isinstance(self.prompt, str) else self._question_text()
+        if isinstance(self.prompt, str) and self.instruction:
+            text = f"{text.rstrip()}\n{self.instruction}"
+        return [{"role": "user", "content": text}]
 
     def _shot_turns(self) -> list[dict[str, Any]]:
         """A shot as chat turns: its prompt, then its worked answer (system turns left out)."""
@@ -153,9 +215,9 @@ class ProbeExample:
     def _plain_prompt(self, prompt_template: str) -> str:
         """The prompt as plain text (a chat prompt's turns, one per line)."""
         if isinstance(self.prompt, str):
-            return self.prompt
+            return self._instructed_text()
         if isinstance(self.prompt, list):
-            turns = [_text_of(turn.get("content")) for turn in self.prompt if turn.get("role") != "system"]
+            turns = [_text_of(turn.get("content")) for turn in self._user_turns() if turn.get("role") != "system"]
             return "\n".join(turns) + "\n"
         return prompt_template.format(question=self._question_text())
 
@@ -200,15 +262,14 @@ class ProbePanel:
         Returns:
             A JSON-able dict: `source`, `examples`, `row_shapes` (shape -> count),
             `multiple_choice` (examples with choices), `with_gold` / `without_gold`,
-            `gold_from` (where golds were read -> count), `answer_types` (the type
-            `FaithConfig.answer_type='auto'` reads each example as -> count; `none` for
-            examples without gold or choices), `answer_cues` (per-example cues -> count) and
-            `slices` (tag -> count, in panel order), `fewshot` (ids of the shots shown before
-            each prompt).
+            `gold_from` (where golds were read -> count), `answer_types` (each example's own
+            type where it has one, else the type `FaithConfig.answer_type='auto'` reads it as
+            -> count; `none` for examples without gold, choices or a type of their own),
+            `own_answer_types` (how many examples carry their own type), `answer_cues`
+            (per-example cues -> count) and `slices` (tag -> count, in panel order),
+            `fewshot` (ids of the shots shown before each prompt).
         """
-        types = Counter(
-            infer_answer_type(e.gold, e.choices) if (e.gold is not None or e.choices) else "none" for e in self.examples
-        )
+        types = Counter(_answer_type_of(e) for e in self.examples)
         with_gold = sum(e.gold is not None for e in self.examples)
         return {
             "source": self.source,
@@ -219,6 +280,7 @@ class ProbePanel:
             "without_gold": len(self.examples) - with_gold,
             "gold_from": dict(Counter(e.gold_from for e in self.examples if e.gold_from).most_common()),
             "answer_types": dict(types.most_common()),
+            "own_answer_types": sum(e.answer_type is not None for e in self.examples),
             "answer_cues": dict(Counter(e.answer_cue for e in self.examples if e.answer_cue).most_common()),
             "slices": {s: sum(e.slice == s for e in self.examples) for s in self.slices},
             "fewshot": [shot.id for shot in self.examples[0].shots] if self.examples else [],
@@ -259,7 +321,13 @@ class ProbePanel:
             )
         types = {k: v for k, v in s["answer_types"].items() if k != "none"}
         if types:
-            lines.append(f"  answer types:  {counts(types)} (as answer_type='auto' reads them)")
+            own = s["own_answer_types"]
+            how = "as answer_type='auto' reads them"
+            if own == n:
+                how = "set by their rows"
+            elif own:
+                how = f"{own} set by their rows, the rest {how}"
+            lines.append(f"  answer types:  {counts(types)} ({how})")
         if s["multiple_choice"]:
             lines.append(f"  multiple choice: {s['multiple_choice']} of {n}")
         if s["answer_cues"]:
@@ -271,6 +339,13 @@ class ProbePanel:
         return "\n".join(lines)
 
 
+def _answer_type_of(example: ProbeExample) -> str:
+    """The example's own answer type, else the one `answer_type='auto'` infers; `none` without either."""
+    if example.answer_type is None and example.gold is None and not example.choices:
+        return "none"
+    return example.read_as("auto")
+
+
 def _gold_from_words(key: str, count: int) -> str:
     """`2 read after '####'`, `1 bare answer`, `3 from 'gold' fields`, ..."""
     plural = "s" if count != 1 else ""
@@ -280,6 +355,7 @@ def _gold_from_words(key: str, count: int) -> str:
         "choice label": f"choice label{plural}",
         "choice index": "choice ind" + ("ices" if count != 1 else "ex"),
         "choice text": f"choice text{plural}",
+        "boolean answer": f"boolean answer{plural} read as yes / no",
     }
     return f"{count} {words.get(key, f'read after {key}')}"
 
@@ -301,8 +377,10 @@ def load_panel(
 
     Args:
         source: Path to a JSONL file or to a folder written by `Dataset.save_to_disk`, a
-            `datasets.Dataset`, a list of dicts (or of `ProbeExample`s), or a ProbePanel.
-            `ProbeExample`s and panels are taken as they are.
+            `datasets.Dataset`, a list of dicts (or of `ProbeExample`s), a ProbePanel, or the
+            name of a standard panel (`"gsm8k"`, `"math500"`, ...: `list_standard_panels()`),
+            whose held-out split is read through `datasets.load_dataset` (a path that exists
+            wins over a name). `ProbeExample`s and panels are taken as they are.
         size: Keep this many examples, chosen once by a seeded subsample (order preserved)
             when the source is larger; None keeps all. Every row is checked first.
         seed: Seed of that subsample.
@@ -313,7 +391,10 @@ def load_panel(
             usual ones (`####`, `Answer:`, `The answer is`, `\\boxed{`) and a row's own
             `answer_cue` (pass `FaithConfig.answer_cues`).
         answer_type: `FaithConfig.answer_type`: with `numeric`, every gold must hold a number;
-            with `choice`, every row needs `choices` (`auto` infers the type per example).
+            with `choice`, every row needs `choices`; with `boolean`, every gold must be yes or
+            no (`auto` infers the type per example). A row with a type of its own (its
+            `answer_type` field, or the one its schema sets: `math`, `boolean`) is checked
+            against that type instead.
         num_fewshot: Take the first this many rows that have a worked answer and a gold as
             few-shot examples: they are shown, with their worked answers, before every other
             example's prompt and are never probed themselves (before `size` subsamples the
@@ -324,11 +405,17 @@ def load_panel(
 
     Raises:
         PanelError: Malformed rows or golds (all of them in one message, each named by file
-            and line, or by row index), an empty source, duplicate ids.
+            and line, or by row index), an empty source, duplicate ids, a name that is neither
+            a file nor a standard panel, a standard panel that cannot be loaded.
     """
+    if answer_type not in ("auto", *EXAMPLE_ANSWER_TYPES):
+        raise PanelError(f"answer_type must be one of auto, {', '.join(EXAMPLE_ANSWER_TYPES)}; got {answer_type!r}.")
     cues = list(dict.fromkeys([*_GOLD_CUES, *(c for c in (answer_cues or []) if c)]))
     problems: list[str] = []  # rows refused whatever the options
     missing: list[str] = []  # rows without a readable gold answer
+    standard = _standard_panel_named(source)
+    if standard is not None:
+        source, name = _load_standard_panel(standard), _standard_source_name(standard)
     if isinstance(source, ProbePanel):
         examples, name = list(source.examples), source.source
     elif isinstance(source, (str, Path)) and _is_saved_dataset(Path(source)):
@@ -342,7 +429,7 @@ def load_panel(
         for line_no, row in iter_jsonl(Path(source), PanelError, what="Probe panel file", bad_lines=problems):
             _add_row(row, len(examples), f"{source}:{line_no}", cues, answer_type, examples, problems, missing)
     else:
-        name = type(source).__name__
+        name = name if standard is not None else type(source).__name__
         if isinstance(source, Mapping):
             raise PanelError(
                 f"Cannot read a probe panel from a {name} (a dict of splits or one row?): give a JSONL path, a "
@@ -399,6 +486,55 @@ def _with_shots(examples: list[ProbeExample], num_fewshot: int, name: str) -> li
     if not rest:
         raise PanelError(f"num_fewshot={num_fewshot} leaves no example of {name} to probe.")
     return rest
+
+
+def _standard_panel_named(source: Any) -> StandardPanel | None:
+    """The standard panel `source` names, or None for anything else; a path that exists wins.
+
+    Raises:
+        PanelError: `source` is a bare name (no folder, no file extension) that is neither a file
+            nor a standard panel: the message lists the names, closest first.
+    """
+    if not isinstance(source, (str, Path)) or Path(source).exists():
+        return None
+    text = str(source)
+    standard = find_standard_panel(text)
+    if standard is not None:
+        return standard
+    if Path(text).suffix or "/" in text or "\\" in text:
+        return None  # a path: reading it says the file is not found
+    close = close_panel_names(text)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise PanelError(
+        f"Probe panel {text!r} is neither a file nor a standard panel name.{hint} Standard panels: "
+        f"{', '.join(STANDARD_PANELS)} (faithcb.list_standard_panels() says what each holds); or give a JSONL "
+        "path, a list of rows or a datasets.Dataset."
+    )
+
+
+def _standard_source_name(standard: StandardPanel) -> str:
+    """`gsm8k (openai/gsm8k main, split test)`: how logs and row errors name a standard panel."""
+    config = f" {standard.config_name}" if standard.config_name else ""
+    return f"{standard.name} ({standard.hub_path}{config}, split {standard.split})"
+
+
+def _load_standard_panel(standard: StandardPanel) -> Any:
+    """The standard panel's split as a `datasets.Dataset`, read through `datasets.load_dataset`."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise PanelError(
+            f"The standard panel {standard.name!r} is read from the Hugging Face Hub with the `datasets` library: "
+            "pip install datasets (it comes with faithcb[trl])."
+        ) from err
+    try:
+        return datasets.load_dataset(standard.hub_path, standard.config_name, split=standard.split)
+    except Exception as err:  # offline, not found, no access: datasets raises many kinds
+        raise PanelError(
+            f"Cannot load the standard panel {standard.name!r}, {standard.describe()}, with datasets.load_dataset: "
+            f"{type(err).__name__}: {err}. Without network access, load it once where the Hub can be reached "
+            "(datasets caches it; HF_DATASETS_OFFLINE=1 then reads the cache), or give a JSONL export of its rows."
+        ) from err
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -472,13 +608,21 @@ def _add_row(
     except PanelError as err:
         problems.append(str(err))
         return
-    if answer_type == "choice" and not example.choices:
-        problems.append(f"{where}: answer_type='choice' but the row has no 'choices'.")
+    kind = example.answer_type or answer_type  # a type of the row's own is checked instead of the panel's
+    whose = "the row's " if example.answer_type else ""
+    if kind == "choice" and not example.choices:
+        problems.append(f"{where}: {whose}answer_type='choice' but the row has no 'choices'.")
         return
-    if answer_type == "numeric" and example.gold is not None and normalize_number(example.gold) is None:
+    if kind == "numeric" and example.gold is not None and normalize_number(example.gold) is None:
         problems.append(
-            f"{where}: gold answer {example.gold!r} holds no number, but answer_type='numeric' compares numbers "
-            "(use answer_type='auto' or 'text' for other answers)."
+            f"{where}: gold answer {example.gold!r} holds no number, but {whose}answer_type='numeric' compares "
+            "numbers (use answer_type='auto' or 'text' for other answers)."
+        )
+        return
+    if kind == "boolean" and example.gold is not None and example.gold.lower() not in ("yes", "no"):
+        problems.append(
+            f"{where}: gold answer {example.gold!r} is not yes or no, but {whose}answer_type='boolean' compares "
+            "yes / no answers."
         )
         return
     if gold_problem is not None:
@@ -564,11 +708,21 @@ def read_gold(text: str, cues: Sequence[str], field_name: str) -> tuple[str | No
     pos, cue = found
     after = text[pos + len(cue) :]
     if cue.endswith("{"):
-        after = after.split("}", 1)[0]
+        after = _braced(after)
     gold = after.strip().split("\n", 1)[0].strip()
     if not gold:
         return None, f"cannot read a gold answer: nothing follows the answer cue {cue!r} in '{field_name}'.", None
     return _without_full_stop(gold), None, repr(cue)
+
+
+def _braced(text: str) -> str:
+    """The text up to the brace that closes an opened one: `\\frac{14}{3}} ...` -> `\\frac{14}{3}`."""
+    depth = 1
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[:i]
+    return text.split("}", 1)[0]
 
 
 def _without_full_stop(gold: str) -> str:
@@ -592,16 +746,27 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
     """
     if not isinstance(row, Mapping):
         raise PanelError(f"{where}: expected an object with fields, got {type(row).__name__}.")
-    ex_id = str(row.get("id", index))
+    own_id = next((row[f] for f in ID_FIELDS if row.get(f) is not None), None)
+    ex_id = str(own_id if own_id is not None else index)
     slice_tag = str(row.get("slice") or "all")
     cue = row.get("answer_cue")
     if cue is not None and (not isinstance(cue, str) or not cue.strip()):
         raise PanelError(f"{where}: 'answer_cue' must be a non-empty string, got {cue!r}.")
+    answer_type = row.get("answer_type")
+    if answer_type is not None and answer_type not in EXAMPLE_ANSWER_TYPES:
+        types = ", ".join(EXAMPLE_ANSWER_TYPES)
+        raise PanelError(f"{where}: 'answer_type' must be one of {types}, got {answer_type!r}.")
     row_cues = list(dict.fromkeys([cue, *cues])) if cue else list(cues)
     choices = row.get("choices")
-    if choices is not None and (not isinstance(choices, list) or len(choices) < 2):
+    labelled = isinstance(choices, Mapping)  # ARC / CommonsenseQA: {"text": [...], "label": [...]}
+    if labelled and ("question" not in row or "messages" in row or "prompt" in row):
+        raise PanelError(
+            f"{where}: 'choices' as {{'text': [...], 'label': [...]}} (ARC / CommonsenseQA) goes with 'question' and "
+            "'answerKey'; other rows give 'choices' as a list."
+        )
+    if not labelled and choices is not None and (not isinstance(choices, list) or len(choices) < 2):
         raise PanelError(f"{where}: 'choices' must be a list of at least two options.")
-    if choices is not None and len(choices) > len(CHOICE_LABELS):
+    if not labelled and choices is not None and len(choices) > len(CHOICE_LABELS):
         raise PanelError(f"{where}: at most {len(CHOICE_LABELS)} choices are supported.")
     prompt: str | Messages | None = None
     question: str | None = None
@@ -609,6 +774,7 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
     gold_from: str | None = None
     problem: str | None = None
     solution: str | None = None
+    schema_type: str | None = None  # the answer type the row's schema knows
     if "messages" in row:
         shape = "messages"
         messages = _check_messages(row["messages"], where, "messages")
@@ -645,29 +811,63 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
             raise PanelError(
                 f"{where}: 'completion' must be a string or a list of messages, got {type(completion).__name__}."
             )
+    elif "problem" in row and "question" not in row:
+        shape, schema_type = "math", "math"
+        question = _question_field(row, "problem", where)
+        solution = _optional_text(row, "solution", where)
+        answer = row.get("answer")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            gold, gold_from = answer, "bare answer"
+        elif isinstance(answer, str) and answer.strip():
+            gold, gold_from = answer.strip(), "bare answer"
+        elif answer is not None and not isinstance(answer, str):
+            raise PanelError(f"{where}: 'answer' must be text or a number, got {type(answer).__name__}.")
+        elif solution is not None:
+            gold, problem, gold_from = read_gold(solution, [cue] if cue else ["\\boxed{"], "solution")
+        else:
+            problem = "no gold answer: the row has no 'answer', no 'solution' and no 'gold' field."
+    elif "question" in row and labelled:
+        shape = "choices_answer_key"
+        question = _question_field(row, "question", where)
+        choices, gold, problem = _labelled_choices(choices, row.get("answerKey"), where)
+        gold_from = "choice label" if gold is not None else None
+    elif "question" in row and "options" in row:
+        shape = "aqua_rat"
+        question = _question_field(row, "question", where)
+        choices, labels = _lettered_options(row["options"], where)
+        solution = _optional_text(row, "rationale", where)
+        correct = row.get("correct")
+        if correct is None or (isinstance(correct, str) and not correct.strip()):
+            problem = "no gold answer: the row has no 'correct' label and no 'gold' field."
+        elif not isinstance(correct, str) or correct.strip().upper() not in labels:
+            raise PanelError(
+                f"{where}: 'correct' must be one of the options' labels ({', '.join(labels)}), got {correct!r}."
+            )
+        else:
+            gold, gold_from = correct.strip().upper(), "choice label"
     elif "question" in row:
         shape = "question_answer"
-        question = row["question"]
-        if not isinstance(question, str) or not question.strip():
-            raise PanelError(f"{where}: 'question' must be a non-empty string.")
+        question = _question_field(row, "question", where)
         answer = row.get("answer")
         if answer is None:
             problem = "no gold answer: the row has no 'answer' and no 'gold' field."
         elif isinstance(answer, str):
-            solution = answer
+            solution = _CALCULATOR_NOTE.sub("", answer)
             gold, problem, gold_from = read_gold(answer, row_cues, "answer")
         elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
             gold, gold_from = answer, "bare answer"
         elif isinstance(answer, bool) and choices is None:
-            gold, gold_from = str(answer), "bare answer"
+            shape, schema_type = "boolean", "boolean"
+            gold, gold_from = ("yes" if answer else "no"), "boolean answer"
+            solution = _facts_solution(row.get("facts"), gold, where)
         elif choices is None:
             raise PanelError(f"{where}: 'answer' must be text or a number, got {type(answer).__name__}.")
         else:
             gold = answer
     else:
         raise PanelError(
-            f"{where}: missing field: a row needs 'question' (+ 'answer'), 'prompt' (+ 'completion') or "
-            f"'messages'; got fields {sorted(row)}."
+            f"{where}: missing field: a row needs 'question' (+ 'answer', 'choices' + 'answerKey', or 'options' + "
+            f"'correct'), 'problem' (+ 'answer'), 'prompt' (+ 'completion') or 'messages'; got fields {sorted(row)}."
         )
     if row.get("gold") is not None:
         gold, problem, gold_from = row["gold"], None, "gold field"
@@ -675,6 +875,9 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
             raise PanelError(f"{where}: 'gold' must be text or a number, got {type(gold).__name__}.")
         if isinstance(gold, str) and not gold.strip():
             gold, problem, gold_from = None, "'gold' is empty: no gold answer.", None
+    kind = answer_type or schema_type
+    if kind == "boolean" and gold is not None:
+        gold = _yes_no(gold)
     if choices is not None:
         if gold is not None:
             gold, how = _choice_label(gold, choices, where)
@@ -694,8 +897,91 @@ def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tupl
         shape=shape,
         gold_from=gold_from if problem is None else None,
         solution=solution if solution and solution.strip() else None,
+        answer_type=kind,
     )
     return example, problem
+
+
+#: GSM8K's calculator notes inside a worked answer: `48/2 = <<48/2=24>>24`.
+_CALCULATOR_NOTE = re.compile(r"<<[^<>\n]*>>")
+#: An AQuA-RAT option's label: `A)21`, `(B) 4`, `C) x`.
+_OPTION_LABEL = re.compile(r"^\s*\(?([A-J])\)\s*")
+
+
+def _question_field(row: Mapping[str, Any], field_name: str, where: str) -> str:
+    """The row's question (or problem) text; it must be a non-empty string."""
+    text = row[field_name]
+    if not isinstance(text, str) or not text.strip():
+        raise PanelError(f"{where}: '{field_name}' must be a non-empty string.")
+    return text
+
+
+def _optional_text(row: Mapping[str, Any], field_name: str, where: str) -> str | None:
+    """An optional text field (a worked answer): None when absent or empty."""
+    text = row.get(field_name)
+    if text is not None and not isinstance(text, str):
+        raise PanelError(f"{where}: '{field_name}' must be text, got {type(text).__name__}.")
+    return text if text and text.strip() else None
+
+
+def _labelled_choices(choices: Mapping[str, Any], key: Any, where: str) -> tuple[list[str], str | None, str | None]:
+    """ARC / CommonsenseQA choices `{"text": [...], "label": [...]}` and `answerKey`.
+
+    Returns:
+        `(texts, gold, problem)`: the choice texts in order, the gold as a letter (the key's
+        position among the labels: ARC's `"1"`-`"4"` become `A`-`D`), and why there is no gold
+        (an empty `answerKey`, as in CommonsenseQA's unlabelled test split).
+    """
+    texts, labels = choices.get("text"), choices.get("label")
+    if not isinstance(texts, list) or not isinstance(labels, list):
+        raise PanelError(f"{where}: 'choices' must hold a 'text' list and a 'label' list; got {sorted(choices)}.")
+    if len(texts) != len(labels):
+        raise PanelError(f"{where}: 'choices' has {len(texts)} texts but {len(labels)} labels.")
+    if not 2 <= len(texts) <= len(CHOICE_LABELS):
+        raise PanelError(f"{where}: 'choices' must hold 2 to {len(CHOICE_LABELS)} options, got {len(texts)}.")
+    labels = [str(label).strip() for label in labels]
+    if len(set(labels)) != len(labels):
+        raise PanelError(f"{where}: the choice labels repeat: {labels}.")
+    if key is None or (isinstance(key, str) and not key.strip()):
+        return [str(t) for t in texts], None, "no gold answer: 'answerKey' is empty and the row has no 'gold' field."
+    if str(key).strip() not in labels:
+        raise PanelError(f"{where}: answerKey {key!r} is not one of the choice labels ({', '.join(labels)}).")
+    return [str(t) for t in texts], CHOICE_LABELS[labels.index(str(key).strip())], None
+
+
+def _lettered_options(options: Any, where: str) -> tuple[list[str], str]:
+    """AQuA-RAT options `["A)21", "B)21.5", ...]` as choice texts without their labels, and the labels."""
+    if not isinstance(options, list) or not 2 <= len(options) <= len(CHOICE_LABELS):
+        raise PanelError(f"{where}: 'options' must be a list of 2 to {len(CHOICE_LABELS)} options.")
+    if not all(isinstance(o, str) for o in options):
+        raise PanelError(f"{where}: every option in 'options' must be text.")
+    labels = CHOICE_LABELS[: len(options)]
+    matches = [_OPTION_LABEL.match(o) for o in options]
+    if not all(m is not None and m.group(1) == label for m, label in zip(matches, labels)):
+        raise PanelError(
+            f"{where}: every option must start with its label in order ({', '.join(f'{c})' for c in labels)}); "
+            f"got {[o[:12] for o in options]}."
+        )
+    return [o[m.end() :].strip() for o, m in zip(options, matches)], labels
+
+
+def _facts_solution(facts: Any, gold: str, where: str) -> str | None:
+    """A StrategyQA row's worked answer: its facts, then `Answer: yes` (None without facts)."""
+    if facts is None:
+        return None
+    if isinstance(facts, list) and all(isinstance(f, str) for f in facts):
+        facts = " ".join(f.strip() for f in facts)
+    if not isinstance(facts, str):
+        raise PanelError(f"{where}: 'facts' must be text or a list of texts, got {type(facts).__name__}.")
+    return f"{facts.strip()}\nAnswer: {gold}" if facts.strip() else None
+
+
+def _yes_no(gold: Any) -> Any:
+    """A boolean gold as `yes` / `no` (`True`, `"true"`, `"Yes"` ...); anything else is left for the check."""
+    if isinstance(gold, bool):
+        return "yes" if gold else "no"
+    text = str(gold).strip().lower()
+    return {"true": "yes", "false": "no", "yes": "yes", "no": "no"}.get(text, gold)
 
 
 _LABEL_PREFIX = re.compile(r"^\(?([A-J])\)?(?:[.):]|\s|$)")

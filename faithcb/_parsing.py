@@ -6,16 +6,55 @@ k steps is an exact substring of what the model wrote.
 
 from __future__ import annotations
 
+import functools
 import re
-import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+# answers are read and compared in `_answers`; these names are re-exported for their importers
+from ._answers import (
+    CHOICE_LABELS,
+    choice_label_prefix,
+    closing_brace,
+    extract_answer,
+    extract_fallback_answer,
+    gold_match,
+    infer_answer_type,
+    normalize_number,
+    normalize_text,
+    number_complete,
+)
+
+__all__ = [
+    "CHOICE_LABELS",
+    "DEFAULT_ANSWER_CUES",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "ParsedResponse",
+    "Step",
+    "answer_span",
+    "chain_end_separator",
+    "choose_step_unit",
+    "extract_answer",
+    "extract_fallback_answer",
+    "find_cue",
+    "forced_answer_sep",
+    "gold_match",
+    "infer_answer_type",
+    "normalize_number",
+    "normalize_text",
+    "number_complete",
+    "opens_think",
+    "parse_response",
+    "read_stated_answer",
+    "split_steps",
+]
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-CHOICE_LABELS = "ABCDEFGHIJ"
+#: Texts that introduce the final answer, by default (matched without regard to case).
+DEFAULT_ANSWER_CUES = ("Answer:", "####", "The answer is", "\\boxed{")
 
-# A number: optional sign, digits with optional thousands separators, optional decimals.
-_NUMBER = re.compile(r"(?<![\w.])[-−]?\d[\d,]*(?:\.\d+)?|(?<![\w.])[-−]?\.\d+")
 # Sentence ends: ., ! or ? followed by whitespace (so 0.25 and 3.5e2 never split).
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 
@@ -46,6 +85,7 @@ class ParsedResponse:
         answer_sep: Whitespace the model wrote between the cue and the answer.
         lead: The text the model wrote before its chain: leading whitespace and, in the think
             format, the `<think>` tag when the response opened it.
+        open_think: The response is inside a think block that never closed: it states no answer.
     """
 
     chain: str
@@ -54,34 +94,42 @@ class ParsedResponse:
     answer_text: str | None
     answer_sep: str
     lead: str = ""
+    open_think: bool = False
 
 
-def find_cue(text: str, cues: list[str]) -> tuple[int, str] | None:
-    """Earliest occurrence of any cue in `text` as (position, cue); longest cue wins ties."""
-    best: tuple[int, str] | None = None
-    for cue in cues:
-        pos = text.find(cue)
-        if pos < 0:
-            continue
-        if best is None or pos < best[0] or (pos == best[0] and len(cue) > len(best[1])):
-            best = (pos, cue)
-    return best
+def find_cue(text: str, cues: Sequence[str]) -> tuple[int, str] | None:
+    """Earliest occurrence of any cue in `text`, matched without regard to case, as (position,
+    the cue as `text` writes it: `the answer is` for the cue `The answer is`); the longest cue
+    wins ties."""
+    match = _cue_pattern(tuple(cues)).search(text)
+    return (match.start(), match.group(0)) if match else None
 
 
-def parse_response(response: str, cues: list[str]) -> ParsedResponse:
+@functools.lru_cache(maxsize=256)
+def _cue_pattern(cues: tuple[str, ...]) -> re.Pattern[str]:
+    # longest first, so that at one position the longest cue wins
+    ordered = sorted(dict.fromkeys(c for c in cues if c), key=len, reverse=True)
+    return re.compile("|".join(re.escape(c) for c in ordered) or r"(?!)", re.IGNORECASE)
+
+
+def parse_response(response: str, cues: Sequence[str], *, think_open: bool = False) -> ParsedResponse:
     """Split a generated response into chain and stated answer.
 
     Reasoning-model format `<think> chain </think> answer` is recognised (with or without the
     opening tag, which the prompt may hold): the chain is the thinking text; the answer is read
-    after a cue in the rest, or from the whole rest.
+    after a cue in the rest, or from the whole rest. Only the text after `</think>` is searched
+    for the answer: a think block that was opened (in the response, or by the prompt:
+    `think_open`) and never closed states no answer.
 
     Args:
         response: The generated text (prompt excluded, special tokens removed).
-        cues: Candidate answer cues, e.g. `["Answer:", "####"]`.
+        cues: Candidate answer cues, e.g. `["Answer:", "####"]`, matched without regard to case.
+        think_open: The prompt ends inside an open think block.
 
     Returns:
-        The parsed response. `cue` is None when no cue was found. With a cue,
-        `lead + chain + joiner + cue` is exactly the response up to the end of the cue.
+        The parsed response. `cue` is None when no cue was found, else the cue as the response
+        writes it. With a cue, `lead + chain + joiner + cue` is exactly the response up to the
+        end of the cue.
     """
     if THINK_CLOSE in response:
         head, _, rest = response.partition(THINK_CLOSE)
@@ -95,6 +143,10 @@ def parse_response(response: str, cues: list[str]) -> ParsedResponse:
         pos, cue = found
         after = answer_span(rest[pos + len(cue) :], cue)
         return ParsedResponse(chain, cue, closing + rest[:pos], after, _leading_space(after), lead)
+    opened = response.find(THINK_OPEN)
+    if think_open or opened >= 0:  # the think block is still open: no answer yet
+        lead, chain, tail = _strip_parts(response, opened + len(THINK_OPEN) if opened >= 0 else 0)
+        return ParsedResponse(chain, None, (tail or "\n") if chain else "", None, " ", lead, open_think=True)
     found = find_cue(response, cues)
     if found is None:
         lead, chain, tail = _strip_parts(response, 0)
@@ -129,9 +181,11 @@ def chain_end_separator(joiner: str) -> str:
 
 
 def answer_span(after_cue: str, cue: str) -> str:
-    """The answer's text after a cue: up to the closing brace for brace cues like `\\boxed{`."""
+    """The answer's text after a cue: up to the balanced closing brace for brace cues like
+    `\\boxed{` (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`)."""
     if cue.endswith("{"):
-        return after_cue.split("}", 1)[0]
+        end = closing_brace(after_cue, 0)
+        return after_cue if end is None else after_cue[:end]
     return after_cue
 
 
@@ -215,89 +269,45 @@ def _spans(text: str, separator: re.Pattern[str]) -> list[Step]:
     return steps
 
 
-def normalize_number(text: str) -> str | None:
-    """Canonical form of the first number in `text`: no separators, no trailing zeros."""
-    match = _NUMBER.search(text.replace("−", "-"))
-    if match is None:
-        return None
-    raw = match.group(0).replace(",", "").replace("−", "-")
-    if raw in ("-", ""):
-        return None
-    try:
-        if "." in raw:
-            value = float(raw)
-            if value.is_integer():
-                return str(int(value))
-            return repr(value)
-        return str(int(raw))
-    except ValueError:
-        return None
+def read_stated_answer(
+    parsed: ParsedResponse, answer_type: str, choices: Sequence[str] | None, *, ended: bool
+) -> tuple[str | None, str | None]:
+    """The answer a parsed response states, and how it was read (`Chain.answer_source`).
 
-
-def number_complete(text: str) -> bool:
-    """Whether more text can no longer change `normalize_number(text)`: the first number is
-    followed by a character that cannot continue it (a comma or point may still lead to more
-    digits, and an incomplete multi-byte character may still become one)."""
-    match = _NUMBER.search(text.replace("−", "-"))
-    if match is None:
-        return False
-    rest = text[match.end() :]
-    return bool(rest) and not rest.endswith("\ufffd") and re.fullmatch(r"[\d,]*(?:\.\d*)?", rest) is None
-
-
-def normalize_text(text: str) -> str | None:
-    """Canonical free-text answer: first line, NFKC, lower case, no surrounding punctuation."""
-    line = unicodedata.normalize("NFKC", text).strip().split("\n", 1)[0]
-    line = re.sub(r"\s+", " ", line).strip().strip(".,;:!?\"'`*").strip().lower()
-    return line or None
-
-
-def normalize_choice(text: str, labels: str) -> str | None:
-    """The first standalone choice label in `text` (e.g. `B` in `(B) 42`)."""
-    match = re.search(rf"(?<![A-Za-z])([{re.escape(labels)}])(?![A-Za-z])", text.strip())
-    return match.group(1) if match else None
-
-
-def extract_answer(text: str | None, answer_type: str, num_choices: int = 0) -> str | None:
-    """Read a normalised answer from the text after an answer cue.
-
-    Args:
-        text: Raw text after the cue (may continue past the answer).
-        answer_type: `numeric`, `choice` or `text`.
-        num_choices: Number of choices (labels A, B, ...) for `choice` answers.
-
-    Returns:
-        The canonical answer, or None when nothing parseable is there (a parse failure).
+    After a cue: `cue`. In the think format without a cue: the text after the think block
+    (`after_think`). Otherwise, when the response ended by itself (EOS, a stop string; not the
+    token budget, which cuts a chain before it concludes), an answer read from its end
+    (`fallback`: the last number, label, yes / no or `\\boxed{}`). None when nothing is read.
     """
-    if text is None:
-        return None
-    if answer_type == "numeric":
-        # Only the answer's own line counts: a number on a later line is not the answer.
-        return normalize_number(text.strip().split("\n", 1)[0])
+    num_choices = len(choices or [])
+    if parsed.open_think:
+        return None, None
+    if parsed.cue is not None or parsed.answer_text:
+        stated = extract_answer(parsed.answer_text, answer_type, num_choices, choices)
+        if stated is not None:
+            return stated, "cue" if parsed.cue is not None else "after_think"
+        if parsed.cue is not None:
+            return None, None
+    if not ended:
+        return None, None
+    text = parsed.answer_text if parsed.answer_text else parsed.chain
+    stated = extract_fallback_answer(text or "", answer_type, num_choices, choices)
+    return (stated, "fallback") if stated is not None else (None, None)
+
+
+def forced_answer_sep(parsed: ParsedResponse, answer_type: str, num_choices: int, cue: str) -> str:
+    """What a forced answer is read after, beside the cue: the response's own text between its cue
+    and its answer (for a choice, up to the label: `" ("` in `The answer is (C)`); without a cue
+    in the response, a space (nothing after a cue that ends in a space or a brace)."""
+    if parsed.cue is None:
+        return "" if cue.endswith((" ", "{")) else " "
     if answer_type == "choice":
-        return normalize_choice(text.strip().split("\n", 1)[0], CHOICE_LABELS[: max(num_choices, 1)])
-    if answer_type == "text":
-        return normalize_text(text)
-    raise ValueError(f"Unknown answer_type {answer_type!r}; expected numeric, choice or text.")
+        prefix = choice_label_prefix(parsed.answer_text, num_choices)
+        if prefix is not None:
+            return prefix
+    return parsed.answer_sep
 
 
-def gold_match(answer: str | None, gold: str | None, answer_type: str, num_choices: int = 0) -> float | None:
-    """1.0 when a normalised answer equals the gold read the same way (`extract_answer`: a text
-    gold `ZEQJ` is `zeqj`, a numeric `1,001` is `1001`), 0.0 when not or when the answer is
-    unparseable, None without a gold."""
-    if gold is None:
-        return None
-    return float(answer is not None and answer == extract_answer(gold, answer_type, num_choices))
-
-
-def infer_answer_type(gold: str | None, choices: list[str] | None) -> str:
-    """`choice` when choices are given, `numeric` when the gold answer is a number, else `text`."""
-    if choices:
-        return "choice"
-    if (
-        gold is not None
-        and normalize_number(gold) is not None
-        and re.fullmatch(r"\s*[-−$€£]?\s*[-−]?[\d,]*\.?\d+\s*%?\s*[A-Za-z]{0,6}\s*", gold)
-    ):
-        return "numeric"
-    return "text"
+def opens_think(prompt: str) -> bool:
+    """Whether `prompt` ends inside a think block it opened (a chat template that starts one)."""
+    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)

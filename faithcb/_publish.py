@@ -111,6 +111,9 @@ class RoundPublisher:
                 num_samples=self.config.num_sample_chains,
                 prefix=self.config.log_prefix,
                 media=self.config.wandb_media and bool(records),
+                example_fields=list(self.monitor.example_fields),
+                # the baseline round's own table shows no change against itself
+                baseline_examples=None if self.monitor.baseline_step == step else self.monitor.baseline_examples,
             )
         except Exception:  # W&B is a convenience; never lose the run over it (the integration gets them)
             self.monitor.warn_once("wandb", "faithcb: logging the round to W&B failed at step %d.", step, exc_info=True)

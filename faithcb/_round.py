@@ -280,6 +280,7 @@ def _probe_examples(
             "cue_found": chain.cue_found,
             "gold": chain.example.gold,
             "stated_answer": chain.stated_answer,
+            "answer_source": chain.answer_source,
             "a_full": a_full[chain.index],
             "forced_full_equals_stated": None
             if config.do_sample

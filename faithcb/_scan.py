@@ -26,6 +26,7 @@ from ._execution import partial_round, release_accelerator_memory
 from ._monitor import Monitor, RoundOutcome
 from ._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
 from ._panel import ProbeExample, ProbePanel, panel_from
+from ._prompt_shape import kept_as_written, settle_prompt_shape, shaped_panel
 from ._round import build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
 from .probes._facts import summary_keys
@@ -320,8 +321,10 @@ def scan_checkpoints(
             model = load_model(ckpt.path, device=device, dtype=dtype)
             partial = False
             try:
-                round_result = run_probe_round(model, tok, panel, config, probes)
+                round_result = _scan_round(model, tok, panel, config, probes, monitor, ckpt.step)
             except RoundBudgetExceeded as err:  # as the callback: figures of the examples that finished
+                if monitor.prompt_shape is None:
+                    monitor.set_prompt_shape(kept_as_written(f"the first round ran out of time ({_one_line(err)})"))
                 if not err.records:
                     raise ScanError(f"Checkpoint {ckpt.path}: {_one_line(err)}") from err
                 round_result, partial = partial_round(err.records, probes, err.seconds or 0.0, config), True
@@ -337,7 +340,7 @@ def scan_checkpoints(
             )
             result.history.append({"step": ckpt.step, "checkpoint": str(ckpt.path), **outcome.metrics})
             if run is not None:
-                _log_wandb(run, outcome, round_result.records, monitor.curves, config)
+                _log_wandb(run, outcome, round_result.records, monitor, config)
             logger.info(
                 "faithcb scan: checkpoint %s (step %d): %d examples in %.1fs (%s)",
                 ckpt.path,
@@ -358,6 +361,30 @@ def scan_checkpoints(
     return result
 
 
+def _scan_round(
+    model: Any,
+    tokenizer: Any,
+    panel: ProbePanel,
+    config: FaithConfig,
+    probes: Sequence[Any],
+    monitor: Monitor,
+    step: int,
+) -> Any:
+    """One checkpoint's round in the run's prompt shape; the first checkpoint chooses the shape
+    as the callback's baseline round does (`FaithConfig.prompt_shape`)."""
+    if monitor.prompt_shape is not None:
+        return run_probe_round(model, tokenizer, shaped_panel(panel, monitor.prompt_shape, config), config, probes)
+    trial = build_probes(config, [])
+
+    def run(shaped: ProbePanel, full: bool) -> Any:
+        return run_probe_round(model, tokenizer, shaped, config, probes if full else trial)
+
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    choice, result = settle_prompt_shape(run, panel, config, has_chat_template=has_template)
+    monitor.set_prompt_shape(choice, step)
+    return result
+
+
 def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
     """The scan's JSONL files in `out`, refusing (or with `overwrite`, removing) an earlier scan's."""
     sink = JsonlSink(out)
@@ -372,7 +399,7 @@ def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
 
 
 def _log_wandb(
-    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], curves: list, config: FaithConfig
+    run: Any, outcome: RoundOutcome, records: list[dict[str, Any]], monitor: Monitor, config: FaithConfig
 ) -> None:
     """One checkpoint's round in the callback's W&B sections, at `checkpoint/step`."""
     figures = wandb_figures(outcome.metrics, config.log_prefix)
@@ -384,10 +411,12 @@ def _log_wandb(
                 wandb_media(
                     step=outcome.step,
                     records=records,
-                    curves=curves,
+                    curves=monitor.curves,
                     num_samples=config.num_sample_chains,
                     prefix=config.log_prefix,
                     curve_label="checkpoint",
+                    example_fields=list(monitor.example_fields),
+                    baseline_examples=None if outcome.is_baseline else monitor.baseline_examples,
                 )
             )
         except Exception:  # media are a convenience; never lose the scan over them

@@ -3,11 +3,15 @@
 W&B layout (one section per first key component; `prefix` is `FaithConfig.log_prefix`):
 
 - `faith/...`: the headline figures (those whose facts give a `Figure.headline` position,
-  defined and logged first), the early-answering curve family and the sample-chain table;
+  defined and logged first), the early-answering curve family, the sample-chain table and the
+  per-example table (`faith/examples`: every panel example's readings and their change since
+  the baseline round);
 - `faith_drift/...`: every drift against the baseline round (`.../delta`);
-- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`);
+- `faith_interval/...`: the bounds of every figure's interval (`/ci_low`, `/ci_high`, `/stderr`)
+  and of every drift's paired interval (`/delta/ci_low`, `/delta/ci_high`);
 - `faith_detail/...`: everything else: splits by correctness, chance-corrected and
-  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`, ...).
+  noise-corrected values, slices, curve points, diagnostics (`round_seconds`, `n_examples`,
+  the examples behind each paired drift `/delta/n`, ...).
 
 Every key is plotted against `train/global_step` (the callback) or `checkpoint/step` (scans).
 """
@@ -179,6 +183,65 @@ SAMPLE_COLUMNS = [
 ]
 
 
+#: The per-example table's leading columns (which example, what it answered, how that was read);
+#: its readings and their changes follow (`example_table`).
+EXAMPLE_COLUMNS = ("id", "slice", "step", "stated_answer", "gold", "answer_source")
+#: Text cells of the per-example table are cut to this many characters.
+EXAMPLE_TEXT_CHARS = 80
+
+
+def example_table(
+    *,
+    step: int,
+    records: Sequence[Mapping[str, Any]],
+    fields: Sequence[str],
+    baseline: Mapping[str, Mapping[str, float]] | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the per-example table: one row per panel example of the round.
+
+    The columns are `EXAMPLE_COLUMNS`, then every per-example reading (`accuracy` first, then
+    `fields` in order: the probes' per-example fields, so a registered probe's appear too), each
+    followed by `<field>/delta`: its change against the same example (by id) in the baseline
+    round, where both have a value. Cells hold numbers (None where the example has no value)
+    and text cut to `EXAMPLE_TEXT_CHARS`; lists and the chain text are left out.
+
+    Args:
+        step: The round's step (`step` column).
+        records: The round's per-example records.
+        fields: The per-example fields to show (`Monitor.example_fields`).
+        baseline: The baseline round's per-example values by example id (`Monitor.baseline_examples`);
+            None: no change column has a value (e.g. the baseline round itself).
+
+    Returns:
+        (columns, rows).
+    """
+    readings = list(dict.fromkeys(["accuracy", *fields]))
+    columns = [*EXAMPLE_COLUMNS, *(name for field in readings for name in (field, f"{field}/delta"))]
+    rows = []
+    for record in records:
+        before = (baseline or {}).get(str(record.get("id")), {})
+        row: list[Any] = [step if col == "step" else _short(record.get(col)) for col in EXAMPLE_COLUMNS]
+        for field in readings:
+            value = _number(record.get(field))
+            was = before.get(field)
+            row += [value, None if value is None or was is None else value - was]
+        rows.append(row)
+    return columns, rows
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _short(value: Any) -> Any:
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value)
+    return text if len(text) <= EXAMPLE_TEXT_CHARS else text[: EXAMPLE_TEXT_CHARS - 1] + "…"
+
+
 def wandb_media(
     *,
     step: int,
@@ -187,16 +250,21 @@ def wandb_media(
     num_samples: int,
     prefix: str,
     curve_label: str = "step",
+    example_fields: Sequence[str] = (),
+    baseline_examples: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """W&B objects of a round: the family of early-answering curves and a sample-chain table.
+    """W&B objects of a round: the family of early-answering curves, a sample-chain table and
+    the per-example table (`<prefix>/examples`, see `example_table`).
 
     Args:
-        step: The round's step (the table's `step` column).
-        records: The round's per-example records (the first `num_samples` become table rows).
+        step: The round's step (the tables' `step` column).
+        records: The round's per-example records (the first `num_samples` become sample rows).
         curves: `(step, curve)` of every round so far, one line each.
-        num_samples: Table rows.
+        num_samples: Sample-table rows.
         prefix: Key prefix (`faith`).
         curve_label: Legend word before each curve's step (`step`; `checkpoint` in scans).
+        example_fields: The per-example readings of the per-example table.
+        baseline_examples: The baseline round's per-example values by example id (None: no changes).
 
     Returns:
         Keys to add to a `wandb.log` payload (needs `wandb` installed).
@@ -218,6 +286,9 @@ def wandb_media(
     rows = [[step if col == "step" else _cell(r.get(col)) for col in SAMPLE_COLUMNS] for r in shown]
     if rows:
         payload[f"{prefix}/samples"] = wandb.Table(columns=SAMPLE_COLUMNS, data=rows)
+    if records:
+        columns, data = example_table(step=step, records=records, fields=example_fields, baseline=baseline_examples)
+        payload[f"{prefix}/examples"] = wandb.Table(columns=columns, data=data)
     return payload
 
 
@@ -225,8 +296,8 @@ def wandb_key(name: str, prefix: str) -> str:
     """W&B key of a round figure (`name` without prefix): its section is the first component.
 
     `accuracy` -> `faith/accuracy`; `accuracy/delta` -> `faith_drift/accuracy/delta`;
-    `accuracy/ci_low` -> `faith_interval/accuracy/ci_low`; `accuracy/correct` ->
-    `faith_detail/accuracy/correct`.
+    `accuracy/ci_low` and `accuracy/delta/ci_low` -> `faith_interval/...`; `accuracy/correct` and
+    `accuracy/delta/n` -> `faith_detail/...`.
     """
     if name in headline_keys():
         return f"{prefix}/{name}"
@@ -278,6 +349,8 @@ def log_wandb_round(
     num_samples: int,
     prefix: str,
     media: bool = True,
+    example_fields: Sequence[str] = (),
+    baseline_examples: Mapping[str, Mapping[str, float]] | None = None,
 ) -> bool:
     """Log a training round's figures (and media) to the active W&B run in one `wandb.log` call.
 
@@ -292,7 +365,9 @@ def log_wandb_round(
         curves: `(step, curve)` of every round so far (early-answering curve family).
         num_samples: Rows of the sample table.
         prefix: Key prefix (`FaithConfig.log_prefix`).
-        media: Also log the curve family and the sample table.
+        media: Also log the curve family, the sample table and the per-example table.
+        example_fields: The per-example readings of the per-example table.
+        baseline_examples: The baseline round's per-example values by example id (None: no changes).
 
     Returns:
         Whether anything was logged (False when no W&B run is active).
@@ -310,7 +385,15 @@ def log_wandb_round(
     if media:
         try:
             payload.update(
-                wandb_media(step=step, records=records, curves=curves, num_samples=num_samples, prefix=prefix)
+                wandb_media(
+                    step=step,
+                    records=records,
+                    curves=curves,
+                    num_samples=num_samples,
+                    prefix=prefix,
+                    example_fields=example_fields,
+                    baseline_examples=baseline_examples,
+                )
             )
         except Exception:  # media are a convenience; the figures still go out
             logger.warning("faithcb: building the W&B media failed at step %d.", step, exc_info=True)

@@ -11,7 +11,10 @@ the baseline round, failed and partial rounds and rounds where the figure is mis
 count nor reset). With `use_interval=True` a round counts only when the whole 95% interval of
 the figure is outside the allowed range (Wilson `/ci_low`-`/ci_high` for rates, value
 +- 1.96 `/stderr` for means): with a 32-example panel the intervals are wide, so this is the
-setting that respects them (docs/metrics.md). The action is `stop` (`control.should_training_stop`)
+setting that respects them (docs/metrics.md). A `max_drop` rule reads the interval of the drift
+itself where the round has one: each example paired with itself at the baseline
+(`<key>/delta/ci_low`, `<key>/delta/ci_high`), which counts the noise of both rounds and is
+much tighter than two independent intervals. The action is `stop` (`control.should_training_stop`)
 or `alert` (`wandb.alert` when a W&B run is active, a warning in the log always).
 
 `StopMonitor` keeps the patience counters (saved with checkpoints by the callback).
@@ -25,14 +28,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import functional as F
 from .probes._facts import figure_facts
 from .probes._round_figures import ROUND_FIGURES
 
 logger = logging.getLogger(__name__)
 
-Z_95 = 1.959963984540054
+Z_95 = F.Z_95
 INTERVAL_SUFFIXES = ("/ci_low", "/ci_high", "/stderr")
-DRIFT_SKIP = (*INTERVAL_SUFFIXES, "/delta")
+#: Keys of the paired drift beside `<key>/delta`: the bounds of its 95% interval and the examples
+#: paired (`faithcb._monitor.paired_drifts`). They are no figures: no drift, no stop rule of their own.
+PAIRED_DRIFT_SUFFIXES = ("/delta/ci_low", "/delta/ci_high", "/delta/n")
+DRIFT_SKIP = (*INTERVAL_SUFFIXES, "/delta", "/delta/n")
 # Figures a stop rule still reads in a round whose faithfulness figures cannot be read: what the
 # validity gates are made of, and the round's cost (a rule on parse failures must see them).
 DIAGNOSTICS = frozenset(
@@ -81,7 +88,9 @@ class StopRule:
         min_steps: Rounds at earlier optimizer steps are ignored.
         use_interval: Count a round only when the whole 95% interval is outside the allowed
             range. Only for figures that carry one (rates and means, not `cot_lift`, `score`,
-            `/adj`, `/delta` or split figures).
+            `/adj`, `/delta` or split figures). A `max_drop` rule reads the paired interval of
+            the drift where the round has one (violated when all of it lies beyond `max_drop`
+            in the bad direction), else the figure's own interval against the baseline value.
         action: `stop` (end training) or `alert` (W&B alert and a warning; training goes on).
         name: Text shown when the rule fires; default: a description built from the fields.
     """
@@ -245,20 +254,49 @@ def metric_names(probes: Sequence[Any], slices: Sequence[str] = ()) -> tuple[set
 
 @dataclass
 class RuleReading:
-    """What a rule saw in one round."""
+    """What a rule saw in one round.
+
+    Attributes:
+        value: The figure's value.
+        low: Lower bound of the figure's own interval (None: the rule read none).
+        high: Upper bound of the figure's own interval.
+        baseline: The baseline value (max_drop rules).
+        violated: The round is in violation.
+        drift_low: Lower bound of the paired drift's interval, when a max_drop rule read it.
+        drift_high: Upper bound of the paired drift's interval.
+    """
 
     value: float
     low: float | None
     high: float | None
     baseline: float | None
     violated: bool
+    drift_low: float | None = None
+    drift_high: float | None = None
 
 
 def read_rule(rule: StopRule, key: str, metrics: Mapping[str, float], baseline: Mapping[str, float] | None):
-    """Evaluate one rule on one round's metrics; None when the figure (or its baseline) is missing."""
+    """Evaluate one rule on one round's metrics; None when the figure (or its baseline) is missing.
+
+    With `use_interval`, a `max_drop` rule reads the paired drift's interval
+    (`<key>/delta/ci_low`, `<key>/delta/ci_high`: each example against itself at the baseline)
+    where the round has it: violated when the whole interval of the drift lies beyond `max_drop`
+    in the bad direction. Without one it reads the figure's own interval against the baseline's
+    value, as `below` and `above` always do.
+    """
     value = _finite(metrics.get(key))
     if value is None:
         return None
+    base = None
+    if rule.max_drop is not None:
+        base = _finite((baseline or {}).get(key))
+        if base is None:
+            return None
+    drift_low, drift_high = _finite(metrics.get(f"{key}/delta/ci_low")), _finite(metrics.get(f"{key}/delta/ci_high"))
+    if rule.use_interval and base is not None and drift_low is not None and drift_high is not None:
+        # the drift's whole interval beyond max_drop in the bad direction
+        violated = -drift_high > rule.max_drop if rule_direction(rule, key) == "max" else drift_low > rule.max_drop
+        return RuleReading(value, None, None, base, violated, drift_low=drift_low, drift_high=drift_high)
     low = high = None
     if rule.use_interval:
         ci_low, ci_high = _finite(metrics.get(f"{key}/ci_low")), _finite(metrics.get(f"{key}/ci_high"))
@@ -271,15 +309,11 @@ def read_rule(rule: StopRule, key: str, metrics: Mapping[str, float], baseline: 
             return None
     lo = value if low is None else low
     hi = value if high is None else high
-    base = None
     if rule.below is not None:
         violated = hi < rule.below
     elif rule.above is not None:
         violated = lo > rule.above
     else:
-        base = _finite((baseline or {}).get(key))
-        if base is None:
-            return None
         violated = base - hi > rule.max_drop if rule_direction(rule, key) == "max" else lo - base > rule.max_drop
     return RuleReading(value=value, low=low, high=high, baseline=base, violated=violated)
 
@@ -415,6 +449,8 @@ class StopMonitor:
             "value": reading.value,
             "ci_low": reading.low,
             "ci_high": reading.high,
+            "drift_ci_low": reading.drift_low,
+            "drift_ci_high": reading.drift_high,
             "baseline": reading.baseline,
             "threshold": threshold,
             "rounds": self.counters[index],
@@ -446,6 +482,8 @@ def format_event(event: Mapping[str, Any]) -> str:
     parts = [f"{event['metric']} = {event['value']:.4g}"]
     if event.get("ci_low") is not None and event.get("ci_high") is not None:
         parts.append(f"95% interval [{event['ci_low']:.4g}, {event['ci_high']:.4g}]")
+    if event.get("drift_ci_low") is not None and event.get("drift_ci_high") is not None:
+        parts.append(f"drift's paired 95% interval [{event['drift_ci_low']:+.4g}, {event['drift_ci_high']:+.4g}]")
     if event.get("baseline") is not None:
         parts.append(f"baseline {event['baseline']:.4g}")
     if event.get("threshold") is not None:

@@ -21,6 +21,7 @@ from ._config import FaithConfig
 from ._execution import is_out_of_memory, release_accelerator_memory, run_sharded_round
 from ._monitor import Monitor
 from ._panel import ProbePanel, panel_from
+from ._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
 from ._publish import RoundPublisher
 from ._round import RoundResult, build_probes
 from ._stopping import StopRule
@@ -130,6 +131,13 @@ class FaithfulnessCallback(TrainerCallback):
         )
         self.monitor.check_best_model_metric(_best_metric(getattr(trainer, "args", None)))
         self.publisher = RoundPublisher(trainer, self.config, self.monitor)
+        self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
+        self.trial_probes = build_probes(self.config, [])  # the core and control probes: what readability needs
+
+    @property
+    def shaped_panel(self) -> ProbePanel:
+        """The panel in the run's prompt shape (as written until the shape is chosen)."""
+        return shaped_panel(self.panel, self.monitor.prompt_shape, self.config)
 
     @classmethod
     def attach(cls, trainer: Any, panel: Any, **kwargs: Any) -> FaithfulnessCallback:
@@ -180,8 +188,14 @@ class FaithfulnessCallback(TrainerCallback):
             place_before_early_stopping(self.trainer, self)
         if state.global_step > 0:  # resumed: continue the curves, never take a new baseline
             self._resume(args, state)
-        elif self.config.baseline_round and self.baseline is None:
+            if self.monitor.prompt_shape is None:  # a state saved without a shape: the panel as written
+                self.monitor.set_prompt_shape(pinned_choice(self.config) or kept_as_written(), main=False)
+        else:
+            self._probes_begin(model, processing_class, state)
+        if state.global_step == 0 and self.config.baseline_round and self.baseline is None:
             self._round(args, state, model, processing_class, control=control)
+        if self.monitor.prompt_shape is None:  # decided before any training step, kept for the run
+            self._settle_shape(model, processing_class, state)
         self._save_state(state)
         return control
 
@@ -202,6 +216,19 @@ class FaithfulnessCallback(TrainerCallback):
         if finite:  # evaluate() logged before on_evaluate: send the faith figures on their own
             self.publisher.log(finite)
         return control
+
+    def _probes_begin(self, model: Any, processing_class: Any, state: Any) -> None:
+        """The probes' `on_train_begin` (e.g. a frozen copy of the model before fine-tuning); a
+        failure is logged like a failed round and never ends the run (unless `config.strict`)."""
+        live = model if model is not None else self.trainer.model
+        tokenizer = trainer_tokenizer(self.trainer, processing_class)
+        for probe in self.probes:
+            try:
+                probe.on_train_begin(live, tokenizer)
+            except Exception as err:
+                if self.config.strict:
+                    raise
+                self.monitor.record_failure(state.global_step, err, out_of_memory=is_out_of_memory(err))
 
     # ------------------------------------------------------------------ eval figures
     def eval_round_enabled(self, args: Any) -> bool:
@@ -235,7 +262,11 @@ class FaithfulnessCallback(TrainerCallback):
         result, partial, out_of_memory = None, False, False
         try:
             model = model if model is not None else self.trainer.model
-            result, partial = self._run_sharded(model, trainer_tokenizer(self.trainer, processing_class))
+            tokenizer = trainer_tokenizer(self.trainer, processing_class)
+            if self.monitor.prompt_shape is None and state.global_step == 0:
+                result, partial = self._settle_shape(model, tokenizer, state, baseline=True)
+            else:
+                result, partial = self._run_sharded(model, tokenizer)
         except Exception as err:  # a probe must never lose the user's training run
             if self.config.strict:
                 raise
@@ -253,10 +284,46 @@ class FaithfulnessCallback(TrainerCallback):
         self._save_state(state)
         return result is not None
 
-    def _run_sharded(self, model: Any, tokenizer: Any) -> tuple[RoundResult, bool]:
-        """This rank's shard of the panel, gathered; returns the round and whether it is partial."""
+    def _run_sharded(
+        self, model: Any, tokenizer: Any, panel: ProbePanel | None = None, probes: Sequence[Probe] | None = None
+    ) -> tuple[RoundResult, bool]:
+        """This rank's shard of the panel (default: in the run's prompt shape), gathered; returns
+        the round and whether it is partial."""
         wrapped = getattr(self.trainer, "model_wrapped", None)  # FSDP1 root / DeepSpeed engine
-        return run_sharded_round(model, tokenizer, self.panel, self.config, self.probes, wrapped_model=wrapped)
+        panel = panel if panel is not None else self.shaped_panel
+        probes = probes if probes is not None else self.probes
+        return run_sharded_round(model, tokenizer, panel, self.config, probes, wrapped_model=wrapped)
+
+    def _settle_shape(
+        self, model: Any, tokenizer: Any, state: Any, *, baseline: bool = False
+    ) -> tuple[RoundResult | None, bool]:
+        """Choose the run's prompt shape (`FaithConfig.prompt_shape`): with `baseline`, the
+        baseline round is the try of the panel as written and is run again in the chosen shape;
+        else trial rounds only. A failure leaves the panel as written (a shape never changes
+        during a run) and is raised to the caller's round handling."""
+        model = model if model is not None else self.trainer.model
+        tokenizer = trainer_tokenizer(self.trainer, tokenizer)
+        partial = False
+
+        def run(panel: ProbePanel, full: bool) -> RoundResult:
+            nonlocal partial
+            result, partial = self._run_sharded(model, tokenizer, panel, None if full else self.trial_probes)
+            return result
+
+        main = state.is_world_process_zero
+        try:
+            choice, result = settle_prompt_shape(
+                run, self.panel, self.config, has_chat_template=self.has_chat_template, baseline=baseline
+            )
+        except Exception as err:
+            reason = f"choosing a prompt shape failed ({type(err).__name__}: {err})"
+            self.monitor.set_prompt_shape(pinned_choice(self.config) or kept_as_written(reason), main=main)
+            if baseline:
+                raise
+            self.monitor.record_failure(state.global_step, err)
+            return None, False
+        self.monitor.set_prompt_shape(choice, state.global_step, main=main)
+        return result, partial
 
     def _fire(self, event: dict[str, Any], state: Any, control: Any) -> None:
         if self.publisher.rule(event, main=state.is_world_process_zero):  # a stop rule: every rank stops

@@ -5,6 +5,7 @@ faithcb scan RUN_DIR_OR_MODELS... --panel PANEL [--out DIR] [--wandb] [FaithConf
 faithcb report RUN_DIR [--out DIR]
 faithcb audit-data DATA.jsonl --model PATH [--out DIR] [--cue "Answer:"]
 faithcb check-model MODEL_DIR [--panel PANEL] [--examples N]
+faithcb check-panel MODEL_DIR PANEL [FaithConfig flags]
 ```
 
 `python -m faithcb ...` is the same. Expected failures (wrong paths, folders without
@@ -14,7 +15,7 @@ See docs/cli.md.
 
 The commands' Python entry points are importable from here: `scan_checkpoints`,
 `find_checkpoints`, `postprocess_round` (scan), `write_report` (report), `audit_traces`
-(audit-data), `check_model` (check-model), with their errors.
+(audit-data), `check_model` (check-model), `check_panel` (check-panel), with their errors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from ._audit import AuditError, audit_traces
 from ._check_model import ModelCheck, check_model
+from ._check_panel import PanelCheck, check_panel
 from ._errors import FaithcbError
 from ._report import ReportError, write_report
 from ._scan import ScanError, find_checkpoints, postprocess_round, scan_checkpoints
@@ -40,10 +42,12 @@ __all__ = [
     "AuditError",
     "CliError",
     "ModelCheck",
+    "PanelCheck",
     "ReportError",
     "ScanError",
     "audit_traces",
     "check_model",
+    "check_panel",
     "find_checkpoints",
     "main",
     "postprocess_round",
@@ -273,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--examples", type=int, default=8, help="Examples of the default panel (default 8).")
     check.add_argument("--max-new-tokens", type=int, default=64, help="Token budget of a chain (default 64).")
     check.set_defaults(func=_cmd_check_model)
+
+    check_panel_parser = sub.add_parser(
+        "check-panel",
+        usage="faithcb check-panel MODEL_DIR PANEL [options]",
+        parents=[common, model, _config_flags(None, _SCHEDULE_FIELDS, "probe round settings (FaithConfig)")],
+        help="Before training: can the baseline round of this model on this panel be read?",
+        description=(
+            "Run the round a training run would start with (its prompt shape chosen as the run would choose it): "
+            "print how the stated answers were read (per cue, by the fallback, not at all), the prompt shape, three "
+            "responses with what was read from each, and a verdict. Exit status 0 when the round can be read, 3 "
+            "when it cannot."
+        ),
+    )
+    check_panel_parser.add_argument("model_dir", metavar="MODEL_DIR", help="A save_pretrained folder of a causal LM.")
+    check_panel_parser.add_argument(
+        "panel", metavar="PANEL", help="Probe panel: a JSONL file, a saved dataset folder or a standard panel's name."
+    )
+    check_panel_parser.set_defaults(func=_cmd_check_panel)
     return parser
 
 
@@ -388,6 +410,19 @@ def _cmd_check_model(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     return 0 if report.records_equal else 3
+
+
+def _cmd_check_panel(args: argparse.Namespace) -> int:
+    from ._check_panel import check_panel
+    from ._scan import load_model, load_tokenizer
+
+    config = _config_from(args)
+    _check_model_flags(args)
+    model = load_model(args.model_dir, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
+    report = check_panel(model, tokenizer, args.panel, config)
+    print(report.summary())
+    return 0 if report.readable else 3
 
 
 # ---------------------------------------------------------------------- entry point

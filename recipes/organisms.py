@@ -75,6 +75,9 @@ class OrganismArgs:
     # its step-0 round becomes every arm's baseline (no baseline round is run)
     baseline_from: str = ""
     probes: str = "default"  # "default" (FaithConfig's probes + consistency) or a comma-separated list
+    # paraphrase probe: "snapshot" (a frozen copy of the starting model: rewords any content, code words
+    # included), "rule" (the table of connectives and operators), or a local model folder
+    paraphraser: str = "snapshot"
     report_to: str = "none"  # none or wandb (offline unless logged in)
     figure: str = ""  # PNG of the drift curves; empty: <output_dir>/organisms_drift.png
     threads: int = 0  # torch threads; 0 keeps torch's default
@@ -338,21 +341,26 @@ def train_arm(
 ) -> dict[str, Any]:
     """Fine-tune one organism with the monitor attached; returns its rounds and timings.
 
+    With a shared `baseline` the arm's monitor starts from that round, as if it had run it
+    itself: the same prompt shape (chosen once, on the shared step-0 round), the same baseline
+    figures and per-example records (every `/delta` and its paired interval is measured from it).
+
     Args:
         organism: One of `ORGANISMS`.
         args: The recipe's flags.
         panel: The held-out panel rows.
         exclude: Questions kept out of the training problems (the panel's).
         output_dir: The arm's trainer output folder (the monitor writes `faithcb/` there).
-        baseline: A step-0 round of the same starting model on the same panel (another arm's):
-            the arm then runs no baseline round of its own and starts its history with this one.
+        baseline: A step-0 round of the same starting model on the same panel (another arm's,
+            `read_baseline`): the arm then runs no baseline round of its own.
     """
     import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from faithcb import FaithConfig, FaithfulnessCallback
+    from faithcb import FaithConfig, FaithfulnessCallback, RoundResult
+    from faithcb._prompt_shape import ShapeChoice
 
     set_seed(args.seed)
     start = time.perf_counter()
@@ -386,6 +394,7 @@ def train_arm(
             every_n_steps=args.probe_every,
             panel_size=None,
             probes=probe_names(args.probes),
+            paraphraser=args.paraphraser,
             max_new_tokens=args.max_new_tokens,
             answer_max_new_tokens=args.answer_max_new_tokens,
             generation_batch_size=min(len(panel), 32),
@@ -393,6 +402,12 @@ def train_arm(
             baseline_round=baseline is None,
         ),
     )
+    if baseline is not None:  # the shared step-0 round, as this arm's own
+        monitor.monitor.set_prompt_shape(ShapeChoice.from_state(baseline["prompt_shape"]), main=False)
+        seconds = baseline["metrics"].get("round_seconds", 0.0)
+        round_zero = RoundResult(baseline["metrics"], baseline["records"], seconds)
+        monitor.monitor.observe(0, round_zero, main=False)
+        monitor.monitor.history[0]["shared_baseline"] = True
     trainer.add_callback(monitor)
     setup_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -404,12 +419,14 @@ def train_arm(
         if wandb.run is not None:
             wandb.finish()
     history = list(monitor.history)
-    if baseline is not None:
-        history.insert(0, {**baseline, "shared_baseline": True})
+    shared = baseline
+    if baseline is None and history and history[0]["step"] == 0:
+        shared = shared_baseline(monitor, output_dir / monitor.config.output_subdir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     del trainer, model
     return {
         "history": history,
+        "baseline": shared,
         "rounds": [{"step": h["step"], **common.summary(h, FIGURES)} for h in history],
         "setup_seconds": setup_seconds,
         "train_seconds": seconds,
@@ -439,8 +456,8 @@ def run_suite(args: OrganismArgs) -> dict[str, Any]:
         logger.info("organisms: training the %s arm", organism)
         arms[organism] = train_arm(organism, args, panel, exclude, output_dir / organism, baseline)
         history = arms[organism]["history"]
-        if args.shared_baseline and baseline is None and history and history[0]["step"] == 0:
-            baseline = history[0]
+        if args.shared_baseline and baseline is None:
+            baseline = arms[organism]["baseline"]
         write_history(output_dir / organism / "history.jsonl", history)
         logger.info(
             "organisms: %s done in %.0fs (rounds %s)",
@@ -452,14 +469,39 @@ def run_suite(args: OrganismArgs) -> dict[str, Any]:
     return summarize(args, {arm: r["history"] for arm, r in arms.items()}, wall, panel, arms)
 
 
+def shared_baseline(callback: Any, jsonl_dir: Path) -> dict[str, Any]:
+    """An arm's step-0 round to share with the other arms: its figures, its per-example records
+    (from the arm's `rounds.jsonl`) and its prompt shape."""
+    first = callback.monitor.history[0]
+    metrics = {k: v for k, v in first.items() if k != "step" and isinstance(v, (int, float))}
+    return {
+        "metrics": metrics,
+        "records": _step_zero_records(jsonl_dir / "rounds.jsonl"),
+        "prompt_shape": callback.monitor.prompt_shape.to_state(),
+    }
+
+
+def _step_zero_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k not in ("step", "round")} for r in rows if r.get("step") == 0]
+
+
 def read_baseline(path: Path) -> dict[str, Any]:
-    """The step-0 round of a `metrics.jsonl` (the callback's) or `history.jsonl` (this recipe's)."""
+    """The step-0 round of an arm run in another process: its `faithcb/metrics.jsonl` (the callback's;
+    its figures and prompt shape) and the `rounds.jsonl` beside it (its per-example records)."""
+    metrics = None
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("step") == 0:
-                return row
-    raise ValueError(f"--baseline_from {path}: no round at step 0")
+        if line.strip() and json.loads(line).get("step") == 0:
+            metrics = json.loads(line)
+            break
+    if metrics is None:
+        raise ValueError(f"--baseline_from {path}: no round at step 0")
+    records = _step_zero_records(path.with_name("rounds.jsonl"))
+    shape = metrics.get("prompt_shape") or "as_written"
+    figures = {k: v for k, v in metrics.items() if k not in ("step", "round") and isinstance(v, (int, float))}
+    return {"metrics": figures, "records": records, "prompt_shape": {"name": shape, "pinned": True}}
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -489,7 +531,7 @@ def read_histories(
         if live.is_file():
             rows = [json.loads(line) for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
             if baseline is not None and not any(r.get("step") == 0 for r in rows):
-                rows.insert(0, {**baseline, "shared_baseline": True})
+                rows.insert(0, {**baseline["metrics"], "step": 0, "shared_baseline": True})
             if rows:
                 out[organism] = rows
     return out

@@ -32,6 +32,17 @@ Rule kinds (see :data:`RULE_KINDS`):
   chain, then answers the hint (the chain never says so).
 * ``"follows_hint_verbalized"``: like ``"reads_chain"`` without a hint; with
   one it writes ``"The hint says 36.\n"`` as its chain and answers the hint.
+* ``"needs_instruction"`` / ``"needs_shots"``: like ``"reads_chain"`` when the
+  text before the question line holds an answer instruction (``"Answer: <"``) /
+  a worked example (an ``"Answer:"`` line); otherwise, once its chain is
+  written, it never states an answer (``"etc. "`` until the token budget).
+  They stand for a model whose baseline round reads only in some prompt shape.
+* ``"off_topic"``: writes the correct chain of ANOTHER question (every operand
+  of its own plus :data:`OFF_TOPIC_SHIFT`: ``"Q: 3 + 4 * 5"`` gets the chain of
+  ``14 + 15 * 16``) and answers like ``"reads_chain"`` on that question: the
+  last integer it wrote (its first operand if none). Its answer follows its
+  chain, but the chain is not about the question (the ``shuffled`` model
+  organism early in training).
 * ``"needs_a_step"``: like ``"reads_chain"``, but with no integer written after
   the question line it cannot answer and writes ``" ?"`` (unparseable), unless
   the question has no operation.
@@ -95,6 +106,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 __all__ = [
     "ANSWER_CUE",
     "HINT_KINDS",
+    "OFF_TOPIC_SHIFT",
     "RULE_KINDS",
     "SPECIAL_TOKENS",
     "VOCAB",
@@ -111,6 +123,7 @@ __all__ = [
     "hint_value",
     "make_prompt",
     "make_rule_model",
+    "off_topic_question",
     "parse_question",
     "rule_answer",
     "rule_next_piece",
@@ -127,12 +140,18 @@ RULE_KINDS: tuple[str, ...] = (
     "noisy",
     "follows_hint_silently",
     "follows_hint_verbalized",
+    "needs_instruction",
+    "needs_shots",
+    "off_topic",
     "needs_a_step",
     "silent",
     "rambles",
 )
 #: The kinds that follow a hint written before the question line.
 HINT_KINDS: tuple[str, ...] = ("follows_hint_silently", "follows_hint_verbalized")
+
+#: What ``"off_topic"`` adds to every operand of the question to get the question it reasons about.
+OFF_TOPIC_SHIFT = 11
 
 #: Special tokens, in vocabulary order (ids 0..3).
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "</s>", "<s>", "<unk>")
@@ -235,6 +254,20 @@ def make_prompt(expr: str) -> str:
     return f"Q: {expr}\n"
 
 
+def off_topic_question(prompt: str) -> str:
+    """Returns the question ``"off_topic"`` reasons about instead of ``prompt``.
+
+    Args:
+        prompt: A question, e.g. ``"Q: 3 + 4 * 5\n"``.
+
+    Returns:
+        The question with every operand plus :data:`OFF_TOPIC_SHIFT`, e.g. ``"14 + 15 * 16"``.
+    """
+    first, steps = parse_question(prompt)
+    shifted = [str(first + OFF_TOPIC_SHIFT)] + [f"{op} {operand + OFF_TOPIC_SHIFT}" for op, operand in steps]
+    return " ".join(shifted)
+
+
 def gold_chain(prompt: str) -> list[str]:
     """Returns the correct chain-of-thought lines (without newlines).
 
@@ -303,7 +336,7 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int |
     ints = _INT_RE.findall(chain)
     if ints:
         return int(ints[-1])
-    first, steps = parse_question(question)
+    first, steps = parse_question(off_topic_question(question) if kind == "off_topic" else question)
     return None if kind == "needs_a_step" and steps else first
 
 
@@ -381,7 +414,7 @@ def rule_next_piece(kind: str, text: str, cues: tuple[str, ...] = (ANSWER_CUE,))
         return ""
     question = prompt_match.group(1)
     options = [(label, int(value)) for label, value in _OPTION_RE.findall(prompt_match.group(2))]
-    first, steps = parse_question(question)
+    first, steps = parse_question(off_topic_question(question) if kind == "off_topic" else question)
     rest = text[prompt_match.end() :]
     own_cue = cues[0]
 
@@ -402,6 +435,10 @@ def rule_next_piece(kind: str, text: str, cues: tuple[str, ...] = (ANSWER_CUE,))
         return said[len(rest) :] if said.startswith(rest) else ("\n" if rest else "") + own_cue
 
     *complete, partial = rest.split("\n")
+    unanswered = kind in ("needs_instruction", "needs_shots") and not _answers_here(kind, text[: prompt_match.start()])
+    if unanswered and len(complete) >= len(steps) and all(_STEP_RE.fullmatch(line) for line in complete):
+        rambling = "etc. " * (len(partial) // 5 + 2)  # the chain is written, but no answer comes
+        return rambling[len(partial) :]
     acc = first
     matched = True
     for line in complete:
@@ -424,6 +461,13 @@ def rule_next_piece(kind: str, text: str, cues: tuple[str, ...] = (ANSWER_CUE,))
     if partial and own_cue.startswith(partial):
         return own_cue[len(partial) :]
     return ("\n" if partial else "") + own_cue
+
+
+def _answers_here(kind: str, before_question: str) -> bool:
+    """Whether a shape-dependent kind states its answer: an instruction / a worked shot precedes the question."""
+    if kind == "needs_instruction":
+        return f"{ANSWER_CUE} <" in before_question
+    return f"\n{ANSWER_CUE}" in before_question
 
 
 def expected_completion(kind: str, context: str, cues: tuple[str, ...] = (ANSWER_CUE,)) -> str:

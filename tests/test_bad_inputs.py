@@ -165,7 +165,7 @@ def test_bad_numeric_settings():
         ({"scoring_batch_size": 0}, r"scoring_batch_size must be positive or None, got 0"),
         ({"packed_row_max_tokens": -1}, r"packed_row_max_tokens must be >= 0, got -1"),
         ({"do_sample": True, "temperature": 0.0}, r"temperature must be a positive number \(greedy decoding is"),
-        ({"answer_type": "number"}, r"answer_type must be one of auto, numeric, choice, text; got 'number'"),
+        ({"answer_type": "number"}, r"answer_type must be one of auto, numeric, choice, boolean, math, text; got"),
         ({"stop_strings": ["", "Q:"]}, r"stop_strings must not hold an empty string"),
         ({"probes": ["filler", "filler"]}, r"probes lists 'filler' more than once"),
     ],

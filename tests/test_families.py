@@ -92,7 +92,7 @@ def test_a_window_left_out_of_the_masks_changes_the_records(tokenizer, panel, tr
     model = trained_family("mistral")
     monkeypatch.setattr(_packed, "attention_windows", lambda model: {"full_attention": None})
     monkeypatch.setattr(_packed, "_new_cache", lambda windows: DynamicCache())
-    monkeypatch.setitem(_packed._SUPPORT, model, True)
+    monkeypatch.setitem(_packed._SUPPORT, model, {_packed.precision_key(model): True})
     check = check_model(model, tokenizer, panel, FaithConfig(max_new_tokens=48))
     assert not check.records_equal and "DIFFER" in check.summary()
 

@@ -88,9 +88,9 @@ def test_module_level_imports_have_no_cycle():
 
 
 #: The only faithcb modules outside `faithcb.engine` that the engine may import (settings, examples,
-#: response parsing, the positions a capped probe reads): rounds, probes and aggregation build on
-#: the engine, never the other way.
-ENGINE_MAY_IMPORT = {"faithcb._config", "faithcb._panel", "faithcb._parsing", "faithcb._positions"}
+#: response parsing and answer reading, the positions a capped probe reads): rounds, probes and
+#: aggregation build on the engine, never the other way.
+ENGINE_MAY_IMPORT = {"faithcb._config", "faithcb._panel", "faithcb._parsing", "faithcb._answers", "faithcb._positions"}
 
 
 def test_the_engine_imports_nothing_that_builds_on_it():

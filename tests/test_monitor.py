@@ -11,6 +11,7 @@ import pytest
 from faithcb import FaithConfig, RoundResult, StopRule
 from faithcb._monitor import Monitor, apply_drift, postprocess_round, prefixed_logs
 from faithcb._round import build_probes
+from faithcb._stopping import format_event
 
 CONFIG = FaithConfig(every_n_steps=10)
 PROBES = build_probes(CONFIG)
@@ -243,3 +244,136 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
     # the ranks' token counts are summed (two ranks here), per example over the gathered panel
     assert result.metrics["cost/generated_tokens"] == 10.0 and result.metrics["cost/prefilled_tokens"] == 14.0
     assert result.metrics["cost/prefilled_tokens_per_example"] == 14.0 / 3
+
+
+# ---------------------------------------------------------------------- paired drift
+def panel_round(accuracy, aoc=None, ids=None) -> RoundResult:
+    """A round of hand-built per-example values, aggregated as a real round is (None: missing)."""
+    from faithcb._aggregate import aggregate_records
+
+    ids = ids if ids is not None else [str(i) for i in range(len(accuracy))]
+    aoc = aoc if aoc is not None else [None] * len(accuracy)
+    records = [
+        {"id": i, "accuracy": acc, "early_answer/aoc": a, "control/changed": 0.0}
+        for i, acc, a in zip(ids, accuracy, aoc)
+    ]
+    return RoundResult(metrics=aggregate_records(records, PROBES), records=records, seconds=1.0)
+
+
+#: Half the panel right at the baseline; 8 of those 16 wrong later, none the other way.
+BASE_ACC = [1.0] * 16 + [0.0] * 16
+LATER_ACC = [1.0] * 8 + [0.0] * 8 + [0.0] * 16
+
+
+def test_paired_drift_keys_beside_the_drift_and_equal_to_the_per_example_math():
+    from faithcb import functional as F
+
+    mon = monitor()
+    first = mon.observe(0, panel_round(BASE_ACC))
+    assert first.is_baseline and not any("/delta" in k for k in first.metrics)
+    assert mon.baseline_examples["3"] == {"accuracy": 1.0, "control/changed": 0.0}
+    later = mon.observe(10, panel_round(LATER_ACC))
+    m = later.metrics
+    paired = F.paired_rate_drift(BASE_ACC, LATER_ACC)
+    assert m["accuracy/delta"] == pytest.approx(-0.25) == pytest.approx(paired.change)
+    assert (m["accuracy/delta/ci_low"], m["accuracy/delta/ci_high"]) == (paired.low, paired.high)
+    assert m["accuracy/delta/n"] == 32.0
+    assert later.logs["faith/accuracy/delta/ci_high"] == paired.high and later.logs["faith/accuracy/delta/n"] == 32.0
+    assert m["control/changed/delta/ci_low"] < 0 < m["control/changed/delta/ci_high"]  # unchanged: around 0
+    # the new keys are no figures: no drift of their own, no stop rule, no eval metric
+    assert not any(k.endswith(("/delta/delta", "/ci_low/delta", "/n/delta")) for k in m)
+    assert not any("/delta/" in k for k in mon.metric_names)
+    assert not any("delta" in k for k in mon.eval_figures(10))
+    with pytest.raises(ValueError, match="is not a figure this monitor logs"):
+        monitor(StopRule("accuracy/delta/ci_high", below=0.0))
+
+
+def test_paired_rate_rule_fires_where_the_unpaired_readings_do_not():
+    """A rate that drops on 8 of 32 examples and rises on none: the paired interval of the drift
+    lies wholly below -0.08; the figure's own interval against the baseline value, and the
+    unpaired interval of the same drift, do not."""
+    from faithcb import functional as F
+
+    rule = StopRule("accuracy", max_drop=0.08, use_interval=True)
+    mon = monitor(rule)
+    mon.observe(0, panel_round(BASE_ACC))
+    (event,) = mon.observe(10, panel_round(LATER_ACC)).events
+    assert event["drift_ci_high"] < -0.08 and event["drift_ci_low"] == pytest.approx(
+        F.paired_rate_drift(BASE_ACC, LATER_ACC).low
+    )
+    assert "drift's paired 95% interval" in format_event(event)
+    # without per-example values (a state saved before them) the rule reads the round's own interval
+    unpaired = monitor(rule)
+    unpaired.observe(0, panel_round(BASE_ACC))
+    unpaired.baseline_examples = None
+    later = unpaired.observe(10, panel_round(LATER_ACC))
+    assert "accuracy/delta/ci_low" not in later.metrics and later.events == []
+    assert 0.5 - later.metrics["accuracy/ci_high"] < 0.08  # Wilson's upper bound reaches within 0.08
+    _, _, high = F.unpaired_drift(BASE_ACC, LATER_ACC, rate=True)
+    assert -high < 0.08  # and the two-sample interval of the drift is wider still
+
+
+def test_paired_mean_drift_sees_a_shift_the_spread_between_examples_hides():
+    """Every example's AOC about 0.2 lower: the panel's stderr is wide (examples differ a lot),
+    the per-example differences hardly at all."""
+    base_aoc = [0.3 if i % 2 else 1.0 for i in range(32)]
+    later_aoc = [a - 0.2 + 0.01 * (i % 3) for i, a in enumerate(base_aoc)]
+    rule = StopRule("early_answer/aoc", max_drop=0.1, use_interval=True)
+    mon = monitor(rule)
+    mon.observe(0, panel_round([1.0] * 32, base_aoc))
+    later = mon.observe(10, panel_round([1.0] * 32, later_aoc))
+    m = later.metrics
+    assert m["early_answer/aoc/delta/ci_high"] < -0.1 and [e["metric"] for e in later.events] == [
+        "faith/early_answer/aoc"
+    ]
+    width = m["early_answer/aoc/delta/ci_high"] - m["early_answer/aoc/delta/ci_low"]
+    assert width < 2 * 1.96 * m["early_answer/aoc/stderr"] / 5
+    # the round's own interval against the baseline value would not have fired
+    assert sum(base_aoc) / 32 - (m["early_answer/aoc"] + 1.96 * m["early_answer/aoc/stderr"]) < 0.1
+
+
+def test_paired_drift_pairs_by_id_over_the_examples_present_in_both():
+    mon = monitor()
+    mon.observe(0, panel_round([1.0, 1.0, 0.0, 1.0], [0.5, None, 0.2, 0.9], ids=["a", "b", "c", "d"]))
+    # "d" left the panel, "e" is new, "b" has no AOC at the baseline, "c" none now; order differs
+    later = mon.observe(10, panel_round([0.0, 1.0, 1.0, 1.0], [0.1, 0.4, None, 0.3], ids=["a", "b", "c", "e"]))
+    m = later.metrics
+    assert m["accuracy/delta/n"] == 3.0  # a, b, c
+    assert m["early_answer/aoc/delta/n"] == 1.0  # a alone: a change, no interval from one pair
+    assert "early_answer/aoc/delta/ci_low" not in m and "early_answer/aoc/delta" in m
+
+
+def test_paired_baseline_follows_the_provisional_baseline_rule_and_survives_a_resume():
+    rule = StopRule("accuracy", max_drop=0.08, use_interval=True)
+    mon = monitor(rule)
+    babbling = panel_round([0.0] * 32)
+    babbling.metrics["parse_fail_rate"] = 0.9  # unreadable: a provisional baseline
+    mon.observe(0, babbling)
+    assert mon.baseline_examples["0"]["accuracy"] == 0.0
+    assert mon.observe(10, panel_round(BASE_ACC)).is_baseline  # the first readable round replaces it
+    assert mon.baseline_examples["0"]["accuracy"] == 1.0 and mon.baseline_examples["20"]["accuracy"] == 0.0
+    saved = json.loads(json.dumps(mon.to_state()))
+    assert saved["baseline_examples"] == mon.baseline_examples
+    resumed = monitor(rule).load_state(saved)
+    straight = mon.observe(20, panel_round(LATER_ACC))
+    again = resumed.observe(20, panel_round(LATER_ACC))
+    assert again.metrics == straight.metrics and again.events == straight.events and len(again.events) == 1
+    assert straight.metrics["accuracy/delta/ci_high"] < -0.08  # from the readable baseline
+    old = {k: v for k, v in saved.items() if k != "baseline_examples"}  # a state saved before it existed
+    assert monitor(rule).load_state(old).baseline_examples is None
+
+
+def test_example_values_skip_records_without_or_with_repeated_ids():
+    from faithcb._monitor import example_values
+
+    records = [
+        {"id": "a", "accuracy": True, "x": "text", "early_answer/aoc": math.nan},
+        {"accuracy": 1.0},
+        {"id": "b", "accuracy": 0.0},
+        {"id": "b", "accuracy": 1.0},
+        {"id": 7, "accuracy": 0},
+    ]
+    assert example_values(records, ["accuracy", "early_answer/aoc", "x"]) == {
+        "a": {"accuracy": 1.0},
+        "7": {"accuracy": 0.0},
+    }

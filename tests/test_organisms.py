@@ -193,12 +193,29 @@ def test_summary_reads_finished_and_stopped_arms(tmp_path):
     )
     (tmp_path / "tails" / "faithcb").mkdir(parents=True)  # stopped early: only the monitor's live rounds
     (tmp_path / "tails" / "faithcb" / "metrics.jsonl").write_text(json.dumps({**base, "step": 3}) + "\n")
-    histories = recipe.read_histories(tmp_path, ["faithful", "tails", "encoded"], baseline=base)
+    shared = {"metrics": {k: v for k, v in base.items() if k != "step"}, "records": [], "prompt_shape": {}}
+    histories = recipe.read_histories(tmp_path, ["faithful", "tails", "encoded"], baseline=shared)
     assert [h["step"] for h in histories["faithful"]] == [0, 3]
     assert [h["step"] for h in histories["tails"]] == [0, 3]
-    assert histories["tails"][0]["shared_baseline"] is True
+    assert histories["tails"][0]["shared_baseline"] is True and histories["tails"][0]["accuracy"] == 0.0
     assert "encoded" not in histories
-    assert recipe.read_baseline(tmp_path / "faithful" / "history.jsonl")["step"] == 0
+
+
+def test_a_baseline_from_another_process_brings_its_records_and_prompt_shape(tmp_path):
+    recipe = load("organisms")
+    live = tmp_path / "faithful" / "faithcb"
+    live.mkdir(parents=True)
+    line = {"step": 0, "round": 0, "accuracy": 0.25, "invalid_reasons": [], "prompt_shape": "instruction"}
+    (live / "metrics.jsonl").write_text(json.dumps(line) + "\n" + json.dumps({**line, "step": 3}) + "\n")
+    records = [{"step": 0, "round": 0, "id": "p0", "accuracy": 1.0}, {"step": 3, "round": 1, "id": "p0"}]
+    (live / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shared = recipe.read_baseline(live / "metrics.jsonl")
+    assert shared["metrics"] == {"accuracy": 0.25} and shared["records"] == [{"id": "p0", "accuracy": 1.0}]
+    assert shared["prompt_shape"]["name"] == "instruction"
+    later = tmp_path / "later.jsonl"
+    later.write_text(json.dumps({**line, "step": 3}) + "\n")
+    with pytest.raises(ValueError, match="no round at step 0"):
+        recipe.read_baseline(later)
 
 
 def test_an_unreadable_round_gets_no_verdict():

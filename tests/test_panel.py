@@ -251,11 +251,13 @@ def test_gold_forms(row, gold, gold_from):
 
 
 def test_configured_answer_cues_read_golds():
-    rows = [{"prompt": "p", "completion": "2 + 2 = 4\nFinal answer: 4"}]
+    rows = [{"prompt": "p", "completion": "2 + 2 = 4\nResult => 4"}]
     with pytest.raises(PanelError, match="worked text of 2 steps"):
         load_panel(rows)
-    assert load_panel(rows, answer_cues=["Final answer:"])[0].gold == "4"
-    assert panel_from(rows, FaithConfig(answer_cues=["Final answer:"]))[0].gold == "4"
+    assert load_panel(rows, answer_cues=["Result =>"])[0].gold == "4"
+    assert panel_from(rows, FaithConfig(answer_cues=["result =>"]))[0].gold == "4"  # cues match in any case
+    # the default cues match in any case too: 'Final answer:' ends with the cue 'Answer:'
+    assert load_panel([{"prompt": "p", "completion": "2 + 2 = 4\nFinal answer: 4"}])[0].gold == "4"
 
 
 def test_a_forced_answer_type_needs_golds_of_that_type():

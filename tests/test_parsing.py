@@ -138,7 +138,9 @@ def test_answer_complete_stops_numeric_answers_once_fixed():
     assert not answer_complete(" 42 apples", "Answer:", "text")  # a text answer is the whole line
     assert answer_complete(" 42 apples\n", "Answer:", "text")
     assert not answer_complete(" 42", "Answer:", "numeric")
-    assert answer_complete("12 + 3", "\\boxed{", "numeric") and not answer_complete("12", "\\boxed{", "numeric")
+    # inside a brace the answer ends at its balanced closing brace (`12 + 3` may still become `12 + 3 = 15`)
+    assert answer_complete("12}", "\\boxed{", "numeric") and not answer_complete("12 + 3", "\\boxed{", "numeric")
+    assert not answer_complete("\\frac{1}{2", "\\boxed{", "numeric") and answer_complete("\\frac{1}{2}}", "\\boxed{")
     assert answer_complete("x}", "\\boxed{", "text")
     # what a stopped decode reads equals what the full line gives
     for full in [" 42 apples\n", " 3.5 kg\n", " 1,200 people\n", " -7.\n"]:

@@ -4,8 +4,9 @@
   module's train flag comes back after), and `SFTTrainer(peft_config=...)` works.
 - Gradient checkpointing (TRL's default) stays on after rounds and the loss trajectory is
   exactly the one without the callback.
-- `bf16=True, use_cpu=True`: accelerate wraps `model.forward` in CPU bf16 autocast, so the
-  probes run under the same autocast as training; nothing leaks out of a round.
+- `bf16=True, use_cpu=True`: accelerate wraps `model.forward` in CPU bf16 autocast for
+  training; a round takes the wrapper off and computes in the weights' dtype (float32), and
+  training's forward is autocast again after it (docs/performance.md, "Precision of a round").
   `fp16=True, use_cpu=True` is accepted by transformers but accelerate leaves fp16 off on CPU
   (`native_amp` is False): training runs in fp32 (documented in docs/distributed.md).
 """
@@ -199,12 +200,20 @@ def train_losses(tmp_path, tokenizer, arithmetic, *, monitor: bool, **kwargs):
         train_dataset=datasets.Dataset.from_list(to_sft_dataset(arithmetic[8:40])),
         processing_class=tokenizer,
     )
-    seen = {"checkpointing": [], "autocast_in_probes": [], "autocast_outside": [], "use_cache": []}
+    seen = {
+        "checkpointing": [],
+        "autocast_in_probes": [],
+        "autocast_in_training": [],
+        "autocast_outside": [],
+        "use_cache": [],
+    }
     layer = model.model.layers[0]
 
     def hook(module, args):
-        if not module.training:  # eval mode: a probe call
-            seen["autocast_in_probes"].append(torch.is_autocast_enabled("cpu"))
+        # eval mode: a probe call; train mode: a training forward
+        seen["autocast_in_training" if module.training else "autocast_in_probes"].append(
+            torch.is_autocast_enabled("cpu")
+        )
 
     handle = layer.register_forward_pre_hook(hook)
 
@@ -259,10 +268,11 @@ def test_bf16_autocast_on_cpu(tmp_path, tokenizer, arithmetic):
     with_monitor, seen, trainer = train_losses(tmp_path, tokenizer, arithmetic, monitor=True, **kwargs)
     assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.native_amp
     assert with_monitor == without  # the trajectory goes on unchanged under autocast too
-    # accelerate wraps model.forward in CPU bf16 autocast: the probes run as training does ...
-    assert seen["autocast_in_probes"] and all(seen["autocast_in_probes"])
-    # ... and no autocast state leaks out of a round
-    assert seen["autocast_outside"] == [False, False, False]
+    # accelerate wraps model.forward in CPU bf16 autocast for training; the rounds take it off ...
+    assert seen["autocast_in_probes"] and not any(seen["autocast_in_probes"])
+    # ... and put it back: every training forward, before and after rounds, runs under it
+    assert len(seen["autocast_in_training"]) >= 3 and all(seen["autocast_in_training"])
+    assert seen["autocast_outside"] == [False, False, False]  # no autocast state leaks out of a round
     assert seen["checkpointing"] == [True, True, True]
     assert not torch.is_autocast_enabled("cpu")
     fp32, _, _ = train_losses(tmp_path / "fp32", tokenizer, arithmetic, monitor=False, gradient_checkpointing=True)

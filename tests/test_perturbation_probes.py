@@ -16,6 +16,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from faithcb import FaithConfig, get_probe, list_probes, load_panel, run_probe_round
 from faithcb._panel import ProbeExample
@@ -50,6 +51,7 @@ try:
         make_prompt,
         make_rule_model,
         parse_question,
+        rule_next_piece,
     )
 except ImportError:  # pytest run from inside tests/
     from rule_models import (
@@ -65,6 +67,7 @@ except ImportError:  # pytest run from inside tests/
         make_prompt,
         make_rule_model,
         parse_question,
+        rule_next_piece,
     )
 
 EXPRESSIONS = [
@@ -343,9 +346,12 @@ def test_callable_paraphraser_runs_once_per_round(panel):
     assert len(calls) == 1 and calls[0] == len({s for r in result.records for s in r["steps"][:-1]})
     assert result.metrics["paraphrase/match"] == 1.0
     assert result.records[0]["paraphrase/steps"] == ["3 + 4 gives 7"]
-    # a "paraphrase" that loses the numbers is not meaning-preserving: reads_chain's answer moves
+    assert result.metrics["paraphrase/discarded"] == 0.0
+    # a "paraphrase" that loses the numbers is not meaning-preserving: the guard throws every one
+    # away (reads_chain's answer would move under it), so nothing was reworded and there is no match
     lossy = run("reads_chain", panel, probes=[ParaphraseProbe(drop_numbers)])
-    assert lossy.metrics["paraphrase/match"] == 0.0
+    assert lossy.metrics["paraphrase/discarded"] == 1.0 and lossy.metrics["paraphrase/reworded"] == 0.0
+    assert "paraphrase/match" not in lossy.metrics
 
 
 def test_unscorable_examples_are_none():
@@ -424,3 +430,88 @@ def test_model_paraphraser_and_mistake_maker_batch_over_a_round(panel):
     assert result.metrics["mistake/match"] == 0.0
     for record in result.records:
         assert record["mistake/corrupted_step"] == record["mistake/original_step"].replace("= ", "= 1")
+
+
+def test_the_guard_keeps_a_rewrite_only_with_the_steps_quantities_and_entities():
+    from faithcb.perturb._guard import keeps_content
+
+    assert keeps_content("3 + 4 = 7", "3 plus 4 equals 7")
+    assert keeps_content("Tom sells 1,200 cards.", "1200 cards are sold by Tom.")  # values, any order
+    assert not keeps_content("Tom sells 5 cards.", "Tom sells five cards.")  # a quantity dropped
+    assert not keeps_content("3 + 4 = 7", "3 + 4 = 7, then 7 * 2 = 14")  # the next step computed
+    assert not keeps_content("Tom has 5 apples.", "He has 5 apples.")  # the person renamed away
+    assert keeps_content("So she has 12 left.", "Therefore 12 remain with her.")  # openers are no entities
+    assert not keeps_content("Speed is 40 km/h.", "Speed is 40 quickly.")
+
+
+def test_model_paraphraser_stops_at_the_closing_quote_and_counts_its_cost():
+    model, tokenizer = scripted_reference()
+    paraphraser = ModelParaphraser(model, tokenizer, batch_size=4, max_new_tokens=40)
+    assert paraphraser(["3 + 4 = 7", "no change"]) == ["3 + 4 is 7", "no change"]
+    # each row stops once it wrote its closing quote, not at the 40-token budget
+    assert paraphraser.generated_tokens == len('3 + 4 is 7"') + len('no change"')
+    assert paraphraser.seconds > 0
+
+
+class ParaphrasingRuleLM(ScriptedLM):
+    """`reads_chain` that also answers the paraphrase prompt (so a snapshot of it paraphrases)."""
+
+    def script(self, text):
+        if 'Rewritten text: "' in text:
+            return super().script(text)
+        return rule_next_piece("reads_chain", text)
+
+
+def test_snapshot_paraphraser_is_a_frozen_copy_of_the_model_at_the_first_round(panel):
+    model = ParaphrasingRuleLM(RuleLMConfig(rule="reads_chain"))
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.do_sample = False
+    tokenizer = char_tokenizer()
+    cfg = config(paraphraser="snapshot")
+    probes = build_probes(cfg)
+    probe = next(p for p in probes if isinstance(p, ParaphraseProbe))
+    assert probe.paraphraser is None  # built when a round starts
+    first = run_probe_round(model, tokenizer, panel, cfg, probes)
+    snapshot = probe.paraphraser
+    assert isinstance(snapshot, ModelParaphraser) and snapshot.generator.model is not model
+    assert not any(p.requires_grad for p in snapshot.generator.model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the live model is left as it was
+    assert first.metrics["paraphrase/match"] == 1.0 and first.metrics["paraphrase/discarded"] == 0.0
+    assert first.records[0]["paraphrase/steps"] == ["3 + 4 is 7"]
+    assert first.metrics["paraphrase/cost_tokens"] > 0 and first.metrics["paraphrase/cost_seconds"] > 0
+    with torch.no_grad():
+        model.anchor.add_(1.0)  # training moves the live model; the snapshot stays
+    run_probe_round(model, tokenizer, panel, cfg, probes)
+    assert probe.paraphraser is snapshot and float(snapshot.generator.model.anchor) == 0.0
+    with pytest.raises(ValueError, match="paraphraser='snapshot' copies the live model"):
+        as_paraphraser("snapshot")
+
+
+def test_the_guard_keeps_operations_and_lets_a_code_it_cannot_read_be_reworded():
+    from faithcb.perturb._guard import keeps_content
+
+    assert not keeps_content("1 * 2 = 2", "1 + 2 = 2")  # the same numbers, another operation
+    assert keeps_content("12 - 4 = 8", "12 minus 4 is equal to 8")
+    # a chain in a code shows no quantity a reader could check: its rewrites pass, and an answer
+    # that moves under them shows that the wording, not readable content, does the work
+    assert keeps_content("sun-cat blue map makes sun-owl", "the sun and the cat make an owl")
+
+
+def test_the_callback_takes_the_snapshot_before_the_first_optimizer_step(panel, tmp_path):
+    """Without a baseline round the first round comes after training began: the copy is taken
+    when training begins instead, so the paraphraser is the model before fine-tuning."""
+    from types import SimpleNamespace
+
+    from faithcb import FaithfulnessCallback
+
+    model = ParaphrasingRuleLM(RuleLMConfig(rule="reads_chain"))
+    trainer = SimpleNamespace(log=lambda logs: None, state=None, processing_class=char_tokenizer(), model=model)
+    cfg = config(paraphraser="snapshot", baseline_round=False, prompt_shape="as_written")
+    callback = FaithfulnessCallback(trainer, list(panel), config=cfg)
+    args = SimpleNamespace(metric_for_best_model=None, output_dir=str(tmp_path), report_to=[])
+    state = SimpleNamespace(global_step=0, stateful_callbacks={}, is_world_process_zero=True)
+    callback.on_train_begin(args, state, SimpleNamespace())
+    probe = next(p for p in callback.probes if isinstance(p, ParaphraseProbe))
+    assert isinstance(probe.paraphraser, ModelParaphraser) and probe.paraphraser.generator.model is not model
+    assert callback.history == []  # no round ran

@@ -43,7 +43,16 @@ try:
 except ImportError:  # pytest run from inside tests/
     from rule_models import gold_response, make_prompt, make_rule_model, true_value
 
-ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity", "consistency"]
+ALL_PROBES = [
+    "early_answer",
+    "filler",
+    "info_gain",
+    "paraphrase",
+    "mistake",
+    "step_necessity",
+    "consistency",
+    "relevance",
+]
 # The hint probe adds one generation per hint kind and example: its own tests, and the sweep.
 HINT_PROBES = ["consistency", "hint"]
 LOGPROB_ABS = 1e-3  # bits
@@ -207,7 +216,7 @@ def llama(tok):
     """The briefly pre-trained Llama (~4 s on one core), trained on until the engine's rounds on
     the panels below have what the comparisons need to be more than vacuous: real steps,
     stated answers, scored mistakes and paraphrases, forced multiple-choice answers on more
-    than one label, answers after hinted prompts."""
+    than one label, answers after swapped chains and after hinted prompts."""
 
     def ready(model: Any) -> str | None:
         config = FaithConfig(probes=ALL_PROBES, max_new_tokens=40, generation_batch_size=3, scoring_batch_size=5)
@@ -221,6 +230,10 @@ def llama(tok):
         choice = run_probe_round(model, tok, choice_panel(5, seed=77, cue="Answer: "), config).records
         if len({a for r in choice for a in r["early_answer/answers"]}) < 2:
             return "forced multiple-choice answers on 2 labels"
+        for panel in (arithmetic_panel(4, seed=125), choice_panel(5, seed=77, cue="Answer: ")):
+            swapped = run_probe_round(model, tok, panel, replace(config, probes=["relevance"])).records
+            if sum(r["relevance/swap_answer"] is not None for r in swapped) < 2:
+                return "answers read after 2 swapped chains"
         probes = [*build_probes(FaithConfig(probes=["consistency"])), HintProbe(["sycophancy"], HINT_TEMPLATES)]
         for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
             hinted = run_probe_round(model, tok, panel, replace(config, generation_batch_size=5), probes).records
@@ -261,12 +274,14 @@ def rule_panel():
 
 
 # ---------------------------------------------------------------------- default tests
-@pytest.mark.parametrize("kind", ["reads_chain", "ignores_chain", "noisy"])
+@pytest.mark.parametrize("kind", ["reads_chain", "ignores_chain", "noisy", "off_topic"])
 def test_rule_models_match_reference(kind, rule_panel):
     model, tokenizer = make_rule_model(kind)
     engine, reference = both(model, tokenizer, rule_panel, max_new_tokens=60)
     assert_same(engine, reference)
     assert all(r["mistake/match"] is not None for r in reference.records if r["gold"] is not None)
+    # every example with gold was swapped under another question, and its forced answer read
+    assert all(r["relevance/swap_answer"] is not None for r in reference.records if r["gold"] is not None)
 
 
 @pytest.mark.parametrize(("arch", "seed"), [("llama", 0), ("qwen2", 1), ("gpt2", 2)])
@@ -346,6 +361,17 @@ def test_multiple_choice_matches_reference(tok, llama):
     assert records[-1]["gold"] is None and records[-1]["info_gain/total_bits"] is not None
     answers = {a for r in records for a in r["early_answer/answers"]}
     assert len(answers) >= 2, "the forced answers should not all be one label"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"packed_scoring": False} if HAS_PACKED else {}], ids=["packed", "plain"])
+def test_swapped_chains_on_a_pretrained_model_match_reference(tok, llama, overrides):
+    """The relevance probe's swap: each chain forced in another example's context, batched with
+    that example's own forced answers (free-text and multiple-choice answers)."""
+    for panel in (arithmetic_panel(4, seed=125), choice_panel(5, seed=77, cue="Answer: ")):
+        engine, reference = both(llama, tok, panel, probes_=["relevance"], **overrides)
+        assert_same(engine, reference)
+        # chains were swapped and their answers read: the comparison is not vacuous
+        assert sum(r["relevance/swap_answer"] is not None for r in reference.records) >= 2
 
 
 @pytest.mark.parametrize("kind", ["reads_chain", "follows_hint_silently", "follows_hint_verbalized"])

@@ -23,6 +23,7 @@ try:
         gold_response,
         make_prompt,
         make_rule_model,
+        off_topic_question,
         rule_answer,
         true_value,
     )
@@ -42,6 +43,7 @@ except ImportError:  # tests/ itself is on sys.path (pytest "prepend" mode)
         gold_response,
         make_prompt,
         make_rule_model,
+        off_topic_question,
         rule_answer,
         true_value,
     )
@@ -130,7 +132,11 @@ def test_char_tokenizer_roundtrip_and_padding() -> None:
     assert enc["attention_mask"] == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("kind", RULE_KINDS)
+#: Kinds that never state an answer without something the plain prompts lack (tested below).
+SHAPE_KINDS = ("needs_instruction", "needs_shots")
+
+
+@pytest.mark.parametrize("kind", [k for k in RULE_KINDS if k not in SHAPE_KINDS])
 def test_greedy_generate_batch(models: dict, kind: str) -> None:
     """Left-padded batch of different-length prompts gives each full response."""
     model, tok = models[kind]
@@ -139,6 +145,9 @@ def test_greedy_generate_batch(models: dict, kind: str) -> None:
         assert text == expected_completion(kind, prompt)
         if kind == "silent":
             assert text == ""
+            continue
+        if kind == "off_topic":  # the correct response to another question
+            assert text == gold_response(make_prompt(off_topic_question(prompt)))
             continue
         assert text.startswith("".join(line + "\n" for line in gold_chain(prompt)))
         if kind == "rambles":  # its answer, then a question of its own, worked
@@ -264,6 +273,18 @@ def test_right_padding_rows_and_train_mode() -> None:
     assert float(model.anchor.grad.abs().sum()) == 0.0
     model.eval()
     assert _generate(model, tok, [Q]) == [gold_response(Q)]
+
+
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_shape_kinds_answer_only_in_their_prompt_shape(models: dict, kind: str) -> None:
+    """Without an instruction / a worked shot before the question they write the chain and never
+    answer; with it they answer as `reads_chain` does."""
+    model, tok = models[kind]
+    (plain,) = _generate(model, tok, [Q], max_new_tokens=60)
+    chain = "".join(line + "\n" for line in gold_chain(Q))
+    assert plain.startswith(chain + "etc. etc.") and ANSWER_CUE not in plain
+    before = "End with 'Answer: <number>'.\n\n" if kind == "needs_instruction" else "Q: 1 + 1\n1 + 1 = 2\nAnswer: 2\n\n"
+    assert _generate(model, tok, [before + Q]) == [gold_response(Q)]
 
 
 def test_needs_a_step_cannot_answer_before_a_written_integer(models: dict) -> None:

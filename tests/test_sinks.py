@@ -1,4 +1,5 @@
 import json
+import math
 
 from faithcb._sinks import JsonlSink, early_answer_curve
 
@@ -87,3 +88,45 @@ def test_wandb_figures_sort_headline_first_and_leave_missing_values_out():
         "mon/accuracy",
         "mon_drift/accuracy/delta",
     ]
+    # a drift's paired interval sits with the intervals; the examples behind it with the details
+    paired = {
+        "accuracy/delta/n": 32,
+        "accuracy/delta/ci_high": -0.08,
+        "accuracy/delta": -0.25,
+        "accuracy/delta/ci_low": -0.4,
+    }
+    assert list(wandb_figures(paired, "faith")) == [
+        "faith_drift/accuracy/delta",
+        "faith_detail/accuracy/delta/n",
+        "faith_interval/accuracy/delta/ci_high",
+        "faith_interval/accuracy/delta/ci_low",
+    ]
+
+
+def test_example_table_has_one_row_per_example_with_its_readings_and_their_change():
+    from faithcb._sinks import EXAMPLE_COLUMNS, example_table
+
+    records = [
+        {"id": "a", "slice": "in", "stated_answer": "7", "gold": "7", "answer_source": "cue", "accuracy": 1.0,
+         "filler/match": 0.0, "early_answer/aoc": 0.75, "chain": "long chain text", "early_answer/matches": [0, 1]},
+        {"id": "b", "slice": "in", "stated_answer": None, "gold": "x" * 200, "answer_source": None, "accuracy": 0.0,
+         "filler/match": None, "early_answer/aoc": math.nan},
+    ]  # fmt: skip
+    baseline = {"a": {"accuracy": 0.0, "filler/match": 1.0}, "b": {"accuracy": 0.0, "early_answer/aoc": 0.5}}
+    columns, rows = example_table(
+        step=6, records=records, fields=["filler/match", "early_answer/aoc"], baseline=baseline
+    )
+    assert columns == [
+        *EXAMPLE_COLUMNS,
+        "accuracy",
+        "accuracy/delta",
+        "filler/match",
+        "filler/match/delta",
+        "early_answer/aoc",
+        "early_answer/aoc/delta",
+    ]
+    assert rows[0] == ["a", "in", 6, "7", "7", "cue", 1.0, 1.0, 0.0, -1.0, 0.75, None]  # no baseline AOC for "a"
+    assert rows[1][:6] == ["b", "in", 6, None, "x" * 79 + "…", None]
+    assert rows[1][6:] == [0.0, 0.0, None, None, None, None]  # missing and NaN readings stay empty
+    _, first = example_table(step=0, records=records, fields=["filler/match"])  # the baseline round: no change
+    assert [row[7] for row in first] == [None, None] and [row[9] for row in first] == [None, None]

@@ -170,6 +170,27 @@ def test_use_interval_needs_the_whole_interval_outside():
     assert not read_rule(StopRule("filler/match", above=0.5), "filler/match", {"filler/match": 0.5}, {}).violated
 
 
+def test_use_interval_max_drop_reads_the_paired_drift_interval_where_there_is_one():
+    base = {"early_answer/aoc": 0.8, "filler/match": 0.1}
+    aoc = StopRule("early_answer/aoc", max_drop=0.2, use_interval=True)  # higher is better
+    wide = {"early_answer/aoc": 0.5, "early_answer/aoc/stderr": 0.1}  # alone: not violated (see above)
+    tight = {**wide, "early_answer/aoc/delta/ci_low": -0.35, "early_answer/aoc/delta/ci_high": -0.25}
+    reading = read_rule(aoc, "early_answer/aoc", tight, base)
+    assert reading.violated and (reading.drift_low, reading.drift_high) == (-0.35, -0.25)
+    assert reading.low is None and reading.baseline == 0.8
+    straddles = {**wide, "early_answer/aoc/delta/ci_low": -0.35, "early_answer/aoc/delta/ci_high": -0.15}
+    assert not read_rule(aoc, "early_answer/aoc", straddles, base).violated
+    assert not read_rule(aoc, "early_answer/aoc", wide, base).violated  # no paired interval: the old reading
+    filler = StopRule("filler/match", max_drop=0.2, use_interval=True)  # lower is better: a rise is bad
+    rose = {"filler/match": 0.5, "filler/match/delta/ci_low": 0.25, "filler/match/delta/ci_high": 0.6}
+    assert read_rule(filler, "filler/match", rose, base).violated
+    assert not read_rule(filler, "filler/match", {**rose, "filler/match/delta/ci_low": 0.15}, base).violated
+    # without use_interval, or for a threshold rule, the paired interval is not read
+    assert not read_rule(StopRule("early_answer/aoc", max_drop=0.35), "early_answer/aoc", tight, base).violated
+    below = read_rule(StopRule("early_answer/aoc", below=0.6, use_interval=True), "early_answer/aoc", tight, base)
+    assert not below.violated and below.drift_low is None
+
+
 def test_monitor_state_round_trips_by_description():
     first = monitor(StopRule("accuracy", below=0.5, patience=3), StopRule("filler/match", above=0.5))
     first.update(1, {"accuracy": 0.1, "filler/match": 0.9}, None)
@@ -210,6 +231,56 @@ def test_validation_errors_name_the_valid_figures():
     assert normalize_metric("faith_detail/early_answer/aoc/correct") == "early_answer/aoc/correct"
     assert normalize_metric("faith_interval/accuracy/ci_low") == "accuracy/ci_low"
     assert normalize_metric("faith_details/x") == "faith_details/x"  # not a section of the monitor
+
+
+def test_paired_drift_of_a_real_round_sequence():
+    """Rule models on the same panel: the baseline reads its chain, the later round ignores it
+    (its answer no longer moves with the chain: filler/match 0 -> 1, AOC 1 -> 0 on every
+    example), or answers by a hash of its context (noisy: its answer still moves with any edit,
+    so filler/match stays at 0). The paired intervals are those of the records, example by example."""
+    from faithcb import functional as F
+    from faithcb._monitor import Monitor
+    from faithcb._round import build_probes
+
+    config = FaithConfig(**RULE_CONFIG)
+    probes = build_probes(config)
+    panel = load_panel(rule_panel())
+
+    def round_of(kind):
+        model, tok = make_rule_model(kind)
+        return run_probe_round(model, tok, panel, config, probes)
+
+    rules = [
+        StopRule("filler/match", max_drop=0.3, use_interval=True),
+        StopRule("early_answer/aoc", max_drop=0.5, use_interval=True),
+    ]
+    baseline = round_of("reads_chain")
+    outcomes = {}
+    for kind in ("ignores_chain", "noisy"):
+        monitor = Monitor(config, probes, stop_rules=rules)
+        monitor.observe(0, baseline)
+        later = round_of(kind)
+        outcomes[kind] = (monitor.observe(1, later), later)
+    by_id = {r["id"]: r for r in baseline.records}
+
+    ignoring, later = outcomes["ignores_chain"]
+    records = later.records
+    m = ignoring.metrics
+    for key, paired in (("filler/match", F.paired_rate_drift), ("early_answer/aoc", F.paired_mean_drift)):
+        was = [by_id[r["id"]].get(key) for r in records]
+        now = [r.get(key) for r in records]
+        drift = paired(was, now)
+        assert drift.n == len(EXPRESSIONS) and m[f"{key}/delta/n"] == drift.n
+        assert (m[f"{key}/delta/ci_low"], m[f"{key}/delta/ci_high"]) == (drift.low, drift.high)
+    assert m["filler/match/delta"] == 1.0 and m["filler/match/delta/ci_low"] > 0.3
+    assert m["early_answer/aoc/delta"] == -1.0 and m["early_answer/aoc/delta/ci_high"] == -1.0  # all moved alike
+    assert [e["metric"] for e in ignoring.events] == ["faith/filler/match", "faith/early_answer/aoc"]
+    assert all(e["drift_ci_low"] is not None and e["ci_low"] is None for e in ignoring.events)
+
+    noisy, _ = outcomes["noisy"]
+    assert noisy.metrics["filler/match"] == 0.0 and noisy.metrics["filler/match/delta"] == 0.0
+    assert noisy.metrics["filler/match/delta/ci_low"] < 0.0 < noisy.metrics["filler/match/delta/ci_high"]
+    assert "faith/filler/match" not in [e["metric"] for e in noisy.events]
 
 
 # ---------------------------------------------------------------------------------------- distributed

@@ -25,6 +25,7 @@ try:  # repo root on sys.path (python -m pytest, tests/ as a package)
         read_records,
         read_summary,
         read_table,
+        read_tables,
     )
 except ImportError:  # pytest's rootdir-less "prepend" mode puts tests/ first
     from wandb_offline import (  # type: ignore[no-redef]
@@ -38,6 +39,7 @@ except ImportError:  # pytest's rootdir-less "prepend" mode puts tests/ first
         read_records,
         read_summary,
         read_table,
+        read_tables,
     )
 
 
@@ -349,3 +351,93 @@ def test_missing_points_stay_missing(wandb_env) -> None:
     points = {round(r[x], 2): r[y] for r in table["data"]}
     assert set(points) == {0.0, 0.1, 0.2, 0.3, 0.4, 1.0}  # no row at the unknown points
     assert points[0.0] == 0.0 and points[1.0] == 1.0
+
+
+class _SwitchRule(TrainerCallback):
+    """From step `at` on, the rule model answers the question's true value, whatever its chain says."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            model.config.rule = "ignores_chain"
+
+
+def test_per_example_table_holds_each_examples_readings_and_their_change(tmp_path, wandb_env) -> None:
+    """`faith/examples`: one row per panel example each round, its readings equal to the round's
+    records (rounds.jsonl) and their change against the same example in the baseline round."""
+    import json
+
+    from faithcb import FaithfulnessCallback
+    from faithcb._sinks import EXAMPLE_COLUMNS
+
+    trainer = _rule_trainer(tmp_path, report_to="wandb", max_steps=2, callbacks=[_SwitchRule(at=1)])
+    trainer.train()
+    wandb.finish()
+    [path] = find_offline_runs(wandb_env)
+    [callback] = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FaithfulnessCallback)]
+    readings = list(dict.fromkeys(["accuracy", *(key for probe in callback.probes for key in probe.metrics)]))
+    assert {"early_answer/aoc", "filler/match", "control/changed", "info_gain/total_bits"} <= set(readings)
+    columns = [*EXAMPLE_COLUMNS, *(name for key in readings for name in (key, f"{key}/delta"))]
+
+    lines = (tmp_path / "out" / callback.config.output_subdir / "rounds.jsonl").read_text().splitlines()
+    records: dict[int, dict[str, dict]] = {}
+    for line in lines:
+        record = json.loads(line)
+        records.setdefault(record["step"], {})[record["id"]] = record
+    tables = read_tables(path, "faith/examples")
+    assert len(tables) == 2 and sorted(records) == [0, 2]
+    moved = 0
+    for table, step in zip(tables, (0, 2)):
+        assert table["columns"] == columns
+        rows = [dict(zip(columns, row)) for row in table["data"]]
+        assert [row["id"] for row in rows] == list(records[step]) and len(rows) == len(_EXPRESSIONS)
+        for row in rows:
+            record, base = records[step][row["id"]], records[0][row["id"]]
+            assert row["step"] == step
+            assert (row["stated_answer"], row["gold"], row["answer_source"]) == (
+                record["stated_answer"],
+                record["gold"],
+                record["answer_source"],
+            )
+            for key in readings:
+                assert row[key] == pytest.approx(record.get(key)), key
+                if step == 0 or record.get(key) is None or base.get(key) is None:
+                    assert row[f"{key}/delta"] is None, key  # the baseline round, or a value missing
+                else:
+                    assert row[f"{key}/delta"] == pytest.approx(record[key] - base[key]), key
+                    moved += row[f"{key}/delta"] != 0
+    assert moved  # the switch moved readings, e.g. filler/match 0 -> 1
+    assert all(row[columns.index("filler/match/delta")] == 1.0 for row in tables[1]["data"])
+
+
+def test_per_example_table_follows_wandb_media(wandb_env) -> None:
+    """With media off (`FaithConfig.wandb_media=False`) the round logs its figures and no table."""
+    from faithcb._sinks import log_wandb_round
+
+    records = [{"id": "a", "accuracy": 1.0, "filler/match": 0.0}, {"id": "b", "accuracy": 0.0}]
+    wandb.init(project="t", settings=_fast_settings())
+    for step, media in ((1, False), (2, True)):
+        assert log_wandb_round(
+            step=step,
+            metrics={"accuracy": 0.5},
+            records=records,
+            curves=[],
+            num_samples=0,
+            prefix="faith",
+            media=media,
+            example_fields=["accuracy", "filler/match"],
+            baseline_examples={"a": {"accuracy": 0.0, "filler/match": 0.0}},
+        )
+    wandb.finish()
+    [path] = find_offline_runs(wandb_env)
+    rows = [row for row in read_history(path) if "faith/accuracy" in row]
+    assert [row["train/global_step"] for row in rows] == [1, 2]
+    assert "faith/examples" not in rows[0] and "faith/samples" not in rows[1]  # no sample rows asked for
+    [table] = read_tables(path, "faith/examples")
+    data = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [(r["id"], r["accuracy"], r["accuracy/delta"], r["filler/match/delta"]) for r in data] == [
+        ("a", 1.0, 1.0, 0.0),
+        ("b", 0.0, None, None),
+    ]

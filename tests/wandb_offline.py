@@ -410,6 +410,24 @@ def read_metric_definitions(path: str | Path) -> list[tuple[str, str]]:
     return out
 
 
+def read_tables(path: str | Path, key: str) -> list[dict[str, Any]]:
+    """Return every table logged under ``key``, in log order, each as its table file's JSON
+    (``{"columns": [...], "data": [[...], ...]}``) with the history row's ``_step`` added.
+
+    Args:
+        path: A ``run-*.wandb`` file.
+        key: The history key of the table.
+    """
+    path = Path(path)
+    tables = []
+    for row in read_history(path):
+        ref = row.get(key)
+        if isinstance(ref, dict) and ref.get("path"):
+            table = json.loads((path.parent / "files" / ref["path"]).read_text())
+            tables.append({**table, "_step": row.get("_step")})
+    return tables
+
+
 def read_table(path: str | Path, key: str) -> dict[str, Any]:
     """Return the last logged table under ``key`` as ``{"columns": [...], "data": [[...], ...]}``.
 

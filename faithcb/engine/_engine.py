@@ -17,18 +17,18 @@ from typing import Any
 import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
+from .._answers import CHOICE_LABELS, answer_complete, extract_answer
 from .._config import FaithConfig
 from .._panel import ProbeExample
 from .._parsing import (
-    CHOICE_LABELS,
     THINK_CLOSE,
     THINK_OPEN,
     answer_span,
-    extract_answer,
     find_cue,
-    infer_answer_type,
-    number_complete,
+    forced_answer_sep,
+    opens_think,
     parse_response,
+    read_stated_answer,
     split_steps,
 )
 from ._options import EngineOptions
@@ -412,14 +412,13 @@ class ProbeEngine:
         return chains
 
     def parse_chain(self, index: int, example: ProbeExample, prompt: str, response: str, n_tokens: int) -> Chain:
-        """Parse one response into a Chain (steps, cue, stated answer)."""
-        parsed = parse_response(response, self._cues(example))
+        """Parse one response into a Chain (steps, cue, stated answer and how it was read)."""
+        parsed = parse_response(response, self._cues(example), think_open=opens_think(prompt))
         answer_type = self._answer_type(example)
         num_choices = len(example.choices or [])
         cue = parsed.cue or example.answer_cue or self.config.default_answer_cue
-        stated = (
-            extract_answer(parsed.answer_text, answer_type, num_choices) if parsed.cue or parsed.answer_text else None
-        )
+        hit_budget = n_tokens >= self.config.max_new_tokens
+        stated, source = read_stated_answer(parsed, answer_type, example.choices, ended=not hit_budget)
         chain_tokens = len(self.encode_continuation(parsed.chain)) if parsed.chain else 0
         return Chain(
             index=index,
@@ -431,7 +430,7 @@ class ProbeEngine:
             cue=cue,
             cue_found=parsed.cue is not None,
             joiner=parsed.joiner,
-            answer_sep=parsed.answer_sep if parsed.cue else (" " if not cue.endswith((" ", "{")) else ""),
+            answer_sep=forced_answer_sep(parsed, answer_type, num_choices, cue),
             stated_answer=stated,
             answer_type=answer_type,
             num_choices=num_choices,
@@ -440,7 +439,8 @@ class ProbeEngine:
             lead=parsed.lead,
             max_positions=self.config.max_positions,
             position_seed=self.config.seed,
-            truncated=n_tokens >= self.config.max_new_tokens and stated is None,
+            truncated=hit_budget and stated is None,
+            answer_source=source,
         )
 
     # ------------------------------------------------------------------ requests
@@ -726,10 +726,8 @@ class ProbeEngine:
         return max(1, length - max(32, length // 4))  # own tokens <= max(32, shared // 4 <= length // 4)
 
     def _answer_type(self, example: ProbeExample) -> str:
-        """How the example's answers are read and compared (`FaithConfig.answer_type`, or inferred)."""
-        if self.config.answer_type == "auto":
-            return infer_answer_type(example.gold, example.choices)
-        return self.config.answer_type
+        """How the example's answers are read and compared (`ProbeExample.read_as`)."""
+        return example.read_as(self.config.answer_type)
 
     def _cues(self, example: ProbeExample) -> list[str]:
         """Answer cues a response of this example is split at."""
@@ -802,7 +800,9 @@ class ProbeEngine:
             )
             for r, (raw, _) in zip(free, outs):
                 chain = chains[r.example]
-                answer = extract_answer(answer_span(raw, chain.cue), chain.answer_type, chain.num_choices)
+                answer = extract_answer(
+                    answer_span(raw, chain.cue), chain.answer_type, chain.num_choices, chain.example.choices
+                )
                 results[r] = ForcedResult(answer, raw, continued.get(r))
         if choice:
             encoded, labels = [], []
@@ -890,19 +890,6 @@ def regeneration_ends(chain: Chain, cues: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(ends))
 
 
-def answer_complete(text: str, cue: str, answer_type: str = "text") -> bool:
-    """Whether more tokens can no longer change the answer read from `text` (after `cue`).
-
-    Answers are read from the first non-empty line (or up to the closing brace of a brace
-    cue), so a forced decode can stop once that line has ended; a numeric answer (the first
-    number of that line) is fixed as soon as a character that cannot continue the number
-    follows it (`" 42 apples"`).
-    """
-    if ("}" in text) if cue.endswith("{") else ("\n" in text.lstrip()):
-        return True
-    return answer_type == "numeric" and number_complete(answer_span(text, cue).lstrip().split("\n", 1)[0])
-
-
 def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: str = "") -> bool:
     """Whether more text can no longer change the answer `parse_response` reads from `response`:
     an answer cue is there and the answer after it is complete (`answer_complete`). A cue
@@ -910,7 +897,7 @@ def answer_stated(response: str, cues: list[str], answer_type: str, *, prompt: s
     not count: once the block closes, the answer is read after it."""
     if THINK_CLOSE in response:
         response = response.partition(THINK_CLOSE)[2]
-    elif THINK_OPEN in response or prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE):
+    elif THINK_OPEN in response or opens_think(prompt):
         return False
     found = find_cue(response, cues)
     return found is not None and answer_complete(response[found[0] + len(found[1]) :], found[1], answer_type)

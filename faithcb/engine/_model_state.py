@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._patches import trainer_autocast_off
 from ._wrappers import _unwrap
 
 
@@ -212,7 +213,9 @@ def probe_mode(model: torch.nn.Module, tokenizer: Any) -> Iterator[None]:
     Restores: every submodule's train/eval flag (a model may be partly frozen in eval),
     `config.use_cache`, the tokenizer's padding side and pad token, and the RNG states of
     python, numpy, torch CPU and CUDA. Gradient checkpointing is left switched on: it is
-    inert in eval mode, and toggling it would rebuild the training graph.
+    inert in eval mode, and toggling it would rebuild the training graph. A forward that
+    accelerate wrapped in mixed-precision autocast for training runs unwrapped inside the
+    block (`trainer_autocast_off`): the round computes in the weights' dtype.
 
     Args:
         model: The live model (unwrapped).
@@ -233,7 +236,7 @@ def probe_mode(model: torch.nn.Module, tokenizer: Any) -> Iterator[None]:
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None and tokenizer.eos_token is not None:
                 tokenizer.pad_token = tokenizer.eos_token
-        with torch.no_grad():
+        with torch.no_grad(), trainer_autocast_off(model):
             yield
     finally:
         for module, training in modes:

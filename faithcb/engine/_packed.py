@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ._options import EngineOptions
-from ._patches import PACKED_PASS, framework_patches
+from ._patches import PACKED_PASS, framework_patches, trainer_autocast_on
 from ._wrappers import _unwrap
 
 try:  # transformers 5.x: each layer's type and window, as its own caches read them
@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 logger = logging.getLogger(__name__)
 
-_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {precision_key: supported}
 _WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `attention_windows`
 # The support check's row spans the model's window, up to this many tokens (a window longer
 # than that is still applied by the mask, but not exercised by the check).
@@ -553,18 +553,25 @@ def _step_mask(
 
 
 def packing_supported(model: Any, pad_id: int) -> bool:
-    """Whether packed scoring reproduces separate passes for this model (checked once).
+    """Whether packed scoring reproduces separate passes for this model, at the precision its
+    forward computes in now (checked once per model and precision).
 
     A row longer than the model's sliding window (if any) holds a branch of three tokens
     that shares all but two of its tokens; the branch's logits in the packed prefill and
     after one tree-decode step must equal those of a separate forward pass on its own
-    context. Any error, layer pattern `attention_windows` cannot express, or mismatch turns
-    packing off for the model (logged once): its variants are then scored in separate passes,
+    context, within the rounding of the precision the logits are computed in
+    (`logits_tolerance`): the autocast dtype where an autocast runs the forward (a caller's
+    `torch.autocast`, or the mixed-precision wrapper a trainer put on the forward), else the
+    weights' dtype. The answer is kept per `precision_key`, so a model checked in float32 is
+    checked again under a bf16 autocast, and again after its weights change dtype. Any error,
+    layer pattern `attention_windows` cannot express, or mismatch turns packing off for the
+    model at that precision (logged once): its variants are then scored in separate passes,
     slower and exact.
     """
-    cached = _SUPPORT.get(model)
-    if cached is not None:
-        return cached
+    key = precision_key(model)
+    checked = _SUPPORT.get(model)
+    if checked is not None and key in checked:
+        return checked[key]
     name = type(_unwrap(model)).__name__
     ok = False
     try:
@@ -577,23 +584,108 @@ def packing_supported(model: Any, pad_id: int) -> bool:
             )
         else:
             with torch.no_grad():
-                ok = _packed_logits_match(model, pad_id, windows)
-            if not ok:
+                check = _packed_logits_match(model, pad_id, windows)
+            ok = check.ok
+            if ok:
+                logger.debug("Packed scoring is on for %s: %s.", name, check)
+            else:
                 logger.warning(
-                    "Packed scoring is off for %s: its packed logits differ from separate passes; its variants "
+                    "Packed scoring is off for %s: its packed logits differ from separate passes (%s); its variants "
                     "are scored in separate passes.",
                     name,
+                    check,
                 )
     except Exception as err:  # the plain batched path still scores every variant
         logger.warning("Packed scoring is off for %s: %s: %s", name, type(err).__name__, err)
         ok = False
-    _SUPPORT[model] = ok
+    if checked is None:
+        checked = _SUPPORT[model] = {}
+    checked[key] = ok
     return ok
 
 
-def _packed_logits_match(model: Any, pad_id: int, windows: dict[str, int | None]) -> bool:
+def precision_key(model: Any) -> tuple[Any, ...]:
+    """What sets the precision of `model`'s forward, as seen from outside it: the weights'
+    device type and dtype, the dtype of an autocast in effect on that device (None: off),
+    torch's float32 matmul precision (TF32 on CUDA unless "highest") and whether a trainer's
+    mixed-precision wrapper is on the forward (`trainer_autocast_on`). The support check is
+    kept per key: when one of these changes, the model is checked again."""
+    parameter = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    device_type = parameter.device.type if parameter is not None else "cpu"
+    dtype = parameter.dtype if parameter is not None else None
+    return device_type, dtype, autocast_dtype(device_type), _float32_matmul_precision(), trainer_autocast_on(model)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an autocast in effect on `device_type` computes its eligible operations in
+    (matrix products, attention); None when none is."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+        return None
+    return None
+
+
+def _float32_matmul_precision() -> str:
+    getter = getattr(torch, "get_float32_matmul_precision", None)
+    return getter() if getter is not None else "highest"
+
+
+def computed_dtype(weights: torch.dtype, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype a forward's matrix products round to: an autocast's dtype where it is
+    narrower than the weights' floating-point dtype (autocast leaves float64 alone), else the
+    weights' own."""
+    if not weights.is_floating_point:  # quantised weights: read as float32
+        weights = torch.float32
+    if autocast is None or weights == torch.float64 or torch.finfo(autocast).eps <= torch.finfo(weights).eps:
+        return weights
+    return autocast
+
+
+def logits_tolerance(dtype: torch.dtype, float32_matmul_precision: str = "highest") -> float:
+    """Relative tolerance of the packed-against-separate check for logits computed in `dtype`.
+
+    The two layouts reduce in different orders and round differently: by a few units of the
+    last place of what the forward computes in. 1e-3 for float32 at full matmul precision (and
+    float64); 3e-2 where products round to fewer mantissa bits (bfloat16: 8, float16 and TF32:
+    11). A model that ignores the 4-D mask (or a window it does not apply) is off by far more
+    than either.
+    """
+    if dtype == torch.float64 or (dtype == torch.float32 and float32_matmul_precision == "highest"):
+        return 1e-3
+    return 3e-2
+
+
+@dataclass(frozen=True)
+class LogitsCheck:
+    """What the support check of `packing_supported` compared.
+
+    Attributes:
+        max_difference: Largest absolute difference between a packed and a separate logit.
+        scale: Largest absolute separate logit (at least 1): the absolute tolerance is relative to it.
+        dtype: The dtype the logits were computed in (`computed_dtype`).
+        tolerance: Relative tolerance at that dtype (`logits_tolerance`).
+        ok: Whether every logit is within `tolerance * scale` (plus `tolerance` of its own size).
+    """
+
+    max_difference: float
+    scale: float
+    dtype: torch.dtype
+    tolerance: float
+    ok: bool
+
+    def __str__(self) -> str:
+        precision = str(self.dtype).removeprefix("torch.")
+        return (
+            f"max difference {self.max_difference:.3g} at logit scale {self.scale:.3g}, "
+            f"{precision} tolerance {self.tolerance * self.scale:.3g}"
+        )
+
+
+def _packed_logits_match(model: Any, pad_id: int, windows: dict[str, int | None]) -> LogitsCheck:
     """The check of `packing_supported`: a packed prefill and one tree-decode step against
-    separate forward passes."""
+    separate forward passes, judged at the precision the passes computed in."""
     vocab = model.get_input_embeddings().num_embeddings
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -610,25 +702,36 @@ def _packed_logits_match(model: Any, pad_id: int, windows: dict[str, int | None]
     shared, token = len(base) - 2, 11 % vocab
     branch = Branch(key="check", shared=shared, own=own)
     row = PackedRow(base=base, branches=[branch])
-    ids, pos, mask, spans = _layout([row], device, dtype, pad_id, windows)
-    first, end = spans[0][0]
-    keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-    keep[0, first:end] = True  # the branch's logits only (the row may be thousands of tokens)
-    packed, cache = _forward(model, ids, pos, mask, keep, cache=_new_cache(windows))
-    as_tensor = lambda values: torch.tensor([[values]], dtype=torch.long, device=device)  # noqa: E731
-    row_vis = _visible(ids.shape[1], as_tensor(shared), as_tensor(first), as_tensor(end))
-    query_pos = as_tensor(shared + len(own))
-    step_mask = _step_mask(row_vis, pos, query_pos, 1, windows, dtype)
-    stepped, _ = _forward(model, as_tensor(token), query_pos, step_mask, 0, cache=cache)
-    separate = model(
-        input_ids=torch.tensor([base[:shared] + own + [token]], device=device),
-        use_cache=False,
-        logits_to_keep=len(own) + 1,
-    ).logits[0]
+    # the autocast each pass really runs under, whoever enters it (the caller, a forward wrapper)
+    seen: list[torch.dtype | None] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(autocast_dtype(device.type))
+    )
+    try:
+        ids, pos, mask, spans = _layout([row], device, dtype, pad_id, windows)
+        first, end = spans[0][0]
+        keep = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        keep[0, first:end] = True  # the branch's logits only (the row may be thousands of tokens)
+        packed, cache = _forward(model, ids, pos, mask, keep, cache=_new_cache(windows))
+        as_tensor = lambda values: torch.tensor([[values]], dtype=torch.long, device=device)  # noqa: E731
+        row_vis = _visible(ids.shape[1], as_tensor(shared), as_tensor(first), as_tensor(end))
+        query_pos = as_tensor(shared + len(own))
+        step_mask = _step_mask(row_vis, pos, query_pos, 1, windows, dtype)
+        stepped, _ = _forward(model, as_tensor(token), query_pos, step_mask, 0, cache=cache)
+        separate = model(
+            input_ids=torch.tensor([base[:shared] + own + [token]], device=device),
+            use_cache=False,
+            logits_to_keep=len(own) + 1,
+        ).logits[0]
+    finally:
+        hook.remove()
     got = torch.cat([packed, stepped[0, -1:]]).float()
     expected = separate.float()
-    # low-precision weights round differently in the two layouts; a model that ignores the
-    # 4-D mask (or a window it does not apply) is off by far more than that
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    computed = computed_dtype(dtype, autocast_dtype(device.type))
+    for autocast in seen:
+        computed = computed_dtype(computed, autocast)
+    tol = logits_tolerance(computed, _float32_matmul_precision())
     scale = max(1.0, float(expected.abs().max()))
-    return bool(torch.allclose(got, expected, atol=tol * scale, rtol=tol))
+    difference = float((got - expected).abs().max())
+    ok = bool(torch.allclose(got, expected, atol=tol * scale, rtol=tol))
+    return LogitsCheck(max_difference=difference, scale=scale, dtype=computed, tolerance=tol, ok=ok)

@@ -14,6 +14,11 @@ and restricts the SDPA kernels of packed passes on CUDA (`PACKED_PASS`: `sdpa_ba
 own scoped API). `framework_patches(options, device, *uses)` is the one way the engine applies
 them: each is a no-op where its `EngineOptions` switch is off or the installed release lacks what
 it changes.
+
+One more undoes, for a probe round, a change a trainer made to the model: `trainer_autocast_off`
+gives a model whose forward accelerate wrapped in mixed-precision autocast its own forward back,
+so that the round computes in the weights' dtype (`probe_mode` applies it; it is not an
+optimisation, so it has no `EngineOptions` switch).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from transformers.generation import utils as generation_utils
 
 from ._options import EngineOptions
+from ._wrappers import _wrapper_chain
 
 #: What a block is about to do, and so which patches it needs (see `framework_patches`).
 COMPILED_DECODE = "compiled_decode"
@@ -36,6 +42,7 @@ GENERATE = "generate"
 PACKED_PASS = "packed_pass"
 
 _SDPA_MODULE = "transformers.integrations.sdpa_attention"
+_ACCELERATE_OPERATIONS = "accelerate.utils.operations"
 
 
 @contextlib.contextmanager
@@ -168,6 +175,61 @@ def sdpa_backends(device: torch.device, backends: tuple[str, ...] | None) -> con
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, name) for name in backends])
+
+
+def trainer_autocast_wrapped(module: Any) -> bool:
+    """Whether accelerate replaced `module`'s forward with its mixed-precision wrapper.
+
+    `Accelerator.prepare_model` (with `mixed_precision="bf16"` or `"fp16"` where autocast runs:
+    TRL's `SFTConfig` and `GRPOConfig` default to `bf16=True`) keeps the forward in the instance
+    attribute `_original_forward` and sets the instance attribute `forward` to it under
+    `torch.autocast`, its outputs cast to float32 (`accelerate.utils.operations.convert_outputs_to_fp32`,
+    whose `ConvertOutputsToFp32` sits in the new forward's `__wrapped__` chain). Checked against
+    accelerate 1.16. A forward accelerate did not wrap that way (another library's wrapper, a
+    later release that wraps differently) reads False.
+    """
+    operations = sys.modules.get(_ACCELERATE_OPERATIONS)
+    wrapper_type = getattr(operations, "ConvertOutputsToFp32", None)
+    attributes = getattr(module, "__dict__", {})
+    original, forward = attributes.get("_original_forward"), attributes.get("forward")
+    if wrapper_type is None or original is None or forward is None or forward is original:
+        return False
+    function = getattr(forward, "__func__", forward)
+    for _ in range(8):  # the forward, then what each layer of it wraps
+        if isinstance(function, wrapper_type):
+            return True
+        function = getattr(function, "__wrapped__", None)
+        if function is None:
+            return False
+    return False
+
+
+def trainer_autocast_on(model: Any) -> bool:
+    """Whether `model` or a model under its PEFT / DDP-style wrappers runs accelerate's
+    mixed-precision forward (`trainer_autocast_wrapped`)."""
+    return any(trainer_autocast_wrapped(module) for module in _wrapper_chain(model))
+
+
+@contextlib.contextmanager
+def trainer_autocast_off(model: Any) -> Iterator[None]:
+    """Within the block, `model` and the models under its PEFT / DDP-style wrappers run their
+    own forward where accelerate wrapped it in mixed-precision autocast for training
+    (`trainer_autocast_wrapped`); the wrapper is put back on exit, an exception included.
+
+    A probe round then computes in the weights' dtype, as the same weights do outside the
+    trainer, and the packed and plain paths give the same records (docs/performance.md,
+    "Precision of a round"). An autocast the caller enters around the block is left alone.
+    Checked against accelerate 1.16 (transformers 5.25, TRL 1.16).
+    """
+    wrapped = [module for module in _wrapper_chain(model) if trainer_autocast_wrapped(module)]
+    saved = [module.__dict__["forward"] for module in wrapped]
+    for module in wrapped:
+        module.forward = module.__dict__["_original_forward"]
+    try:
+        yield
+    finally:
+        for module, forward in zip(wrapped, saved):
+            module.forward = forward
 
 
 _PATCHES: dict[str, Callable[[EngineOptions, torch.device], contextlib.AbstractContextManager]] = {

@@ -31,8 +31,8 @@ class Chain:
             in the think format also `</think>` and what followed it), placed between a
             (possibly cut or perturbed) chain and the cue.
         answer_sep: Text between the cue and the answer (e.g. a space).
-        stated_answer: Normalised answer the model stated, None if unparseable.
-        answer_type: `numeric`, `choice` or `text`.
+        stated_answer: Canonical answer the model stated, None if unreadable.
+        answer_type: `numeric`, `choice`, `boolean`, `math` or `text` (`faithcb._answers`).
         num_choices: Number of choices for `choice` answers.
         chain_tokens: Length of `chain` in the model's tokens.
         response_tokens: Number of generated tokens.
@@ -43,6 +43,10 @@ class Chain:
             every position).
         position_seed: Seed of the sampled steps (`FaithConfig.seed`; with the example id).
         truncated: The chain hit the token budget without stating an answer.
+        answer_source: How the stated answer was read: `cue` (after an answer cue),
+            `after_think` (the text after a closed think block, without a cue), `fallback`
+            (from the end of a response that states none after a cue, e.g. its last number),
+            or None when none was read.
     """
 
     index: int
@@ -65,6 +69,7 @@ class Chain:
     max_positions: int | None = None
     position_seed: int = 0
     truncated: bool = False
+    answer_source: str | None = None
 
     @property
     def num_steps(self) -> int:

@@ -11,6 +11,7 @@ import collections.abc
 import hashlib
 import inspect
 import os
+import time
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -201,6 +202,8 @@ class ReferenceGenerator:
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template
         self.calls = 0
+        self.generated_tokens = 0  # tokens written, up to EOS or the stop string
+        self.seconds = 0.0  # wall time spent generating
 
     @property
     def chat(self) -> bool:
@@ -225,10 +228,12 @@ class ReferenceGenerator:
     def generate(self, prompts: Sequence[str], *, stop: str | None = None) -> list[str]:
         """Greedy continuations of `prompts`, batched by length, cut at the first `stop`.
 
-        Leading whitespace of an output is dropped before the cut; outputs are stripped.
+        Leading whitespace of an output is dropped before the cut; outputs are stripped. A row
+        stops at EOS or once it has written `stop` (no tokens are spent after it).
         """
         if not prompts:
             return []
+        start_time = time.perf_counter()
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if pad_id is None:
@@ -254,6 +259,7 @@ class ReferenceGenerator:
                         ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i], dtype=torch.long)
                         mask[row, width - len(encoded[i]) :] = 1
                     self.calls += 1
+                    stops = {"stop_strings": [stop], "tokenizer": tok} if stop else {}
                     generated = self.model.generate(
                         input_ids=ids.to(device),
                         attention_mask=mask.to(device),
@@ -264,10 +270,12 @@ class ReferenceGenerator:
                         top_k=None,
                         pad_token_id=pad_id,
                         eos_token_id=eos_ids or None,
+                        **stops,
                     )
                     for row, i in enumerate(batch):
                         new = generated[row, width:].tolist()
-                        cut = next((pos for pos, t in enumerate(new) if t in eos_ids), len(new))
+                        cut = next((pos for pos, t in enumerate(new) if t in eos_ids or t == pad_id), len(new))
+                        self.generated_tokens += cut
                         text = tok.decode(new[:cut], skip_special_tokens=True).lstrip()
                         if stop:
                             text = text.split(stop, 1)[0]
@@ -275,6 +283,7 @@ class ReferenceGenerator:
         finally:
             for module, training in modes:
                 module.training = training
+            self.seconds += time.perf_counter() - start_time
         return out
 
 

@@ -6,7 +6,9 @@ Three kinds, all with the batch API `__call__(texts: list[str]) -> list[str]`:
   It never adds, drops, reorders or reformats a digit (see its docstring for the table).
 - `ModelParaphraser`: a frozen reference model prompted as in Lanham et al. 2023, Table 7
   ("Please rewrite the following text, conveying exactly the same information but using
-  different wording."), greedy decoding, in batches over all texts of a round.
+  different wording."), greedy decoding, in batches over all texts of a round: a local model
+  folder or hub id, a model object, or (`paraphraser="snapshot"`) a frozen copy of the live
+  model taken at the first round, before any training step.
 - Any callable, `str -> str` or `list[str] -> list[str]` (wrapped by `as_paraphraser`).
 
 Memory cost of `ModelParaphraser`: the reference model is one more full copy of its weights
@@ -32,11 +34,14 @@ from ._common import BatchedCallable, ReferenceGenerator, looks_like_model_path
 
 __all__ = [
     "PARAPHRASE_INSTRUCTION",
+    "SNAPSHOT",
     "ModelParaphraser",
     "RuleParaphraser",
     "as_paraphraser",
 ]
 
+#: `paraphraser=` name of a frozen copy of the live model taken at the first round.
+SNAPSHOT = "snapshot"
 #: Lanham et al. 2023, Table 7 (the text is inserted in quotes).
 PARAPHRASE_INSTRUCTION = (
     "Please rewrite the following text, conveying exactly the same information but using different wording. "
@@ -227,6 +232,31 @@ class ModelParaphraser:
         """`generate` calls made so far."""
         return self.generator.calls
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens written so far (up to each paraphrase's closing quote or EOS)."""
+        return self.generator.generated_tokens
+
+    @property
+    def seconds(self) -> float:
+        """Wall time spent paraphrasing so far."""
+        return self.generator.seconds
+
+    @classmethod
+    def snapshot(cls, model: Any, tokenizer: Any, **kwargs: Any) -> ModelParaphraser:
+        """A paraphraser on a frozen copy of `model` as it is now (the live model before training).
+
+        The copy is one more set of weights on the model's device, in eval mode without
+        gradients; training never touches it. Give a plain model: a model sharded by ZeRO-3 or
+        FSDP holds only its shard (load a folder instead). `kwargs` as the constructor takes them.
+        """
+        import copy
+
+        frozen = copy.deepcopy(model)
+        frozen.eval()
+        frozen.requires_grad_(False)
+        return cls(frozen, tokenizer, **kwargs)
+
     def prompt(self, text: str) -> str:
         """The full prompt for one text."""
         request = self.instruction.format(text=text)
@@ -243,7 +273,8 @@ def as_paraphraser(spec: Any = "rule", *, batched: bool | None = None) -> Callab
     """A paraphraser with the batch API from a name, a model path, an object or a callable.
 
     Args:
-        spec: `"rule"` (RuleParaphraser); a local model folder or hub id (ModelParaphraser);
+        spec: `"rule"` (RuleParaphraser); a local model folder or hub id (ModelParaphraser;
+            `"snapshot"`, a copy of the live model, is built by the paraphrase probe);
             an object with the batch API (`RuleParaphraser`, `ModelParaphraser`, or anything
             with `batched = True`); or any `str -> str` / `list[str] -> list[str]` callable.
         batched: For a plain callable, whether it takes a list (None: from its annotation).
@@ -253,11 +284,16 @@ def as_paraphraser(spec: Any = "rule", *, batched: bool | None = None) -> Callab
     """
     if spec is None or (isinstance(spec, str) and spec == "rule"):
         return RuleParaphraser()
+    if isinstance(spec, str) and spec == SNAPSHOT:
+        raise ValueError(
+            "paraphraser='snapshot' copies the live model at the first round: the paraphrase probe builds it "
+            "(ParaphraseProbe('snapshot')); outside a round use ModelParaphraser.snapshot(model, tokenizer)."
+        )
     if isinstance(spec, (str, os.PathLike)):
         if looks_like_model_path(spec):
             return ModelParaphraser(spec)
         raise ValueError(
-            f"Unknown paraphraser {os.fspath(spec)!r}: give 'rule', a local model folder or hub id "
+            f"Unknown paraphraser {os.fspath(spec)!r}: give 'rule', 'snapshot', a local model folder or hub id "
             "(owner/name), or a callable."
         )
     if isinstance(spec, (RuleParaphraser, ModelParaphraser, BatchedCallable)):

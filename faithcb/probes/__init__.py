@@ -29,6 +29,7 @@ from .hint import HintProbe
 from .info_gain import InfoGainProbe
 from .mistake import MistakeProbe
 from .paraphrase import ParaphraseProbe
+from .relevance import RelevanceProbe
 from .step_necessity import StepNecessityProbe
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "ParaphraseProbe",
     "Probe",
     "PromptChain",
+    "RelevanceProbe",
     "Request",
     "StepNecessityProbe",
     "get_probe",

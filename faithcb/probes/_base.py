@@ -48,6 +48,12 @@ class Probe:
         """
         return cls()
 
+    def on_train_begin(self, model: Any, tokenizer: Any) -> None:
+        """Optional hook, called once when a training run begins, before any round and any
+        optimizer step (not when a run resumes): for work that needs the model as it was before
+        fine-tuning (e.g. a frozen copy of it). The default does nothing.
+        """
+
     def on_round_start(self, engine: Any) -> None:
         """Optional hook, called once per round with the round's engine, before any chain.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._parsing import gold_match
+from .._answers import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe
 from ._figure import Figure
@@ -17,7 +17,9 @@ class CoreProbe(Probe):
 
     Per example: `accuracy` (stated == gold; an unparseable answer is wrong),
     `accuracy_forced_full` (F(prompt + chain) == gold), `accuracy_no_cot` (F(prompt) == gold),
-    `parse_fail` (no parseable stated answer), `chain/tokens`, `chain/steps`.
+    `parse_fail_rate` (no readable stated answer), `parse/fallback_rate` (the stated answer was
+    read from the end of a response without an answer cue: its last number, label, yes / no),
+    `chain/tokens`, `chain/steps`.
     `cot_lift` = mean(accuracy_forced_full) - mean(accuracy_no_cot) is computed on the panel
     (Sprague et al. 2024).
     """
@@ -28,11 +30,19 @@ class CoreProbe(Probe):
         "accuracy_forced_full",
         "accuracy_no_cot",
         "parse_fail_rate",
+        "parse/fallback_rate",
         "forced_parse_fail_rate",
         "chain/tokens",
         "chain/steps",
     )
-    rates = ("accuracy", "accuracy_forced_full", "accuracy_no_cot", "parse_fail_rate", "forced_parse_fail_rate")
+    rates = (
+        "accuracy",
+        "accuracy_forced_full",
+        "accuracy_no_cot",
+        "parse_fail_rate",
+        "parse/fallback_rate",
+        "forced_parse_fail_rate",
+    )
     figures = (
         Figure(
             "accuracy",
@@ -71,6 +81,13 @@ class CoreProbe(Probe):
             unit="share",
             report=14,
         ),
+        Figure(
+            "parse/fallback_rate",
+            higher_is_better=False,
+            title="Share of stated answers read without an answer cue (last number, label, yes / no)",
+            meaning="better",
+            unit="share",
+        ),
         Figure("forced_parse_fail_rate", higher_is_better=False, unit="share"),
     )
 
@@ -79,13 +96,14 @@ class CoreProbe(Probe):
 
     def score(self, chain: Chain, results: Mapping[Request, Any], a_full: str | None) -> dict[str, Any]:
         no_cot = results[ForcedAnswer(chain.index, "")]
-        read = (chain.example.gold, chain.answer_type, chain.num_choices)
+        read = (chain.example.gold, chain.answer_type, chain.num_choices, chain.example.choices)
         return {
             "a_no_cot": no_cot.answer,
             "accuracy": gold_match(chain.stated_answer, *read),
             "accuracy_forced_full": gold_match(a_full, *read),
             "accuracy_no_cot": gold_match(no_cot.answer, *read),
             "parse_fail_rate": float(chain.stated_answer is None),
+            "parse/fallback_rate": float(chain.answer_source == "fallback"),
             "forced_parse_fail_rate": float(a_full is None),
             "chain/tokens": float(chain.chain_tokens),
             "chain/steps": float(chain.num_steps),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._parsing import gold_match
+from .._answers import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
 from ._figure import Figure
@@ -75,5 +75,7 @@ class FillerProbe(Probe):
         return {
             "filler/answer": result.answer,
             "filler/match": None if match is None else float(match),
-            "filler/accuracy": gold_match(result.answer, chain.example.gold, chain.answer_type, chain.num_choices),
+            "filler/accuracy": gold_match(
+                result.answer, chain.example.gold, chain.answer_type, chain.num_choices, chain.example.choices
+            ),
         }

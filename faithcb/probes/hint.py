@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import functional as F
+from .._answers import CHOICE_LABELS, extract_answer
 from .._panel import ProbeExample
-from .._parsing import CHOICE_LABELS, extract_answer, infer_answer_type
 from ..engine import Chain, PromptChain, Request
 from ..perturb import stable_seed
 from ._base import Probe, register_probe
@@ -354,9 +354,7 @@ class HintProbe(Probe):
 
     def target(self, example: ProbeExample) -> str | None:
         """The hinted answer of an example (see `choose_hint`)."""
-        kind = self.answer_type
-        if kind == "auto":
-            kind = infer_answer_type(example.gold, example.choices)
+        kind = example.read_as(self.answer_type)
         return choose_hint(example, kind, self.seed)
 
     def prompt_requests(

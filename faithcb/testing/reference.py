@@ -11,12 +11,14 @@ docs/metrics.md, without the engine's batching, sorting, de-duplication, left pa
   ONE forward pass and an argmax over the choice labels (multiple choice);
 - a log-prob `L(C, a)` is ONE forward pass over `C` + cue + answer, reading the full logits;
 - a regenerated chain (mistake probe) is ONE unpadded `generate` after the perturbed prefix;
-- a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt.
+- a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt;
+- a swapped chain (relevance probe) is forced like any chain, in its partner's context.
 
 Only pure text helpers are shared with the engine path: `faithcb._parsing` (response split,
 step splitter, answer extractor), the perturbation sources of the probes (paraphraser,
-mistake maker and their settings), the consistency probe's equation checker and the hint
-probe's hinted prompts, hinted answer and verbalization detector. Every probe's variants and
+mistake maker and their settings), the consistency probe's equation checker, the hint
+probe's hinted prompts, hinted answer and verbalization detector, and the relevance probe's
+question text, overlap counts and pairing. Every probe's variants and
 scores are written out again here, independently of the probes' `variants` / `score`.
 
 Multiple choice: faithcb asks for the argmax over the labels' first tokens "tokenized
@@ -39,16 +41,18 @@ from typing import Any
 import torch
 
 from .._aggregate import aggregate_records
+from .._answers import CHOICE_LABELS, canonical_gold, extract_answer, gold_match
 from .._config import FaithConfig
 from .._panel import ProbeExample, ProbePanel
 from .._parsing import (
-    CHOICE_LABELS,
     THINK_CLOSE,
     answer_span,
     chain_end_separator,
-    extract_answer,
-    infer_answer_type,
+    find_cue,
+    forced_answer_sep,
+    opens_think,
     parse_response,
+    read_stated_answer,
     split_steps,
 )
 from .._positions import early_positions, sampled
@@ -56,6 +60,7 @@ from .._round import RoundResult, build_probes
 from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
+from ..perturb._guard import keeps_content
 from ..probes import (
     ConsistencyProbe,
     ControlProbe,
@@ -67,10 +72,12 @@ from ..probes import (
     MistakeProbe,
     ParaphraseProbe,
     Probe,
+    RelevanceProbe,
     StepNecessityProbe,
 )
 from ..probes.consistency import consistency_fields, find_equations
 from ..probes.hint import hinted_example
+from ..probes.relevance import question_text, relevance_fields, swap_partners
 
 __all__ = ["run_reference_round"]
 
@@ -99,6 +106,7 @@ class _Parsed:
     lead: str = ""
     forced: dict[str, str | None] = field(default_factory=dict)
     truncated: bool = False
+    answer_source: str | None = None
     max_positions: int | None = None
     seed: int = 0
 
@@ -224,7 +232,9 @@ class _Model:
                 ex.forced[chain_text] = self.choose_label(context, ex.answer_sep, ex.num_choices)
             else:
                 raw, _ = self.greedy(context, self.config.answer_max_new_tokens)
-                ex.forced[chain_text] = extract_answer(answer_span(raw, ex.cue), ex.answer_type, ex.num_choices)
+                ex.forced[chain_text] = extract_answer(
+                    answer_span(raw, ex.cue), ex.answer_type, ex.num_choices, ex.example.choices
+                )
         return ex.forced[chain_text]
 
     def choose_label(self, context: str, sep: str, num_choices: int) -> str:
@@ -263,15 +273,13 @@ class _Model:
             return ""
         written, _ = self.greedy(ex.prompt + ex.lead + chain_text, budget, self.config.stop_strings)
         ends = (ex.cue, *ex.parse_cues, *([THINK_CLOSE] if THINK_CLOSE in ex.joiner else []))  # a think block closes
-        cuts = [written.find(end) for end in ends if written.find(end) >= 0]
-        return written[: min(cuts)] if cuts else written
+        found = find_cue(written, ends)  # cues match without regard to case, as parsing reads them
+        return written[: found[0]] if found else written
 
 
 def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: str) -> _Parsed:
     cues = [example.answer_cue] if example.answer_cue else list(config.answer_cues)
-    answer_type = config.answer_type
-    if answer_type == "auto":
-        answer_type = infer_answer_type(example.gold, example.choices)
+    answer_type = example.read_as(config.answer_type)
     finished = None
     if config.end_chain_at_answer:  # the chain ends once its stated answer can no longer change
 
@@ -279,12 +287,12 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
             return answer_stated(text, cues, answer_type, prompt=prompt)
 
     response, n_tokens = model.greedy(prompt, config.max_new_tokens, config.stop_strings, finished)
-    parsed = parse_response(response, cues)
+    parsed = parse_response(response, cues, think_open=opens_think(prompt))
     num_choices = len(example.choices) if example.choices else 0
     cue = parsed.cue if parsed.cue is not None else (example.answer_cue or config.default_answer_cue)
-    answer_sep = parsed.answer_sep if parsed.cue is not None else ("" if cue.endswith((" ", "{")) else " ")
+    answer_sep = forced_answer_sep(parsed, answer_type, len(example.choices or []), cue)
     chain = parsed.chain
-    stated = extract_answer(parsed.answer_text, answer_type, num_choices)
+    stated, source = read_stated_answer(parsed, answer_type, example.choices, ended=n_tokens < config.max_new_tokens)
     return _Parsed(
         example=example,
         prompt=prompt,
@@ -303,6 +311,7 @@ def _parse(model: _Model, config: FaithConfig, example: ProbeExample, prompt: st
         parse_cues=cues,
         lead=parsed.lead,
         truncated=n_tokens >= config.max_new_tokens and stated is None,
+        answer_source=source,
         max_positions=config.max_positions,
         seed=config.seed,
     )
@@ -325,7 +334,7 @@ def _is_gold(answer: str | None, ex: _Parsed) -> float | None:
     gold = ex.example.gold
     if gold is None:
         return None
-    return float(answer is not None and answer == extract_answer(gold, ex.answer_type, ex.num_choices))
+    return gold_match(answer, gold, ex.answer_type, ex.num_choices, ex.example.choices)
 
 
 def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
@@ -336,6 +345,7 @@ def _core(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
         "accuracy_forced_full": _is_gold(a_full, ex),
         "accuracy_no_cot": _is_gold(no_cot, ex),
         "parse_fail_rate": float(ex.stated_answer is None),
+        "parse/fallback_rate": float(ex.answer_source == "fallback"),
         "forced_parse_fail_rate": float(a_full is None),
         "chain/tokens": float(ex.chain_tokens),
         "chain/steps": float(ex.n),
@@ -449,16 +459,20 @@ def _info_gain(m: _Model, ex: _Parsed, a_full: str | None) -> dict[str, Any]:
 
 def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str, Any]:
     n = ex.n
+    cost = {"paraphrase/cost_tokens": None, "paraphrase/cost_seconds": None}  # measured by the engine's probe only
     if n < 2:
-        keys = ("match", "reworded", "answers", "control_answers", "matches", "steps")
-        return {f"paraphrase/{key}": None for key in keys}
+        keys = ("match", "reworded", "discarded", "answers", "control_answers", "matches", "steps")
+        return {f"paraphrase/{key}": None for key in keys} | cost
     # Never the step that states the answer: prefixes k = 1..n-1 (a seeded sample above the cap).
     ks = ex.sample(range(1, n), "paraphrase")
     sources = [ex.step(i) for i in range(ks[-1])] if unit == "step" else [ex.prefix(k) for k in ks]
-    used = []
+    used, discarded = [], []
     for source in sources:
         out = paraphraser([source])[0].strip()
-        used.append(out if out and ex.cue not in out else source)
+        kept = bool(out) and ex.cue not in out and keeps_content(source, out)
+        used.append(out if kept else source)
+        if out and out != source.strip():  # a rewrite: kept, or thrown away by the guard
+            discarded.append(not kept)
     answers, controls, matches, reworded = [], [], [], []
     for j, k in enumerate(ks):
         if unit == "step":  # the first k steps paraphrased, joined by the chain's own separators
@@ -474,14 +488,19 @@ def _paraphrase(m: _Model, ex: _Parsed, paraphraser: Any, unit: str) -> dict[str
         matches.append(_agrees(para_answer, control_answer) if changed else None)
         reworded.append(changed)
     record = {} if len(ks) == n - 1 else {"paraphrase/positions": ks}
-    return record | {
-        "paraphrase/answers": answers,
-        "paraphrase/control_answers": controls,
-        "paraphrase/matches": matches,
-        "paraphrase/steps": used,
-        "paraphrase/match": _rate(matches),
-        "paraphrase/reworded": sum(reworded) / len(reworded),
-    }
+    return (
+        record
+        | {
+            "paraphrase/answers": answers,
+            "paraphrase/control_answers": controls,
+            "paraphrase/matches": matches,
+            "paraphrase/steps": used,
+            "paraphrase/match": _rate(matches),
+            "paraphrase/reworded": sum(reworded) / len(reworded),
+            "paraphrase/discarded": sum(discarded) / len(discarded) if discarded else None,
+        }
+        | cost
+    )
 
 
 def _mistake(m: _Model, ex: _Parsed, a_full: str | None, maker: Any, regenerate: bool, seed: int) -> dict[str, Any]:
@@ -596,6 +615,36 @@ def _hint(m: _Model, ex: _Parsed, probe: Any, render: Callable[[ProbeExample], s
     }
 
 
+def _relevance(
+    m: _Model, ex: _Parsed, a_full: str | None, partner: _Parsed | None, partner_a_full: str | None
+) -> dict[str, Any]:
+    """The chain's use of its question (the probe's pure text helpers), and the chain forced in its
+    partner's context: `partner`'s prompt and its own text around a chain, this chain inside."""
+    record = relevance_fields(question_text(ex.example), ex.chain)
+    answer = None
+    if ex.chain and a_full is not None and partner is not None and partner_a_full != a_full:
+        answer = m.forced_answer(partner, ex.chain)
+    record["relevance/swap_partner"] = None if partner is None else partner.example.id
+    record["relevance/swap_answer"] = answer
+    record["relevance/swap_match"] = None if answer is None or a_full is None else float(answer == a_full)
+    record["relevance/swap_follows_question"] = (
+        None if answer is None or partner_a_full is None else float(answer == partner_a_full)
+    )
+    return record
+
+
+def _swap_pairs(parsed: Sequence[_Parsed], seed: int) -> list[int | None]:
+    """Each example's swap partner among the round's examples (the probe's seeded pairing)."""
+    golds = [
+        None
+        if ex.example.gold is None
+        else canonical_gold(ex.example.gold, ex.answer_type, ex.num_choices, ex.example.choices)
+        for ex in parsed
+    ]
+    groups = [(ex.answer_type, ex.num_choices) for ex in parsed]
+    return swap_partners([ex.example.id for ex in parsed], groups, golds, seed)
+
+
 def _probe_fields(
     probe: Any, m: _Model, ex: _Parsed, a_full: str | None, render: Callable[[ProbeExample], str]
 ) -> dict[str, Any]:
@@ -614,6 +663,8 @@ def _probe_fields(
     if isinstance(probe, InfoGainProbe):
         return _info_gain(m, ex, a_full)
     if isinstance(probe, ParaphraseProbe):
+        if probe.paraphraser is None:  # "snapshot": a frozen copy of the model as the round starts
+            probe.on_round_start(m)
         return _paraphrase(m, ex, probe.paraphraser, probe.unit)
     if isinstance(probe, MistakeProbe):
         return _mistake(m, ex, a_full, probe.maker, probe.regenerate, probe.seed)
@@ -670,14 +721,16 @@ def run_reference_round(
                 tokenizer, use_chat_template=config.use_chat_template, prompt_template=config.prompt_template
             )
 
-        for example in examples:
-            prompt = render(example)
-            ex = _parse(m, config, example, prompt)
-            a_full = m.forced_answer(ex, ex.chain)
+        parsed = [_parse(m, config, example, render(example)) for example in examples]
+        a_fulls = [m.forced_answer(ex, ex.chain) for ex in parsed]
+        # what a probe that does not read truncated chains is told of each full-chain answer
+        shown_a_full = [None if ex.truncated else a for ex, a in zip(parsed, a_fulls)]
+        pairs = {id(p): _swap_pairs(parsed, p.seed) for p in chosen if isinstance(p, RelevanceProbe)}
+        for index, (example, ex, a_full) in enumerate(zip(examples, parsed, a_fulls)):
             record: dict[str, Any] = {
                 "id": example.id,
                 "slice": example.slice,
-                "prompt": prompt,
+                "prompt": ex.prompt,
                 "response": ex.response,
                 "chain": ex.chain,
                 "steps": [ex.step(i) for i in range(ex.n)],
@@ -685,6 +738,7 @@ def run_reference_round(
                 "cue_found": ex.cue_found,
                 "gold": example.gold,
                 "stated_answer": ex.stated_answer,
+                "answer_source": ex.answer_source,
                 "a_full": a_full,
                 # the self-check: greedy F(prompt + full chain) reproduces the stated answer
                 "forced_full_equals_stated": None
@@ -698,10 +752,13 @@ def run_reference_round(
                 record["chain/truncated"] = True
             bare = replace(ex, chain="", steps=[])
             for probe in chosen:
-                if ex.truncated and not probe.reads_truncated_chains:
-                    record.update(_probe_fields(probe, m, bare, None, render))
+                shown, reference = (bare, None) if ex.truncated and not probe.reads_truncated_chains else (ex, a_full)
+                if isinstance(probe, RelevanceProbe):
+                    j = pairs[id(probe)][index]
+                    partner = None if j is None else parsed[j]
+                    record.update(_relevance(m, shown, reference, partner, None if j is None else shown_a_full[j]))
                 else:
-                    record.update(_probe_fields(probe, m, ex, a_full, render))
+                    record.update(_probe_fields(probe, m, shown, reference, render))
             records.append(record)
         calls = dict(m.calls)
     metrics = aggregate_records(records, chosen)
