@@ -13,6 +13,33 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (rule_models, w
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One intra-op thread per test process (and per subprocess it starts, e.g. torchrun ranks):
+# the tiny models gain nothing from more, and on a small shared machine (CI: 2 cores, 2 test
+# processes) spinning OpenMP threads of several processes slow every one of them many-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _one_thread_per_process() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_one_thread_per_process()
+
+
+@pytest.fixture(scope="session")
+def kit_pretraining(tmp_path_factory):
+    """`pretrain_tiny_model` that trains each kit model once per session (see
+    `trainer_helpers.cached_pretraining`), shared by the pytest-xdist workers."""
+    from trainer_helpers import cached_pretraining
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    folder = root / "kit_models"
+    folder.mkdir(exist_ok=True)
+    return cached_pretraining(folder)
 
 
 @pytest.fixture(scope="session")

@@ -43,9 +43,27 @@ Rule kinds (see :data:`RULE_KINDS`):
   last integer it wrote (its first operand if none). Its answer follows its
   chain, but the chain is not about the question (the ``shuffled`` model
   organism early in training).
+* ``"needs_a_step"``: like ``"reads_chain"``, but with no integer written after
+  the question line it cannot answer and writes ``" ?"`` (unparseable), unless
+  the question has no operation.
+* ``"silent"``: writes nothing (EOS at once): no chain, no stated answer. Given
+  a cue (a forced answer), it answers like ``"reads_chain"``; given a chain
+  without one, it writes nothing either.
+* ``"rambles"``: like ``"reads_chain"``, but after its answer it goes on as a
+  base model does: a new line with another question (``"Q: <answer> + 1"``)
+  and that question's chain and answer, then EOS (it asks one question more
+  than the text holds, never two; multiple-choice answers end at once).
 
 ``"reads_chain"`` (and ``"ignores_chain"``) ignore anything before the
 question line, so they ignore hints.
+
+Multiple choice: option lines ``"A) 35\n"`` ... right after the question line
+are part of the prompt; the model then answers with the label of the option
+nearest its integer answer (the first one on a tie), e.g. ``"Answer: A"``.
+
+Answer cues: the model writes ``"Answer:"`` itself; a model built with
+``cues=("Answer:", "####")`` also answers after ``"####"`` (the last cue in
+the text is the one answered).
 
 Continuation rules shared by all kinds: every complete line after the prompt
 must look like ``"<a> <op> <b> = <r>"``; the next line continues from the
@@ -67,6 +85,8 @@ from __future__ import annotations
 import hashlib
 import re
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -74,6 +94,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
@@ -90,8 +112,11 @@ __all__ = [
     "VOCAB",
     "RuleLM",
     "RuleLMConfig",
+    "answer_piece",
     "apply_op",
+    "auto_classes_registered",
     "char_tokenizer",
+    "choice_label",
     "expected_completion",
     "gold_chain",
     "gold_response",
@@ -118,6 +143,9 @@ RULE_KINDS: tuple[str, ...] = (
     "needs_instruction",
     "needs_shots",
     "off_topic",
+    "needs_a_step",
+    "silent",
+    "rambles",
 )
 #: The kinds that follow a hint written before the question line.
 HINT_KINDS: tuple[str, ...] = ("follows_hint_silently", "follows_hint_verbalized")
@@ -140,7 +168,8 @@ _NOISY_MODULUS = 50
 _MAX_COMPLETION_CHARS = 2048
 
 _OPS = "+-*"
-_PROMPT_RE = re.compile(r"(?:^|\n)Q: (-?\d+(?: [-+*] -?\d+)*)\n")
+_PROMPT_RE = re.compile(r"(?:^|\n)Q: (-?\d+(?: [-+*] -?\d+)*)\n((?:[A-Z]\) -?\d+\n)*)")
+_OPTION_RE = re.compile(r"([A-Z])\) (-?\d+)\n")
 _QUESTION_RE = re.compile(r"-?\d+(?: [-+*] -?\d+)*")
 _STEP_RE = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)")
 _INT_RE = re.compile(r"(?<!\d)-?\d+")
@@ -279,7 +308,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown rule kind {kind!r}; expected one of {RULE_KINDS}")
 
 
-def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
+def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int | None:
     """Returns the answer a rule model gives right after the cue.
 
     Args:
@@ -291,7 +320,8 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
         question: The question (prompt line).
 
     Returns:
-        The integer answer.
+        The integer answer; None when the model cannot answer (``"needs_a_step"``
+        before any written integer).
     """
     _check_kind(kind)
     if kind in HINT_KINDS:
@@ -306,7 +336,37 @@ def rule_answer(kind: str, text_to_cue: str, chain: str, question: str) -> int:
     ints = _INT_RE.findall(chain)
     if ints:
         return int(ints[-1])
-    return parse_question(off_topic_question(question) if kind == "off_topic" else question)[0]
+    first, steps = parse_question(off_topic_question(question) if kind == "off_topic" else question)
+    return None if kind == "needs_a_step" and steps else first
+
+
+def choice_label(options: list[tuple[str, int]], value: int) -> str:
+    """The label of the option nearest ``value`` (the first one on a tie).
+
+    Args:
+        options: ``(label, value)`` pairs in the prompt's order.
+        value: The rule's integer answer.
+    """
+    return min(options, key=lambda option: abs(option[1] - value))[0]
+
+
+def answer_piece(kind: str, text_to_cue: str, chain: str, question: str, options: list[tuple[str, int]]) -> str:
+    """What a rule model writes right after the cue (leading space included).
+
+    Args:
+        kind: One of :data:`RULE_KINDS`.
+        text_to_cue: The whole context up to and including the cue.
+        chain: The text between the prompt (options included) and the cue.
+        question: The question (prompt line).
+        options: The prompt's ``(label, value)`` options; empty when not multiple choice.
+
+    Returns:
+        e.g. ``" 35"``, ``" B"``, or ``" ?"`` when the model cannot answer.
+    """
+    value = rule_answer(kind, text_to_cue, chain, question)
+    if value is None:
+        return " ?"
+    return f" {choice_label(options, value)}" if options else f" {value}"
 
 
 def hint_value(text: str) -> int | None:
@@ -328,7 +388,7 @@ def hint_value(text: str) -> int | None:
 
 
 @lru_cache(maxsize=65536)
-def rule_next_piece(kind: str, text: str) -> str:
+def rule_next_piece(kind: str, text: str, cues: tuple[str, ...] = (ANSWER_CUE,)) -> str:
     r"""Returns the text a rule model intends to write next.
 
     The next token is the first character of the piece; an empty piece means
@@ -339,6 +399,8 @@ def rule_next_piece(kind: str, text: str) -> str:
         text: The decoded context (special tokens removed). The LAST
             ``"Q: ...\n"`` line is the question; anything before it is
             ignored except by ``"noisy"``'s hash.
+        cues: The answer cues the model answers after; it writes the first
+            one itself.
 
     Returns:
         The immediate target, e.g. the rest of the current chain line,
@@ -351,21 +413,26 @@ def rule_next_piece(kind: str, text: str) -> str:
     if prompt_match is None:
         return ""
     question = prompt_match.group(1)
+    options = [(label, int(value)) for label, value in _OPTION_RE.findall(prompt_match.group(2))]
     first, steps = parse_question(off_topic_question(question) if kind == "off_topic" else question)
     rest = text[prompt_match.end() :]
+    own_cue = cues[0]
 
-    cue = rest.rfind(ANSWER_CUE)
+    cue, found = max((rest.rfind(c), c) for c in cues)
     if cue >= 0:
-        cue_end = prompt_match.end() + cue + len(ANSWER_CUE)
-        answer = rule_answer(kind, text[:cue_end], rest[:cue], question)
-        target = f" {answer}"
+        cue_end = prompt_match.end() + cue + len(found)
+        target = answer_piece(kind, text[:cue_end], rest[:cue], question, options)
+        if kind == "rambles" and not options and len(_PROMPT_RE.findall(text)) == 1:
+            target += f"\nQ: {target.strip()} + 1\n"  # the next question of its own
         written = text[cue_end:]
         return target[len(written) :] if target.startswith(written) else ""
+    if kind == "silent":
+        return ""
 
     hint = hint_value(text) if kind == "follows_hint_verbalized" else None
     if hint is not None:  # says it follows the hint, then answers it
-        said = f"The hint says {hint}.\n{ANSWER_CUE}"
-        return said[len(rest) :] if said.startswith(rest) else ("\n" if rest else "") + ANSWER_CUE
+        said = f"The hint says {hint}.\n{own_cue}"
+        return said[len(rest) :] if said.startswith(rest) else ("\n" if rest else "") + own_cue
 
     *complete, partial = rest.split("\n")
     unanswered = kind in ("needs_instruction", "needs_shots") and not _answers_here(kind, text[: prompt_match.start()])
@@ -386,14 +453,14 @@ def rule_next_piece(kind: str, text: str) -> str:
             op, operand = steps[k]
             expected = f"{acc} {op} {operand} = {apply_op(acc, op, operand)}\n"
         else:
-            expected = ANSWER_CUE
+            expected = own_cue
         if expected.startswith(partial):
             return expected[len(partial) :]
         if _STEP_RE.fullmatch(partial):
             return "\n"
-    if partial and ANSWER_CUE.startswith(partial):
-        return ANSWER_CUE[len(partial) :]
-    return ("\n" if partial else "") + ANSWER_CUE
+    if partial and own_cue.startswith(partial):
+        return own_cue[len(partial) :]
+    return ("\n" if partial else "") + own_cue
 
 
 def _answers_here(kind: str, before_question: str) -> bool:
@@ -403,12 +470,13 @@ def _answers_here(kind: str, before_question: str) -> bool:
     return f"\n{ANSWER_CUE}" in before_question
 
 
-def expected_completion(kind: str, context: str) -> str:
+def expected_completion(kind: str, context: str, cues: tuple[str, ...] = (ANSWER_CUE,)) -> str:
     r"""Returns what greedy decoding writes after ``context`` (EOS excluded).
 
     Args:
         kind: One of :data:`RULE_KINDS`.
         context: Decoded context, e.g. ``"Q: 3 + 4 * 5\n3 + 4 = 8\n"``.
+        cues: The model's answer cues (see :func:`rule_next_piece`).
 
     Returns:
         The continuation up to (not including) EOS.
@@ -419,7 +487,7 @@ def expected_completion(kind: str, context: str) -> str:
     out: list[str] = []
     text = context
     for _ in range(_MAX_COMPLETION_CHARS):
-        piece = rule_next_piece(kind, text)
+        piece = rule_next_piece(kind, text, cues)
         if not piece:
             return "".join(out)
         out.append(piece[0])
@@ -470,6 +538,7 @@ class RuleLMConfig(PretrainedConfig):
 
     Attributes:
         rule: One of :data:`RULE_KINDS`.
+        answer_cues: The cues the model answers after (it writes the first).
         target_logit: Logit given to the rule's token (all others get 0).
         vocab_size: Size of :data:`VOCAB`.
         use_cache: Accepted for compatibility; the model never caches.
@@ -478,6 +547,7 @@ class RuleLMConfig(PretrainedConfig):
     model_type = "faithcb_rule_lm"
 
     rule: str = "reads_chain"
+    answer_cues: tuple[str, ...] = (ANSWER_CUE,)
     target_logit: float = 12.0
     vocab_size: int = len(VOCAB)
     use_cache: bool = True
@@ -509,6 +579,9 @@ class RuleLM(PreTrainedModel, GenerationMixin):
         """
         super().__init__(config)
         _check_kind(config.rule)
+        self._cues = tuple(config.answer_cues)  # a list once the config went through JSON
+        if not self._cues:
+            raise ValueError("a rule model needs at least one answer cue")
         self.anchor = nn.Parameter(torch.zeros(1))
         self.gradient_checkpointing = False
         self._id_to_text: list[str] = ["" if i < len(SPECIAL_TOKENS) else tok for i, tok in enumerate(VOCAB)]
@@ -630,7 +703,7 @@ class RuleLM(PreTrainedModel, GenerationMixin):
             elif ended:
                 targets[pos] = EOS_ID
             else:
-                piece = rule_next_piece(self.config.rule, "".join(pieces))
+                piece = rule_next_piece(self.config.rule, "".join(pieces), self._cues)
                 targets[pos] = _CHAR_TO_ID.get(piece[0], UNK_ID) if piece else EOS_ID
         return [targets[p] for p in keep]
 
@@ -702,20 +775,26 @@ class RuleLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def make_rule_model(kind: str = "reads_chain", *, target_logit: float = 12.0) -> tuple[RuleLM, PreTrainedTokenizerFast]:
+def make_rule_model(
+    kind: str = "reads_chain", *, target_logit: float = 12.0, cues: tuple[str, ...] = (ANSWER_CUE,)
+) -> tuple[RuleLM, PreTrainedTokenizerFast]:
     """Builds a rule model (in eval mode) and its character tokenizer.
+
+    The model saves with ``save_pretrained`` and loads back with
+    ``AutoModelForCausalLM.from_pretrained`` inside :func:`auto_classes_registered`.
 
     Args:
         kind: One of :data:`RULE_KINDS`.
         target_logit: Logit of the rule's token; others get 0. With the
             default 12.0 and ~100 tokens, p(rule token) is about 0.994.
+        cues: The answer cues the model answers after; it writes the first.
 
     Returns:
         ``(model, tokenizer)``; ``model.generation_config`` has greedy
         decoding and the tokenizer's pad/eos/bos ids.
     """
     _check_kind(kind)
-    config = RuleLMConfig(rule=kind, target_logit=target_logit)
+    config = RuleLMConfig(rule=kind, target_logit=target_logit, answer_cues=tuple(cues))
     model = RuleLM(config)
     gen = model.generation_config
     gen.pad_token_id = PAD_ID
@@ -724,3 +803,19 @@ def make_rule_model(kind: str = "reads_chain", *, target_logit: float = 12.0) ->
     gen.do_sample = False
     model.eval()
     return model, char_tokenizer()
+
+
+@contextmanager
+def auto_classes_registered() -> Iterator[None]:
+    """Makes saved rule models loadable with ``AutoModelForCausalLM.from_pretrained`` inside
+    the block; the Auto* registries are left as they were after it."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    AutoConfig.register(RuleLMConfig.model_type, RuleLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(RuleLMConfig, RuleLM, exist_ok=True)
+    try:
+        yield
+    finally:
+        CONFIG_MAPPING._extra_content.pop(RuleLMConfig.model_type, None)
+        MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(RuleLMConfig, None)

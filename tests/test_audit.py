@@ -68,11 +68,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def rule_model_dirs(tmp_path_factory):
     """Saved rule models, loadable with AutoModelForCausalLM (registered for this module only)."""
-    from rule_models import RuleLM, RuleLMConfig, make_rule_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from rule_models import auto_classes_registered, make_rule_model
 
-    AutoConfig.register(RuleLMConfig.model_type, RuleLMConfig, exist_ok=True)
-    AutoModelForCausalLM.register(RuleLMConfig, RuleLM, exist_ok=True)
     root = tmp_path_factory.mktemp("rule_models")
     dirs = {}
     for kind in ("reads_chain", "ignores_chain"):
@@ -83,13 +80,8 @@ def rule_model_dirs(tmp_path_factory):
         dirs[kind] = root / kind
     data = root / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    yield dirs, data
-    # leave the Auto* registries as they were for the rest of the session
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    CONFIG_MAPPING._extra_content.pop(RuleLMConfig.model_type, None)
-    MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(RuleLMConfig, None)
+    with auto_classes_registered():  # the Auto* registries are left as they were after the module
+        yield dirs, data
 
 
 def test_audit_finds_the_post_conclusion_tail(rule_model_dirs, tmp_path, capsys):

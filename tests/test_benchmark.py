@@ -81,17 +81,15 @@ def test_benchmark_smoke_run_prints_its_figures_as_the_last_line(tmp_path):
     assert sum(steps.values()) == report["round_forward_passes"]
 
 
-def test_benchmark_rejects_an_unknown_candidate_before_it_builds_anything(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--candidate_names", "without_drafts,no_such_setting"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "no_such_setting" in proc.stderr and "without_drafts" in proc.stderr
-    assert '"stage"' not in proc.stderr
+def test_benchmark_rejects_an_unknown_candidate_before_it_builds_anything(bench, monkeypatch, capsys):
+    """`main` parses its arguments first (the smoke runs above start the script as users do)."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--candidate_names", "without_drafts,no_such_setting"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no_such_setting" in err and "without_drafts" in err
+    assert '"stage"' not in err
 
 
 @pytest.fixture
@@ -173,12 +171,14 @@ def test_decode_step_benchmark_smoke_run_times_every_step_setting(tmp_path):
         assert set(figures["overrides"]) <= {f.name for f in fields(EngineOptions)}, name
 
 
-def test_decode_step_benchmark_rejects_a_decode_too_short_to_time(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(DECODE_SCRIPT), "--device", "cpu", "--steps", "1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "--steps must be >= 2" in proc.stderr
+def test_decode_step_benchmark_rejects_a_decode_too_short_to_time(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(DECODE_SCRIPT.parent))  # it imports round_benchmark, as a script does
+    monkeypatch.delitem(sys.modules, "round_benchmark", raising=False)
+    spec = importlib.util.spec_from_file_location("decode_step_benchmark", DECODE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # it defines dataclasses
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(DECODE_SCRIPT), "--device", "cpu", "--steps", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and "--steps must be >= 2" in capsys.readouterr().err

@@ -9,8 +9,13 @@ import pytest
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb._parsing import extract_answer, parse_response
 from faithcb.engine._engine import answer_stated
-from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, pretrain_tiny_model, to_sft_dataset
+from faithcb.synthetic import make_arithmetic_examples, to_sft_dataset
 from faithcb.testing import run_reference_round
+
+try:
+    from tests.rule_models import make_rule_model
+except ImportError:  # pytest run from inside tests/
+    from rule_models import make_rule_model
 
 CUES = ["Answer:", "####"]
 
@@ -59,24 +64,18 @@ def test_once_stated_no_continuation_changes_the_parsed_chain_or_answer():
 
 
 @pytest.fixture(scope="module")
-def rambling_model(tokenizer):
-    """A tiny Llama trained on pairs of worked questions: after its answer it writes another
-    question and answers that too, as a base model does."""
-    rows = make_arithmetic_examples(800, seed=1)
-    pairs = [
-        {"prompt": a["prompt"], "completion": a["completion"] + "\n" + b["prompt"] + b["completion"]}
-        for a, b in zip(rows[::2], rows[1::2])
-    ]
-    model = build_tiny_model(tokenizer, seed=2)
-    pretrain_tiny_model(model, tokenizer, pairs, steps=250, batch_size=32)
-    return model.eval()
+def rambling_model():
+    """(model, tokenizer): a rule model (tests/rule_models.py) that, after its answer, writes
+    another question and answers that too, as a base model does."""
+    return make_rule_model("rambles")
 
 
-def test_chains_end_at_their_answer_with_the_figures_of_full_responses(rambling_model, tokenizer):
+def test_chains_end_at_their_answer_with_the_figures_of_full_responses(rambling_model):
+    model, tokenizer = rambling_model
     panel = load_panel(to_sft_dataset(make_arithmetic_examples(8, seed=7)))
     common = {"max_new_tokens": 80, "generation_batch_size": 4}
-    full = run_probe_round(rambling_model, tokenizer, panel, FaithConfig(**common, end_chain_at_answer=False))
-    ended = run_probe_round(rambling_model, tokenizer, panel, FaithConfig(**common))
+    full = run_probe_round(model, tokenizer, panel, FaithConfig(**common, end_chain_at_answer=False))
+    ended = run_probe_round(model, tokenizer, panel, FaithConfig(**common))
     shorter = 0
     for a, b in zip(full.records, ended.records, strict=True):
         assert a["response"].startswith(b["response"])
@@ -86,11 +85,11 @@ def test_chains_end_at_their_answer_with_the_figures_of_full_responses(rambling_
         assert {k: v for k, v in a.items() if not k.startswith("response")} == {
             k: v for k, v in b.items() if not k.startswith("response")
         }
-    assert shorter >= len(panel) // 2  # the model did ramble past its answers
+    assert shorter == len(panel)  # the model rambled past every answer
     assert any("\nQ:" in r["response"] for r in full.records)
     assert not any("\nQ:" in r["response"] for r in ended.records)
     # the same chains, answers and figures as the one-at-a-time reference
-    reference = run_reference_round(rambling_model, tokenizer, panel, FaithConfig(**common))
+    reference = run_reference_round(model, tokenizer, panel, FaithConfig(**common))
     for a, b in zip(reference.records, ended.records, strict=True):
         assert a["response"] == b["response"] and a["response_tokens"] == b["response_tokens"]
         assert a["stated_answer"] == b["stated_answer"] and a["steps"] == b["steps"]

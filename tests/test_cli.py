@@ -16,8 +16,20 @@ from faithcb._monitor import apply_drift, prefixed_logs
 from faithcb._scan import find_checkpoints
 from faithcb.cli import main, postprocess_round
 
-FAST = ["--max_new_tokens", "24", "--answer_max_new_tokens", "4", "--no-progress"]
-STEPS = (0, 40, 120)
+try:
+    from tests.rule_models import auto_classes_registered, make_rule_model
+except ImportError:  # pytest run from inside tests/
+    from rule_models import auto_classes_registered, make_rule_model
+
+# one token per character: a 4-step chain and its answer fit in 80 tokens
+LENGTHS = ["--max_new_tokens", "80", "--answer_max_new_tokens", "4"]
+FAST = [*LENGTHS, "--no-progress"]
+# The run folder's checkpoints are rule models (tests/rule_models.py) with known behaviour:
+# step 0 writes nothing (no chain, no answer: a round that cannot be read), step 40 writes
+# the chain and answers the true value whatever it says, step 120 answers what its chain says.
+KINDS = {0: "silent", 40: "ignores_chain", 120: "reads_chain"}
+STEPS = tuple(KINDS)
+READABLE = {0: False, 40: True, 120: True}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -36,18 +48,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenizer, one_thread):
-    """A Trainer-like output_dir with checkpoint-0/40/120 of a tiny model pre-trained in stages."""
-    from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, make_shifted_slices, pretrain_tiny_model
+def run_dir(tmp_path_factory, one_thread):
+    """A Trainer-like output_dir with checkpoint-0/40/120 of the rule models in `KINDS`."""
+    from faithcb.synthetic import make_shifted_slices
 
     root = tmp_path_factory.mktemp("run")
-    model = build_tiny_model(tokenizer)
-    train = make_arithmetic_examples(300, seed=1)
-    done = 0
-    for step in STEPS:
-        if step > done:
-            pretrain_tiny_model(model, tokenizer, train, steps=step - done, batch_size=16, lr=1e-2, seed=step)
-            done = step
+    for step, kind in KINDS.items():
+        model, tokenizer = make_rule_model(kind)
         model.save_pretrained(root / f"checkpoint-{step}")
         tokenizer.save_pretrained(root / f"checkpoint-{step}")
     (root / "runs").mkdir()  # other Trainer output is ignored
@@ -59,7 +66,8 @@ def run_dir(tmp_path_factory, tokenizer, one_thread):
             for e in panel
         )
     )
-    return root, panel_path
+    with auto_classes_registered():  # `faithcb scan` loads them with AutoModelForCausalLM
+        yield root, panel_path
 
 
 def test_find_checkpoints_sorts_by_step_and_parses_names(run_dir, tmp_path):
@@ -96,7 +104,7 @@ def test_apply_drift_follows_the_callback_rule():
 
 def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     root, panel = run_dir
-    rc = main(["scan", str(root), "--panel", str(panel), "--max_new_tokens", "24", "--answer_max_new_tokens", "4"])
+    rc = main(["scan", str(root), "--panel", str(panel), *LENGTHS])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "Scanned 3 checkpoints" in captured.out
@@ -106,12 +114,21 @@ def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     records = read_jsonl(out / "rounds.jsonl")
     assert [(m["step"], m["round"]) for m in metrics] == [(0, 0), (40, 1), (120, 2)]
     assert len(records) == 3 * 4 and {r["step"] for r in records} == set(STEPS)
-    assert not any(k.endswith("/delta") for k in metrics[0])
-    for row in metrics[1:]:
-        assert row["accuracy/delta"] == pytest.approx(row["accuracy"] - metrics[0]["accuracy"])
+    # the callback's drift rule: the unreadable step-0 round is a provisional baseline, replaced by
+    # the first readable round (step 40); every later round drifts from that one
+    assert [bool(m["valid"]) for m in metrics] == [READABLE[step] for step in STEPS]
+    baseline = metrics[1]
+    assert not any(k.endswith("/delta") for row in metrics[:2] for k in row)
+    for row in metrics[2:]:
+        deltas = {k[: -len("/delta")]: v for k, v in row.items() if k.endswith("/delta")}
+        assert "accuracy" in deltas and "early_answer/aoc" in deltas
+        for key, delta in deltas.items():
+            assert delta == pytest.approx(row[key] - baseline[key]), key
         assert not any(
             k.endswith(("/ci_low/delta", "/stderr/delta")) or (k.startswith("slice/") and "delta" in k) for k in row
         )
+    # the unfaithful step-40 model and the faithful step-120 one differ on the figures that read the chain
+    assert metrics[2]["early_answer/aoc/delta"] != 0
     assert any(k.startswith("slice/length_shift/") for k in metrics[-1])
     manifest = json.loads((out / "scan.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == list(STEPS)
@@ -120,7 +137,7 @@ def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = root / "checkpoint-120"
-    config = FaithConfig(max_new_tokens=24, answer_max_new_tokens=4)
+    config = FaithConfig(max_new_tokens=80, answer_max_new_tokens=4)
     result = run_probe_round(
         AutoModelForCausalLM.from_pretrained(ckpt),
         AutoTokenizer.from_pretrained(ckpt),
@@ -139,7 +156,7 @@ def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     assert load_run(root).step_label == "checkpoint step"
 
 
-def test_scan_model_list_with_tokenizer_flag_and_overwrite(run_dir, tmp_path, tokenizer, capsys):
+def test_scan_model_list_with_tokenizer_flag_and_overwrite(run_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     root, panel = run_dir
@@ -370,7 +387,7 @@ def test_bad_inputs_end_with_one_line_and_exit_2(run_dir, tmp_path, capsys, monk
 
 
 def test_scan_shows_an_unreadable_checkpoint_as_a_banner(run_dir, tmp_path, capsys, caplog):
-    """The untrained checkpoint-0 never states a parseable answer: no figures, the reasons instead."""
+    """The silent checkpoint-0 never states a parseable answer: no figures, the reasons instead."""
     root, panel = run_dir
     out = tmp_path / "scan0"
     with caplog.at_level("WARNING", logger="faithcb"):

@@ -77,9 +77,14 @@ def test_demo_long_smoke(tmp_path, wandb_env):
 
 
 @pytest.mark.slow
-def test_demo_default_settings_show_probes(tmp_path, wandb_env):
+@pytest.mark.xdist_group("demo_model")  # after or before the noise-floor test that trains the same model
+def test_demo_default_settings_show_probes(tmp_path, wandb_env, kit_pretraining, monkeypatch):
     from wandb_offline import find_offline_runs, read_media_keys
 
+    import faithcb.synthetic
+
+    # the demo's pre-trained model (2,000 steps) is trained once per session
+    monkeypatch.setattr(faithcb.synthetic, "pretrain_tiny_model", kit_pretraining)
     demo = load_demo()
     args = demo.parse_args(["--output_dir", str(tmp_path / "demo")])
     result = demo.run_demo(args)

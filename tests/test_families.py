@@ -8,19 +8,14 @@ import logging
 
 import pytest
 import torch
+from trainer_helpers import pretrain_until
 from transformers import DynamicCache
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb.cli import check_model
 from faithcb.engine import _packed
 from faithcb.engine._packed import Branch, PackedRow, _layout, attention_windows, packing_supported
-from faithcb.synthetic import (
-    DECODER_FAMILIES,
-    build_family_model,
-    make_arithmetic_examples,
-    pretrain_tiny_model,
-    to_sft_dataset,
-)
+from faithcb.synthetic import DECODER_FAMILIES, build_family_model, make_arithmetic_examples, to_sft_dataset
 
 WINDOW = 8  # a chain's context is several windows long, so the window matters
 SLIDING = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"}
@@ -31,16 +26,36 @@ def panel():
     return load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=3)))
 
 
-def trained_family(tokenizer, family: str):
-    """A family's tiny model, briefly pre-trained on the kit so its chains have steps and a cue."""
-    model = build_family_model(tokenizer, family, sliding_window=WINDOW, seed=1)
-    pretrain_tiny_model(model, tokenizer, make_arithmetic_examples(400, seed=1), steps=80, batch_size=16)
-    return model.eval()
+ROUND = {"max_new_tokens": 48}
+
+
+@pytest.fixture(scope="module")
+def trained_family(tokenizer, panel):
+    """family -> its tiny model, pre-trained on the kit until every chain of the panel has steps
+    and some context is longer than two windows (so packed rows cross the window); built once."""
+    models = {}
+
+    def ready(model):
+        records = run_probe_round(model, tokenizer, panel, FaithConfig(**ROUND, probes=[])).records
+        if not all(r["steps"] for r in records):
+            return "a chain with steps on every panel example"
+        if max(len(tokenizer(r["prompt"] + r["response"])["input_ids"]) for r in records) <= 2 * WINDOW:
+            return f"a context longer than {2 * WINDOW} tokens"
+        return None
+
+    def get(family: str):
+        if family not in models:
+            model = build_family_model(tokenizer, family, sliding_window=WINDOW, seed=1)
+            examples = make_arithmetic_examples(400, seed=1)
+            models[family] = pretrain_until(model, tokenizer, examples, ready, steps=80, batch_size=16)
+        return models[family]
+
+    return get
 
 
 @pytest.mark.parametrize("family", list(DECODER_FAMILIES))
-def test_every_family_keeps_the_fast_paths_with_the_records_of_plain_passes(tokenizer, panel, family):
-    model = trained_family(tokenizer, family)
+def test_every_family_keeps_the_fast_paths_with_the_records_of_plain_passes(tokenizer, panel, trained_family, family):
+    model = trained_family(family)
     windows = attention_windows(model)
     assert windows is not None
     assert (WINDOW in windows.values()) == (family in SLIDING)
@@ -48,7 +63,7 @@ def test_every_family_keeps_the_fast_paths_with_the_records_of_plain_passes(toke
     check = check_model(model, tokenizer, panel, FaithConfig(max_new_tokens=48, generation_batch_size=4))
     assert check.packed_scoring and check.records_equal, check.summary()
     # chains with steps and contexts longer than the window: the packed rows cross it
-    records = run_probe_round(model, tokenizer, panel, FaithConfig(max_new_tokens=48)).records
+    records = run_probe_round(model, tokenizer, panel, FaithConfig(**ROUND)).records
     assert all(r["steps"] for r in records)
     assert max(len(tokenizer(r["prompt"] + r["response"])["input_ids"]) for r in records) > 2 * WINDOW
 
@@ -71,10 +86,10 @@ def test_the_support_check_catches_a_window_the_engine_would_ignore(tokenizer, c
     assert caplog.text.count("Packed scoring is off for Gemma3ForCausalLM") == 1
 
 
-def test_a_window_left_out_of_the_masks_changes_the_records(tokenizer, panel, monkeypatch):
+def test_a_window_left_out_of_the_masks_changes_the_records(tokenizer, panel, trained_family, monkeypatch):
     """The matrix has teeth: full-attention masks on a sliding-window model (with a cache that
     keeps every key) give other records than plain passes, and `check_model` reports them."""
-    model = trained_family(tokenizer, "mistral")
+    model = trained_family("mistral")
     monkeypatch.setattr(_packed, "attention_windows", lambda model: {"full_attention": None})
     monkeypatch.setattr(_packed, "_new_cache", lambda windows: DynamicCache())
     monkeypatch.setitem(_packed._SUPPORT, model, {_packed.precision_key(model): True})

@@ -175,15 +175,15 @@ def test_forced_output_comparison_when_nothing_parses():
 
 
 @pytest.mark.slow
-def test_kit_demo_model_keeps_a_high_score_at_the_demo_baseline():
-    """The demo's pre-trained model (2000 steps, a few minutes) at the demo's baseline round."""
-    from faithcb.synthetic import pretrain_tiny_model
-
+@pytest.mark.xdist_group("demo_model")  # with the demo test, which trains the same model
+def test_kit_demo_model_keeps_a_high_score_at_the_demo_baseline(kit_pretraining):
+    """The demo's pre-trained model (2000 steps, a few minutes; once per session) at the demo's
+    baseline round."""
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
     pretrain = make_arithmetic_examples(4000, seed=1)
     held_out = make_arithmetic_examples(32, seed=2, exclude={e["prompt"] for e in pretrain})
-    pretrain_tiny_model(model, tokenizer, pretrain, steps=2000, batch_size=32, seed=0)
+    kit_pretraining(model, tokenizer, pretrain, steps=2000, batch_size=32, seed=0)
     panel = load_panel([{"prompt": e["prompt"], "completion": e["completion"]} for e in held_out])
     metrics = run_probe_round(model, tokenizer, panel, FaithConfig(panel_size=32, max_new_tokens=64)).metrics
     assert metrics["valid"] == 1.0 and metrics["noise_floor/coverage"] == 1.0

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb.engine import EngineOptions, ProbeEngine
@@ -136,18 +137,23 @@ def test_static_shape_decoding_gives_the_eager_records(trained, tokenizer, force
             assert static.metrics[key] == pytest.approx(value, abs=1e-3), key
 
 
+LONG_PANEL = {"n": 6, "seed": 9, "min_ops": 3, "max_ops": 4}
+LONG_ROUND = {"max_new_tokens": 64, "generation_batch_size": 4, "filler_token": " ...."}
+
+
 @pytest.fixture(scope="module")
 def long_chain_model(tokenizer):
-    """A tiny Llama that writes 3-4 step chains (long enough for variants the default packing skips)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = build_tiny_model(tokenizer, seed=4)
-        data = make_arithmetic_examples(400, seed=1) + make_arithmetic_examples(400, seed=2, min_ops=3, max_ops=4)
-        pretrain_tiny_model(model, tokenizer, data, steps=300, batch_size=16)
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    """A tiny Llama that writes 3-4 step chains (long enough for variants the default packing
+    skips): pre-trained until every chain of the test's panel is longer than 20 tokens."""
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(**LONG_PANEL)))
+
+    def ready(model):
+        records = run_probe_round(model, tokenizer, panel, FaithConfig(**LONG_ROUND, probes=[])).records
+        return None if min(r["chain/tokens"] for r in records) > 20 else "chains longer than 20 tokens"
+
+    model = build_tiny_model(tokenizer, seed=4)
+    data = make_arithmetic_examples(400, seed=1) + make_arithmetic_examples(400, seed=2, min_ops=3, max_ops=4)
+    return pretrain_until(model, tokenizer, data, ready, steps=300, batch_size=16)
 
 
 def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_chain_model, tokenizer, monkeypatch):
@@ -179,11 +185,11 @@ def test_long_variants_decode_in_rows_of_their_own_or_within_a_row_budget(long_c
         unpacked.append(0)
         long_variants.append(0)
         solo.append(0)
-        config = FaithConfig(max_new_tokens=64, generation_batch_size=4, filler_token=" ....", **overrides)
+        config = FaithConfig(**LONG_ROUND, **overrides)
         result = run_probe_round(long_chain_model, tokenizer, panel, config)
         return result, unpacked[-1], solo[-1]
 
-    panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(**LONG_PANEL)))
     plain, plain_unpacked, _ = run(packed_scoring=False)
     short, short_unpacked, short_solo = run()
     long, long_unpacked, long_solo = run(packed_row_max_tokens=2048)
@@ -446,18 +452,20 @@ def test_handed_off_stragglers_finish_with_the_tokens_of_one_batch(tokenizer):
 def test_drafts_spare_every_decode_step_when_the_answer_ignores_the_chain(tokenizer):
     """A model that answers 7 whatever its chain says (the post-hoc regime faithcb watches for):
     every forced answer equals the stated one, so with drafts no variant needs a decode step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = make_arithmetic_examples(400, seed=1, min_ops=3, max_ops=4)
-        data = [{**e, "completion": e["completion"].rsplit("Answer:", 1)[0] + "Answer: 7"} for e in data]
-        model = build_tiny_model(tokenizer, seed=4)
-        pretrain_tiny_model(model, tokenizer, data, steps=150, batch_size=16)
-    finally:
-        torch.set_num_threads(threads)
-    panel = load_panel(to_sft_dataset(make_arithmetic_examples(6, seed=9, min_ops=3, max_ops=4)))
+    panel = load_panel(to_sft_dataset(make_arithmetic_examples(**LONG_PANEL)))
     config = FaithConfig(max_new_tokens=64, generation_batch_size=4)
-    drafted = run_probe_round(model.eval(), tokenizer, panel, config)
+
+    def ready(model):  # pre-trained until it answers 7 after every chain and every cut of one
+        result = run_probe_round(model, tokenizer, panel, FaithConfig(**{**vars(config), "probes": ["early_answer"]}))
+        answers = {r["stated_answer"] for r in result.records} | {
+            a for r in result.records for a in r["early_answer/answers"]
+        }
+        return None if answers == {"7"} else f"the answer 7 everywhere (answers: {sorted(map(str, answers))})"
+
+    data = make_arithmetic_examples(400, seed=1, min_ops=3, max_ops=4)
+    data = [{**e, "completion": e["completion"].rsplit("Answer:", 1)[0] + "Answer: 7"} for e in data]
+    model = pretrain_until(build_tiny_model(tokenizer, seed=4), tokenizer, data, ready, steps=150, batch_size=16)
+    drafted = run_probe_round(model, tokenizer, panel, config)
     plain = run_probe_round(model, tokenizer, panel, FaithConfig(**{**vars(config), "draft_answers": False}))
     assert {r["stated_answer"] for r in drafted.records} == {"7"}
     assert drafted.metrics["early_answer/aoc"] == 0.0  # the chain never changes the answer

@@ -21,12 +21,15 @@ shows up as an XPASS to clean up.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
@@ -36,9 +39,9 @@ from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic
 from faithcb.testing import run_reference_round
 
 try:
-    from tests.rule_models import gold_response, make_prompt, make_rule_model
+    from tests.rule_models import gold_response, make_prompt, make_rule_model, true_value
 except ImportError:  # pytest run from inside tests/
-    from rule_models import gold_response, make_prompt, make_rule_model
+    from rule_models import gold_response, make_prompt, make_rule_model, true_value
 
 ALL_PROBES = [
     "early_answer",
@@ -99,9 +102,8 @@ def assert_same(engine: Any, reference: Any, *, skip: tuple[str, ...] = KNOWN_DI
     assert not problems, "engine and reference differ:\n" + "\n".join(problems[:40])
 
 
-def both(model: Any, tokenizer: Any, panel: Any, probes: Any = None, **overrides: Any) -> tuple[Any, Any]:
-    """One engine round and one reference round with the same settings and probe instances
-    (`probes_`: the probe names of the config, default `ALL_PROBES`)."""
+def round_config(**overrides: Any) -> FaithConfig:
+    """The comparisons' round settings (`probes_`: the probe names, default `ALL_PROBES`)."""
     settings: dict[str, Any] = {
         "probes": overrides.pop("probes_", ALL_PROBES),
         "max_new_tokens": 40,
@@ -109,7 +111,13 @@ def both(model: Any, tokenizer: Any, panel: Any, probes: Any = None, **overrides
         "scoring_batch_size": 5,
     }
     settings.update(overrides)
-    config = FaithConfig(**settings)
+    return FaithConfig(**settings)
+
+
+def both(model: Any, tokenizer: Any, panel: Any, probes: Any = None, **overrides: Any) -> tuple[Any, Any]:
+    """One engine round and one reference round with the same settings (`round_config`) and
+    probe instances."""
+    config = round_config(**overrides)
     chosen = probes if probes is not None else build_probes(config)
     engine = run_probe_round(model, tokenizer, panel, config, chosen)
     reference = run_reference_round(model, tokenizer, panel, config, chosen)
@@ -169,8 +177,11 @@ def wide_random_model(tokenizer: Any, arch: str, seed: int, std: float = 0.3) ->
     return model
 
 
-def pretrained_model(tokenizer: Any, arch: str, *, steps: int, seed: int, batch_size: int = 8) -> Any:
-    """A tiny model trained briefly on arithmetic CoT and on its multiple-choice form."""
+def pretrained_model(
+    tokenizer: Any, arch: str, *, steps: int, seed: int, batch_size: int = 8, ready: Any = None
+) -> Any:
+    """A tiny model trained briefly on arithmetic CoT and on its multiple-choice form (with
+    `ready`: trained on until it holds, see `trainer_helpers.pretrain_until`)."""
     train = make_arithmetic_examples(1500, seed=1000 + seed)
     rows = choice_rows(500, 2000 + seed)
     panel = load_panel([{k: v for k, v in r.items() if k != "chain"} for r in rows])
@@ -178,6 +189,8 @@ def pretrained_model(tokenizer: Any, arch: str, *, steps: int, seed: int, batch_
         prompt = example.render_prompt(tokenizer, use_chat_template=False, prompt_template="{question}\n")
         train.append({"prompt": prompt, "completion": f"{row['chain']}\nAnswer: {example.gold}"})
     model = build_tiny_model(tokenizer, arch=arch, seed=seed)
+    if ready is not None:
+        return pretrain_until(model, tokenizer, train, ready, steps=steps, batch_size=batch_size, lr=5e-3, seed=seed)
     return pretrain_tiny_model(model, tokenizer, train, steps=steps, batch_size=batch_size, lr=5e-3, seed=seed)
 
 
@@ -195,9 +208,40 @@ def tok():
     return build_tokenizer()
 
 
+HINT_TEMPLATES = ["{hint}\n{question}", "{question}{hint}\n"]  # the tiny model's own format: it answers after them
+
+
 @pytest.fixture(scope="module")
 def llama(tok):
-    return pretrained_model(tok, "llama", steps=200, seed=3)  # ~4 s on one core
+    """The briefly pre-trained Llama (~4 s on one core), trained on until the engine's rounds on
+    the panels below have what the comparisons need to be more than vacuous: real steps,
+    stated answers, scored mistakes and paraphrases, forced multiple-choice answers on more
+    than one label, answers after swapped chains and after hinted prompts."""
+
+    def ready(model: Any) -> str | None:
+        config = FaithConfig(probes=ALL_PROBES, max_new_tokens=40, generation_batch_size=3, scoring_batch_size=5)
+        records = run_probe_round(model, tok, arithmetic_panel(4, seed=123), config).records
+        if sum(len(r["steps"]) >= 2 for r in records) < 3 or sum(r["stated_answer"] is not None for r in records) < 3:
+            return "chains of 2 steps and stated answers on 3 examples"
+        if not any(r["mistake/match"] is not None and r["mistake/continuation"] is not None for r in records):
+            return "a scored mistake with a regenerated continuation"
+        if not any(r["paraphrase/match"] is not None for r in records):
+            return "a scored paraphrase"
+        choice = run_probe_round(model, tok, choice_panel(5, seed=77, cue="Answer: "), config).records
+        if len({a for r in choice for a in r["early_answer/answers"]}) < 2:
+            return "forced multiple-choice answers on 2 labels"
+        for panel in (arithmetic_panel(4, seed=125), choice_panel(5, seed=77, cue="Answer: ")):
+            swapped = run_probe_round(model, tok, panel, replace(config, probes=["relevance"])).records
+            if sum(r["relevance/swap_answer"] is not None for r in swapped) < 2:
+                return "answers read after 2 swapped chains"
+        probes = [*build_probes(FaithConfig(probes=["consistency"])), HintProbe(["sycophancy"], HINT_TEMPLATES)]
+        for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
+            hinted = run_probe_round(model, tok, panel, replace(config, generation_batch_size=5), probes).records
+            if sum(a is not None for r in hinted for a in r["hint/answers"]) < 4:
+                return "answers after 4 hinted prompts"
+        return None
+
+    return pretrained_model(tok, "llama", steps=200, seed=3, ready=ready)
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +387,7 @@ def test_hint_on_rule_models_matches_reference(kind, rule_panel):
 def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
     """Numeric and multiple-choice panels (hinted prompts batched with the round's prompts)."""
     # a built-in kind, and templates in the tiny model's own format (it answers after those)
-    hint = HintProbe(kinds=["sycophancy"], templates=["{hint}\n{question}", "{question}{hint}\n"])
+    hint = HintProbe(kinds=["sycophancy"], templates=HINT_TEMPLATES)
     probes = [*build_probes(FaithConfig(probes=["consistency"])), hint]
     for panel in (arithmetic_panel(3, seed=125), choice_panel(3, seed=78, cue="Answer: ")):
         engine, reference = both(llama, tok, panel, probes=probes, generation_batch_size=5)
@@ -353,13 +397,15 @@ def test_hint_on_a_pretrained_model_matches_reference(tok, llama):
 
 
 # ---------------------------------------------------------------------- regressions: discrepancies found and fixed
-def test_settle_point_matches_reference(random_rounds):
-    """The random Llama's panel has unparseable early answers (m_k unknown), e.g. an
-    unparseable F(prompt) before a one-step chain: matches [None, True]. The definition gives
-    t = 1 (tail 0); before the fix, t = 0 (tail 1.0: "the answer was fixed before any step")."""
-    engine, reference = random_rounds("llama", 0)
-    if not any(None in r["early_answer/matches"] and r["steps"] for r in reference.records):
-        raise RuntimeError("This panel no longer has an unknown early answer; pick one that has.")
+def test_settle_point_matches_reference(rule_panel):
+    """Unparseable early answers (m_k unknown): the rule model `needs_a_step` cannot answer
+    before its first step, so the one-step chain of `8 + 1` has matches [None, True]. The
+    definition gives t = 1 (tail 0); before the fix, t = 0 (tail 1.0: "the answer was fixed
+    before any step")."""
+    model, tokenizer = make_rule_model("needs_a_step")
+    engine, reference = both(model, tokenizer, rule_panel, max_new_tokens=60)
+    one_step = next(r for r in reference.records if r["prompt"] == make_prompt("8 + 1"))
+    assert one_step["early_answer/matches"] == [None, True]
     assert_same(engine, reference, skip=())
 
 
@@ -383,32 +429,56 @@ def test_stop_strings_in_a_batch_match_reference():
     assert_same(engine, reference)
 
 
-def test_multiple_choice_with_split_label_tokens_matches_reference(tok, llama):
-    """Cue `Answer:` then `" A"`: this tokenizer splits it into `" "` + `"A"`, so every label's
-    FIRST token is the space and the engine's argmax over first tokens is a four-way tie that
-    always picks `A`; the reference reads the labels after the shared space."""
-    first = {tok(" " + label, add_special_tokens=False)["input_ids"][0] for label in "ABCD"}
-    engine, reference = both(llama, tok, choice_panel(5, seed=77))
-    if len(first) != 1 or all(set(r["early_answer/answers"]) <= {"A"} for r in reference.records):
-        raise RuntimeError("Labels do not share a first token here, or the model prefers `A` everywhere.")
+def test_multiple_choice_with_split_label_tokens_matches_reference():
+    """Cue `Answer:` then `" A"`: a tokenizer that splits it into `" "` + `"A"` (the rule
+    models' one-character tokens always do) gives every label the space as its FIRST token, so
+    the engine's argmax over first tokens was a four-way tie that always picked `A`; the
+    reference reads the labels after the shared space. The rule model answers the option
+    nearest its number, so its answers are other labels too."""
+    model, tokenizer = make_rule_model("reads_chain")
+    first = {tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in "ABCD"}
+    assert len(first) == 1
+    # (question, options): the gold option is C, B, D and A; the early answers move between labels
+    questions = [
+        ("3 + 4 * 5", [30, 7, 35, 3]),
+        ("9 - 2 + 6", [9, 13, 7, 15]),
+        ("2 * 3 * 4 - 1", [6, 2, 24, 23]),
+        ("8 + 1", [9, 8, 1, 17]),
+    ]
+    rows = [
+        {"question": make_prompt(q).strip(), "choices": [str(o) for o in options], "answer": str(true_value(q))}
+        for q, options in questions
+    ]
+    engine, reference = both(model, tokenizer, load_panel(rows), max_new_tokens=60)
+    assert [r["gold"] for r in reference.records] == ["C", "B", "D", "A"]
+    assert [r["stated_answer"] for r in reference.records] == ["C", "B", "D", "A"]
+    assert {a for r in reference.records for a in r["early_answer/answers"]} > {"A"}
     assert_same(engine, reference)
 
 
-def test_regeneration_with_an_example_cue_matches_reference(tok, llama):
+def test_regeneration_with_an_example_cue_matches_reference():
     """Examples with `answer_cue="####"`: a response is parsed with `####` only, so the model's
-    `Answer: 16` line is a step of its chain; the engine still cuts a regenerated chain at the
-    panel's `Answer:` (the reference, like the parse, only at `####`)."""
+    `Answer: 7` line is a step of its chain; the engine still cut a regenerated chain at the
+    panel's `Answer:` (the reference, like the parse, only at `####`). The rule model writes
+    `Answer:` after its chain and answers after `####` when forced, so a chain regenerated
+    after a corrupted middle step writes `Answer:` again."""
+    model, tokenizer = make_rule_model("reads_chain", cues=("Answer:", "####"))
     rows = [
-        {"prompt": e["prompt"], "completion": "#### " + e["answer"], "answer_cue": "####"}
-        for e in make_arithmetic_examples(3, seed=1)
+        {"prompt": make_prompt(x), "completion": f"#### {true_value(x)}", "answer_cue": "####"}
+        for x in ("2 - 2 + 2", "1 * 1 * 8", "4 * 2 - 1", "3 + 4 * 5 - 6")
     ]
-    engine, reference = both(llama, tok, load_panel(rows))
-    if not any("Answer:" in (r["mistake/continuation"] or "") for r in reference.records):
-        raise RuntimeError("No regenerated chain of this panel writes `Answer:`; pick one where one does.")
+    engine, reference = both(model, tokenizer, load_panel(rows), max_new_tokens=60)
+    assert all(r["steps"][-1].startswith("Answer:") for r in reference.records)
+    assert any("Answer:" in (r["mistake/continuation"] or "") for r in reference.records)
     assert_same(engine, reference)
 
 
 # ---------------------------------------------------------------------- slow sweep
+# Settings the reference round does not read (it makes one call at a time and never packs):
+# engine rounds that differ only in these are compared with one reference round.
+REFERENCE_IGNORES = ("generation_batch_size", "scoring_batch_size", "packed_scoring")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_sweep_matches_reference(tok, arch):
@@ -421,6 +491,14 @@ def test_sweep_matches_reference(tok, arch):
         settings.append({"max_new_tokens": 48, "packed_scoring": False})
     for model in models:
         for panel in panels:
+            references: dict[str, Any] = {}
             for overrides in settings:
-                engine, reference = both(model, tok, panel, probes_=[*ALL_PROBES, "hint"], **overrides)
-                assert_same(engine, reference)
+                config = round_config(probes_=[*ALL_PROBES, "hint"], **overrides)
+                probes = build_probes(config)
+                engine = run_probe_round(model, tok, panel, config, probes)
+                read = {k: v for k, v in vars(config).items() if k not in REFERENCE_IGNORES}
+                key = json.dumps(read, sort_keys=True, default=str)
+                if key not in references:
+                    references[key] = run_reference_round(model, tok, panel, config, probes)
+                assert_same(engine, references[key])
+            assert len(references) == 2  # the last two settings shared their reference round

@@ -15,7 +15,9 @@ try:
         RULE_KINDS,
         VOCAB,
         RuleLM,
+        auto_classes_registered,
         char_tokenizer,
+        choice_label,
         expected_completion,
         gold_chain,
         gold_response,
@@ -33,7 +35,9 @@ except ImportError:  # tests/ itself is on sys.path (pytest "prepend" mode)
         RULE_KINDS,
         VOCAB,
         RuleLM,
+        auto_classes_registered,
         char_tokenizer,
+        choice_label,
         expected_completion,
         gold_chain,
         gold_response,
@@ -136,14 +140,20 @@ SHAPE_KINDS = ("needs_instruction", "needs_shots")
 def test_greedy_generate_batch(models: dict, kind: str) -> None:
     """Left-padded batch of different-length prompts gives each full response."""
     model, tok = models[kind]
-    got = _generate(model, tok, PROMPTS)
+    got = _generate(model, tok, PROMPTS, max_new_tokens=128)
     for prompt, text in zip(PROMPTS, got, strict=True):
         assert text == expected_completion(kind, prompt)
+        if kind == "silent":
+            assert text == ""
+            continue
         if kind == "off_topic":  # the correct response to another question
             assert text == gold_response(make_prompt(off_topic_question(prompt)))
             continue
         assert text.startswith("".join(line + "\n" for line in gold_chain(prompt)))
-        if kind != "noisy":
+        if kind == "rambles":  # its answer, then a question of its own, worked
+            value = true_value(prompt)
+            assert text == gold_response(prompt) + f"\nQ: {value} + 1\n{value} + 1 = {value + 1}\nAnswer: {value + 1}"
+        elif kind != "noisy":
             assert text == gold_response(prompt)
         else:
             chain = text[: text.rindex(ANSWER_CUE)]
@@ -275,3 +285,57 @@ def test_shape_kinds_answer_only_in_their_prompt_shape(models: dict, kind: str) 
     assert plain.startswith(chain + "etc. etc.") and ANSWER_CUE not in plain
     before = "End with 'Answer: <number>'.\n\n" if kind == "needs_instruction" else "Q: 1 + 1\n1 + 1 = 2\nAnswer: 2\n\n"
     assert _generate(model, tok, [before + Q]) == [gold_response(Q)]
+
+
+def test_needs_a_step_cannot_answer_before_a_written_integer(models: dict) -> None:
+    """Forced before any step it writes an unparseable answer; after one, it reads the chain."""
+    model, tok = models["needs_a_step"]
+    contexts = [Q + "Answer:", Q + " ... ...\nAnswer:", Q + "3 + 4 = 7\nAnswer:", PROMPTS[2] + "Answer:"]
+    want = [" ?", " ?", " 7", " 9"]  # "Q: 9" has no operation: its first operand is its value
+    assert [expected_completion("needs_a_step", c) for c in contexts] == want
+    assert _generate(model, tok, contexts, max_new_tokens=8) == want
+    assert rule_answer("needs_a_step", Q + "Answer:", "", Q) is None
+
+
+def test_silent_writes_nothing_but_answers_a_forced_cue(models: dict) -> None:
+    model, tok = models["silent"]
+    contexts = [Q, Q + "3 + 4 = 8\n", Q + "3 + 4 = 8\nAnswer:"]
+    assert _generate(model, tok, contexts, max_new_tokens=8) == ["", "", " 8"]
+
+
+def test_multiple_choice_answers_the_nearest_option_label() -> None:
+    """Option lines after the question are prompt; the answer is a label, whatever the kind."""
+    model, tok = make_rule_model("reads_chain")
+    options = "A) 30\nB) 36\nC) 35\nD) 7\n"
+    got = _generate(model, tok, [Q + options, Q + options + "3 + 4 = 7\nAnswer:", Q + options + "Answer:"])
+    assert got == [gold_chain(Q)[0] + "\n" + gold_chain(Q)[1] + "\nAnswer: C", " D", " D"]  # 35, 7, 3 (nearest 7)
+    assert choice_label([("A", 1), ("B", 5), ("C", 3)], 4) == "B"  # |5-4| = |3-4|: the first
+    assert expected_completion("noisy", Q + options)[-1] in "ABCD"
+
+
+def test_extra_cues_are_answered_and_the_first_is_written() -> None:
+    model, tok = make_rule_model("reads_chain", cues=(ANSWER_CUE, "####"))
+    # the last cue of the text is answered; the model writes "Answer:" itself
+    contexts = [Q, Q + "3 + 4 = 7\nAnswer: 7\n####", Q + "3 + 4 = 7\n####"]
+    want = [gold_response(Q), " 7", " 7"]
+    assert [expected_completion("reads_chain", c, (ANSWER_CUE, "####")) for c in contexts] == want
+    assert _generate(model, tok, contexts) == want
+    plain, _ = make_rule_model("reads_chain")
+    assert _generate(plain, tok, [contexts[2]], max_new_tokens=16) == ["\nAnswer: 7"]  # "####" is just text to it
+
+
+def test_saved_rule_model_loads_back_through_the_auto_classes(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = make_rule_model("needs_a_step", cues=(ANSWER_CUE, "####"))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with auto_classes_registered():
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.raises(ValueError, match="faithcb_rule_lm"):  # registered for the block only
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(loaded, RuleLM) and loaded.config.rule == "needs_a_step"
+    assert loaded_tok.padding_side == "left"
+    contexts = [Q, Q + "####"]
+    assert _generate(loaded, loaded_tok, contexts) == _generate(model, tok, contexts) == [gold_response(Q), " ?"]

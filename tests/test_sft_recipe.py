@@ -124,6 +124,7 @@ def test_recipe_loads_data_from_files_and_folders(inputs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # with the other torchrun tests (tests/test_distributed.py)
 def test_recipe_under_torchrun_with_lora(inputs, tmp_path):
     out = tmp_path / "out"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -133,6 +134,7 @@ def test_recipe_under_torchrun_with_lora(inputs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # with the other torchrun tests (tests/test_distributed.py)
 def test_recipe_under_torchrun_with_deepspeed_zero3(inputs, tmp_path):
     """SFTTrainer under ZeRO-3 with every weight partitioned: the round gathers them itself.
 
