@@ -504,9 +504,13 @@ def read_baseline(path: Path) -> dict[str, Any]:
     if metrics is None:
         raise ValueError(f"--baseline_from {path}: no round at step 0")
     records = _step_zero_records(path.with_name("rounds.jsonl"))
+    from faithcb import FaithConfig
+
     shape = metrics.get("prompt_shape") or "as_written"
+    # metrics.jsonl names the shape; its shots are FaithConfig's `shape_fewshot`, as the arms run it
+    shots = FaithConfig().shape_fewshot if "fewshot" in shape else 0
     figures = {k: v for k, v in metrics.items() if k not in ("step", "round") and isinstance(v, (int, float))}
-    return {"metrics": figures, "records": records, "prompt_shape": {"name": shape, "pinned": True}}
+    return {"metrics": figures, "records": records, "prompt_shape": {"name": shape, "shots": shots, "pinned": True}}
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:

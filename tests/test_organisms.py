@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from faithcb import FaithConfig
+from faithcb._prompt_shape import ShapeChoice
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -211,7 +214,11 @@ def test_a_baseline_from_another_process_brings_its_records_and_prompt_shape(tmp
     (live / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     shared = recipe.read_baseline(live / "metrics.jsonl")
     assert shared["metrics"] == {"accuracy": 0.25} and shared["records"] == [{"id": "p0", "accuracy": 1.0}]
-    assert shared["prompt_shape"]["name"] == "instruction"
+    assert shared["prompt_shape"]["name"] == "instruction" and shared["prompt_shape"]["shots"] == 0
+    # a few-shot baseline brings its shots (metrics.jsonl names only the shape)
+    (live / "metrics.jsonl").write_text(json.dumps({**line, "prompt_shape": "fewshot"}) + "\n")
+    shape = ShapeChoice.from_state(recipe.read_baseline(live / "metrics.jsonl")["prompt_shape"]).shape
+    assert shape.shots == FaithConfig().shape_fewshot > 0
     later = tmp_path / "later.jsonl"
     later.write_text(json.dumps({**line, "step": 3}) + "\n")
     with pytest.raises(ValueError, match="no round at step 0"):
