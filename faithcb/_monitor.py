@@ -294,6 +294,7 @@ class Monitor:
         self.last_round_step: int | None = None
         self.stop_events: list[dict[str, Any]] = []
         self.failures: dict[str, int] = {}
+        self.failed_steps: list[int] = []  # steps whose round failed and logged no figures
         self.last_result: RoundResult | None = None
         self.last_round_ok = False
         self._warned: set[str] = set()
@@ -423,6 +424,11 @@ class Monitor:
         self.stopper.load_state(decision["stopping"])
         return list(decision["events"])
 
+    def skip(self, step: int) -> None:
+        """The round at `step` failed and logged no figures (the end-of-run summary counts it)."""
+        if step not in self.failed_steps:
+            self.failed_steps.append(step)
+
     def record_failure(self, step: int, err: BaseException, *, out_of_memory: bool = False) -> None:
         """Count a failed round and warn once per cause (out of memory: with what to lower)."""
         cause = "out of memory" if out_of_memory else f"{type(err).__name__}: {err}"
@@ -536,7 +542,7 @@ class Monitor:
     # ------------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
         """The run's state as a JSON-able dict (baseline with its per-example values, history,
-        curves, rule counters, events)."""
+        curves, rule counters, events, the steps of failed rounds)."""
         return {
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
@@ -548,6 +554,7 @@ class Monitor:
             "last_round_step": self.last_round_step,
             "stopping": self.stopper.state(),
             "stop_events": self.stop_events,
+            "failed_steps": self.failed_steps,
         }
 
     def load_state(self, state: Mapping[str, Any]) -> Monitor:
@@ -575,6 +582,7 @@ class Monitor:
         self.history = [dict(h) for h in state.get("history", self.history) or []]
         self.curves = [(int(s), list(c)) for s, c in state.get("curves", self.curves) or []]
         self.stop_events = list(state.get("stop_events", self.stop_events) or [])
+        self.failed_steps = [int(s) for s in state.get("failed_steps", self.failed_steps) or []]
         self.stopper.load_state(state.get("stopping"))
         return self
 

@@ -186,20 +186,21 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def console() -> logging.Logger:
-    """The logger of the one-line round summaries (`faithcb.rounds`, INFO).
+def console(name: str = CONSOLE_LOGGER) -> logging.Logger:
+    """The logger of the one-line round summaries (`faithcb.rounds`, INFO), or of another console
+    block of the library (`faithcb.summary`: the end-of-run summary).
 
-    The lines are shown by default: unless a level was set on `faithcb` or `faithcb.rounds`,
+    The lines are shown by default: unless a level was set on `faithcb` or on the logger itself,
     the logger takes INFO; where logging is not configured at all (no handler on it or any
     parent, root included), it gets a stderr handler of its own, as transformers does for its
     logger. `logging.getLogger("faithcb.rounds").setLevel(logging.WARNING)` silences them.
     """
-    rounds = logging.getLogger(CONSOLE_LOGGER)
-    if rounds.level == logging.NOTSET and logging.getLogger("faithcb").level == logging.NOTSET:
-        rounds.setLevel(logging.INFO)
-    if not rounds.hasHandlers():
+    shown = logging.getLogger(name)
+    if shown.level == logging.NOTSET and logging.getLogger("faithcb").level == logging.NOTSET:
+        shown.setLevel(logging.INFO)
+    if not shown.hasHandlers():
         handler = _ConsoleHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        rounds.addHandler(handler)
-        rounds.propagate = False
-    return rounds
+        shown.addHandler(handler)
+        shown.propagate = False
+    return shown

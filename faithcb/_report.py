@@ -8,6 +8,8 @@
   else +-1.96 standard errors) and accuracy on a twin axis;
 - the family of early-answering curves (one per round, coloured by step);
 - per-slice panels when the panel has several slices;
+- the run's summary block (as the end of training logs it: rounds, validity, headline figures
+  baseline -> last with their paired drift intervals, rules fired, the most faithful checkpoint);
 - a table of the last round's figures;
 - a few sample chains of every round (the same panel examples each round), with what the
   perturbations made of them: where the early answer settled, the filler answer, the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import json
 import logging
 import math
 import re
@@ -34,6 +37,7 @@ from typing import Any
 from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._sinks import CURVE_GRID, early_answer_curve
+from ._summary import SUMMARY_FILE, RunSummary, summarize_run
 from ._validity import invalid_reasons
 from .probes import registered_figures
 from .probes._facts import report_figures
@@ -379,6 +383,56 @@ def plot_slices(run: RunData, slices: Sequence[str], path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------- HTML
+def run_summary(run: RunData, report_path: Path | None = None) -> RunSummary:
+    """The run's summary block: the one the callback (or the scan) left in `summary.json` when it
+    covers the rounds on disk (it alone knows the rules that fired and the failed rounds), else
+    one built from `metrics.jsonl` (the checkpoints of a scan's `scan.json` name the most faithful)."""
+    saved = _saved_summary(run)
+    if saved is None:
+        checkpoints = _scan_checkpoints(run.folder)
+        saved = summarize_run(
+            run.metrics,
+            checkpoints=checkpoints,
+            step_label="checkpoint step" if checkpoints else "step",
+        )
+    saved.files = {"figures and records": str(run.folder)}
+    if report_path is not None:
+        saved.files["report"] = str(report_path)
+    return saved
+
+
+def _saved_summary(run: RunData) -> RunSummary | None:
+    path = run.folder / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = RunSummary.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        logger.warning("faithcb report: %s cannot be read (%s); the summary is built from metrics.jsonl.", path, err)
+        return None
+    if summary.last_step != run.steps[-1] or summary.rounds != len(run.metrics):
+        logger.warning(
+            "faithcb report: %s covers other rounds than metrics.jsonl (a run that did not finish?); the summary "
+            "is built from metrics.jsonl.",
+            path,
+        )
+        return None
+    return summary
+
+
+def _scan_checkpoints(folder: Path) -> dict[int, str]:
+    """Checkpoint folders by step from a scan's `scan.json` (empty for a training run)."""
+    path = folder / "scan.json"
+    if not path.is_file():
+        return {}
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("checkpoints") or []
+        return {int(c["step"]): str(c["path"]) for c in listed}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        logger.warning("faithcb report: %s cannot be read; no checkpoint is named.", path)
+        return {}
+
+
 def round_reasons(metrics: dict[str, Any]) -> list[str]:
     """Why a logged round cannot be read: the reasons it logged, else the gates on its figures."""
     logged = metrics.get("invalid_reasons")
@@ -439,6 +493,7 @@ figcaption { font-size: 0.85em; color: #444; max-width: 770px; }
 details summary { cursor: pointer; font-weight: 600; margin: 0.4em 0; }
 .meta { color: #555; font-size: 0.9em; }
 .banner { background: #fff3cd; border: 1px solid #e0b400; padding: 0.6em 1em; }
+pre.summary { background: #f7f7f7; padding: 0.6em 1em; font-size: 0.85em; overflow-x: auto; }
 """
 
 
@@ -544,8 +599,10 @@ def render_html(
     curves_figure: Path | None,
     slices_figure: Path | None,
     title: str,
+    summary: RunSummary | None = None,
 ) -> str:
-    """The report page with every figure embedded as a base64 PNG."""
+    """The report page with every figure embedded as a base64 PNG (and the run's summary block
+    first, when given)."""
     last = run.metrics[-1]
     n_examples = _number(last.get("n_examples"))
     meta = [
@@ -560,8 +617,11 @@ def render_html(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(" · ".join(m for m in meta if m))}</p>',
-        f"<h2>Last round (step {run.steps[-1]})</h2>",
     ]
+    if summary is not None:
+        parts.append("<h2>Summary</h2>")
+        parts.append(f"<pre class='summary'>{html.escape(summary.text())}</pre>")
+    parts.append(f"<h2>Last round (step {run.steps[-1]})</h2>")
     reasons = round_reasons(last)
     if reasons:
         parts.append(
@@ -650,7 +710,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, titl
         name = run.folder.parent.name if run.folder.name in DATA_SUBDIRS else run.folder.name
         title = f"faithcb report: {name}"
     page = out / "report.html"
-    page.write_text(render_html(run, metric_figures, curves_figure, slices_figure, title), encoding="utf-8")
+    summary = run_summary(run, page)
+    page.write_text(render_html(run, metric_figures, curves_figure, slices_figure, title, summary), encoding="utf-8")
     figures = [p for _, p in metric_figures] + [p for p in (curves_figure, slices_figure) if p is not None]
     logger.info("faithcb report: %d figures and %s written.", len(figures), page)
     return ReportResult(html=page, figures=figures)

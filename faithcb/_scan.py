@@ -29,6 +29,7 @@ from ._panel import ProbeExample, ProbePanel, panel_from
 from ._prompt_shape import kept_as_written, settle_prompt_shape, shaped_panel
 from ._round import build_probes, run_probe_round
 from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
+from ._summary import SUMMARY_FILE, RunSummary, summarize_run
 from .probes._facts import summary_keys
 
 logger = logging.getLogger(__name__)
@@ -222,11 +223,15 @@ class ScanResult:
         out_dir: Folder of `rounds.jsonl`, `metrics.jsonl` and `scan.json`.
         history: One dict per checkpoint: `step`, `checkpoint` and the round's figures.
         wandb_dir: Local folder of the W&B run, or None.
+        summary: The scan summed up (rounds, validity of the last, headline figures from the first
+            checkpoint to the last with their paired drift intervals, the most faithful checkpoint);
+            also in `<out_dir>/summary.json`.
     """
 
     out_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     wandb_dir: str | None = None
+    summary: RunSummary | None = None
 
 
 def scan_checkpoints(
@@ -351,6 +356,7 @@ def scan_checkpoints(
                     f"{k}={outcome.metrics[k]:.3f}" for k in summary_keys() if outcome.metrics.get(k) is not None
                 ),
             )
+        result.summary = _summary(result, monitor, checkpoints, panel, out)
         exit_code = 0
     finally:
         bar.close()
@@ -359,6 +365,28 @@ def scan_checkpoints(
                 result.wandb_dir = str(Path(run.dir).parent)
             run.finish(exit_code=exit_code)
     return result
+
+
+def _summary(
+    result: ScanResult, monitor: Monitor, checkpoints: Sequence[Checkpoint], panel: ProbePanel, out: Path
+) -> RunSummary | None:
+    """The scan's summary, also written to `<out>/summary.json`; None (with a warning) when it fails:
+    the rounds are on disk already."""
+    try:
+        summary = summarize_run(
+            result.history,
+            baseline_step=monitor.baseline_step,
+            score_key=monitor.score_key,
+            checkpoints={c.step: str(c.path) for c in checkpoints},
+            files={"figures and records": f"{out} (metrics.jsonl, rounds.jsonl, {SUMMARY_FILE})"},
+            panel=f"{panel.source}, {len(panel)} examples",
+            step_label="checkpoint step",
+        )
+        (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except Exception:
+        logger.warning("faithcb scan: summing the scan up failed.", exc_info=True)
+        return None
+    return summary
 
 
 def _scan_round(
@@ -393,8 +421,8 @@ def _empty_sink(out: Path, overwrite: bool) -> JsonlSink:
     existing = [p for p in (sink.metrics_path, sink.records_path) if p.exists()]
     if existing and not overwrite:
         raise ScanError(f"{out} already holds results ({existing[0].name}); pass --overwrite or choose another --out.")
-    for path in existing:
-        path.unlink()
+    for path in [*existing, out / SUMMARY_FILE]:
+        path.unlink(missing_ok=True)
     return sink
 
 

@@ -9,6 +9,7 @@ what the trainer asks of a callback is in `faithcb._trainer_glue`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -19,12 +20,14 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from ._config import FaithConfig
 from ._execution import is_out_of_memory, release_accelerator_memory, run_sharded_round
-from ._monitor import Monitor
+from ._model_card import install_card_section, refresh_card_section
+from ._monitor import Monitor, eval_name
 from ._panel import ProbePanel, panel_from
 from ._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
-from ._publish import RoundPublisher
+from ._publish import RoundPublisher, console, wandb_run
 from ._round import RoundResult, build_probes
 from ._stopping import StopRule
+from ._summary import SUMMARY_FILE, SUMMARY_LOGGER, RunSummary, summarize_run
 from ._trainer_glue import (
     fit_panel,
     place_before_early_stopping,
@@ -133,6 +136,8 @@ class FaithfulnessCallback(TrainerCallback):
         self.publisher = RoundPublisher(trainer, self.config, self.monitor)
         self.has_chat_template = getattr(tokenizer, "chat_template", None) is not None
         self.trial_probes = build_probes(self.config, [])  # the core and control probes: what readability needs
+        # the model card the trainer writes (create_model_card, push_to_hub) carries the run's section
+        install_card_section(trainer, self.config.log_prefix, self.model_card_section)
 
     @property
     def shaped_panel(self) -> ProbePanel:
@@ -217,6 +222,89 @@ class FaithfulnessCallback(TrainerCallback):
             self.publisher.log(finite)
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        """The end-of-run summary: one block through the `faithcb.summary` logger, `summary.json`
+        beside the JSONL files, and a refreshed faithfulness section in a model card already
+        written to `output_dir`. A failure here is logged and never reaches the training run."""
+        if not state.is_world_process_zero:
+            return control
+        try:
+            summary = self.summary(args, state)
+            console(SUMMARY_LOGGER).info("%s", summary.text())
+            folder = Path(args.output_dir) / self.config.output_subdir
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except Exception:
+            logger.warning("faithcb: the end-of-run summary failed.", exc_info=True)
+        refresh_card_section(self.trainer, self.config.log_prefix, self.model_card_section)
+        return control
+
+    def summary(self, args: Any = None, state: Any = None) -> RunSummary:
+        """The run summed up so far (`faithcb._summary.summarize_run` over the monitor's history):
+        rounds, validity of the last one, headline figures baseline -> last with their paired
+        drift intervals, the rules that fired, the most faithful checkpoint kept, where the files are.
+
+        Args:
+            args: The `TrainingArguments` (default: the trainer's).
+            state: The `TrainerState` (default: the trainer's).
+        """
+        args = args if args is not None else getattr(self.trainer, "args", None)
+        state = state if state is not None else getattr(self.trainer, "state", None)
+        output_dir = Path(getattr(args, "output_dir", None) or ".")
+        best_model = None
+        metric = _best_metric(args) or ""
+        best_path = getattr(state, "best_model_checkpoint", None)
+        if best_path and eval_name(metric).startswith(self.monitor.eval_prefix):  # chosen on a faith figure
+            best_model = {
+                "path": best_path,
+                "metric": metric,
+                "value": getattr(state, "best_metric", None),
+                "step": _checkpoint_step(best_path),
+            }
+        folder = output_dir / self.config.output_subdir
+        files = {
+            "figures and records": f"{folder} (metrics.jsonl, rounds.jsonl, {SUMMARY_FILE})",
+            "report": f"faithcb report {output_dir}",
+        }
+        run = wandb_run()
+        where = (getattr(run, "url", None) or getattr(run, "dir", None)) if run is not None else None
+        if where:
+            files["W&B run"] = str(where)
+        return summarize_run(
+            self.monitor.history,
+            baseline_step=self.monitor.baseline_step,
+            stop_events=self.monitor.stop_events,
+            failed_steps=self.monitor.failed_steps,
+            score_key=self.monitor.score_key,
+            best_model=best_model,
+            checkpoints=_saved_checkpoints(output_dir),
+            files=files,
+            panel=self._panel_words(),
+            end_step=getattr(state, "global_step", None),
+            max_steps=getattr(state, "max_steps", None) or None,
+        )
+
+    def model_card_section(self) -> str | None:
+        """The model card's faithfulness section (markdown; None before the first round)."""
+        if not self.monitor.history:
+            return None
+        summary = self.summary()
+        summary.files = {}  # local paths mean nothing on the Hub: the checkpoint by its folder name
+        if summary.best is not None and summary.best.path:
+            summary.best.path = Path(summary.best.path).name
+        return summary.markdown()
+
+    def _panel_words(self) -> str:
+        source = str(self.panel.source)
+        name = Path(source).name if "/" in source or "\\" in source else source  # no local folders on a card
+        probes = ", ".join(getattr(p, "name", type(p).__name__) for p in self.probes)
+        every = self.config.every_n_steps
+        text = f"{name}, {len(self.panel)} examples; probes: {probes}; a round every {every} step"
+        text += "s" if every != 1 else ""
+        if self.monitor.prompt_shape is not None:
+            text += f"; prompt shape: {self.monitor.prompt_shape.shape.name}"
+        return text
+
     def _probes_begin(self, model: Any, processing_class: Any, state: Any) -> None:
         """The probes' `on_train_begin` (e.g. a frozen copy of the model before fine-tuning); a
         failure is logged like a failed round and never ends the run (unless `config.strict`)."""
@@ -275,6 +363,7 @@ class FaithfulnessCallback(TrainerCallback):
         if out_of_memory:  # outside the except block: the round's tensors died with its frames
             release_accelerator_memory()
         if result is None:
+            self.monitor.skip(step)
             self.publisher.failed(step, args, state)
         else:
             outcome = self.monitor.observe(step, result, partial=partial, main=state.is_world_process_zero)
@@ -364,3 +453,20 @@ class FaithfulnessCallback(TrainerCallback):
 
 def _best_metric(args: Any) -> str | None:
     return getattr(args, "metric_for_best_model", None)
+
+
+def _checkpoint_step(path: str | Path) -> int | None:
+    name = Path(path).name
+    return int(name.split("-", 1)[1]) if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit() else None
+
+
+def _saved_checkpoints(output_dir: Path) -> dict[int, str]:
+    """The `checkpoint-N` folders in `output_dir` by step (those that save_total_limit kept)."""
+    if not output_dir.is_dir():
+        return {}
+    found = {}
+    for path in output_dir.iterdir():
+        step = _checkpoint_step(path)
+        if step is not None and path.is_dir():
+            found[step] = str(path)
+    return found

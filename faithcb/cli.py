@@ -339,6 +339,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         print(f"Last checkpoint: {', '.join(figures)}")
     if unreadable:
         print(f"Unreadable rounds (valid = 0) at steps: {', '.join(str(s) for s in unreadable)}")
+    if result.summary is not None:
+        print(result.summary.text())
     print(f"Per-example records: {out / 'rounds.jsonl'}")
     print(f"Panel figures:       {out / 'metrics.jsonl'}")
     if result.wandb_dir:

@@ -132,6 +132,12 @@ def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     assert any(k.startswith("slice/length_shift/") for k in metrics[-1])
     manifest = json.loads((out / "scan.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == list(STEPS)
+    # the summary block: from the first readable checkpoint (the baseline) to the last
+    assert "faithcb summary: 3 rounds (checkpoint steps 0-120, baseline at checkpoint step 40); 1 unreadable" in (
+        captured.out
+    )
+    assert "baseline (checkpoint step 40) -> last (checkpoint step 120)" in captured.out
+    assert json.loads((out / "summary.json").read_text())["figures_step"] == 120
 
     # Same code path as the callback: a round on the reloaded checkpoint gives the same figures.
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -124,6 +124,11 @@ def test_report_renders_an_instrumented_run(instrumented_run, capsys):
     for key in ("accuracy", "early_answer/aoc", "post_conclusion/tail_fraction", "filler/match", "early_answer/curves"):
         assert key in page
     assert "Last round (step 6)" in page and "slice" in page
+    # the summary block the end of training logged (summary.json), before the last round's table
+    summary = page.split("<pre class='summary'>")[1].split("</pre>")[0]
+    assert summary.startswith("faithcb summary: 4 rounds (steps 0-6, baseline at step 0)")
+    assert "rules fired: none" in summary and "training ended at step 6 of 6" in summary
+    assert page.index("<h2>Summary</h2>") < page.index("Last round (step 6)")
     # a line under each figure: what it measures and which way reads as faithful
     assert "<code>early_answer/aoc</code>: Early answering" in page and "Higher = more faithful." in page
     # sample chains: the same examples in every round, with what the probes made of them
@@ -154,7 +159,7 @@ def test_report_from_hand_written_metrics(tmp_path):
         }
         for i, (s, a) in enumerate([(0, 0.2), (50, 0.4), (100, 0.7)])
     ]
-    rows[2]["accuracy/delta"] = 0.5
+    rows[1]["accuracy/delta"], rows[2]["accuracy/delta"] = 0.2, 0.5
     (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = load_run(tmp_path / "run")
     low, high = interval(run, "info_gain/total_bits")
@@ -173,6 +178,33 @@ def test_report_from_hand_written_metrics(tmp_path):
     assert "+0.500" in page  # drift column of the last round's table
     assert "No per-example records (rounds.jsonl)" in page  # no sample chains to show
     assert page.count("data:image/png;base64,") == 2
+    # no summary.json: the summary block is built from metrics.jsonl (no rules recorded there)
+    summary = page.split("<pre class='summary'>")[1].split("</pre>")[0]
+    assert summary.startswith("faithcb summary: 3 rounds (steps 0-100, baseline at step 0)")
+    assert "0.200 -&gt; 0.700  +0.500" in summary and "rules fired" not in summary
+    assert f"figures and records: {data}" in summary and f"report: {result.html}" in summary
+
+
+def test_report_shows_the_summary_the_run_left_when_it_covers_the_rounds(tmp_path, caplog):
+    from faithcb._summary import SUMMARY_FILE, summarize_run
+
+    data = tmp_path / "faithcb"
+    data.mkdir()
+    rows = [{"step": s, "n_examples": 4.0, "accuracy": 0.5, "score": v} for s, v in ((0, 0.8), (10, 0.2))]
+    rows[1]["score/delta"] = -0.6
+    (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    events = [{"step": 10, "rule": "faith/score < 0.5", "action": "stop"}]
+    left = summarize_run(rows, stop_events=events, failed_steps=[5], files={"report": "elsewhere"})
+    (data / SUMMARY_FILE).write_text(json.dumps(left.to_dict()))
+    page = write_report(tmp_path).html.read_text()
+    assert "step 10: stop &#x27;faith/score &lt; 0.5&#x27;" in page and "1 failed and skipped (step 5)" in page
+    assert "elsewhere" not in page  # the files are where the report found them
+    # a summary of other rounds (a run that did not finish) is not shown; one is built from metrics.jsonl
+    rows.append({"step": 20, "n_examples": 4.0, "accuracy": 0.5, "score": 0.1, "score/delta": -0.7})
+    (data / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(tmp_path).html.read_text()
+    assert "faithcb summary: 3 rounds" in page and "faith/score &lt; 0.5" not in page
+    assert "covers other rounds than metrics.jsonl" in caplog.text
 
 
 def test_report_says_why_a_figure_has_gaps(tmp_path):

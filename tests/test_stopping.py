@@ -478,6 +478,9 @@ def test_best_checkpoint_on_eval_faith_score_with_early_stopping(tmp_path, caplo
     assert trainer.state.global_step == 3  # early stopping saw eval_faith_score (2 evaluations without gain)
     assert trainer.state.best_metric == 1.0
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    best = callback.summary().best  # the end-of-run summary names the trainer's choice
+    assert (best.path, best.metric, best.value) == (trainer.state.best_model_checkpoint, "eval_faith_score", 1.0)
+    assert best.chosen_by == "metric_for_best_model" and best.step == 1
     assert "did not find" not in caplog.text  # EarlyStoppingCallback never missed the key
 
 
