@@ -8,9 +8,9 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ._answers import ANSWER_TYPES as _READ_TYPES
-from ._parsing import DEFAULT_ANSWER_CUES
-from ._prompt_shape import SHAPE_NAMES
+from .data._answers import ANSWER_TYPES as _READ_TYPES
+from .data._parsing import DEFAULT_ANSWER_CUES
+from .data._prompt_shape import SHAPE_NAMES
 
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,

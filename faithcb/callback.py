@@ -18,13 +18,6 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from ._config import FaithConfig
-from ._execution import is_out_of_memory, release_accelerator_memory, run_sharded_round
-from ._monitor import Monitor
-from ._panel import ProbePanel, panel_from
-from ._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
-from ._publish import RoundPublisher
-from ._round import RoundResult, build_probes
-from ._stopping import StopRule
 from ._trainer_glue import (
     fit_panel,
     place_before_early_stopping,
@@ -32,7 +25,14 @@ from ._trainer_glue import (
     saved_monitor_state,
     trainer_tokenizer,
 )
+from .data._panel import ProbePanel, panel_from
+from .data._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
+from .monitor._monitor import Monitor
+from .monitor._stop_rules import StopRule
 from .probes import Probe
+from .publish._publisher import RoundPublisher
+from .round._probe_round import RoundResult, build_probes
+from .round._sharded import is_out_of_memory, release_accelerator_memory, run_sharded_round
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from faithcb._report import MAIN_METRICS, interval, load_run, locate_run_data, write_report
 from faithcb.cli import main
+from faithcb.cli._report import MAIN_METRICS, interval, load_run, locate_run_data, write_report
 
 pytest.importorskip("matplotlib")
 datasets = pytest.importorskip("datasets")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
-from .._answers import CHOICE_LABELS, answer_complete, extract_answer
 from .._config import FaithConfig
-from .._panel import ProbeExample
-from .._parsing import (
+from ..data._answers import CHOICE_LABELS, answer_complete, extract_answer
+from ..data._panel import ProbeExample
+from ..data._parsing import (
     THINK_CLOSE,
     THINK_OPEN,
     answer_span,

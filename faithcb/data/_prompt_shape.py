@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..round._validity import MAX_FORCED_PARSE_FAIL_RATE, invalid_reasons
 from ._panel import ProbeExample, ProbePanel
-from ._validity import MAX_FORCED_PARSE_FAIL_RATE, invalid_reasons
 
 logger = logging.getLogger(__name__)
 
