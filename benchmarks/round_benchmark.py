@@ -209,7 +209,7 @@ def time_train_step(model, tokenizer, args: Args, device: str):
 
 LOGPROB_TOLERANCE_BITS = 0.01
 
-# Experimental settings the GPU round-time target may need (docs/performance.md): FaithConfig
+# Experimental settings the GPU round-time target may need (benchmarks/README.md): FaithConfig
 # fields, or switches of the engine (`EngineOptions` fields; `split_settings` tells them apart).
 CANDIDATES = {
     # the default settings again, timed like a candidate: what the candidates' figures are read

@@ -120,7 +120,7 @@ PLOT_FIGURES: tuple[str, ...] = (
     "early_answer/aoc",
     "filler/match",
     "step_necessity",
-    "paraphrase/match",
+    "relevance/quantity_use",
     "control/changed",
 )
 

@@ -2,7 +2,7 @@
 
 One round = one batched generation of chains, then every probe's requests run together:
 de-duplicated, sorted by length, left-padded, with logits kept only where answers are read
-(docs/performance.md). `faithcb.testing.reference` holds a one-at-a-time version for cross-checking.
+(docs/dev/engine.md). `faithcb.testing.reference` holds a one-at-a-time version for cross-checking.
 """
 
 from __future__ import annotations

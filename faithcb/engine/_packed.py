@@ -6,7 +6,7 @@ example's base text (prompt, the model's text before its chain, full chain: the 
 every context of the example) followed by every variant's *own* tokens (the cue,
 the answer, a re-tokenised tail); a 4-D attention mask lets variant k see only the base up to
 its cut plus its own tokens, and position ids continue from the cut. The cost is about one
-chain per example instead of n + 1 (docs/performance.md).
+chain per example instead of n + 1 (docs/dev/engine.md).
 
 A variant's tokens are exactly those of its separately encoded context: the shared part is
 the longest common token prefix of the context and the base, the rest is the variant's own.

@@ -122,7 +122,7 @@ def same_inputs_as_last_step(enabled: bool = True) -> contextlib.AbstractContext
     For the decode steps after a batch's first compiled call: they pass the same tensors (the
     cache, the mask, the positions, updated in place) or tensors of the same kind (the next
     tokens), under the same settings, so every guard that held at the first step holds again,
-    and evaluating them all is host time spent at every step (docs/performance.md). A no-op
+    and evaluating them all is host time spent at every step (docs/dev/engine.md). A no-op
     under a stance of the user's own, on a torch release without the option, or when not
     `enabled`.
     """

@@ -4,7 +4,7 @@ regeneration: compiled on the CUDA static-shape path, eager elsewhere).
 transformers' `generate` does per-step work on the host around its compiled decode step: it
 builds the 4-D attention mask again (about twenty eager tensor operations), runs its logits
 processors and stopping criteria, and concatenates the sequence so far: for a small model on a
-GPU the host, not the device, then sets the pace (docs/performance.md). Here a decode step is the
+GPU the host, not the device, then sets the pace (docs/dev/engine.md). Here a decode step is the
 compiled forward pass plus a few small tensor operations (arg-max, EOS bookkeeping, one more
 visible column of a preallocated mask, positions + 1, the token into a preallocated buffer),
 and the host reads the tokens only every `check_every` steps (for the text conditions of

@@ -4,7 +4,7 @@ read one step late on CUDA.
 transformers' `generate` asks its stopping criteria after every decode step. A criterion that
 reads the text copies the tokens to the host, which waits until the device has finished the
 step, so the host cannot queue the next one meanwhile, and a small model's decode steps then
-take longer in wall time than on the device (docs/performance.md). `TextStop` reads the text
+take longer in wall time than on the device (docs/dev/engine.md). `TextStop` reads the text
 only every `check_every` steps and then finds the exact token after which each row's condition
 first held, so the rows end where a check after every step would have ended them, while the
 device runs ahead in between.

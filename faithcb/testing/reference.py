@@ -1,6 +1,6 @@
 """A slow, obviously correct probe round: one example, one variant, one model call at a time.
 
-This is the cross-check of the batched engine (docs/performance.md): `run_reference_round` returns the
+This is the cross-check of the batched engine (docs/dev/engine.md): `run_reference_round` returns the
 same `RoundResult` as `faithcb.run_probe_round` (same per-example record keys, metrics through
 the same `aggregate_records`), but computes every figure straight from the definitions of
 docs/metrics.md, without the engine's batching, sorting, de-duplication, left padding or
