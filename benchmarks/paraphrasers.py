@@ -48,7 +48,7 @@ def encoded_steps(n: int, seed: int) -> list[str]:
 def smollm2_steps(model: Any, tokenizer: Any, n: int) -> list[str]:
     """Steps of SmolLM2's own chains on the GSM8K-shaped questions (one batched generation)."""
     from faithcb import FaithConfig, load_panel
-    from faithcb._parsing import split_steps
+    from faithcb.data._parsing import split_steps
     from faithcb.engine import ProbeEngine, probe_mode
 
     rows = [json.loads(line) for line in (HERE / "data" / "gsm8k_shaped.jsonl").read_text().splitlines() if line]

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb._parsing import THINK_CLOSE
+from faithcb.data._parsing import THINK_CLOSE
 from faithcb.synthetic import build_tokenizer
 
 #: Probes added one at a time to the always-on round (core and control).

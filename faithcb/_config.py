@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ._answers import ANSWER_TYPES as _READ_TYPES
-from ._parsing import DEFAULT_ANSWER_CUES
-from ._prompt_shape import SHAPE_NAMES
+from .data._answers import ANSWER_TYPES as _READ_TYPES
+from .data._parsing import DEFAULT_ANSWER_CUES
+
+#: `FaithConfig.prompt_shape` values besides `auto` (`faithcb.data._prompt_shape`).
+SHAPE_NAMES = ("as_written", "instruction", "fewshot", "instruction+fewshot")
 
 DEFAULT_PROBES = ["early_answer", "filler", "info_gain", "paraphrase", "mistake", "step_necessity"]
 #: FaithConfig fields about how the engine runs a round (batching, packing, compilation,
@@ -337,7 +339,28 @@ _MINIMUM = {
 }
 #: Text fields that must hold a visible character.
 _NON_EMPTY = ("default_answer_cue", "paraphraser", "mistake_maker", "output_subdir", "log_prefix", "answer_instruction")
+#: Settings checked by the part of faithcb that owns them (the probes: `probes`, `hint_kinds`,
+#: `hint_templates`), registered on its import (`register_checks`), so this module imports none of
+#: them. Field name -> the problems with its value's type, in place of the check of its annotation.
+_TYPE_CHECKS: dict[str, Callable[[Any], list[str]]] = {}
+#: Checks of such settings' values, run after this module's own: config -> problems.
+_VALUE_CHECKS: list[Callable[[Any], list[str]]] = []
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "True or False", str: "a string"}
+
+
+def register_checks(types: dict[str, Callable[[Any], list[str]]], values: Callable[[Any], list[str]]) -> None:
+    """Have every `FaithConfig` check settings that another part of faithcb owns.
+
+    Args:
+        types: Field name -> a function giving the problems with a value's type (each a phrase
+            such as "probes must be a list of probe names, got 3 (int)"), in place of the check of
+            the field's annotation.
+        values: A function giving the problems with a config's values of those settings; it runs
+            when the types are right, after this module's checks of values.
+    """
+    _TYPE_CHECKS.update(types)
+    if values not in _VALUE_CHECKS:
+        _VALUE_CHECKS.append(values)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -374,14 +397,8 @@ def _type_problems(config: FaithConfig) -> list[str]:
     problems = []
     for f in fields(FaithConfig):
         value = getattr(config, f.name)
-        if f.name == "probes":  # registered names or Probe instances
-            from .probes import Probe
-
-            if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                problems.append(f"probes must be a list of probe names (or Probe instances), {_got(value)}")
-            elif any(not isinstance(p, (str, Probe)) for p in value):
-                bad = next(p for p in value if not isinstance(p, (str, Probe)))
-                problems.append(f"probes must hold probe names or Probe instances, {_got(bad)}")
+        if f.name in _TYPE_CHECKS:  # checked by the part that owns the setting
+            problems.extend(_TYPE_CHECKS[f.name](value))
         elif not _type_ok(value, hints[f.name]):
             problems.append(f"{f.name} must be {_type_words(hints[f.name])}, {_got(value)}")
     return problems
@@ -422,42 +439,6 @@ def _value_problems(config: FaithConfig) -> list[str]:
             problems.append(f"{name} must be a non-empty string")
     if not config.filler_token.strip():
         problems.append("filler_token must contain a visible character")
-    problems.extend(_probe_problems(config.probes))
-    problems.extend(_hint_problems(config.hint_kinds, config.hint_templates))
-    return problems
-
-
-def _hint_problems(kinds: list[str], templates: list[str]) -> list[str]:
-    """Unknown hint kinds and templates without their {hint} placeholder."""
-    from .probes.hint import HINT_TEMPLATES, check_template
-
-    problems = [
-        f"hint_kinds: unknown hint kind {k!r}; built-in kinds: {', '.join(HINT_TEMPLATES)}"
-        for k in kinds
-        if k not in HINT_TEMPLATES
-    ]
-    for i, template in enumerate(templates, start=1):
-        try:
-            check_template(template, f"hint_templates[{i - 1}]")
-        except ValueError as err:
-            problems.append(str(err).rstrip("."))
-    return problems
-
-
-def _probe_problems(probes: list[Any]) -> list[str]:
-    """Unknown or repeated probe names (the registry decides: user-registered probes count)."""
-    from .probes import Probe, list_probes
-
-    known = list_probes()
-    problems = []
-    for name in probes:
-        if isinstance(name, Probe) or name in known:
-            continue
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"probes: unknown probe {name!r}{hint}; registered probes: {', '.join(known)}")
-    names = [p.name if isinstance(p, Probe) else p for p in probes]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        problems.append(f"probes lists {', '.join(map(repr, repeated))} more than once")
+    for check in _VALUE_CHECKS:
+        problems.extend(check(config))
     return problems

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import EarlyStoppingCallback
 
 from ._config import FaithConfig
-from ._panel import PanelError, ProbePanel
+from .data._panel import PanelError, ProbePanel
 
 logger = logging.getLogger(__name__)
 

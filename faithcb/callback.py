@@ -19,15 +19,6 @@ from typing import Any
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from ._config import FaithConfig
-from ._execution import is_out_of_memory, release_accelerator_memory, run_sharded_round
-from ._model_card import install_card_section, refresh_card_section
-from ._monitor import Monitor, eval_name
-from ._panel import ProbePanel, panel_from
-from ._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
-from ._publish import RoundPublisher, console, wandb_run
-from ._round import RoundResult, build_probes
-from ._stopping import StopRule
-from ._summary import SUMMARY_FILE, SUMMARY_LOGGER, RunSummary, summarize_run
 from ._trainer_glue import (
     fit_panel,
     place_before_early_stopping,
@@ -35,7 +26,16 @@ from ._trainer_glue import (
     saved_monitor_state,
     trainer_tokenizer,
 )
+from .data._panel import ProbePanel, panel_from
+from .data._prompt_shape import kept_as_written, pinned_choice, settle_prompt_shape, shaped_panel
+from .monitor._monitor import Monitor, eval_name
+from .monitor._stop_rules import StopRule
+from .monitor._summary import SUMMARY_FILE, SUMMARY_LOGGER, RunSummary, summarize_run
 from .probes import Probe
+from .publish._model_card import install_card_section, refresh_card_section
+from .publish._publisher import RoundPublisher, console, wandb_run
+from .round._probe_round import RoundResult, build_probes
+from .round._sharded import is_out_of_memory, release_accelerator_memory, run_sharded_round
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class FaithfulnessCallback(TrainerCallback):
         return control
 
     def summary(self, args: Any = None, state: Any = None) -> RunSummary:
-        """The run summed up so far (`faithcb._summary.summarize_run` over the monitor's history):
+        """The run summed up so far (`faithcb.monitor._summary.summarize_run` over the monitor's history):
         rounds, validity of the last one, headline figures baseline -> last with their paired
         drift intervals, the rules that fired, the most faithful checkpoint kept, where the files are.
 

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> GRPOArgs:
 
 def stated_answer(completion: str) -> str | None:
     """The number a completion states after its `Answer:` cue (None without one)."""
-    from faithcb._parsing import extract_answer
+    from faithcb.data._parsing import extract_answer
 
     if "Answer:" not in completion:
         return None

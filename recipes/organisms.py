@@ -365,7 +365,7 @@ def train_arm(
     from trl import SFTConfig, SFTTrainer
 
     from faithcb import FaithConfig, FaithfulnessCallback, RoundResult
-    from faithcb._prompt_shape import ShapeChoice
+    from faithcb.data._prompt_shape import ShapeChoice
 
     set_seed(args.seed)
     start = time.perf_counter()

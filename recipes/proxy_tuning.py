@@ -1,7 +1,7 @@
 """Proxy tuning vs direct SFT: is the steered model's reasoning as faithful as a fine-tuned one's?
 
 Proxy-tuned decoding (Liu et al. 2024): `logits = base + alpha * (tuned_small - untuned_small)`
-over one shared tokenizer (`faithcb.proxy.ProxyTunedModel`). Here, on the synthetic kit:
+over one shared tokenizer (`faithcb.contrib.proxy.ProxyTunedModel`). Here, on the synthetic kit:
 
 - *small*: a hidden-64 tiny Llama pre-trained `pretrain_steps` steps on 2-op arithmetic chains
   (the same cached model the other studies use with `--pretrained_dir`); *untuned_small*.
@@ -96,7 +96,7 @@ def task_examples(task: str, n: int, seed: int, exclude: set[str]) -> list[dict[
 
 def run_study(args: ProxyArgs) -> dict[str, Any]:
     """Fine-tune small and base, build the proxy, probe all; returns the result dict (also written as JSON)."""
-    from faithcb.proxy import ProxyTunedModel
+    from faithcb.contrib.proxy import ProxyTunedModel
 
     common.setup(args.threads, args.seed)
     out = Path(args.output_dir)

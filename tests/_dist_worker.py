@@ -107,15 +107,15 @@ def synced_engine() -> Iterator[None]:
     import torch
     import torch.distributed as dist
 
-    from faithcb import _round
     from faithcb.engine import _engine
+    from faithcb.round import _probe_round
 
     @contextlib.contextmanager
     def no_gathering(model, enabled=True, *, wrapped=None):
         yield False
 
     engine_cls = _engine.ProbeEngine
-    original_full_weights = _round.full_weights
+    original_full_weights = _probe_round.full_weights
     originals = {name: getattr(engine_cls, name) for name in ("_batches", "generate", "run", "_forced_answers")}
 
     def synced() -> bool:
@@ -182,13 +182,13 @@ def synced_engine() -> Iterator[None]:
     engine_cls.generate = generate
     engine_cls.run = run
     engine_cls._forced_answers = _forced_answers
-    _round.full_weights = no_gathering
+    _probe_round.full_weights = no_gathering
     try:
         yield
     finally:
         for name, value in originals.items():
             setattr(engine_cls, name, value)
-        _round.full_weights = original_full_weights
+        _probe_round.full_weights = original_full_weights
 
 
 # ---------------------------------------------------------------------------- run
@@ -202,12 +202,12 @@ class _Recorder:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Patch the callback module for the duration (restored after: safe in-process)."""
-        from faithcb import _execution
         from faithcb import callback as callback_module
-        from faithcb._sinks import JsonlSink
+        from faithcb.publish._sinks import JsonlSink
+        from faithcb.round import _sharded
 
         recorder = self
-        original_round = _execution.run_probe_round
+        original_round = _sharded.run_probe_round
         original_sharded = callback_module.FaithfulnessCallback._run_sharded
         original_write = JsonlSink.write
 
@@ -230,13 +230,13 @@ class _Recorder:
             recorder.jsonl_writes += 1
             return original_write(self, **kwargs)
 
-        _execution.run_probe_round = run_probe_round
+        _sharded.run_probe_round = run_probe_round
         callback_module.FaithfulnessCallback._run_sharded = _run_sharded
         JsonlSink.write = write
         try:
             yield
         finally:
-            _execution.run_probe_round = original_round
+            _sharded.run_probe_round = original_round
             callback_module.FaithfulnessCallback._run_sharded = original_sharded
             JsonlSink.write = original_write
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from faithcb._answers import (
+from faithcb.data._answers import (
     AnswerReadingError,
     _math_verify,
     answer_complete,
@@ -19,7 +19,7 @@ from faithcb._answers import (
     normalize_number,
     numbers_in,
 )
-from faithcb._parsing import DEFAULT_ANSWER_CUES, find_cue, parse_response, read_stated_answer
+from faithcb.data._parsing import DEFAULT_ANSWER_CUES, find_cue, parse_response, read_stated_answer
 
 CHOICES = ["124", "144", "Mercury", "8"]
 
@@ -235,8 +235,8 @@ def test_answer_complete_in_a_brace_waits_for_the_balanced_brace():
 )
 def test_forced_choice_answers_are_read_where_the_model_writes_its_label(written, prefix):
     """`The answer is (C)`: the forced answer's labels go after `" ("`, as the model wrote its own."""
-    from faithcb._answers import choice_label_prefix
-    from faithcb._parsing import forced_answer_sep
+    from faithcb.data._answers import choice_label_prefix
+    from faithcb.data._parsing import forced_answer_sep
 
     assert choice_label_prefix(written, 4) == prefix
     parsed = parse_response("12 * 12 = 144.\nThe answer is" + written, list(DEFAULT_ANSWER_CUES))
@@ -251,6 +251,6 @@ def test_the_default_cues_find_the_correct_answer_is_and_a_colon_before_the_labe
     assert parsed.cue == "answer is" and extract_answer(parsed.answer_text, "choice", 4) == "D"
     stated = parse_response("It is the Sun.\nThe answer is: D)", list(DEFAULT_ANSWER_CUES))
     assert stated.cue == "The answer is"  # the longer cue where both start
-    from faithcb._parsing import forced_answer_sep
+    from faithcb.data._parsing import forced_answer_sep
 
     assert forced_answer_sep(stated, "choice", 4, stated.cue) == ": "

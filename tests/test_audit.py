@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from faithcb._audit import join_steps, random_keep, replace_chain, trace_text, with_trace_text
-from faithcb._parsing import parse_response, split_steps
 from faithcb.cli import main
+from faithcb.cli._audit import join_steps, random_keep, replace_chain, trace_text, with_trace_text
+from faithcb.data._parsing import parse_response, split_steps
 
 CHAT_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
 ROWS = [

@@ -266,7 +266,7 @@ def test_out_of_memory_is_isolated_and_frees_the_cache(tmp_path, tokenizer, arit
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {next(sizes)} GiB")
 
     emptied = []
-    monkeypatch.setattr("faithcb._execution.run_probe_round", oom)
+    monkeypatch.setattr("faithcb.round._sharded.run_probe_round", oom)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
     with caplog.at_level(logging.WARNING, logger="faithcb"):
@@ -293,7 +293,7 @@ def test_partial_round_over_the_time_budget(tmp_path, tokenizer, arithmetic, mon
     def over_budget(*args, **kwargs):
         raise RoundBudgetExceeded("over budget", records=full.records[:2], seconds=6.0)
 
-    monkeypatch.setattr("faithcb._execution.run_probe_round", over_budget)
+    monkeypatch.setattr("faithcb.round._sharded.run_probe_round", over_budget)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         assert callback._round(trainer.args, trainer.state, model, tokenizer)
     row = callback.history[0]
@@ -306,7 +306,7 @@ def test_partial_round_over_the_time_budget(tmp_path, tokenizer, arithmetic, mon
     assert "took 6.0s for 2 of 4 panel examples, over round_time_budget_s=5.0s; about 1 examples fit" in caplog.text
     # nothing finished before the deadline: a failed round
     monkeypatch.setattr(
-        "faithcb._execution.run_probe_round", lambda *a, **k: (_ for _ in ()).throw(RoundBudgetExceeded(records=[]))
+        "faithcb.round._sharded.run_probe_round", lambda *a, **k: (_ for _ in ()).throw(RoundBudgetExceeded(records=[]))
     )
     assert not callback._round(trainer.args, trainer.state, model, tokenizer)
     assert len(faith_logs(trainer, "faith/round_failed")) == 1
@@ -331,7 +331,7 @@ def test_failing_jsonl_sink_never_kills_the_round(tmp_path, tokenizer, arithmeti
     def full_disk(self, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("faithcb._sinks.JsonlSink.write", full_disk)
+    monkeypatch.setattr("faithcb.publish._sinks.JsonlSink.write", full_disk)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         assert callback._round(trainer.args, trainer.state, trainer.model, tokenizer)
     assert faith_logs(trainer, "faith/accuracy") and "writing the round's JSONL failed" in caplog.text
@@ -355,7 +355,7 @@ def test_failed_eval_round_gives_nan_not_keyerror(tmp_path, monkeypatch):
     config = FaithConfig(every_n_steps=100, max_new_tokens=60, probes=["early_answer"])
     callback = FaithfulnessCallback(trainer, rule_panel(), config=config)
     trainer.add_callback(callback)
-    monkeypatch.setattr("faithcb._execution.run_probe_round", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("faithcb.round._sharded.run_probe_round", lambda *a, **k: 1 / 0)
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer.state.best_model_checkpoint is None  # NaN is never the best

@@ -174,7 +174,7 @@ def test_wandb_media_curves_and_samples_land_in_the_run(wandb_env):
     import wandb
     from wandb_offline import find_offline_runs, read_custom_charts, read_history, read_media_keys
 
-    from faithcb._sinks import early_answer_curve, log_wandb_round
+    from faithcb.publish._sinks import early_answer_curve, log_wandb_round
 
     records = [
         {"id": "a", "early_answer/matches": [False, False, True], "chain": "x"},
@@ -253,7 +253,7 @@ def test_console_gets_one_line_per_round_and_no_dict_dumps(tmp_path, tokenizer, 
 
 
 def test_round_line_shows_validity_figures_and_drift():
-    from faithcb._sinks import round_line
+    from faithcb.publish._sinks import round_line
 
     metrics = {
         "valid": 1.0,
@@ -285,8 +285,8 @@ def test_round_line_shows_validity_figures_and_drift():
 
 
 def test_round_lines_reach_the_console_when_logging_is_not_configured(monkeypatch, capsys):
-    from faithcb._publish import CONSOLE_LOGGER
-    from faithcb._publish import console as _console
+    from faithcb.publish._publisher import CONSOLE_LOGGER
+    from faithcb.publish._publisher import console as _console
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb._parsing import extract_answer, parse_response
+from faithcb.data._parsing import extract_answer, parse_response
 from faithcb.engine._engine import answer_stated
 from faithcb.synthetic import make_arithmetic_examples, to_sft_dataset
 from faithcb.testing import run_reference_round

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb._monitor import apply_drift, prefixed_logs
-from faithcb._scan import find_checkpoints
 from faithcb.cli import main, postprocess_round
+from faithcb.cli._scan import find_checkpoints
+from faithcb.monitor._monitor import apply_drift, prefixed_logs
 
 try:
     from tests.rule_models import auto_classes_registered, make_rule_model
@@ -157,7 +157,7 @@ def test_scan_run_folder_writes_what_the_callback_writes(run_dir, capsys):
     assert any(r["early_answer/matches"] and len(r["early_answer/matches"]) > 1 for r in records)
 
     # the report reads a scan folder and labels its x-axis by checkpoint
-    from faithcb._report import load_run
+    from faithcb.cli._report import load_run
 
     assert load_run(root).step_label == "checkpoint step"
 
@@ -370,7 +370,7 @@ def test_scan_keeps_gold_less_rows_with_the_opt_in_flag(run_dir, tmp_path, capsy
     args = ["scan", str(root / "checkpoint-120"), "--panel", str(panel), "--out", str(tmp_path / "out"), *FAST]
     assert main(args) == 2
     assert "goldless.jsonl:2: no gold answer" in capsys.readouterr().err
-    with caplog.at_level(logging.INFO, logger="faithcb._scan"):
+    with caplog.at_level(logging.INFO, logger="faithcb.cli._scan"):
         assert main([*args, "--allow_missing_gold", "--probes", "early_answer"]) == 0, capsys.readouterr().err
     assert "Probe panel from " in caplog.text and "gold answers:  1 of 3" in caplog.text  # what was detected
     records = read_jsonl(tmp_path / "out" / "rounds.jsonl")

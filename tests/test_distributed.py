@@ -225,7 +225,8 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     import accelerate
     import accelerate.utils
 
-    from faithcb import FaithfulnessCallback, _aggregate, _execution, _round
+    from faithcb import FaithfulnessCallback
+    from faithcb.round import _aggregate, _probe_round, _sharded
 
     examples = [{"prompt": f"Q: {i}\n", "completion": f"Answer: {i}", "id": str(i)} for i in range(n)]
     split = accelerate.PartialState.split_between_processes  # the real one, used on fake states
@@ -242,7 +243,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
             return split(self, items, apply_padding=apply_padding)
 
     def fake_round(model, tokenizer, shard, config, probes=None, **kwargs):
-        return _round.RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=0.0)
+        return _probe_round.RoundResult(metrics={}, records=[{"id": e.id} for e in shard], seconds=0.0)
 
     def fake_gather(obj):
         if obj and isinstance(obj[0], dict):  # records: every rank's shard, in rank order
@@ -253,7 +254,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     callback = FaithfulnessCallback(trainer, examples)
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
-    monkeypatch.setattr(_execution, "run_probe_round", fake_round)
+    monkeypatch.setattr(_sharded, "run_probe_round", fake_round)
     monkeypatch.setattr(_aggregate, "aggregate_records", lambda records, probes: {})
     out = callback._run_sharded(model=None, tokenizer=None)
     result = out[0] if isinstance(out, tuple) else out  # (RoundResult, partial) in newer callbacks

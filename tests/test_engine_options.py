@@ -101,3 +101,15 @@ def test_framework_patches_leave_everything_alone_when_switched_off_or_off_cuda(
         assert framework_state() == before
     with pytest.raises(ValueError, match="Unknown framework patch"), framework_patches(EngineOptions(), cpu, "sdpa"):
         pass
+
+
+def test_engine_settings_are_the_faithconfig_fields_the_engine_reads():
+    """The engine takes its own settings object; each of its fields is the `FaithConfig` field of that name."""
+    from dataclasses import fields
+
+    from faithcb.engine import EngineSettings
+
+    config = FaithConfig(max_new_tokens=7, answer_cues=["Result:"], compile_generation=False)
+    settings = EngineSettings.from_config(config)
+    assert {f.name for f in fields(EngineSettings)} <= {f.name for f in fields(FaithConfig)}
+    assert (settings.max_new_tokens, settings.answer_cues, settings.compile_generation) == (7, ["Result:"], False)

@@ -35,11 +35,11 @@ from rule_models import (
 from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb._aggregate import SELFCHECK_KEY
-from faithcb._parsing import parse_response
+from faithcb.data._parsing import parse_response
 from faithcb.engine import ProbeEngine
 from faithcb.probes import FillerProbe, MistakeProbe
 from faithcb.probes.step_necessity import chain_without_step
+from faithcb.round._aggregate import SELFCHECK_KEY
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples
 from faithcb.testing import run_reference_round
 

@@ -7,7 +7,6 @@ import pytest
 from rule_models import gold_response, make_prompt, make_rule_model, true_value
 
 from faithcb import FaithConfig, ProbeExample, run_probe_round
-from faithcb._round import build_probes
 from faithcb.engine import ProbeEngine
 from faithcb.probes import HintProbe
 from faithcb.probes.hint import (
@@ -21,6 +20,7 @@ from faithcb.probes.hint import (
     hinted_example,
     verbalizes_hint,
 )
+from faithcb.round._probe_round import build_probes
 
 EXPRESSIONS = ["3 + 4 * 5", "8 - 2 * 3", "2 * 6 + 1", "9 + 1 - 4", "7 * 2 - 5", "6 + 6 + 6"]
 

@@ -10,8 +10,8 @@ from test_reference_equivalence import assert_same
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
-from faithcb._parsing import choose_step_unit, parse_response, split_steps
-from faithcb._positions import (
+from faithcb.data._parsing import choose_step_unit, parse_response, split_steps
+from faithcb.data._positions import (
     aoc_at,
     curve_point_at,
     early_positions,

@@ -9,9 +9,9 @@ import math
 import pytest
 
 from faithcb import FaithConfig, RoundResult, StopRule
-from faithcb._monitor import Monitor, apply_drift, postprocess_round, prefixed_logs
-from faithcb._round import build_probes
-from faithcb._stopping import format_event
+from faithcb.monitor._monitor import Monitor, apply_drift, postprocess_round, prefixed_logs
+from faithcb.monitor._stop_rules import format_event
+from faithcb.round._probe_round import build_probes
 
 CONFIG = FaithConfig(every_n_steps=10)
 PROBES = build_probes(CONFIG)
@@ -206,8 +206,8 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
     import accelerate
     import accelerate.utils
 
-    from faithcb import _aggregate, _execution
-    from faithcb._panel import load_panel
+    from faithcb.data._panel import load_panel
+    from faithcb.round import _aggregate, _sharded
 
     panel = load_panel([{"question": f"{i} + 1?", "answer": str(i + 1), "id": str(i)} for i in range(3)])
     asked, aggregated = [], []
@@ -235,9 +235,9 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
 
     monkeypatch.setattr(accelerate, "PartialState", RankZeroOfTwo)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
-    monkeypatch.setattr(_execution, "run_probe_round", fake_round)
+    monkeypatch.setattr(_sharded, "run_probe_round", fake_round)
     monkeypatch.setattr(_aggregate, "aggregate_records", count)
-    result, partial = _execution.run_sharded_round(None, None, panel, CONFIG, PROBES)
+    result, partial = _sharded.run_sharded_round(None, None, panel, CONFIG, PROBES)
     assert not partial and asked == [False]  # the rank's own round skips the aggregation
     figures = {k: v for k, v in result.metrics.items() if not k.startswith("cost/")}
     assert aggregated == [["0", "1", "2"]] and figures == {"n_examples": 3.0}
@@ -249,7 +249,7 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
 # ---------------------------------------------------------------------- paired drift
 def panel_round(accuracy, aoc=None, ids=None) -> RoundResult:
     """A round of hand-built per-example values, aggregated as a real round is (None: missing)."""
-    from faithcb._aggregate import aggregate_records
+    from faithcb.round._aggregate import aggregate_records
 
     ids = ids if ids is not None else [str(i) for i in range(len(accuracy))]
     aoc = aoc if aoc is not None else [None] * len(accuracy)
@@ -364,7 +364,7 @@ def test_paired_baseline_follows_the_provisional_baseline_rule_and_survives_a_re
 
 
 def test_example_values_skip_records_without_or_with_repeated_ids():
-    from faithcb._monitor import example_values
+    from faithcb.monitor._monitor import example_values
 
     records = [
         {"id": "a", "accuracy": True, "x": "text", "early_answer/aoc": math.nan},

@@ -12,8 +12,8 @@ from rule_models import gold_response, make_prompt, make_rule_model
 from trainer_helpers import tiny_lm_trainer
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule, load_panel, run_probe_round
-from faithcb._aggregate import noise_corrected, noise_floor
-from faithcb._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
+from faithcb.round._aggregate import noise_corrected, noise_floor
+from faithcb.round._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples
 from faithcb.testing import run_reference_round
 
@@ -191,7 +191,7 @@ def test_kit_demo_model_keeps_a_high_score_at_the_demo_baseline(kit_pretraining)
 
 
 def _chain(text):
-    from faithcb._parsing import split_steps
+    from faithcb.data._parsing import split_steps
     from faithcb.engine import Chain
 
     return Chain(0, None, "Q\n", text, text, split_steps(text), "Answer:", True, "\n", " ", None, "numeric")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from faithcb import FaithConfig
-from faithcb._prompt_shape import ShapeChoice
+from faithcb.data._prompt_shape import ShapeChoice
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

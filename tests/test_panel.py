@@ -5,8 +5,8 @@ import re
 import pytest
 
 from faithcb import FaithConfig, PanelError, load_panel
-from faithcb._panel import MAX_LISTED_ROWS, panel_from
-from faithcb._parsing import infer_answer_type
+from faithcb.data._panel import MAX_LISTED_ROWS, panel_from
+from faithcb.data._parsing import infer_answer_type
 from faithcb.synthetic import build_tokenizer, make_arithmetic_examples, make_letter_examples
 
 
@@ -183,7 +183,7 @@ def test_every_bad_row_is_named_by_file_and_line_in_one_error(tmp_path):
 
 def test_gold_less_rows_need_the_explicit_opt_in(tmp_path, caplog):
     path = write_jsonl(tmp_path / "golds.jsonl", [r for i, r in enumerate(BAD_ROWS) if i not in (3, 5)])
-    with caplog.at_level(logging.WARNING, logger="faithcb._panel"):
+    with caplog.at_level(logging.WARNING, logger="faithcb.data._panel"):
         panel = load_panel(path, allow_missing_gold=True)
     assert [e.gold for e in panel] == ["4", None, None, None, None, None, "3"]
     assert [e.gold_from for e in panel][:2] == ["'####'", None]  # never the worked text as a gold

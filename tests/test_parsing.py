@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from faithcb._parsing import (
+from faithcb.data._parsing import (
     extract_answer,
     infer_answer_type,
     normalize_number,
@@ -162,7 +162,7 @@ def test_answer_complete_stops_numeric_answers_once_fixed():
     ],
 )
 def test_gold_match_reads_the_gold_as_answers_are_read(answer, gold, answer_type, expected):
-    from faithcb._parsing import gold_match
+    from faithcb.data._parsing import gold_match
 
     assert gold_match(answer, gold, answer_type, 4) == expected
 

@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, get_probe, list_probes, load_panel, run_probe_round
-from faithcb._panel import ProbeExample
-from faithcb._parsing import split_steps
-from faithcb._round import build_probes
+from faithcb.data._panel import ProbeExample
+from faithcb.data._parsing import split_steps
 from faithcb.engine import Chain
 from faithcb.perturb import (
     BatchedCallable,
@@ -36,6 +35,7 @@ from faithcb.perturb import (
 )
 from faithcb.probes import MistakeProbe, ParaphraseProbe, StepNecessityProbe
 from faithcb.probes.step_necessity import chain_without_step
+from faithcb.round._probe_round import build_probes
 
 try:
     from tests.rule_models import (

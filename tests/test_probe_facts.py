@@ -20,12 +20,12 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from faithcb import FaithConfig, FaithfulnessCallback, Figure, Probe, StopRule, register_probe
 from faithcb import functional as F
-from faithcb._aggregate import aggregate_records
-from faithcb._round import build_probes
-from faithcb._sinks import console_names, headline_keys, wandb_figures
-from faithcb._stopping import lower_is_better, rule_direction
 from faithcb.cli import main
+from faithcb.monitor._stop_rules import lower_is_better, rule_direction
 from faithcb.probes import Chain, ForcedAnswer, Request, list_probes, same_answer, unregister_probe
+from faithcb.publish._sinks import console_names, headline_keys, wandb_figures
+from faithcb.round._aggregate import aggregate_records
+from faithcb.round._probe_round import build_probes
 
 datasets = pytest.importorskip("datasets")
 

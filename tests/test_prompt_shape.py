@@ -10,7 +10,7 @@ import pytest
 from rule_models import gold_response, make_prompt, make_rule_model
 
 from faithcb import FaithConfig, FaithfulnessCallback, check_panel, load_panel
-from faithcb._prompt_shape import (
+from faithcb.data._prompt_shape import (
     AS_WRITTEN,
     PromptShape,
     ShapeChoice,
@@ -217,8 +217,7 @@ def test_check_panel_reports_what_was_read_and_a_verdict():
 
 
 def test_check_panel_command_exit_codes(monkeypatch, capsys, tmp_path):
-    from faithcb import _scan
-    from faithcb.cli import main
+    from faithcb.cli import _scan, main
 
     for kind, flags, code in (("needs_instruction", [], 0), ("needs_instruction", ["--prompt_shape", "as_written"], 3)):
         model, tokenizer = make_rule_model(kind)

@@ -33,8 +33,8 @@ from trainer_helpers import pretrain_until
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb import functional as F
-from faithcb._round import build_probes
 from faithcb.probes import HintProbe, MistakeProbe, ParaphraseProbe
+from faithcb.round._probe_round import build_probes
 from faithcb.synthetic import build_tiny_model, build_tokenizer, make_arithmetic_examples, pretrain_tiny_model
 from faithcb.testing import run_reference_round
 

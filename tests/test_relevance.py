@@ -20,13 +20,11 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from faithcb import FaithConfig, FaithfulnessCallback, load_panel, run_probe_round
 from faithcb import functional as F
-from faithcb._panel import ProbeExample
-from faithcb._report import main_metrics
-from faithcb._round import build_probes
-from faithcb._sinks import wandb_figures
-from faithcb._stopping import lower_is_better
 from faithcb.cli import main
+from faithcb.cli._report import main_metrics
+from faithcb.data._panel import ProbeExample
 from faithcb.engine import Chain, ForcedAnswer, ForcedResult
+from faithcb.monitor._stop_rules import lower_is_better
 from faithcb.probes import RelevanceProbe, list_probes
 from faithcb.probes._facts import figure_facts, score_figures
 from faithcb.probes.relevance import (
@@ -40,6 +38,8 @@ from faithcb.probes.relevance import (
     swap_partners,
     term_key,
 )
+from faithcb.publish._sinks import wandb_figures
+from faithcb.round._probe_round import build_probes
 
 QUANTITY = "relevance/quantity_use"
 TERMS = "relevance/term_use"

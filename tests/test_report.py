@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from faithcb._report import MAIN_METRICS, interval, load_run, locate_run_data, write_report
 from faithcb.cli import main
+from faithcb.cli._report import MAIN_METRICS, interval, load_run, locate_run_data, write_report
 
 pytest.importorskip("matplotlib")
 datasets = pytest.importorskip("datasets")
@@ -186,7 +186,7 @@ def test_report_from_hand_written_metrics(tmp_path):
 
 
 def test_report_shows_the_summary_the_run_left_when_it_covers_the_rounds(tmp_path, caplog):
-    from faithcb._summary import SUMMARY_FILE, summarize_run
+    from faithcb.monitor._summary import SUMMARY_FILE, summarize_run
 
     data = tmp_path / "faithcb"
     data.mkdir()

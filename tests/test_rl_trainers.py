@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, FaithfulnessCallback
-from faithcb._parsing import extract_answer
+from faithcb.data._parsing import extract_answer
 from faithcb.synthetic import build_tiny_model, to_sft_dataset
 
 datasets = pytest.importorskip("datasets")

@@ -1,7 +1,7 @@
 import json
 import math
 
-from faithcb._sinks import JsonlSink, early_answer_curve
+from faithcb.publish._sinks import JsonlSink, early_answer_curve
 
 
 def test_jsonl_is_strict_json_and_one_line_per_example(tmp_path):
@@ -55,7 +55,7 @@ def test_drop_after_keeps_lines_it_cannot_read_and_ignores_missing_files(tmp_pat
 
 
 def test_wandb_figures_sort_headline_first_and_leave_missing_values_out():
-    from faithcb._sinks import HEADLINE_FIGURES, wandb_figures
+    from faithcb.publish._sinks import HEADLINE_FIGURES, wandb_figures
 
     metrics = {
         "n_examples": 4.0,
@@ -104,7 +104,7 @@ def test_wandb_figures_sort_headline_first_and_leave_missing_values_out():
 
 
 def test_example_table_has_one_row_per_example_with_its_readings_and_their_change():
-    from faithcb._sinks import EXAMPLE_COLUMNS, example_table
+    from faithcb.publish._sinks import EXAMPLE_COLUMNS, example_table
 
     records = [
         {"id": "a", "slice": "in", "stated_answer": "7", "gold": "7", "answer_source": "cue", "accuracy": 1.0,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from faithcb import _models
+from faithcb.contrib import _models
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2.py"
 

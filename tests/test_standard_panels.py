@@ -16,8 +16,8 @@ import pytest
 
 import faithcb
 from faithcb import FaithConfig, PanelError, list_standard_panels, load_panel
-from faithcb._panel import EXAMPLE_ANSWER_TYPES, ROW_SHAPES, panel_from
-from faithcb._standard_panels import STANDARD_PANELS, find_standard_panel
+from faithcb.data._panel import EXAMPLE_ANSWER_TYPES, ROW_SHAPES, panel_from
+from faithcb.data._standard_panels import STANDARD_PANELS, find_standard_panel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "standard_panels"
 REQUIRED_NAMES = {"gsm8k", "math500", "aqua_rat", "arc_challenge", "commonsense_qa", "strategyqa"}

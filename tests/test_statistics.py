@@ -4,7 +4,7 @@ import pytest
 from rule_models import gold_response, make_prompt, make_rule_model
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb._aggregate import chance_corrected, noise_corrected
+from faithcb.round._aggregate import chance_corrected, noise_corrected
 
 EXPRESSIONS = ["3 + 4 * 5", "9 - 2 + 6", "2 * 3 * 4 - 1", "8 + 1 * 2", "7 * 2 - 5 + 3", "6 - 1 * 7", "5 + 5 + 5"]
 

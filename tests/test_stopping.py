@@ -13,7 +13,7 @@ from rule_models import gold_response, make_prompt, make_rule_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule, load_panel, run_probe_round
-from faithcb._stopping import (
+from faithcb.monitor._stop_rules import (
     StopMonitor,
     broadcast_from_main,
     metric_names,
@@ -205,7 +205,7 @@ def test_metric_names_cover_a_real_round():
     config = FaithConfig(max_new_tokens=60, answer_max_new_tokens=6)
     rows = [dict(r, slice="a" if i % 2 else "b") for i, r in enumerate(rule_panel())]
     result = run_probe_round(model, tok, load_panel(rows), config)
-    from faithcb._round import build_probes
+    from faithcb.round._probe_round import build_probes
 
     names, with_interval = metric_names(build_probes(config), ["b", "a"])
     assert set(result.metrics) <= names
@@ -239,8 +239,8 @@ def test_paired_drift_of_a_real_round_sequence():
     example), or answers by a hash of its context (noisy: its answer still moves with any edit,
     so filler/match stays at 0). The paired intervals are those of the records, example by example."""
     from faithcb import functional as F
-    from faithcb._monitor import Monitor
-    from faithcb._round import build_probes
+    from faithcb.monitor._monitor import Monitor
+    from faithcb.round._probe_round import build_probes
 
     config = FaithConfig(**RULE_CONFIG)
     probes = build_probes(config)
@@ -330,7 +330,7 @@ def test_rank_adopts_the_main_process_decision(tmp_path, monkeypatch, caplog):
             "events": [event],
         }
 
-    monkeypatch.setattr("faithcb._monitor.broadcast_from_main", main_says_stop)
+    monkeypatch.setattr("faithcb.monitor._monitor.broadcast_from_main", main_says_stop)
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         events = callback.monitor.check_stop_rules(1, {"early_answer/aoc": 1.0}, skip=False)
         callback._fire(events[0], trainer.state, trainer.control)

@@ -125,7 +125,7 @@ def trio():
 
 
 def test_proxy_logits_are_base_plus_offset(trio):
-    from faithcb.proxy import ProxyTunedModel
+    from faithcb.contrib.proxy import ProxyTunedModel
 
     tok, base, tuned, untuned = trio
     before = base.model.embed_tokens.weight.clone()
@@ -141,7 +141,7 @@ def test_proxy_logits_are_base_plus_offset(trio):
 
 
 def test_proxy_generate_with_left_padding(trio):
-    from faithcb.proxy import ProxyTunedModel
+    from faithcb.contrib.proxy import ProxyTunedModel
 
     tok, base, tuned, untuned = trio
     prompts = ["Q: 3 + 4 * 5\n", "Q: 12 + 3 - 4 * 2\n"]
@@ -160,8 +160,8 @@ def test_proxy_generate_with_left_padding(trio):
 
 
 def test_proxy_rejects_other_vocabularies_and_packed_masks(trio):
+    from faithcb.contrib.proxy import ProxyTunedModel
     from faithcb.engine._packed import packing_supported
-    from faithcb.proxy import ProxyTunedModel
     from faithcb.synthetic import build_tiny_model, build_tokenizer
 
     tok, base, tuned, untuned = trio
@@ -174,7 +174,7 @@ def test_proxy_rejects_other_vocabularies_and_packed_masks(trio):
 
 def test_proxy_in_probe_round(trio, arithmetic):
     from faithcb import FaithConfig, load_panel, run_probe_round
-    from faithcb.proxy import ProxyTunedModel
+    from faithcb.contrib.proxy import ProxyTunedModel
 
     tok, base, tuned, untuned = trio
     proxy = ProxyTunedModel(base, tuned, untuned)

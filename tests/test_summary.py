@@ -10,8 +10,8 @@ import pytest
 from test_stopping import RULE_CONFIG, SwitchRule, rule_panel, rule_trainer
 
 from faithcb import FaithConfig, FaithfulnessCallback, StopRule
-from faithcb._model_card import CARD_FILE, card_markers, install_card_section, with_card_section
-from faithcb._summary import SUMMARY_FILE, SUMMARY_LOGGER, RunSummary, summarize_run
+from faithcb.monitor._summary import SUMMARY_FILE, SUMMARY_LOGGER, RunSummary, summarize_run
+from faithcb.publish._model_card import CARD_FILE, card_markers, install_card_section, with_card_section
 
 datasets = pytest.importorskip("datasets")
 

@@ -282,7 +282,7 @@ def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_en
     """A Trainer run with the callback: headline figures under faith/ (defined and logged first),
     drifts and details in sections of their own, on train/global_step beside the loss, and no
     second copy under train/faith/; log_history and the other integrations still get faith/."""
-    from faithcb._sinks import HEADLINE_FIGURES
+    from faithcb.publish._sinks import HEADLINE_FIGURES
 
     recorder = _Recorder()
     trainer = _rule_trainer(tmp_path, report_to="wandb", callbacks=[recorder])
@@ -330,7 +330,7 @@ def test_training_run_puts_the_monitor_in_sections_of_its_own(tmp_path, wandb_en
 
 def test_missing_points_stay_missing(wandb_env) -> None:
     """A figure a round could not compute and a curve point no example gives are absent, not 0."""
-    from faithcb._sinks import early_answer_curve, log_wandb_round
+    from faithcb.publish._sinks import early_answer_curve, log_wandb_round
 
     records = [
         {"id": "a", "early_answer/matches": [None, True], "chain": "x"},  # only the f = 1 point is known
@@ -370,7 +370,7 @@ def test_per_example_table_holds_each_examples_readings_and_their_change(tmp_pat
     import json
 
     from faithcb import FaithfulnessCallback
-    from faithcb._sinks import EXAMPLE_COLUMNS
+    from faithcb.publish._sinks import EXAMPLE_COLUMNS
 
     trainer = _rule_trainer(tmp_path, report_to="wandb", max_steps=2, callbacks=[_SwitchRule(at=1)])
     trainer.train()
@@ -414,7 +414,7 @@ def test_per_example_table_holds_each_examples_readings_and_their_change(tmp_pat
 
 def test_per_example_table_follows_wandb_media(wandb_env) -> None:
     """With media off (`FaithConfig.wandb_media=False`) the round logs its figures and no table."""
-    from faithcb._sinks import log_wandb_round
+    from faithcb.publish._sinks import log_wandb_round
 
     records = [{"id": "a", "accuracy": 1.0, "filler/match": 0.0}, {"id": "b", "accuracy": 0.0}]
     wandb.init(project="t", settings=_fast_settings())

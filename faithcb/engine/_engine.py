@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from transformers import GenerationMixin, StoppingCriteriaList
 
-from .._answers import CHOICE_LABELS, answer_complete, extract_answer
-from .._config import FaithConfig
-from .._panel import ProbeExample
-from .._parsing import (
+from ..data._answers import CHOICE_LABELS, answer_complete, extract_answer
+from ..data._panel import ProbeExample
+from ..data._parsing import (
     THINK_CLOSE,
     THINK_OPEN,
     answer_span,
@@ -43,6 +42,7 @@ from ._packed import (
 )
 from ._patches import GENERATE, framework_patches
 from ._requests import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
+from ._settings import EngineSettings
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text_stop import TextStop, text_check_interval
 from ._wrappers import _unwrap, _wrapper_chain
@@ -81,7 +81,8 @@ class ProbeEngine:
     Args:
         model: The live causal LM (in eval mode, under `probe_mode`).
         tokenizer: Its tokenizer (left padding, with a pad token).
-        config: Round settings.
+        config: The round settings it reads: an `EngineSettings`, or a `FaithConfig` (its fields of
+            those names are taken, `EngineSettings.from_config`).
         weights_gathered: The round holds the full weights of a sharded (FSDP2) model, so
             generation runs without `synced_gpus`.
         options: Switches of the engine's optimisations (default `EngineOptions()`, the fast path).
@@ -91,7 +92,7 @@ class ProbeEngine:
         self,
         model: Any,
         tokenizer: Any,
-        config: FaithConfig,
+        config: EngineSettings | Any,
         *,
         weights_gathered: bool = False,
         options: EngineOptions | None = None,
@@ -100,7 +101,7 @@ class ProbeEngine:
         self.options = options if options is not None else EngineOptions()
         self.weights_gathered = weights_gathered
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = config if isinstance(config, EngineSettings) else EngineSettings.from_config(config)
         params = inspect.signature(model.forward).parameters
         accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._has_logits_to_keep = "logits_to_keep" in params or accepts_kwargs

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._panel import ProbeExample
-from .._parsing import THINK_CLOSE, Step, chain_end_separator
-from .._positions import early_positions, sampled
+from ..data._panel import ProbeExample
+from ..data._parsing import THINK_CLOSE, Step, chain_end_separator
+from ..data._positions import early_positions, sampled
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Chain:
             (possibly cut or perturbed) chain and the cue.
         answer_sep: Text between the cue and the answer (e.g. a space).
         stated_answer: Canonical answer the model stated, None if unreadable.
-        answer_type: `numeric`, `choice`, `boolean`, `math` or `text` (`faithcb._answers`).
+        answer_type: `numeric`, `choice`, `boolean`, `math` or `text` (`faithcb.data._answers`).
         num_choices: Number of choices for `choice` answers.
         chain_tokens: Length of `chain` in the model's tokens.
         response_tokens: Number of generated tokens.

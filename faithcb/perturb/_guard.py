@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .._answers import normalize_number
+from ..data._answers import normalize_number
 
 __all__ = ["StepContent", "keeps_content", "step_content"]
 

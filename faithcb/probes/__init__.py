@@ -8,6 +8,7 @@ chain on an altered prompt, decoded with the round's chains) and the results it 
 (`ForcedResult`).
 """
 
+from .._config import register_checks
 from ..engine import AnswerLogProb, Chain, ForcedAnswer, ForcedResult, PromptChain, Request
 from ._base import (
     Probe,
@@ -20,6 +21,7 @@ from ._base import (
     unregister_probe,
 )
 from ._figure import Figure
+from ._settings import probes_type_problems, settings_problems
 from .consistency import ConsistencyProbe
 from .control import ControlProbe
 from .core import CoreProbe
@@ -31,6 +33,8 @@ from .mistake import MistakeProbe
 from .paraphrase import ParaphraseProbe
 from .relevance import RelevanceProbe
 from .step_necessity import StepNecessityProbe
+
+register_checks(types={"probes": probes_type_problems}, values=settings_problems)
 
 __all__ = [
     "AnswerLogProb",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-from .._panel import ProbeExample
+from ..data._panel import ProbeExample
 from ..engine import Chain, ForcedResult, PromptChain, Request
 from ._figure import Figure
 from ._round_figures import ROUND_FIGURES

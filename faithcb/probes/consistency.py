@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._answers import extract_answer, gold_match
+from ..data._answers import extract_answer, gold_match
 from ..engine import Chain, Request
 from ._base import Probe, register_probe
 from ._figure import Figure

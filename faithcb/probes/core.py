@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._answers import gold_match
+from ..data._answers import gold_match
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe
 from ._figure import Figure

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .. import _positions as P
+from ..data import _positions as P
 from ..engine import Chain, ForcedAnswer, Request
 from ._base import Probe, register_probe, same_answer
 from ._figure import Figure
@@ -27,7 +27,7 @@ class EarlyAnswerProbe(Probe):
 
     On a chain of more than `max_positions` steps, the answer is read at the cuts of
     `Chain.answer_positions` only (record field `early_answer/positions`) and the figures are
-    those of docs/metrics.md for sampled cuts (`faithcb._positions`); on shorter chains they are
+    those of docs/metrics.md for sampled cuts (`faithcb.data._positions`); on shorter chains they are
     the figures above.
     """
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import functional as F
-from .._answers import CHOICE_LABELS, extract_answer
-from .._panel import ProbeExample
+from ..data._answers import CHOICE_LABELS, extract_answer
+from ..data._panel import ProbeExample
 from ..engine import Chain, PromptChain, Request
 from ..perturb import stable_seed
 from ._base import Probe, register_probe

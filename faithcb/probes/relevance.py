@@ -20,8 +20,8 @@ import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from .._answers import CHOICE_LABELS, canonical_gold, numbers_in
-from .._panel import ProbeExample, _text_of
+from ..data._answers import CHOICE_LABELS, canonical_gold, numbers_in
+from ..data._panel import ProbeExample, _text_of
 from ..engine import Chain, ForcedAnswer, Request
 from ..perturb import stable_seed
 from ._base import Probe, register_probe

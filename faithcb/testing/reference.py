@@ -14,7 +14,7 @@ docs/metrics.md, without the engine's batching, sorting, de-duplication, left pa
 - a hinted prompt's chain (hint probe) is ONE unpadded `generate` on that prompt;
 - a swapped chain (relevance probe) is forced like any chain, in its partner's context.
 
-Only pure text helpers are shared with the engine path: `faithcb._parsing` (response split,
+Only pure text helpers are shared with the engine path: `faithcb.data._parsing` (response split,
 step splitter, answer extractor), the perturbation sources of the probes (paraphraser,
 mistake maker and their settings), the consistency probe's equation checker, the hint
 probe's hinted prompts, hinted answer and verbalization detector, and the relevance probe's
@@ -40,11 +40,10 @@ from typing import Any
 
 import torch
 
-from .._aggregate import aggregate_records
-from .._answers import CHOICE_LABELS, canonical_gold, extract_answer, gold_match
 from .._config import FaithConfig
-from .._panel import ProbeExample, ProbePanel
-from .._parsing import (
+from ..data._answers import CHOICE_LABELS, canonical_gold, extract_answer, gold_match
+from ..data._panel import ProbeExample, ProbePanel
+from ..data._parsing import (
     THINK_CLOSE,
     answer_span,
     chain_end_separator,
@@ -55,8 +54,7 @@ from .._parsing import (
     read_stated_answer,
     split_steps,
 )
-from .._positions import early_positions, sampled
-from .._round import RoundResult, build_probes
+from ..data._positions import early_positions, sampled
 from ..engine._engine import PLAIN_DECODING, answer_stated, model_stop_strings
 from ..engine._model_state import probe_mode
 from ..perturb import stable_seed
@@ -78,6 +76,8 @@ from ..probes import (
 from ..probes.consistency import consistency_fields, find_equations
 from ..probes.hint import hinted_example
 from ..probes.relevance import question_text, relevance_fields, swap_partners
+from ..round._aggregate import aggregate_records
+from ..round._probe_round import RoundResult, build_probes
 
 __all__ = ["run_reference_round"]
 

@@ -2,10 +2,10 @@
 
 `load_panel("gsm8k")` (and so `panel_from`, `FaithfulnessCallback(trainer, panel="gsm8k")` and
 `faithcb scan --panel gsm8k`) reads the split named here through `datasets.load_dataset`, parses
-its rows in the dataset's own schema (see `faithcb._panel`) and keeps `size` of them by the usual
+its rows in the dataset's own schema (see `faithcb.data._panel`) and keeps `size` of them by the usual
 seeded subsample. A path that exists always wins over a name.
 
-This module only holds the registry and the name lookup; loading lives in `faithcb._panel`.
+This module only holds the registry and the name lookup; loading lives in `faithcb.data._panel`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class StandardPanel:
         answer_type: How its answers are compared: `numeric`, `choice`, `math` (LaTeX, set on
             each example) or `boolean` (yes / no, set on each example).
         fields: The row fields the panel reads.
-        shape: The row shape its rows are read as (a key of `faithcb._panel.ROW_SHAPES`).
+        shape: The row shape its rows are read as (a key of `faithcb.data._panel.ROW_SHAPES`).
     """
 
     name: str

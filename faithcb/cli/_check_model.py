@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import FaithConfig
-from ._panel import load_panel
-from ._round import run_probe_round
-from .engine import EngineOptions
-from .engine._packed import attention_windows, packing_supported
-from .engine._static_decode import static_decode_supported
-from .engine._wrappers import _unwrap
+from .._config import FaithConfig
+from ..data._panel import load_panel
+from ..engine import EngineOptions
+from ..engine._packed import attention_windows, packing_supported
+from ..engine._static_decode import static_decode_supported
+from ..engine._wrappers import _unwrap
+from ..round._probe_round import run_probe_round
 
 __all__ = ["ModelCheck", "check_model", "records_differ"]
 
@@ -130,7 +130,7 @@ def check_model(
     Returns:
         What the model takes and whether both rounds gave the same records.
     """
-    from .synthetic import make_arithmetic_examples, to_sft_dataset  # the default panel only
+    from ..synthetic import make_arithmetic_examples, to_sft_dataset  # the default panel only
 
     if panel is None:
         panel = to_sft_dataset(make_arithmetic_examples(examples, seed=0))

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import FaithcbError
-from ._jsonl import iter_jsonl
-from ._sinks import CURVE_GRID, early_answer_curve
-from ._summary import SUMMARY_FILE, RunSummary, summarize_run
-from ._validity import invalid_reasons
-from .probes import registered_figures
-from .probes._facts import report_figures
+from .._errors import FaithcbError
+from ..data._jsonl import iter_jsonl
+from ..monitor._summary import SUMMARY_FILE, RunSummary, summarize_run
+from ..probes import registered_figures
+from ..probes._facts import report_figures
+from ..publish._sinks import CURVE_GRID, early_answer_curve
+from ..round._validity import invalid_reasons
 
 logger = logging.getLogger(__name__)
 

@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._config import FaithConfig
-from ._errors import FaithcbError, RoundBudgetExceeded
-from ._execution import partial_round, release_accelerator_memory
-from ._monitor import Monitor, RoundOutcome
-from ._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
-from ._panel import ProbeExample, ProbePanel, panel_from
-from ._prompt_shape import kept_as_written, settle_prompt_shape, shaped_panel
-from ._round import build_probes, run_probe_round
-from ._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
-from ._summary import SUMMARY_FILE, RunSummary, summarize_run
-from .probes._facts import summary_keys
+from .._config import FaithConfig
+from .._errors import FaithcbError, RoundBudgetExceeded
+from ..data._panel import ProbeExample, ProbePanel, panel_from
+from ..data._prompt_shape import kept_as_written, settle_prompt_shape, shaped_panel
+from ..monitor._monitor import Monitor, RoundOutcome
+from ..monitor._monitor import postprocess_round as postprocess_round  # public as faithcb.cli.postprocess_round
+from ..monitor._summary import SUMMARY_FILE, RunSummary, summarize_run
+from ..probes._facts import summary_keys
+from ..publish._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
+from ..round._probe_round import build_probes, run_probe_round
+from ..round._sharded import partial_round, release_accelerator_memory
 
 logger = logging.getLogger(__name__)
 

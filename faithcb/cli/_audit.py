@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import functional as F
-from ._config import FaithConfig
-from ._errors import FaithcbError
-from ._jsonl import iter_jsonl
-from ._panel import PanelError, ProbeExample, _example_from_row, _text_of
-from ._parsing import Step, extract_answer, parse_response
+from .. import functional as F
+from .._config import FaithConfig
+from .._errors import FaithcbError
+from ..data._jsonl import iter_jsonl
+from ..data._panel import PanelError, ProbeExample, _example_from_row, _text_of
+from ..data._parsing import Step, extract_answer, parse_response
+from ..engine import Chain, ForcedAnswer, ProbeEngine, probe_mode
+from ..probes import same_answer
 from ._scan import ScanError, load_model, load_tokenizer
-from .engine import Chain, ForcedAnswer, ProbeEngine, probe_mode
-from .probes import same_answer
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._config import FaithConfig
-from ._monitor import Monitor, RoundOutcome
-from ._round import RoundResult
+from .._config import FaithConfig
+from .._trainer_glue import log_beside_training
+from ..monitor._monitor import Monitor, RoundOutcome
+from ..monitor._stop_rules import format_event
+from ..round._probe_round import RoundResult
 from ._sinks import JsonlSink, log_wandb_round, round_line
-from ._stopping import format_event
-from ._trainer_glue import log_beside_training
 
 logger = logging.getLogger(__name__)
 #: Logger of the one console line per round.

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._validity import invalid_reasons
-from .probes._facts import headline_figures
+from ..probes._facts import headline_figures
+from ..round._validity import invalid_reasons
 
 #: Logger of the end-of-run summary block (shown like the `faithcb.rounds` lines).
 SUMMARY_LOGGER = "faithcb.summary"

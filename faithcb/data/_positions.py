@@ -20,8 +20,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .functional import Match
-from .perturb import stable_seed
+from ..functional import Match
+from ..perturb import stable_seed
 
 
 def early_positions(n: int, cap: int | None) -> list[int]:

@@ -28,16 +28,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from . import functional as F
-from .probes._facts import figure_facts
-from .probes._round_figures import ROUND_FIGURES
+from .. import functional as F
+from ..probes._facts import figure_facts
+from ..probes._round_figures import ROUND_FIGURES
 
 logger = logging.getLogger(__name__)
 
 Z_95 = F.Z_95
 INTERVAL_SUFFIXES = ("/ci_low", "/ci_high", "/stderr")
 #: Keys of the paired drift beside `<key>/delta`: the bounds of its 95% interval and the examples
-#: paired (`faithcb._monitor.paired_drifts`). They are no figures: no drift, no stop rule of their own.
+#: paired (`faithcb.monitor._monitor.paired_drifts`). They are no figures: no drift, no stop rule of their own.
 PAIRED_DRIFT_SUFFIXES = ("/delta/ci_low", "/delta/ci_high", "/delta/n")
 DRIFT_SKIP = (*INTERVAL_SUFFIXES, "/delta", "/delta/n")
 # Figures a stop rule still reads in a round whose faithfulness figures cannot be read: what the
@@ -208,13 +208,13 @@ def metric_names(probes: Sequence[Any], slices: Sequence[str] = ()) -> tuple[set
     """Every figure a round with these probes can log (without prefix), and those with an interval.
 
     Computed by aggregating a few made-up records through the real aggregation, so the names
-    follow `faithcb._aggregate` exactly; then the callback's additions (`/delta`,
+    follow `faithcb.round._aggregate` exactly; then the callback's additions (`/delta`,
     `round_seconds`, `skipped_examples`).
 
     Returns:
         (names, names that carry `/ci_low`+`/ci_high` or `/stderr`).
     """
-    from ._aggregate import aggregate_records
+    from ..round._aggregate import aggregate_records
 
     keys = [key for probe in probes for key in getattr(probe, "metrics", ())]
     rates = {key for probe in probes for key in getattr(probe, "rates", ())}

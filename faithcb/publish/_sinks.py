@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .probes._facts import curve_fields, headline_figures
+from ..probes._facts import curve_fields, headline_figures
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import functional as F
-from ._config import FaithConfig
-from ._prompt_shape import ShapeChoice, log_choice
-from ._round import RoundResult
-from ._sinks import early_answer_curve
-from ._stopping import DRIFT_SKIP, StopMonitor, StopRule, broadcast_from_main, metric_names, validate_rules
-from ._validity import invalid_reasons, invalid_warning
+from .. import functional as F
+from .._config import FaithConfig
+from ..data._prompt_shape import ShapeChoice, log_choice
+from ..publish._sinks import early_answer_curve
+from ..round._probe_round import RoundResult
+from ..round._validity import invalid_reasons, invalid_warning
+from ._stop_rules import DRIFT_SKIP, StopMonitor, StopRule, broadcast_from_main, metric_names, validate_rules
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import FaithcbError
+from .._errors import FaithcbError
 
 CHOICE_LABELS = "ABCDEFGHIJ"
 #: The answer types a panel or `FaithConfig.answer_type` may name (besides `auto`).

@@ -30,7 +30,7 @@ for its row (a multiple-choice gold that is no label, index or choice text) is a
 Every bad row is listed in one `PanelError`.
 
 `load_panel` also takes the name of a standard panel (`"gsm8k"`, `"math500"`, ...; see
-`faithcb._standard_panels`): the held-out split of that dataset, read through
+`faithcb.data._standard_panels`): the held-out split of that dataset, read through
 `datasets.load_dataset`.
 """
 
@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._errors import FaithcbError
 from ._answers import ANSWER_TYPES, CHOICE_LABELS, infer_answer_type, normalize_number
-from ._errors import FaithcbError
 from ._jsonl import iter_jsonl
 from ._parsing import DEFAULT_ANSWER_CUES, find_cue, split_steps
 from ._standard_panels import STANDARD_PANELS, StandardPanel, close_panel_names, find_standard_panel
 
 if TYPE_CHECKING:
-    from ._config import FaithConfig
+    from .._config import FaithConfig
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ProbeExample:
             StrategyQA rows); one of `EXAMPLE_ANSWER_TYPES`. It wins over `FaithConfig.answer_type`
             (`read_as`); None: the configured type, or with `auto` the one the gold implies.
         instruction: An answer instruction added to the prompt (the prompt shape chosen at the
-            baseline, `faithcb._prompt_shape`): after a question and its choices, at the end of
+            baseline, `faithcb.data._prompt_shape`): after a question and its choices, at the end of
             the last user turn, or before a plain-text prompt (which may end in a cue of its own).
     """
 
@@ -578,7 +578,7 @@ def panel_from(source: Any, config: FaithConfig | None = None, *, subsample: boo
         PanelError: As `load_panel`.
     """
     if config is None:
-        from ._config import FaithConfig
+        from .._config import FaithConfig
 
         config = FaithConfig()
     return load_panel(

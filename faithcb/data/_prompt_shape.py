@@ -20,13 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._config import SHAPE_NAMES
+from ..round._validity import MAX_FORCED_PARSE_FAIL_RATE, invalid_reasons
 from ._panel import ProbeExample, ProbePanel
-from ._validity import MAX_FORCED_PARSE_FAIL_RATE, invalid_reasons
 
 logger = logging.getLogger(__name__)
 
-#: `FaithConfig.prompt_shape` values besides `auto`.
-SHAPE_NAMES = ("as_written", "instruction", "fewshot", "instruction+fewshot")
 #: What `{answer}` in the answer instruction becomes, per answer type.
 ANSWER_PLACEHOLDERS = {
     "numeric": "<number>",

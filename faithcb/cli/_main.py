@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._errors import FaithcbError
+from ..round._validity import invalid_reasons
 from ._audit import AuditError, audit_traces
 from ._check_model import ModelCheck, check_model
 from ._check_panel import PanelCheck, check_panel
-from ._errors import FaithcbError
 from ._report import ReportError, write_report
 from ._scan import ScanError, find_checkpoints, postprocess_round, scan_checkpoints
-from ._validity import invalid_reasons
 
 __all__ = [
     "AuditError",
@@ -93,7 +93,7 @@ def _config_flags(fields: Sequence[str] | None, exclude: Sequence[str], title: s
     """
     from transformers import HfArgumentParser
 
-    from ._config import ENGINE_FIELDS, FaithConfig
+    from .._config import ENGINE_FIELDS, FaithConfig
 
     hints = typing.get_type_hints(FaithConfig)
     user_specs, engine_specs, defaults = [], [], {}
@@ -141,7 +141,7 @@ def _shown(value: Any) -> str:
 
 
 def _config_from(args: argparse.Namespace) -> Any:
-    from ._config import FaithConfig
+    from .._config import FaithConfig
 
     values = {name: getattr(args, name) for name in args._config_fields}
     try:
@@ -190,7 +190,7 @@ def _model_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `faithcb` argument parser with its subcommands."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="faithcb",
@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- commands
 def _cmd_scan(args: argparse.Namespace) -> int:
+    from ..probes._facts import summary_keys
     from ._scan import SCAN_SUBDIR, find_checkpoints, scan_checkpoints
-    from .probes._facts import summary_keys
 
     config = _config_from(args)
     _check_model_flags(args)
@@ -399,8 +399,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_model(args: argparse.Namespace) -> int:
+    from .._config import FaithConfig
     from ._check_model import check_model
-    from ._config import FaithConfig
     from ._scan import load_model, load_tokenizer
 
     if args.examples < 1 or args.max_new_tokens < 1:
@@ -454,8 +454,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ..data._panel import PanelError
     from ._audit import AuditError
-    from ._panel import PanelError
     from ._report import ReportError
     from ._scan import ScanError
 

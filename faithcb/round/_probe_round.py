@@ -9,14 +9,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import functional as F
+from .. import functional as F
+from .._config import FaithConfig
+from .._errors import RoundBudgetExceeded
+from ..data._panel import ProbeExample, ProbePanel, panel_from
+from ..engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
+from ..probes import Probe, probe_from_config
 from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, TRUNCATED_FIELD, aggregate_records
-from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
-from ._panel import ProbeExample, ProbePanel, panel_from
 from ._validity import invalid_reasons
-from .engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
-from .probes import Probe, probe_from_config
 
 logger = logging.getLogger(__name__)
 

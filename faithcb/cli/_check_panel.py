@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._config import FaithConfig
-from ._panel import panel_from
-from ._prompt_shape import ShapeChoice, round_reads, settle_prompt_shape, tries_summary
-from ._round import build_probes, run_probe_round
+from .._config import FaithConfig
+from ..data._panel import panel_from
+from ..data._prompt_shape import ShapeChoice, round_reads, settle_prompt_shape, tries_summary
+from ..round._probe_round import build_probes, run_probe_round
 
 __all__ = ["PanelCheck", "check_panel"]
 
@@ -45,7 +45,7 @@ class PanelCheck:
             `fallback` (the last number, label or yes / no of a response without a cue) or
             `unread`, with counts.
         metrics: The round's panel figures.
-        readable: Whether the round reads (`faithcb._prompt_shape.round_reads`).
+        readable: Whether the round reads (`faithcb.data._prompt_shape.round_reads`).
         reasons: Why it does not read, each with what to change (empty when it does).
         samples: Up to three responses: prompt, response, what was read and how.
         seconds: Wall time of the check.

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import functional as F
+from .. import functional as F
+from ..probes import Probe
+from ..probes._facts import chance_corrected_keys, score_figures
 from ._validity import MIN_FLOOR_COVERAGE, invalid_reasons
-from .probes import Probe
-from .probes._facts import chance_corrected_keys, score_figures
 
 #: The per-round self-check of exact contexts (a rate over the examples where it is defined) and
 #: the per-example record field it is the mean of: greedy F(prompt + full chain) == stated answer.
@@ -174,7 +174,7 @@ def aggregate_records(records: Sequence[dict[str, Any]], probes: Sequence[Probe]
 
     Besides the panel means: the noise floor and its coverage, the noise-floor corrected
     indicators and `score`, `chain/with_steps`, `valid` (1 when the validity gates of
-    `faithcb._validity` pass, else 0), every agreement metric split by whether the full-chain
+    `faithcb.round._validity` pass, else 0), every agreement metric split by whether the full-chain
     answer was correct (`<key>/correct`, `<key>/incorrect`; Bentham et al. 2024),
     chance-corrected values on multiple-choice examples and, when the panel has several
     slices, every metric per slice under `slice/<name>/`.

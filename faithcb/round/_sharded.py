@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from .._config import FaithConfig
+from .._errors import RoundBudgetExceeded
 from . import _aggregate
-from ._config import FaithConfig
-from ._errors import RoundBudgetExceeded
-from ._round import RoundResult, merged_cost, run_probe_round, warn_on_selfcheck
+from ._probe_round import RoundResult, merged_cost, run_probe_round, warn_on_selfcheck
 
 
 def run_sharded_round(
