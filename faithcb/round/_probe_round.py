@@ -15,8 +15,8 @@ from .._errors import RoundBudgetExceeded
 from ..data._panel import ProbeExample, ProbePanel, panel_from
 from ..engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
 from ..probes import Probe, probe_from_config
-from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, TRUNCATED_FIELD, aggregate_records
-from ._validity import invalid_reasons
+from ._aggregate import TRUNCATED_FIELD, aggregate_records
+from ._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def warn_on_selfcheck(metrics: dict[str, float], config: FaithConfig) -> bool:
         Whether it warned.
     """
     rate = metrics.get(SELFCHECK_KEY)
-    if config.do_sample or rate is None or rate >= SELFCHECK_MIN:
+    if config.do_sample or rate is None or rate >= MIN_SELFCHECK_RATE:
         return False
     logger.warning(
         "faithcb: the answer forced after the model's own full chain reproduces its stated answer on only "
@@ -208,7 +208,7 @@ def warn_on_selfcheck(metrics: dict[str, float], config: FaithConfig) -> bool:
         100 * rate,
         SELFCHECK_KEY,
         rate,
-        SELFCHECK_MIN,
+        MIN_SELFCHECK_RATE,
     )
     return True
 
