@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .. import functional as F
+from .._processes import is_distributed
 from ..probes._facts import INTERVAL_SUFFIXES, figure_facts
 from ..probes._round_figures import ROUND_FIGURES
 
@@ -496,9 +497,7 @@ def format_event(event: Mapping[str, Any]) -> str:
 
 def broadcast_from_main(obj: Any) -> Any:
     """`obj` as the main process has it, on every process (no-op in a single process)."""
-    from accelerate import PartialState
-
-    if PartialState().num_processes <= 1:
+    if not is_distributed():
         return obj
     from accelerate.utils import broadcast_object_list
 
