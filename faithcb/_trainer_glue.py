@@ -1,15 +1,17 @@
 """What `FaithfulnessCallback` needs from the trainer around it, kept out of the event adapter.
 
 - the tokenizer and the panel fitted to the model's context;
-- the round's figures into the trainer's log stream (`log_beside_training`);
 - the callback's place before `EarlyStoppingCallback`;
 - the monitor's state in `TrainerState.stateful_callbacks`, which checkpoints carry.
+
+How a round's figures join the trainer's log stream (`log_beside_training`) works around
+private parts of transformers and TRL, so it lives with the other framework workarounds in
+`faithcb.engine._patches`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any
 
 from transformers import EarlyStoppingCallback
@@ -127,7 +129,8 @@ def context_limit(model: Any, tokenizer: Any) -> int | None:
 # ---------------------------------------------------------------------- callback order
 def place_before_early_stopping(trainer: Any, callback: Any) -> None:
     """Move `callback` before the first EarlyStoppingCallback (safe inside an event loop), so that
-    early stopping sees the eval figures it adds in `on_evaluate`."""
+    early stopping sees the eval figures it adds in `on_evaluate` (a framework workaround:
+    `callback_order` in `faithcb.engine._patches.WORKAROUNDS`)."""
     callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
     if not callbacks or not any(cb is callback for cb in callbacks):
         return
@@ -172,53 +175,3 @@ def saved_monitor_state(state: Any, slot: int) -> dict[str, Any] | None:
     if stored is None and isinstance(legacy, dict):
         stored = legacy.get("attributes")
     return stored if isinstance(stored, dict) and "history" in stored else None
-
-
-# ---------------------------------------------------------------------- the log stream
-def log_beside_training(trainer: Any, logs: dict[str, float], *, leave_out_wandb: bool) -> None:
-    """`trainer.log(logs)` for a round's figures, without disturbing the trainer's own logging.
-
-    `trainer.log` carries `logs` to `log_history` and every `report_to` integration, which is
-    what we want, but it was written for the trainer's own logs, and three things are worked
-    around here (no public API covers them):
-
-    - Console printers (`PrinterCallback`, `ProgressCallback`, TRL's `RichProgressCallback`)
-      would print the whole dict; the round's own console line replaces them. transformers'
-      `WandbCallback` is left out too when the figures went to the W&B run directly
-      (`leave_out_wandb`): it would log them again as `train/faith/...`. The handler gets a new
-      list for this one call (the event loop that called us iterates the original one).
-    - TRL trainers' `log` drains their running `_metrics` (token accuracy, entropy, ...) into
-      whatever is logged: they are set aside so they stay with the trainer's own next log.
-    - `CallbackHandler.on_log` clears `control.should_log`; called from `on_step_end`, that
-      would drop the trainer's own loss log of this step, so the flag is put back.
-    """
-    control = getattr(trainer, "control", None)
-    should_log = getattr(control, "should_log", None)
-    running = getattr(trainer, "_metrics", None)
-    swap = isinstance(running, dict)
-    if swap:
-        trainer._metrics = defaultdict(lambda: defaultdict(list), {mode: defaultdict(list) for mode in running})
-    handler = getattr(trainer, "callback_handler", None)
-    every = getattr(handler, "callbacks", None)
-    if isinstance(every, list):
-        handler.callbacks = [cb for cb in every if not _kept_out_of_round_logs(cb, leave_out_wandb)]
-    try:
-        trainer.log(logs)
-    finally:
-        if isinstance(every, list):
-            handler.callbacks = every
-        if swap:
-            trainer._metrics = running
-    control = getattr(trainer, "control", None)
-    if should_log is not None and control is not None:
-        control.should_log = should_log
-
-
-def _kept_out_of_round_logs(callback: Any, leave_out_wandb: bool) -> bool:
-    """Callbacks that must not see a round's logs: console printers (and W&B when logged directly)."""
-    from transformers import PrinterCallback, ProgressCallback
-    from transformers.integrations import WandbCallback
-
-    if isinstance(callback, (PrinterCallback, ProgressCallback)) or type(callback).__name__ == "RichProgressCallback":
-        return True
-    return leave_out_wandb and isinstance(callback, WandbCallback)

@@ -401,6 +401,8 @@ def test_ranks_agree_on_a_round_that_failed_elsewhere(tmp_path, tokenizer, arith
     import accelerate
     import accelerate.utils
 
+    from faithcb import _processes
+
     trainer = make_trainer(tmp_path, tokenizer)
     callback = FaithfulnessCallback(trainer, to_sft_dataset(arithmetic[:4]), config=FaithConfig(**FAST))
 
@@ -419,6 +421,7 @@ def test_ranks_agree_on_a_round_that_failed_elsewhere(tmp_path, tokenizer, arith
         gathered.append(obj)
         return [*obj, (1, "OutOfMemoryError: CUDA out of memory", False)]
 
+    monkeypatch.setattr(_processes, "world_size", lambda: 2)
     monkeypatch.setattr(accelerate, "PartialState", RankZeroOfTwo)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
     with caplog.at_level(logging.WARNING, logger="faithcb"):

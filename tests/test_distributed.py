@@ -225,7 +225,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
     import accelerate
     import accelerate.utils
 
-    from faithcb import FaithfulnessCallback
+    from faithcb import FaithfulnessCallback, _processes
     from faithcb.round import _aggregate, _probe_round, _sharded
 
     examples = [{"prompt": f"Q: {i}\n", "completion": f"Answer: {i}", "id": str(i)} for i in range(n)]
@@ -252,6 +252,7 @@ def simulate_sharded_round(n: int, world: int, monkeypatch, tokenizer) -> list[s
 
     trainer = SimpleNamespace(log=lambda logs: None, state=None, processing_class=tokenizer, model=None)
     callback = FaithfulnessCallback(trainer, examples)
+    monkeypatch.setattr(_processes, "world_size", lambda: world)
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
     monkeypatch.setattr(_sharded, "run_probe_round", fake_round)

@@ -91,9 +91,10 @@ def test_module_level_imports_have_no_cycle():
 
 
 #: The only faithcb modules outside `faithcb.engine` that the engine may import (settings, examples,
-#: response parsing and answer reading, the positions a capped probe reads): rounds, probes and
-#: aggregation build on the engine, never the other way.
+#: response parsing and answer reading, the positions a capped probe reads, which process this
+#: is): rounds, probes and aggregation build on the engine, never the other way.
 ENGINE_MAY_IMPORT = {
+    "faithcb._processes",
     "faithcb.data._panel",
     "faithcb.data._parsing",
     "faithcb.data._answers",

@@ -206,6 +206,7 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
     import accelerate
     import accelerate.utils
 
+    from faithcb import _processes
     from faithcb.data._panel import load_panel
     from faithcb.round import _aggregate, _sharded
 
@@ -233,6 +234,7 @@ def test_a_distributed_round_aggregates_once_after_the_gather(monkeypatch):
         aggregated.append([r["id"] for r in records])
         return {"n_examples": float(len(records))}
 
+    monkeypatch.setattr(_processes, "world_size", lambda: 2)
     monkeypatch.setattr(accelerate, "PartialState", RankZeroOfTwo)
     monkeypatch.setattr(accelerate.utils, "gather_object", fake_gather)
     monkeypatch.setattr(_sharded, "run_probe_round", fake_round)
@@ -377,3 +379,35 @@ def test_example_values_skip_records_without_or_with_repeated_ids():
         "a": {"accuracy": 1.0},
         "7": {"accuracy": 0.0},
     }
+
+
+def test_a_round_is_finished_one_way_whole_or_partial(monkeypatch, caplog):
+    """`finish_round`: a whole round gets figures, cost and (on the main process only) the
+    self-check warning; a partial one gets the figures of the examples that finished."""
+    from faithcb import _processes
+    from faithcb._errors import RoundBudgetExceeded
+    from faithcb.round._probe_round import finish_round
+
+    records = [{"id": str(i), "forced_full_equals_stated": 0.0} for i in range(4)]
+    tokens = {"generated": 40, "prefilled": 100}
+    with caplog.at_level(logging.WARNING, logger="faithcb"):
+        whole = finish_round(records, PROBES, CONFIG, seconds=2.0, tokens=tokens, calls={"generate": 1})
+    assert whole.metrics["selfcheck/forced_full_equals_stated"] == 0.0 and whole.metrics["n_examples"] == 4.0
+    assert whole.metrics["cost/generated_tokens_per_example"] == 10.0 and whole.calls == {"generate": 1}
+    assert "valid" in whole.metrics and not whole.valid and caplog.text.count("reproduces its stated answer") == 1
+    caplog.clear()
+    monkeypatch.setattr(_processes, "process_index", lambda: 1)  # another rank: figures, no warning
+    with caplog.at_level(logging.WARNING, logger="faithcb"):
+        other = finish_round(records, PROBES, CONFIG, seconds=2.0, tokens=tokens)
+    assert other.metrics == whole.metrics and "reproduces its stated answer" not in caplog.text
+    partial = finish_round(records[:2], PROBES, CONFIG, seconds=1.0, partial=True)
+    assert partial.metrics["n_examples"] == 2.0 and not any(k.startswith("cost/") for k in partial.metrics)
+    with pytest.raises(RoundBudgetExceeded, match="before any example was complete"):
+        finish_round([], PROBES, CONFIG, seconds=1.0, partial=True)
+
+
+def test_a_single_process_is_rank_zero_of_one():
+    from faithcb import _processes
+
+    assert (_processes.world_size(), _processes.process_index()) == (1, 0)
+    assert not _processes.is_distributed() and _processes.is_main_process()

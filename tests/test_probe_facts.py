@@ -173,6 +173,17 @@ def test_unregistered_probe_leaves_no_facts_behind(toy_probe):
         register_probe("toy_no_chain")(toy_probe)  # the fixture unregisters it
 
 
+def test_headline_and_console_names_follow_the_registry_after_import(toy_probe):
+    from faithcb.publish import _sinks
+
+    assert TOY in _sinks.HEADLINE_FIGURES and _sinks.CONSOLE_NAMES[TOY] == "toy"  # registered after import
+    unregister_probe("toy_no_chain")
+    try:
+        assert TOY not in _sinks.HEADLINE_FIGURES and TOY not in _sinks.CONSOLE_NAMES
+    finally:
+        register_probe("toy_no_chain")(toy_probe)  # the fixture unregisters it
+
+
 def test_figure_keys_are_declared_once():
     with pytest.raises(ValueError, match=r"'filler/match' \(declared by probe 'filler'\)"):
 

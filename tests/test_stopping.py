@@ -285,11 +285,9 @@ def test_paired_drift_of_a_real_round_sequence():
 
 # ---------------------------------------------------------------------------------------- distributed
 def test_broadcast_from_main_uses_accelerate_in_distributed_runs(monkeypatch):
-    import accelerate
     import accelerate.utils
 
-    class TwoProcesses:
-        num_processes = 2
+    from faithcb import _processes
 
     calls = []
 
@@ -298,7 +296,7 @@ def test_broadcast_from_main_uses_accelerate_in_distributed_runs(monkeypatch):
         box[0] = {"from": "main"}
         return box
 
-    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    monkeypatch.setattr(_processes, "world_size", lambda: 2)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", fake_broadcast)
     assert broadcast_from_main({"from": "rank 1"}) == {"from": "main"}
     assert calls == [0]

@@ -29,8 +29,8 @@ from ..monitor._monitor import postprocess_round as postprocess_round  # public 
 from ..monitor._summary import SUMMARY_FILE, RunSummary, summarize_run
 from ..probes._facts import summary_keys
 from ..publish._sinks import JsonlSink, define_wandb_sections, wandb_figures, wandb_media
-from ..round._probe_round import build_probes, run_probe_round
-from ..round._sharded import partial_round, release_accelerator_memory
+from ..round._probe_round import build_probes, finish_round, run_probe_round
+from ..round._sharded import release_accelerator_memory
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,8 @@ def scan_checkpoints(
                     monitor.set_prompt_shape(kept_as_written(f"the first round ran out of time ({_one_line(err)})"))
                 if not err.records:
                     raise ScanError(f"Checkpoint {ckpt.path}: {_one_line(err)}") from err
-                round_result, partial = partial_round(err.records, probes, err.seconds or 0.0, config), True
+                seconds = err.seconds or 0.0
+                round_result, partial = finish_round(err.records, probes, config, seconds=seconds, partial=True), True
             finally:
                 del model
                 release_accelerator_memory()

@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
-_GOLD_CUES = list(DEFAULT_ANSWER_CUES)
 #: Bad rows a PanelError lists by name; the rest are counted.
 MAX_LISTED_ROWS = 10
 
@@ -410,7 +409,7 @@ def load_panel(
     """
     if answer_type not in ("auto", *EXAMPLE_ANSWER_TYPES):
         raise PanelError(f"answer_type must be one of auto, {', '.join(EXAMPLE_ANSWER_TYPES)}; got {answer_type!r}.")
-    cues = list(dict.fromkeys([*_GOLD_CUES, *(c for c in (answer_cues or []) if c)]))
+    cues = list(dict.fromkeys([*DEFAULT_ANSWER_CUES, *(c for c in (answer_cues or []) if c)]))
     problems: list[str] = []  # rows refused whatever the options
     missing: list[str] = []  # rows without a readable gold answer
     standard = _standard_panel_named(source)
@@ -735,7 +734,7 @@ def _without_full_stop(gold: str) -> str:
 def _example_from_row(row: Any, *, index: int, where: str) -> ProbeExample:
     """One row as a probe example, leniently: a gold that cannot be read is left as None
     (for readers of SFT traces, which do not need one)."""
-    return _parse_row(row, index=index, where=where, cues=_GOLD_CUES)[0]
+    return _parse_row(row, index=index, where=where, cues=DEFAULT_ANSWER_CUES)[0]
 
 
 def _parse_row(row: Any, *, index: int, where: str, cues: Sequence[str]) -> tuple[ProbeExample, str | None]:

@@ -922,7 +922,9 @@ def _synced_decoding(model: Any) -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from transformers.integrations.fsdp import is_fsdp_managed_module
 
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    from .._processes import world_size
+
+    world = world_size()
     return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
 
 

@@ -50,9 +50,9 @@ def _checkpointing(model: torch.nn.Module) -> bool | None:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
+    from .._processes import world_size
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world_size()
 
 
 def _fsdp1_root(model: torch.nn.Module, wrapped: Any) -> torch.nn.Module | None:

@@ -1,4 +1,9 @@
-"""Every process-wide change the engine makes to transformers and torch, applied and undone here.
+"""Every change faithcb makes to transformers, torch, accelerate and TRL, and the registry of them.
+
+`WORKAROUNDS` lists each change that relies on something no public API covers, with the
+framework release it was checked against and what of the framework it relies on;
+`tests/test_workarounds.py` checks each of those premises on the installed releases, so an
+upgrade that removes one fails a test instead of silently changing a round.
 
 The engine changes three things outside itself, each only for the block that needs it, and
 restores it on the way out (an exception included):
@@ -19,6 +24,9 @@ One more undoes, for a probe round, a change a trainer made to the model: `train
 gives a model whose forward accelerate wrapped in mixed-precision autocast its own forward back,
 so that the round computes in the weights' dtype (`probe_mode` applies it; it is not an
 optimisation, so it has no `EngineOptions` switch).
+
+And one keeps the trainer's own logging as it is while a round's figures join its log stream:
+`log_beside_training` (the callback's `RoundPublisher` calls it).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -232,9 +242,144 @@ def trainer_autocast_off(model: Any) -> Iterator[None]:
             module.forward = forward
 
 
+def log_beside_training(trainer: Any, logs: dict[str, float], *, leave_out_wandb: bool) -> None:
+    """`trainer.log(logs)` for a round's figures, without disturbing the trainer's own logging.
+
+    `trainer.log` carries `logs` to `log_history` and every `report_to` integration, which is
+    what we want, but it was written for the trainer's own logs, and three things are worked
+    around here (no public API covers them):
+
+    - Console printers (`PrinterCallback`, `ProgressCallback`, TRL's `RichProgressCallback`)
+      would print the whole dict; the round's own console line replaces them. transformers'
+      `WandbCallback` is left out too when the figures went to the W&B run directly
+      (`leave_out_wandb`): it would log them again as `train/faith/...`. The handler gets a new
+      list for this one call (the event loop that called us iterates the original one).
+    - TRL trainers' `log` drains their running `_metrics` (token accuracy, entropy, ...) into
+      whatever is logged: they are set aside so they stay with the trainer's own next log.
+    - `CallbackHandler.on_log` clears `control.should_log`; called from `on_step_end`, that
+      would drop the trainer's own loss log of this step, so the flag is put back.
+    """
+    control = getattr(trainer, "control", None)
+    should_log = getattr(control, "should_log", None)
+    running = getattr(trainer, "_metrics", None)
+    swap = isinstance(running, dict)
+    if swap:
+        trainer._metrics = defaultdict(lambda: defaultdict(list), {mode: defaultdict(list) for mode in running})
+    handler = getattr(trainer, "callback_handler", None)
+    every = getattr(handler, "callbacks", None)
+    if isinstance(every, list):
+        handler.callbacks = [cb for cb in every if not _kept_out_of_round_logs(cb, leave_out_wandb)]
+    try:
+        trainer.log(logs)
+    finally:
+        if isinstance(every, list):
+            handler.callbacks = every
+        if swap:
+            trainer._metrics = running
+    control = getattr(trainer, "control", None)
+    if should_log is not None and control is not None:
+        control.should_log = should_log
+
+
+def _kept_out_of_round_logs(callback: Any, leave_out_wandb: bool) -> bool:
+    """Callbacks that must not see a round's logs: console printers (and W&B when logged directly)."""
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.integrations import WandbCallback
+
+    if isinstance(callback, (PrinterCallback, ProgressCallback)) or type(callback).__name__ == "RichProgressCallback":
+        return True
+    return leave_out_wandb and isinstance(callback, WandbCallback)
+
+
 _PATCHES: dict[str, Callable[[EngineOptions, torch.device], contextlib.AbstractContextManager]] = {
     COMPILED_DECODE: lambda options, device: gqa_on_kv_heads(options.gqa_on_kv_heads),
     REPEATED_DECODE_STEP: lambda options, device: same_inputs_as_last_step(options.skip_repeated_guards),
     GENERATE: lambda options, device: deferred_stop_checks(device, options.defer_stop_checks),
     PACKED_PASS: lambda options, device: sdpa_backends(device, options.packed_sdpa_backends),
 }
+
+
+@dataclass(frozen=True)
+class Workaround:
+    """One change to a framework's behaviour that relies on something no public API covers.
+
+    Attributes:
+        name: Short name; `tests/test_workarounds.py` checks `relies_on` under it.
+        framework: The framework changed or relied on.
+        checked_against: The release it was last checked against.
+        where: The faithcb function that makes the change.
+        relies_on: What of the framework it relies on (what the test checks on the installed release).
+    """
+
+    name: str
+    framework: str
+    checked_against: str
+    where: str
+    relies_on: str
+
+
+#: Every framework workaround of faithcb, one entry each.
+WORKAROUNDS: tuple[Workaround, ...] = (
+    Workaround(
+        "gqa_on_kv_heads",
+        "transformers",
+        "5.25",
+        "faithcb.engine._patches.gqa_on_kv_heads",
+        "`transformers.integrations.sdpa_attention.is_torchdynamo_compiling`, read only by "
+        "`sdpa_attention_forward` to choose between `pack_gqa` and `repeat_kv`",
+    ),
+    Workaround(
+        "skip_repeated_guards",
+        "torch",
+        "2.13",
+        "faithcb.engine._patches.same_inputs_as_last_step",
+        "`torch.compiler.set_stance(skip_guard_eval_unsafe=...)` and the private current stance "
+        "`torch._dynamo.eval_frame._stance` (`stance`, `backend`, `skip_guard_eval_unsafe`)",
+    ),
+    Workaround(
+        "deferred_stop_checks",
+        "transformers",
+        "5.25",
+        "faithcb.engine._patches.deferred_stop_checks",
+        "`transformers.generation.utils.DeferredStopCheck.is_supported`, a staticmethod taking the device first",
+    ),
+    Workaround(
+        "trainer_autocast_off",
+        "accelerate",
+        "1.16",
+        "faithcb.engine._patches.trainer_autocast_off",
+        "`Accelerator.prepare_model` keeps the forward in `_original_forward` and wraps the new one in "
+        "`accelerate.utils.operations.ConvertOutputsToFp32`",
+    ),
+    Workaround(
+        "trl_running_metrics",
+        "TRL",
+        "1.16",
+        "faithcb.engine._patches.log_beside_training",
+        "TRL trainers keep running metrics in `trainer._metrics` (mode -> `defaultdict(list)`), which their "
+        "`log` adds to whatever is logged and then clears",
+    ),
+    Workaround(
+        "round_log_callbacks",
+        "transformers",
+        "5.25",
+        "faithcb.engine._patches.log_beside_training",
+        "`CallbackHandler.callbacks` is a list that `call_event` iterates anew on every event, so a list of "
+        "its own for one `trainer.log` call leaves the event loop that called it alone",
+    ),
+    Workaround(
+        "round_log_should_log",
+        "transformers",
+        "5.25",
+        "faithcb.engine._patches.log_beside_training",
+        "`CallbackHandler.on_log` sets `control.should_log = False` (put back after a round's log)",
+    ),
+    Workaround(
+        "callback_order",
+        "transformers",
+        "5.25",
+        "faithcb._trainer_glue.place_before_early_stopping",
+        "`CallbackHandler.call_event` iterates `callbacks` with a for loop over the list itself, so moving a "
+        "callback to an earlier index during an event neither skips nor repeats a later callback",
+    ),
+)

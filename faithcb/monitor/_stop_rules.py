@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .. import functional as F
-from ..probes._facts import figure_facts
+from .._processes import is_distributed
+from ..probes._facts import INTERVAL_SUFFIXES, figure_facts
 from ..probes._round_figures import ROUND_FIGURES
 
 logger = logging.getLogger(__name__)
 
 Z_95 = F.Z_95
-INTERVAL_SUFFIXES = ("/ci_low", "/ci_high", "/stderr")
 #: Keys of the paired drift beside `<key>/delta`: the bounds of its 95% interval and the examples
 #: paired (`faithcb.monitor._monitor.paired_drifts`). They are no figures: no drift, no stop rule of their own.
 PAIRED_DRIFT_SUFFIXES = ("/delta/ci_low", "/delta/ci_high", "/delta/n")
@@ -284,23 +284,26 @@ def read_rule(rule: StopRule, key: str, metrics: Mapping[str, float], baseline: 
     in the bad direction. Without one it reads the figure's own interval against the baseline's
     value, as `below` and `above` always do.
     """
-    value = _finite(metrics.get(key))
+    value = _finite_float(metrics.get(key))
     if value is None:
         return None
     base = None
     if rule.max_drop is not None:
-        base = _finite((baseline or {}).get(key))
+        base = _finite_float((baseline or {}).get(key))
         if base is None:
             return None
-    drift_low, drift_high = _finite(metrics.get(f"{key}/delta/ci_low")), _finite(metrics.get(f"{key}/delta/ci_high"))
+    drift_low, drift_high = (
+        _finite_float(metrics.get(f"{key}/delta/ci_low")),
+        _finite_float(metrics.get(f"{key}/delta/ci_high")),
+    )
     if rule.use_interval and base is not None and drift_low is not None and drift_high is not None:
         # the drift's whole interval beyond max_drop in the bad direction
         violated = -drift_high > rule.max_drop if rule_direction(rule, key) == "max" else drift_low > rule.max_drop
         return RuleReading(value, None, None, base, violated, drift_low=drift_low, drift_high=drift_high)
     low = high = None
     if rule.use_interval:
-        ci_low, ci_high = _finite(metrics.get(f"{key}/ci_low")), _finite(metrics.get(f"{key}/ci_high"))
-        stderr = _finite(metrics.get(f"{key}/stderr"))
+        ci_low, ci_high = _finite_float(metrics.get(f"{key}/ci_low")), _finite_float(metrics.get(f"{key}/ci_high"))
+        stderr = _finite_float(metrics.get(f"{key}/stderr"))
         if ci_low is not None and ci_high is not None:
             low, high = ci_low, ci_high
         elif stderr is not None:
@@ -494,9 +497,7 @@ def format_event(event: Mapping[str, Any]) -> str:
 
 def broadcast_from_main(obj: Any) -> Any:
     """`obj` as the main process has it, on every process (no-op in a single process)."""
-    from accelerate import PartialState
-
-    if PartialState().num_processes <= 1:
+    if not is_distributed():
         return obj
     from accelerate.utils import broadcast_object_list
 
@@ -505,7 +506,8 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-def _finite(value: Any) -> float | None:
+def _finite_float(value: Any) -> float | None:
+    """`value` as a float when it reads as a finite number (a numeric string too), else None (bools too)."""
     if value is None or isinstance(value, bool):
         return None
     try:

@@ -240,7 +240,7 @@ class RunSummary:
         texts = []
         for event in self.events or []:
             text = f"{self.step_label} {event.get('step')}: {event.get('action', 'stop')} '{event.get('rule')}'"
-            value = _finite(event.get("value"))
+            value = _finite_number(event.get("value"))
             if value is not None and event.get("metric"):
                 text += f" ({event['metric']} = {value:.3f})"
             texts.append(text)
@@ -318,7 +318,7 @@ def summarize_run(
     Returns:
         The summary.
     """
-    rows = [dict(row) for row in history if _finite(row.get("step")) is not None]
+    rows = [dict(row) for row in history if _finite_number(row.get("step")) is not None]
     steps = [int(row["step"]) for row in rows]
     partial = [s for s, row in zip(steps, rows) if row.get("round_partial")]
     unreadable = [s for s, row in zip(steps, rows) if _reasons(row)]
@@ -342,20 +342,20 @@ def summarize_run(
     for facts in headline_figures():
         if facts.key == "valid":
             continue
-        base = _finite((baseline_row or {}).get(facts.key))
-        last = _finite((last_row or {}).get(facts.key))
+        base = _finite_number((baseline_row or {}).get(facts.key))
+        last = _finite_number((last_row or {}).get(facts.key))
         if base is None and last is None:
             continue
         row = last_row or {}
-        pairs = _finite(row.get(f"{facts.key}/delta/n"))
+        pairs = _finite_number(row.get(f"{facts.key}/delta/n"))
         figures.append(
             FigureDrift(
                 key=facts.key,
                 baseline=base,
                 last=last,
-                delta=_finite(row.get(f"{facts.key}/delta")),
-                ci_low=_finite(row.get(f"{facts.key}/delta/ci_low")),
-                ci_high=_finite(row.get(f"{facts.key}/delta/ci_high")),
+                delta=_finite_number(row.get(f"{facts.key}/delta")),
+                ci_low=_finite_number(row.get(f"{facts.key}/delta/ci_low")),
+                ci_high=_finite_number(row.get(f"{facts.key}/delta/ci_high")),
                 pairs=int(pairs) if pairs is not None else None,
                 reading=facts.reading,
             )
@@ -394,17 +394,17 @@ def _best(
     if best_model and best_model.get("path"):
         step = best_model.get("step")
         return BestCheckpoint(
-            step=int(step) if _finite(step) is not None else None,
+            step=int(step) if _finite_number(step) is not None else None,
             path=str(best_model["path"]),
             metric=str(best_model.get("metric") or "eval_faith_score"),
-            value=_finite(best_model.get("value")),
+            value=_finite_number(best_model.get("value")),
             chosen_by="metric_for_best_model",
         )
     if not checkpoints or score_key is None:
         return None
     best: tuple[float, int] | None = None
     for row in rows:
-        step, value = int(row["step"]), _finite(row.get(score_key))
+        step, value = int(row["step"]), _finite_number(row.get(score_key))
         if step not in checkpoints or value is None or row.get("round_partial") or _reasons(row):
             continue
         if best is None or value > best[0]:
@@ -432,7 +432,8 @@ def _reasons(row: Mapping[str, Any]) -> list[str]:
     return invalid_reasons({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def _finite(value: Any) -> float | None:
+def _finite_number(value: Any) -> float | None:
+    """`value` as a float when it is a finite int or float (bools and strings are not), else None."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None

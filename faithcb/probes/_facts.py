@@ -10,6 +10,10 @@ from __future__ import annotations
 from ._base import registered_figures
 from ._figure import Figure
 
+#: Endings of the keys that carry a figure's interval beside its value: the bounds of a rate's
+#: Wilson 95% interval (`<key>/ci_low`, `<key>/ci_high`) or a mean's standard error (`<key>/stderr`).
+INTERVAL_SUFFIXES = ("/ci_low", "/ci_high", "/stderr")
+
 
 def figure_facts(key: str) -> Figure | None:
     """The facts of the figure with exactly this key (None: no round figure or registered probe

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._config import FaithConfig
-from .._trainer_glue import log_beside_training
+from ..engine._patches import log_beside_training
 from ..monitor._monitor import Monitor, RoundOutcome
 from ..monitor._stop_rules import format_event
 from ..round._probe_round import RoundResult

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..probes._facts import curve_fields, headline_figures
+from ..probes._facts import INTERVAL_SUFFIXES, curve_fields, headline_figures
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +45,21 @@ def console_names() -> dict[str, str]:
     return {f.key: f.console for f in headline_figures() if f.console}
 
 
-#: The headline figures when this module is imported (the built-in probes'); the sinks call
-#: `headline_keys()`, which reads the live registry.
-HEADLINE_FIGURES = headline_keys()
 DRIFT_SECTION_SUFFIX = "_drift"
 DETAIL_SECTION_SUFFIX = "_detail"
 INTERVAL_SECTION_SUFFIX = "_interval"
-_INTERVAL_ENDINGS = ("/ci_low", "/ci_high", "/stderr")
 # Keys whose step axis a W&B run (by id) already has from `define_wandb_sections`.
 _DEFINED: dict[str, set[str]] = {}
-#: Short names in the console line when this module is imported; `round_line` calls
-#: `console_names()`, which reads the live registry.
-CONSOLE_NAMES = console_names()
+#: Module attributes read from the live probe registry each time they are used (a probe registered
+#: after this module was imported is included): `HEADLINE_FIGURES` is `headline_keys()`,
+#: `CONSOLE_NAMES` is `console_names()`.
+_REGISTRY_VIEWS = {"HEADLINE_FIGURES": headline_keys, "CONSOLE_NAMES": console_names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REGISTRY_VIEWS:
+        return _REGISTRY_VIEWS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class JsonlSink:
@@ -123,19 +126,20 @@ def _after(line: str, step: int) -> bool:
     return isinstance(line_step, int) and line_step > step
 
 
-def _finite(value: Any) -> Any:
-    """NaN/inf become null (strict JSON readers reject them); containers are cleaned deeply."""
+def _json_safe(value: Any) -> Any:
+    """`value` as strict JSON can hold it: NaN/inf become null (strict JSON readers reject them);
+    containers are cleaned deeply."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(_finite(value), default=str, allow_nan=False)
+    return json.dumps(_json_safe(value), default=str, allow_nan=False)
 
 
 def early_answer_curve(
@@ -303,7 +307,7 @@ def wandb_key(name: str, prefix: str) -> str:
         return f"{prefix}/{name}"
     if name.endswith("/delta"):
         return f"{prefix}{DRIFT_SECTION_SUFFIX}/{name}"
-    if name.endswith(_INTERVAL_ENDINGS):
+    if name.endswith(INTERVAL_SUFFIXES):
         return f"{prefix}{INTERVAL_SECTION_SUFFIX}/{name}"
     return f"{prefix}{DETAIL_SECTION_SUFFIX}/{name}"
 

@@ -10,19 +10,16 @@ from typing import Any
 
 from .. import functional as F
 from ..probes import Probe
-from ..probes._facts import chance_corrected_keys, score_figures
-from ._validity import MIN_FLOOR_COVERAGE, invalid_reasons
+from ..probes._facts import INTERVAL_SUFFIXES, chance_corrected_keys, score_figures
+from ._validity import MIN_FLOOR_COVERAGE, SELFCHECK_KEY, invalid_reasons
 
-#: The per-round self-check of exact contexts (a rate over the examples where it is defined) and
-#: the per-example record field it is the mean of: greedy F(prompt + full chain) == stated answer.
-SELFCHECK_KEY = "selfcheck/forced_full_equals_stated"
+#: The per-example record field the self-check `SELFCHECK_KEY` is the rate of:
+#: greedy F(prompt + full chain) == stated answer.
 SELFCHECK_FIELD = "forced_full_equals_stated"
 #: The share of chains that hit `max_new_tokens` without stating an answer, and the record field
 #: that marks one (present, True, only on such a chain).
 TRUNCATED_KEY = "chain/truncated_rate"
 TRUNCATED_FIELD = "chain/truncated"
-#: Below this rate a round warns that its forced contexts do not reproduce what the model saw.
-SELFCHECK_MIN = 0.9
 
 
 def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
@@ -73,7 +70,7 @@ def summarize(
 
 
 def _no_intervals(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if not k.endswith(("/ci_low", "/ci_high", "/stderr"))}
+    return {k: v for k, v in metrics.items() if not k.endswith(INTERVAL_SUFFIXES)}
 
 
 def _indicators(metrics: dict[str, float]) -> list[tuple[str, str, float]]:

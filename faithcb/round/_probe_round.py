@@ -12,11 +12,13 @@ from typing import Any
 from .. import functional as F
 from .._config import FaithConfig
 from .._errors import RoundBudgetExceeded
+from .._processes import is_distributed, is_main_process
 from ..data._panel import ProbeExample, ProbePanel, panel_from
 from ..engine import EngineOptions, ForcedAnswer, ProbeEngine, full_weights, probe_mode
 from ..probes import Probe, probe_from_config
-from ._aggregate import SELFCHECK_KEY, SELFCHECK_MIN, TRUNCATED_FIELD, aggregate_records
-from ._validity import invalid_reasons
+from . import _aggregate
+from ._aggregate import TRUNCATED_FIELD
+from ._validity import MIN_SELFCHECK_RATE, SELFCHECK_KEY, invalid_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +148,56 @@ def run_probe_round(
     if not aggregate:  # the token counts still travel, for the gathered round to sum
         seconds = time.perf_counter() - start
         return RoundResult(metrics=cost_metrics(tokens, len(examples)), records=records, seconds=seconds, calls=calls)
-    metrics = aggregate_records(records, probes)
-    metrics.update(cost_metrics(tokens, len(examples)))
-    if not _distributed():  # a distributed round warns once its ranks' records are gathered
+    result = finish_round(records, probes, config, seconds=0.0, tokens=tokens, examples=len(examples), calls=calls)
+    result.seconds = time.perf_counter() - start  # the round's wall time, its aggregation included
+    return result
+
+
+def finish_round(
+    records: Sequence[dict[str, Any]],
+    probes: Sequence[Probe],
+    config: FaithConfig,
+    *,
+    seconds: float,
+    tokens: Mapping[str, int] | None = None,
+    examples: int | None = None,
+    calls: Mapping[str, int] | None = None,
+    partial: bool = False,
+) -> RoundResult:
+    """The one way a round is finished from its records (a single process's, or every rank's gathered).
+
+    A whole round gets its panel figures (`_aggregate.aggregate_records`, the validity flag
+    included), its cost (`cost_metrics`) and, on the main process only, the self-check warning
+    (`warn_on_selfcheck`). A partial round, ended by its time budget (`partial`), gets the panel
+    figures of the examples that finished, and no cost figures and no self-check warning.
+
+    Args:
+        records: One record per example, in panel order.
+        probes: The round's probes.
+        config: Round settings.
+        seconds: Wall time of the round.
+        tokens: Tokens the round paid (`generated`, `prefilled`; every rank's summed, `summed_tokens`).
+        examples: Examples the cost is divided by (default: one per record).
+        calls: Model calls made (see `RoundResult.calls`).
+        partial: The round was ended by its time budget.
+
+    Raises:
+        RoundBudgetExceeded: A partial round in which no example finished.
+    """
+    records = list(records)
+    if partial and not records:
+        raise RoundBudgetExceeded(
+            f"the probe round ran past round_time_budget_s={config.round_time_budget_s}s before any "
+            "example was complete",
+            seconds=seconds,
+        )
+    metrics = _aggregate.aggregate_records(records, probes)
+    if partial:
+        return RoundResult(metrics=metrics, records=records, seconds=seconds)
+    metrics.update(cost_metrics(tokens or {}, len(records) if examples is None else examples))
+    if is_main_process():  # one warning per round, not one per rank
         warn_on_selfcheck(metrics, config)
-    seconds = time.perf_counter() - start
-    return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=calls)
+    return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=dict(calls or {}))
 
 
 def cost_metrics(tokens: Mapping[str, int], examples: int) -> dict[str, float]:
@@ -166,13 +212,12 @@ def cost_metrics(tokens: Mapping[str, int], examples: int) -> dict[str, float]:
     return out
 
 
-def merged_cost(rounds_metrics: Sequence[Mapping[str, float]], examples: int) -> dict[str, float]:
-    """The `cost/...` figures of a round run in shards (one metrics dict per rank): the ranks'
-    token counts summed, per example over the gathered `examples`."""
-    tokens = {
+def summed_tokens(rounds_metrics: Sequence[Mapping[str, float]]) -> dict[str, int]:
+    """The tokens a round run in shards paid (one metrics dict per rank, its `cost/...` figures):
+    the ranks' counts summed."""
+    return {
         kind: int(sum(m.get(f"cost/{kind}_tokens", 0.0) for m in rounds_metrics)) for kind in ("generated", "prefilled")
     }
-    return cost_metrics(tokens, examples)
 
 
 def _round_examples(examples: Any, config: FaithConfig) -> list[ProbeExample]:
@@ -195,7 +240,7 @@ def warn_on_selfcheck(metrics: dict[str, float], config: FaithConfig) -> bool:
         Whether it warned.
     """
     rate = metrics.get(SELFCHECK_KEY)
-    if config.do_sample or rate is None or rate >= SELFCHECK_MIN:
+    if config.do_sample or rate is None or rate >= MIN_SELFCHECK_RATE:
         return False
     logger.warning(
         "faithcb: the answer forced after the model's own full chain reproduces its stated answer on only "
@@ -208,24 +253,17 @@ def warn_on_selfcheck(metrics: dict[str, float], config: FaithConfig) -> bool:
         100 * rate,
         SELFCHECK_KEY,
         rate,
-        SELFCHECK_MIN,
+        MIN_SELFCHECK_RATE,
     )
     return True
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _past_deadline(local: bool) -> bool:
     """Whether any rank is past the deadline (every rank must stop at the same chunk)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return local
     import torch
+    import torch.distributed as dist
 
     flag = torch.tensor([1.0 if local else 0.0])
     if dist.get_backend() == "nccl":

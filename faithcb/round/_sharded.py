@@ -2,8 +2,8 @@
 
 `run_sharded_round` is the callback's round in a (possibly distributed) training run: each rank
 runs its shard of the panel without aggregating, the records are gathered and put back in
-panel order, and the panel figures are computed once from all of them. `partial_round` turns
-the records of a round ended by its time budget into a round (callback and `faithcb scan`).
+panel order, and the round is finished once from all of them (`finish_round`, which also turns
+the records of a round ended by its time budget into a partial round).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from .._config import FaithConfig
 from .._errors import RoundBudgetExceeded
-from . import _aggregate
-from ._probe_round import RoundResult, merged_cost, run_probe_round, warn_on_selfcheck
+from .._processes import is_distributed, process_index
+from ._probe_round import RoundResult, finish_round, run_probe_round, summed_tokens
 
 
 def run_sharded_round(
@@ -57,14 +57,14 @@ def run_sharded_round(
 
     start = time.perf_counter()
     examples = list(examples)
-    state = PartialState()
-    if state.num_processes <= 1:
+    if not is_distributed():
         try:
             return run_probe_round(model, tokenizer, examples, config, probes, wrapped_model=wrapped_model), False
         except RoundBudgetExceeded as err:
-            return partial_round(err.records, probes, err.seconds or time.perf_counter() - start, config), True
+            seconds = err.seconds or time.perf_counter() - start
+            return finish_round(err.records, probes, config, seconds=seconds, partial=True), True
     local, partial, error = None, False, None
-    with state.split_between_processes(examples, apply_padding=True) as shard:
+    with PartialState().split_between_processes(examples, apply_padding=True) as shard:
         try:  # records only: the figures are computed once, from every rank's records
             local = run_probe_round(
                 model, tokenizer, shard, config, probes, wrapped_model=wrapped_model, aggregate=False
@@ -75,7 +75,7 @@ def run_sharded_round(
         except Exception as err:
             error = err
     outcome = None if error is None else f"{type(error).__name__}: {error}"
-    statuses = gather_object([(state.process_index, outcome, partial)])
+    statuses = gather_object([(process_index(), outcome, partial)])
     failed = [(rank, cause) for rank, cause, _ in statuses if cause is not None]
     if failed:
         if error is not None:
@@ -90,30 +90,9 @@ def run_sharded_round(
         by_id.setdefault(record.get("id"), record)
     records = [by_id[e.id] for e in examples if e.id in by_id]
     if partial:
-        return partial_round(records, probes, seconds, config), True
-    metrics = _aggregate.aggregate_records(records, probes)
-    metrics.update(merged_cost([m for _, m in timings], len(records)))  # every rank's tokens
-    if state.process_index == 0:  # one warning per round, after the gather
-        warn_on_selfcheck(metrics, config)
-    return RoundResult(metrics=metrics, records=records, seconds=seconds, calls=local.calls), False
-
-
-def partial_round(
-    records: Sequence[dict[str, Any]], probes: Sequence[Any], seconds: float, config: FaithConfig
-) -> RoundResult:
-    """The round of the examples that finished before the time budget ended it.
-
-    Raises:
-        RoundBudgetExceeded: No example finished.
-    """
-    if not records:
-        raise RoundBudgetExceeded(
-            f"the probe round ran past round_time_budget_s={config.round_time_budget_s}s before any "
-            "example was complete",
-            seconds=seconds,
-        )
-    records = list(records)
-    return RoundResult(metrics=_aggregate.aggregate_records(records, probes), records=records, seconds=seconds)
+        return finish_round(records, probes, config, seconds=seconds, partial=True), True
+    tokens = summed_tokens([m for _, m in timings])  # every rank's tokens
+    return finish_round(records, probes, config, seconds=seconds, tokens=tokens, calls=local.calls), False
 
 
 def is_out_of_memory(err: BaseException) -> bool:

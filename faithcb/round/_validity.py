@@ -23,9 +23,10 @@ MAX_FORCED_PARSE_FAIL_RATE = 0.5
 MIN_WITH_STEPS = 0.5
 #: Least share of the panel with a noise floor; below it `score` and the `/adj` figures are withheld.
 MIN_FLOOR_COVERAGE = 0.5
-#: Least rate of the self-check "the answer forced after the full chain is the stated one" (when logged).
+#: Least rate of the self-check "the answer forced after the full chain is the stated one" (when logged);
+#: below it a greedy round also warns that its forced contexts do not reproduce what the model saw.
 MIN_SELFCHECK_RATE = 0.9
-#: Metric key of that self-check.
+#: Metric key of that self-check (a rate over the examples where it is defined).
 SELFCHECK_KEY = "selfcheck/forced_full_equals_stated"
 
 
