@@ -217,8 +217,8 @@ class _Recorder:
             recorder.rounds.append({"local_ids": [e.id for e in examples], "local_calls": dict(result.calls)})
             return result
 
-        def _run_sharded(self, model, tokenizer):
-            out = original_sharded(self, model, tokenizer)
+        def _run_sharded(self, model, tokenizer, *args, **kwargs):  # panel, probes: the prompt-shape trials pass them
+            out = original_sharded(self, model, tokenizer, *args, **kwargs)
             result = out[0] if isinstance(out, tuple) else out  # (RoundResult, partial) in newer callbacks
             entry = recorder.rounds[-1]
             entry["gathered_ids"] = [r["id"] for r in result.records]
