@@ -40,8 +40,8 @@ try:  # transformers 5.x: a static cache layer counts its own length (no `cache_
 except ImportError:  # pragma: no cover - older transformers
     StaticCache = StaticLayer = None
 
+from ._model_layout import _cache_name
 from ._options import EngineOptions
-from ._packed import _cache_name
 from ._patches import COMPILED_DECODE, REPEATED_DECODE_STEP, framework_patches
 from ._text_stop import TextStop
 
