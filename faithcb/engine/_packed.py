@@ -98,7 +98,62 @@ def score_packed(
         and all(_plain(row) for row in rows)
     )
     ids, pos, mask, spans = _layout(rows, device, dtype, pad_id, windows, with_mask=not causal)
-    reads: list[tuple[int, Branch, list[int]]] = []  # (row, branch, positions whose logits it reads)
+    reads, keep = _read_positions(rows, spans, ids.shape)
+    logits, cache = _forward(model, ids, pos, mask, keep.to(device), cache=_new_cache(windows), options=options)
+    # logits are flattened in row-major order of `keep`, which is the order of `reads` (rows in
+    # order, branches in the order of their spans, positions ascending): row i is read i
+    if logits.shape[0] != sum(len(positions) for _, _, positions in reads):
+        raise RuntimeError(f"Packed scoring kept {logits.shape[0]} logits for {len(reads)} branches' reads.")
+    results = _first_pass_results(logits, reads, choice_ids, max_new_tokens, eos_ids, is_finished)
+    decoding, slots = _decoding_slots(reads, choice_ids, len(rows))
+    if sum(not branch.done for _, _, branch in decoding) > hand_off:
+        steps = _tree_decode(
+            model,
+            rows,
+            spans,
+            pos,
+            cache,
+            decoding,
+            slots,
+            max_new_tokens,
+            eos_ids,
+            is_finished,
+            pad_id,
+            hand_off,
+            options,
+        )
+        if calls is not None:
+            calls["decode_steps"] = calls.get("decode_steps", 0) + steps
+    for _, _, branch in decoding:
+        if branch.done:
+            results[branch.key] = list(branch.generated)
+    return results
+
+
+Read = tuple[int, Branch, list[int]]  # (row, branch, positions whose logits it reads)
+
+
+def _decoding_slots(
+    reads: list[Read], choice_ids: dict[int, list[int]], n_rows: int
+) -> tuple[list[tuple[int, int, Branch]], list[int]]:
+    """The forced branches that decode, each as (row, slot, branch) with slots numbered per row
+    in read order, and every row's number of slots."""
+    decoding: list[tuple[int, int, Branch]] = []
+    slots = [0] * n_rows
+    for r, branch, _ in reads:
+        if not branch.n_answer and id(branch) not in choice_ids:
+            decoding.append((r, slots[r], branch))
+            slots[r] += 1
+    return decoding, slots
+
+
+def _read_positions(
+    rows: list[PackedRow], spans: list[list[tuple[int, int]]], shape: torch.Size
+) -> tuple[list[Read], torch.Tensor]:
+    """Which logits each branch reads, and the boolean (host) `keep` of all of them: a
+    teacher-forced branch the logits that predict each answer token, a forced one those after
+    its context and after each draft token."""
+    reads: list[Read] = []
     keep_rows: list[int] = []
     keep_cols: list[int] = []
     for r, row in enumerate(rows):
@@ -110,19 +165,27 @@ def score_packed(
             keep_rows += [r] * len(positions)
             keep_cols += positions
             reads.append((r, branch, positions))
-    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    keep = torch.zeros(shape, dtype=torch.bool)
     keep[keep_rows, keep_cols] = True
-    logits, cache = _forward(model, ids, pos, mask, keep.to(device), cache=_new_cache(windows), options=options)
-    # logits are flattened in row-major order of `keep`, which is the order of `reads` (rows in
-    # order, branches in the order of their spans, positions ascending): row i is read i
-    if logits.shape[0] != sum(len(positions) for _, _, positions in reads):
-        raise RuntimeError(f"Packed scoring kept {logits.shape[0]} logits for {len(reads)} branches' reads.")
+    return reads, keep
+
+
+def _first_pass_results(
+    logits: torch.Tensor,
+    reads: list[Read],
+    choice_ids: dict[int, list[int]],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    is_finished: Any,
+) -> dict[Any, Any]:
+    """What the prefill's kept logits give: each teacher-forced branch's log2-probability, each
+    choice branch's label index, and each forced branch's first greedy tokens (`_accept_draft`).
+
+    Host-device traffic is batched and the figures are computed for all branches at once: one
+    copy of every answer token to the device, one copy of every arg-max and log-prob sum back
+    (per-branch `.item()` calls would each wait for the device).
+    """
     results: dict[Any, Any] = {}
-    decoding: list[tuple[int, int, Branch]] = []  # (row, slot, branch)
-    slots = [0] * len(rows)
-    # Host-device traffic is batched and the figures are computed for all branches at once: one
-    # copy of every answer token to the device, one copy of every arg-max and log-prob sum back
-    # (per-branch `.item()` calls would each wait for the device).
     greedy_all = logits.argmax(-1)
     answer_rows, answer_tokens, answer_branch = [], [], []
     choice_rows, choice_labels, choice_sizes = [], [], []  # label logits of every choice branch
@@ -160,31 +223,6 @@ def score_packed(
             results[branch.key] = next(choice_list)
         else:
             _accept_draft(branch, greedy, max_new_tokens, eos_ids, is_finished)
-    for r, branch, _ in reads:
-        if not branch.n_answer and id(branch) not in choice_ids:
-            decoding.append((r, slots[r], branch))
-            slots[r] += 1
-    if sum(not branch.done for _, _, branch in decoding) > hand_off:
-        steps = _tree_decode(
-            model,
-            rows,
-            spans,
-            pos,
-            cache,
-            decoding,
-            slots,
-            max_new_tokens,
-            eos_ids,
-            is_finished,
-            pad_id,
-            hand_off,
-            options,
-        )
-        if calls is not None:
-            calls["decode_steps"] = calls.get("decode_steps", 0) + steps
-    for _, _, branch in decoding:
-        if branch.done:
-            results[branch.key] = list(branch.generated)
     return results
 
 
