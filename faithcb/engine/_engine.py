@@ -28,6 +28,7 @@ from ._settings import EngineSettings
 from ._static_decode import new_static_cache, static_decode_supported, static_greedy_decode
 from ._text import cut_at_first, model_stop_strings
 from ._text_stop import TextStop, text_check_interval
+from ._tokens import Tokenization
 from ._wrappers import _unwrap, _wrapper_chain
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,12 @@ PLAIN_DECODING: dict[str, Any] = {
 PLAIN_SAMPLING: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0}  # with do_sample only
 
 
-class ProbeEngine(ChainGeneration, PackedScoring, PlainScoring):
+class ProbeEngine(Tokenization, ChainGeneration, PackedScoring, PlainScoring):
     """Runs a round's model calls in batches.
 
-    Its parts: chain generation and parsing (`ChainGeneration`), packed prefix scoring
-    (`PackedScoring`), the plain batched path (`PlainScoring`); this class holds the model,
-    tokenization, `generate` and the own decode loop.
+    Its parts: tokens and padding (`Tokenization`), chain generation and parsing
+    (`ChainGeneration`), packed prefix scoring (`PackedScoring`), the plain batched path
+    (`PlainScoring`); this class holds the model, `generate` and the own decode loop.
 
     Args:
         model: The live causal LM (in eval mode, under `probe_mode`).
@@ -94,7 +95,7 @@ class ProbeEngine(ChainGeneration, PackedScoring, PlainScoring):
         # chains and regenerations decode in one (see `static_greedy_decode`'s `cache`)
         self._decode_caches: dict[tuple[int, int], Any] = {}
 
-    # ------------------------------------------------------------------ tokenization
+    # ------------------------------------------------------------------ device and shapes
     @property
     def device(self) -> torch.device:
         """Device of the model's first parameter."""
@@ -102,30 +103,6 @@ class ProbeEngine(ChainGeneration, PackedScoring, PlainScoring):
             return next(self.model.parameters()).device
         except StopIteration:
             return torch.device("cpu")
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a full context; BOS is added unless the text already starts with it."""
-        return self.encode_many([text])[0]
-
-    def encode_many(self, texts: Sequence[str], *, continuation: bool = False) -> list[list[int]]:
-        """`encode` (or `encode_continuation`) of many texts, one tokenizer call per kind (a
-        fast tokenizer encodes a batch in parallel, without the per-call overhead). Each distinct
-        text is encoded once: a round's probes ask for many of the same contexts (an early
-        answer and an information-gain log-prob after the same prefix)."""
-        bos = self.tokenizer.bos_token
-        distinct = list(dict.fromkeys(texts))
-        adds_bos = [not continuation and not (bos and text.startswith(bos)) for text in distinct]
-        by_text: dict[str, list[int]] = {}
-        for add_special in (False, True):
-            batch = [text for text, adds in zip(distinct, adds_bos) if adds == add_special]
-            if batch:
-                encoded = self.tokenizer(batch, add_special_tokens=add_special)["input_ids"]
-                by_text.update(zip(batch, encoded))
-        return [list(by_text[text]) for text in texts]  # a list of its own for every caller
-
-    def encode_continuation(self, text: str) -> list[int]:
-        """Token ids of text that continues a context (no special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @property
     def scoring_batch_size(self) -> int:
@@ -145,21 +122,6 @@ class ProbeEngine(ChainGeneration, PackedScoring, PlainScoring):
         prompt plus a full chain. Both then decode with one shape (one compilation per run,
         and the static cache transformers sizes to the longest it has seen stays that size)."""
         return max((len(tokens) for tokens in self.encode_many(prompts)), default=0) + self.config.max_new_tokens
-
-    def _left_pad(self, rows: Sequence[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(width or 0, max(len(r) for r in rows))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                mask[i, width - len(r) :] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _batches(self, order: list[int], size: int) -> Iterable[list[int]]:
-        for start in range(0, len(order), size):
-            yield order[start : start + size]
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -412,11 +374,6 @@ class ProbeEngine(ChainGeneration, PackedScoring, PlainScoring):
             self._decode_caches.clear()
         return results
 
-    def _eos_ids(self) -> list[int]:
-        return _as_list(getattr(self.model.generation_config, "eos_token_id", None)) or _as_list(
-            self.tokenizer.eos_token_id
-        )
-
 
 def _row_stopped(
     stop_strings: Sequence[str], finished: Callable[[int, str], bool] | None, batch: list[int], row: int, text: str
@@ -433,11 +390,3 @@ def _synced_decoding(model: Any) -> bool:
 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return world > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
-
-
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
