@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from faithcb import FaithConfig, load_panel, run_probe_round
 from faithcb.cli import check_model
-from faithcb.engine import _packed
+from faithcb.engine import _packed, _packed_support
 from faithcb.engine._packed import Branch, PackedRow, _layout, attention_windows, packing_supported
 from faithcb.synthetic import DECODER_FAMILIES, build_family_model, make_arithmetic_examples, to_sft_dataset
 
@@ -79,7 +79,7 @@ def test_the_support_check_catches_a_window_the_engine_would_ignore(tokenizer, c
     """Were the engine blind to the window (full-attention masks, the model's own sliding cache,
     as before), the one-time check turns packing off, and says so once."""
     model = build_family_model(tokenizer, "gemma3", sliding_window=WINDOW)
-    monkeypatch.setattr(_packed, "attention_windows", lambda model: {"full_attention": None})
+    monkeypatch.setattr(_packed_support, "attention_windows", lambda model: {"full_attention": None})
     with caplog.at_level(logging.WARNING, logger="faithcb"):
         assert not packing_supported(model, tokenizer.pad_token_id)
         assert not packing_supported(model, tokenizer.pad_token_id)

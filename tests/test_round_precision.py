@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from faithcb import FaithConfig, load_panel, run_probe_round
-from faithcb.engine import _packed, probe_mode
+from faithcb.engine import _masks, _packed_support, probe_mode
 from faithcb.engine._packed import computed_dtype, logits_tolerance, packing_supported, precision_key
 from faithcb.engine._patches import trainer_autocast_off, trainer_autocast_on, trainer_autocast_wrapped
 from faithcb.synthetic import build_tiny_model, make_arithmetic_examples, to_sft_dataset
@@ -51,13 +51,13 @@ def realistic_scale_model(tokenizer, scale: float = 30.0):
 def checks(monkeypatch):
     """Record every support check `packing_supported` runs (its `LogitsCheck`)."""
     seen = []
-    real = _packed._packed_logits_match
+    real = _packed_support._packed_logits_match
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(_packed, "_packed_logits_match", spy)
+    monkeypatch.setattr(_packed_support, "_packed_logits_match", spy)
     return seen
 
 
@@ -80,7 +80,7 @@ def test_a_mask_the_model_does_not_apply_turns_packing_off_under_bf16_too(tokeni
     query (the future included), the packed logits are off by far more than bf16's rounding."""
     model = realistic_scale_model(tokenizer)
     seen = checks(monkeypatch)
-    monkeypatch.setattr(_packed, "_additive", lambda visible, dtype: torch.zeros(visible.shape, dtype=dtype)[:, None])
+    monkeypatch.setattr(_masks, "_additive", lambda visible, dtype: torch.zeros(visible.shape, dtype=dtype)[:, None])
     with caplog.at_level(logging.WARNING, logger="faithcb"), torch.autocast("cpu", dtype=torch.bfloat16):
         assert not packing_supported(model, tokenizer.pad_token_id)
     assert seen[0].dtype == torch.bfloat16 and not seen[0].ok

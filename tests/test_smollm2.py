@@ -134,7 +134,7 @@ def test_rounds_under_trl_default_precision_stay_packed_and_equal_plain_passes(t
     from datasets import Dataset
 
     from faithcb import FaithConfig, FaithfulnessCallback, load_smollm2
-    from faithcb.engine import _engine
+    from faithcb.engine import _packed_plan
     from faithcb.engine._patches import trainer_autocast_on
     from faithcb.synthetic import make_arithmetic_examples
 
@@ -165,8 +165,8 @@ def test_rounds_under_trl_default_precision_stay_packed_and_equal_plain_passes(t
         config = FaithConfig(**monitor, packed_scoring=packed, output_subdir=name, log_prefix=name)
         trainer.add_callback(FaithfulnessCallback(trainer, panel, config=config))
     packed_batches = []
-    score_packed = _engine.score_packed
-    monkeypatch.setattr(_engine, "score_packed", lambda *a, **k: packed_batches.append(1) or score_packed(*a, **k))
+    score_packed = _packed_plan.score_packed
+    monkeypatch.setattr(_packed_plan, "score_packed", lambda *a, **k: packed_batches.append(1) or score_packed(*a, **k))
     try:
         with caplog.at_level(logging.WARNING, logger="faithcb"), warnings.catch_warnings():
             warnings.simplefilter("ignore")

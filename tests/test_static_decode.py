@@ -253,7 +253,7 @@ def test_wrapped_models_get_the_kv_cache_under_the_name_their_model_takes(tokeni
 
 
 def test_the_kv_cache_name_is_read_once_per_forward_function(tokenizer, monkeypatch):
-    from faithcb.engine import _packed
+    from faithcb.engine import _model_layout
 
     model = build_tiny_model(tokenizer, seed=1)
     name = _cache_name(model)
@@ -264,7 +264,7 @@ def test_the_kv_cache_name_is_read_once_per_forward_function(tokenizer, monkeypa
         looked_up.append(function)
         return real_signature(function)
 
-    monkeypatch.setattr(_packed.inspect, "signature", signature)
+    monkeypatch.setattr(_model_layout.inspect, "signature", signature)
     assert _cache_name(model) == _cache_name(build_tiny_model(tokenizer, seed=2)) == name
     assert looked_up == []  # the class's forward was looked up before
     # a forward of the instance's own (accelerate wraps `model.forward` so) is looked up once

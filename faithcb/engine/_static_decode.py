@@ -40,8 +40,8 @@ try:  # transformers 5.x: a static cache layer counts its own length (no `cache_
 except ImportError:  # pragma: no cover - older transformers
     StaticCache = StaticLayer = None
 
+from ._model_layout import _cache_name
 from ._options import EngineOptions
-from ._packed import _cache_name
 from ._patches import COMPILED_DECODE, REPEATED_DECODE_STEP, framework_patches
 from ._text_stop import TextStop
 
@@ -153,10 +153,43 @@ def static_greedy_decode(
     if max_new_tokens < 1:
         return [[] for _ in range(len(ids))]
     batch, width = ids.shape
-    rows = batch if rows is None else rows
     device = ids.device
     eos_set = set(eos_ids)
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # wrote an EOS
+    cache_kwargs, position, next_ids, is_eos = _prefill(model, ids, mask, eos_set, cache, max_new_tokens)
+    step_mask, additive = _decode_mask(model, mask, max_new_tokens, device)
+    forward = model.get_compiled_call(getattr(model.generation_config, "compile_config", None)) if compiled else model
+    # step-major (a step's tokens are contiguous): the steps since a read copy in one piece
+    tokens = torch.empty((max_new_tokens, batch), dtype=torch.long, device=device)
+    reads = _TokenReads(stop, batch if rows is None else rows, eos_set)
+    options = options if options is not None else EngineOptions()
+    deferred = _deferred_reads(tokens, options, defer_reads, check_every)
+    with contextlib.ExitStack() as scope:
+        if compiled:
+            scope.enter_context(framework_patches(options, device, COMPILED_DECODE))
+        for step in range(max_new_tokens):
+            next_ids.masked_fill_(done, pad_id)
+            done |= is_eos[next_ids]
+            tokens[step] = next_ids
+            written = step + 1
+            last = written == max_new_tokens
+            read = last or written % check_every == 0
+            if (read and _read_all_ended(reads, deferred, tokens, written, last)) or last:
+                break
+            next_ids = _decode_step(forward, next_ids, step_mask, width + step, additive, position, cache_kwargs)
+            if compiled and step == 0:  # the first step checked every guard
+                scope.enter_context(framework_patches(options, device, REPEATED_DECODE_STEP))
+    return reads.new
+
+
+def _prefill(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, eos_set: set[int], cache: Any | None, max_new_tokens: int
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompt's pass, into `cache` (reset first) or a new static cache: the cache argument
+    of the decode steps, each row's last position id (as `generate` makes them), its first
+    greedy token, and a per-vocabulary-entry EOS flag (one lookup per step: `torch.isin`
+    launches several kernels on CUDA)."""
+    batch, width = ids.shape
     if cache is None:
         cache = new_static_cache(model, width + max_new_tokens)
     else:
@@ -168,80 +201,108 @@ def static_greedy_decode(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs
     ).logits[:, -1]
     next_ids = logits.argmax(-1)
-    # one lookup per step (`torch.isin` launches several kernels on CUDA)
-    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    is_eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=ids.device)
     is_eos[[i for i in eos_set if 0 <= i < logits.shape[-1]]] = True
-    del logits
-    # the keys every decode step's query sees: the prompt's tokens, then one more column per step
+    return cache_kwargs, positions[:, -1:].clone(), next_ids, is_eos
+
+
+def _decode_mask(
+    model: Any, mask: torch.Tensor, max_new_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, bool]:
+    """The 4-D mask of the decode steps, in the kind the model's attention takes (boolean, or
+    additive when that is True): the keys every step's query sees are the prompt's tokens, then
+    one more column per step (set by the loop)."""
+    batch, width = mask.shape
     visible = torch.zeros((batch, 1, 1, width + max_new_tokens), dtype=torch.bool, device=device)
     visible[:, 0, 0, :width] = mask.bool()
     additive = _MASK_KINDS[model.config._attn_implementation] == "additive"
     step_mask = torch.zeros(visible.shape, dtype=model.dtype, device=device) if additive else visible
     if additive:
         step_mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
-    position = positions[:, -1:].clone()
-    forward = model.get_compiled_call(getattr(model.generation_config, "compile_config", None)) if compiled else model
-    # step-major (a step's tokens are contiguous): the steps since a read copy in one piece
-    tokens = torch.empty((max_new_tokens, batch), dtype=torch.long, device=device)
-    stopped = stop.stop_at if stop is not None else {}
-    ended: set[int] = set()  # counted rows that wrote an EOS
-    new: list[list[int]] = []
-    read = 0  # tokens per row at the previous read
+    return step_mask, additive
 
-    def all_ended(values: list[list[int]]) -> bool:
-        """Check one read of the tokens: text conditions, EOS; True once every counted row ended."""
-        nonlocal new, read
-        new = values
-        if stop is not None:
-            stop.settle(values)
-        # only the tokens since the previous read can hold a row's first EOS
-        ended.update(r for r in range(rows) if r not in ended and eos_set.intersection(values[r][read:]))
-        read = len(values[0])
-        return all(r in ended or r in stopped for r in range(rows))
 
-    options = options if options is not None else EngineOptions()
+def _deferred_reads(
+    tokens: torch.Tensor, options: EngineOptions, defer_reads: bool | None, check_every: int
+) -> _DeferredReads | None:
+    """The deferred reads of `tokens` where reads are deferred (`defer_reads`; None: on CUDA with
+    `check_every` > 1, as `options.defer_token_reads` allows), else None (every read waits)."""
     if defer_reads is None:
-        defer_reads = options.defer_token_reads and device.type == "cuda" and check_every > 1
-    deferred = _DeferredReads(tokens) if defer_reads else None
-    with contextlib.ExitStack() as scope:
-        if compiled:
-            scope.enter_context(framework_patches(options, device, COMPILED_DECODE))
-        for step in range(max_new_tokens):
-            next_ids.masked_fill_(done, pad_id)
-            done |= is_eos[next_ids]
-            tokens[step] = next_ids
-            written = step + 1
-            if written == max_new_tokens or written % check_every == 0:
-                # the one read of the host every check_every steps: waited for, or (deferred)
-                # the previous one, whose copy has finished while the device ran these steps
-                earlier = deferred.swap(written if written < max_new_tokens else None) if deferred else None
-                if earlier is not None and all_ended(earlier):
-                    break
-                if (deferred is None or written == max_new_tokens) and all_ended(tokens[:written].T.tolist()):
-                    break
-            if written == max_new_tokens:
-                break
-            if additive:
-                step_mask[..., width + step] = 0.0
-            else:
-                step_mask[..., width + step] = True
-            position += 1
-            # nothing keeps the logits: a compiled call may reuse their memory on its next run
-            next_ids = (
-                forward(
-                    input_ids=next_ids[:, None],
-                    attention_mask=step_mask,
-                    position_ids=position,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **cache_kwargs,
-                )
-                .logits[:, -1]
-                .argmax(-1)
-            )
-            if compiled and step == 0:  # the first step checked every guard
-                scope.enter_context(framework_patches(options, device, REPEATED_DECODE_STEP))
-    return new
+        defer_reads = options.defer_token_reads and tokens.device.type == "cuda" and check_every > 1
+    return _DeferredReads(tokens) if defer_reads else None
+
+
+def _read_all_ended(
+    reads: _TokenReads, deferred: _DeferredReads | None, tokens: torch.Tensor, written: int, last: bool
+) -> bool:
+    """The one read of the host every `check_every` steps: waited for, or (deferred) the
+    previous one, whose copy has finished while the device ran these steps (`last`: the budget's
+    last step, read at once). True once every counted row has ended."""
+    earlier = deferred.swap(written if not last else None) if deferred else None
+    if earlier is not None and reads.all_ended(earlier):
+        return True
+    return (deferred is None or last) and reads.all_ended(tokens[:written].T.tolist())
+
+
+def _decode_step(
+    forward: Any,
+    next_ids: torch.Tensor,
+    step_mask: torch.Tensor,
+    column: int,
+    additive: bool,
+    position: torch.Tensor,
+    cache_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """One decode step: the key at `column` (the token fed now) made visible, positions + 1 (in
+    place), and the greedy next token of every row after `next_ids`."""
+    if additive:
+        step_mask[..., column] = 0.0
+    else:
+        step_mask[..., column] = True
+    position += 1
+    # nothing keeps the logits: a compiled call may reuse their memory on its next run
+    return (
+        forward(
+            input_ids=next_ids[:, None],
+            attention_mask=step_mask,
+            position_ids=position,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs,
+        )
+        .logits[:, -1]
+        .argmax(-1)
+    )
+
+
+class _TokenReads:
+    """The host's reads of a decode's tokens: each read settles the text conditions of `stop`
+    and notes the counted rows that wrote an EOS since the previous read.
+
+    Attributes:
+        new: The tokens of the last read, one list per row.
+    """
+
+    def __init__(self, stop: TextStop | None, rows: int, eos_set: set[int]) -> None:
+        self.stop = stop
+        self.rows = rows
+        self.eos_set = eos_set
+        self.stopped = stop.stop_at if stop is not None else {}
+        self.ended: set[int] = set()  # counted rows that wrote an EOS
+        self.new: list[list[int]] = []
+        self.read = 0  # tokens per row at the previous read
+
+    def all_ended(self, values: list[list[int]]) -> bool:
+        """Check one read of the tokens: text conditions, EOS; True once every counted row ended."""
+        self.new = values
+        if self.stop is not None:
+            self.stop.settle(values)
+        # only the tokens since the previous read can hold a row's first EOS
+        self.ended.update(
+            r for r in range(self.rows) if r not in self.ended and self.eos_set.intersection(values[r][self.read :])
+        )
+        self.read = len(values[0])
+        return all(r in self.ended or r in self.stopped for r in range(self.rows))
 
 
 class _DeferredReads:
