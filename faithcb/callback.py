@@ -405,7 +405,9 @@ class FaithfulnessCallback(TrainerCallback):
                 run, self.panel, self.config, has_chat_template=self.has_chat_template, baseline=baseline
             )
         except Exception as err:
-            reason = f"choosing a prompt shape failed ({type(err).__name__}: {err})"
+            # the error's text may differ between ranks (which rank failed); the saved state may not,
+            # so the reason names its type (the error itself is logged by `record_failure`)
+            reason = f"choosing a prompt shape failed ({type(err).__name__})"
             self.monitor.set_prompt_shape(pinned_choice(self.config) or kept_as_written(reason), main=main)
             if baseline:
                 raise

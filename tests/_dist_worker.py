@@ -35,7 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FAST_ROUND = {"max_new_tokens": 40, "answer_max_new_tokens": 6, "panel_size": None}
+# the panel as written: these tests count the rounds each rank runs, and prompt-shape trials at
+# the baseline (tests/test_prompt_shape.py covers them) would add rounds of their own
+FAST_ROUND = {"max_new_tokens": 40, "answer_max_new_tokens": 6, "panel_size": None, "prompt_shape": "as_written"}
 
 
 # ---------------------------------------------------------------------------- assets
